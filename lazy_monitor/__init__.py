@@ -1,0 +1,1 @@
+"""lazy_monitor: is your network still in the lazy (NTK) regime?"""

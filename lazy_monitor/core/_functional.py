@@ -1,0 +1,296 @@
+"""Shared plumbing for everything that evaluates a model as a function of its parameters.
+
+The kernel engine and the linearization both need the same four things:
+
+* a uniform view of a probe batch (a tensor, a tuple/list of tensors passed positionally, or a
+  dict of tensors passed as keyword arguments), all batched on dim 0;
+* the parameters to differentiate, with tied (shared) parameters counted once;
+* a pure function ``f(params, x) -> (N, O)`` of those parameters, with the batch dimension kept
+  and every other output dimension flattened into ``O``;
+* a guard that evaluates in eval semantics, in full precision, with gradients enabled, and
+  leaves the module exactly as it found it (training flags, buffers, RNG state, ``.grad``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+InputBatch = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor]]
+OutputFn = Callable[[Any], Tensor]
+
+__all__ = [
+    "InputBatch",
+    "OutputFn",
+    "FunctionalModel",
+    "batch_size",
+    "call_module",
+    "compute_dtype",
+    "map_batch",
+    "resolve_params",
+    "side_effect_guard",
+    "slice_batch",
+]
+
+
+def _leaves(x: InputBatch) -> list[tuple[str, Tensor]]:
+    if isinstance(x, Tensor):
+        return [("x", x)]
+    if isinstance(x, Mapping):
+        items = [(f"x[{k!r}]", v) for k, v in x.items()]
+    elif isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
+        items = [(f"x[{i}]", v) for i, v in enumerate(x)]
+    else:
+        raise TypeError(
+            f"inputs must be a Tensor, a tuple/list of Tensors or a dict of Tensors, got "
+            f"{type(x).__name__}"
+        )
+    if not items:
+        raise ValueError("inputs are an empty container: pass at least one batched tensor")
+    for where, value in items:
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"{where} is a {type(value).__name__}; every input must be a Tensor batched on dim 0"
+            )
+    return items
+
+
+def batch_size(x: InputBatch) -> int:
+    """Number of examples in ``x`` (size of dim 0, equal for every tensor in it).
+
+    Raises:
+        ValueError: for an empty batch, a 0-dim tensor, or tensors with different dim-0 sizes.
+        TypeError: for inputs that are not tensors or containers of tensors.
+    """
+    sizes = {}
+    for where, value in _leaves(x):
+        if value.dim() == 0:
+            raise ValueError(
+                f"{where} is a 0-dim tensor; inputs must be batched on dim 0 (use x.unsqueeze(0) "
+                "for a single example)"
+            )
+        sizes[where] = value.shape[0]
+    distinct = set(sizes.values())
+    if len(distinct) > 1:
+        listing = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+        raise ValueError(f"inputs have mismatched batch sizes on dim 0 ({listing}); they must agree")
+    n = distinct.pop()
+    if n == 0:
+        raise ValueError("the input batch is empty (dim 0 has size 0); pass at least one example")
+    return n
+
+
+def map_batch(x: InputBatch, fn: Callable[[Tensor], Tensor]) -> InputBatch:
+    """Apply ``fn`` to every tensor of ``x``, keeping its structure."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, Mapping):
+        return {k: fn(v) for k, v in x.items()}
+    return type(x)(fn(v) for v in x) if isinstance(x, tuple) else [fn(v) for v in x]
+
+
+def slice_batch(x: InputBatch, index: Union[slice, Tensor]) -> InputBatch:
+    """Examples ``index`` of every tensor in ``x`` (dim 0)."""
+    return map_batch(x, lambda t: t[index])
+
+
+def call_module(module: Callable[..., Any], x: InputBatch) -> Any:
+    """Call ``module`` on ``x``: a tensor positionally, a tuple/list unpacked, a dict as kwargs."""
+    if isinstance(x, Tensor):
+        return module(x)
+    if isinstance(x, Mapping):
+        return module(**x)
+    return module(*x)
+
+
+def compute_dtype(params: Mapping[str, Tensor], x: Optional[InputBatch] = None) -> torch.dtype:
+    """float64 if any parameter or floating input is float64, else float32."""
+    tensors = list(params.values())
+    if x is not None:
+        tensors += [t for _, t in _leaves(x)]
+    if any(t.dtype == torch.float64 for t in tensors if t.is_floating_point()):
+        return torch.float64
+    return torch.float32
+
+
+def resolve_params(
+    model: nn.Module, params: Optional[Mapping[str, Tensor]] = None
+) -> dict[str, Tensor]:
+    """The parameters to differentiate, by name, detached.
+
+    Default: every parameter with ``requires_grad=True``; a tied (shared) parameter appears once,
+    under its first name (``torch.func.functional_call`` then substitutes it everywhere it is
+    used, so its Jacobian is the sum over uses). An explicit ``params`` mapping must use names
+    from ``model.named_parameters()``; its values replace the model's for the computation.
+
+    Raises:
+        ValueError: no trainable parameter, or an unknown / duplicate name in ``params``.
+        TypeError: a value in ``params`` that is not a floating tensor.
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        selected = {name: p for name, p in named.items() if p.requires_grad}
+        if not selected:
+            raise ValueError(
+                f"{type(model).__name__} has no parameter with requires_grad=True; unfreeze at "
+                "least one parameter or pass params={name: tensor}"
+            )
+    else:
+        if not isinstance(params, Mapping):
+            raise TypeError(
+                f"params must be a mapping name -> Tensor, got {type(params).__name__}"
+            )
+        if not params:
+            raise ValueError("params is empty; pass at least one parameter to differentiate")
+        all_names = dict(model.named_parameters(remove_duplicate=False))
+        unknown = [k for k in params if k not in all_names]
+        if unknown:
+            known = ", ".join(list(named)[:8])
+            raise ValueError(
+                f"params names {unknown} are not parameters of {type(model).__name__} "
+                f"(known: {known}{', ...' if len(named) > 8 else ''})"
+            )
+        canonical: dict[int, str] = {id(p): n for n, p in reversed(list(named.items()))}
+        seen: dict[str, str] = {}
+        for name in params:
+            first = canonical[id(all_names[name])]
+            if first in seen:
+                raise ValueError(
+                    f"params names {seen[first]!r} and {name!r} are the same (tied) parameter; "
+                    "pass it once"
+                )
+            seen[first] = name
+        selected = dict(params)
+        for name, value in selected.items():
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                raise TypeError(f"params[{name!r}] must be a floating Tensor, got {value!r:.60}")
+            if value.shape != all_names[name].shape:
+                raise ValueError(
+                    f"params[{name!r}] has shape {tuple(value.shape)}, the model's parameter has "
+                    f"{tuple(all_names[name].shape)}"
+                )
+    return {name: p.detach() for name, p in selected.items()}
+
+
+class FunctionalModel:
+    """``f(params, x) -> (N, O)``: the model as a pure function of (some of) its parameters.
+
+    Parameters not in ``params`` keep the module's current values (frozen parameters are
+    constants). Buffers are cloned once at construction, so nothing the forward does to them
+    reaches the module. The output is ``output_fn(model(x))`` (identity by default) reshaped to
+    ``(N, O)``.
+
+    Args:
+        model: the module.
+        output_fn: maps the module's output to a tensor, e.g. ``lambda out: out.logits``.
+        dtype: cast parameters, buffers and floating inputs to this dtype (None: keep).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        output_fn: Optional[OutputFn] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        self.model = model
+        self.output_fn = output_fn
+        self.dtype = dtype
+        self.buffers = {
+            name: self._cast(b.detach().clone()) for name, b in model.named_buffers()
+        }
+
+    def _cast(self, t: Tensor) -> Tensor:
+        if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+            return t.to(self.dtype)
+        return t
+
+    def cast_inputs(self, x: InputBatch) -> InputBatch:
+        """Inputs in the compute dtype; inference tensors (from a caller's ``inference_mode``)
+        are cloned into normal tensors so autograd may save them."""
+        return map_batch(x, lambda t: self._cast(t.clone() if t.is_inference() else t))
+
+    def cast_params(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {k: self._cast(v) for k, v in params.items()}
+
+    def raw(self, params: Mapping[str, Tensor], x: InputBatch) -> Any:
+        """The module's output (before ``output_fn``) at ``params``."""
+        state = {**self.buffers, **params}
+        if isinstance(x, Tensor):
+            args, kwargs = (x,), {}
+        elif isinstance(x, Mapping):
+            args, kwargs = (), dict(x)
+        else:
+            args, kwargs = tuple(x), {}
+        try:
+            return torch.func.functional_call(self.model, state, args, kwargs, strict=False)
+        except RuntimeError as err:
+            non_float = [
+                (w, t.dtype) for w, t in _leaves(x) if not (t.is_floating_point() or t.is_complex())
+            ]
+            if non_float and any(s in str(err) for s in ("dtype", "type", "Long", "Int")):
+                where, dt = non_float[0]
+                raise TypeError(
+                    f"{where} has dtype {dt} but the model needs floating inputs there "
+                    f"(convert with .float()); the forward failed with: {err}"
+                ) from err
+            raise
+
+    def __call__(self, params: Mapping[str, Tensor], x: InputBatch) -> Tensor:
+        out = self.raw(params, x)
+        if self.output_fn is not None:
+            out = self.output_fn(out)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"the model returned {type(out).__name__}, not a Tensor; pass "
+                "output_fn=... to select the output tensor (e.g. lambda out: out.logits)"
+            )
+        n = batch_size(x)
+        if out.dim() == 0 or out.shape[0] != n:
+            raise ValueError(
+                f"the model output has shape {tuple(out.shape)}, which has no batch dimension of "
+                f"size {n} on dim 0; the output must be batched like the inputs"
+            )
+        return out.reshape(n, -1)
+
+
+def _model_devices(model: nn.Module) -> list[int]:
+    devices = {t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"}
+    return sorted(devices)
+
+
+@contextlib.contextmanager
+def side_effect_guard(model: nn.Module) -> Iterator[None]:
+    """Evaluate ``model`` in eval semantics and full precision, leaving no trace.
+
+    For the duration: every submodule in eval mode (BatchNorm uses running statistics, dropout
+    off), TF32 and reduced-precision matmuls off, autocast off, gradients enabled even inside a
+    caller's ``no_grad``/``inference_mode``. On exit the ``training`` flag of each submodule,
+    the float32 matmul precision, TF32 flags and the CPU/CUDA RNG states are exactly restored.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=_model_devices(model)))
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.set_float32_matmul_precision("highest")
+            model.eval()
+            yield
+        finally:
+            for module, training in flags:
+                module.training = training
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+            torch.backends.cudnn.allow_tf32 = cudnn_tf32
+            torch.set_float32_matmul_precision(precision)

@@ -1,1 +1,47 @@
-"""lazy_monitor: is your network still in the lazy (NTK) regime?"""
+"""lazy_monitor: is your network still in the lazy (kernel / NTK) regime?
+
+Layers (dependencies point down only):
+
+* ``lazy_monitor.core`` -- pure math on tensors: the empirical NTK engine
+  (:func:`empirical_ntk`), the frozen linearization (:class:`Linearization`,
+  :class:`LinearizedModel`) and the regime :mod:`metrics`.
+* ``lazy_monitor.tracking`` -- :class:`KernelTracker`, framework-agnostic: holds θ₀/K₀ and turns a
+  model state into a flat ``dict[str, float]`` of metrics.
+* ``lazy_monitor.callbacks`` -- thin Lightning callbacks (both ``lightning.pytorch`` and
+  ``pytorch_lightning``).
+* ``lazy_monitor.cli`` -- the ``lazy-monitor`` command.
+
+Names are imported lazily, so ``import lazy_monitor`` does not import Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "empirical_ntk": "lazy_monitor.core.kernels",
+    "Linearization": "lazy_monitor.core.linearization",
+    "LinearizedModel": "lazy_monitor.core.linearization",
+    "metrics": "lazy_monitor.core.metrics",
+    "KernelTracker": "lazy_monitor.tracking",
+    "KernelRegimeMonitor": "lazy_monitor.callbacks",
+    "KernelDriftGate": "lazy_monitor.callbacks",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lazy_monitor' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    value = module if module.__name__.endswith("." + name) else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -113,9 +113,18 @@ class NTKLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features) -> (..., out_features)``."""
-        weight = self.weight * (self.sigma_w / math.sqrt(self.in_features))
-        bias = self.bias * self.sigma_b if self.bias is not None else None
-        return nn.functional.linear(x, weight, bias)
+        # The parameters enter F.linear unscaled (the scales move onto the input and output):
+        # same function, but the kernel engine's structured path recognises the layer as
+        # ``y = a Wᵀ + b`` instead of falling back to per-example Jacobians.
+        scale = self.sigma_w / math.sqrt(self.in_features)
+        if self.bias is None:
+            return nn.functional.linear(x * scale, self.weight)
+        if self.sigma_b == 0.0:
+            return nn.functional.linear(x * scale, self.weight) + self.sigma_b * self.bias
+        # σ_w/√fan_in · x Wᵀ + σ_b · b  ==  σ_b · (x' Wᵀ + b)  with  x' = x · σ_w / (σ_b √fan_in)
+        return self.sigma_b * nn.functional.linear(
+            x * (scale / self.sigma_b), self.weight, self.bias
+        )
 
     def extra_repr(self) -> str:
         return (

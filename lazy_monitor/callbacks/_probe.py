@@ -1,0 +1,188 @@
+"""The probe batch: validation of a given probe and deterministic draws from the train data.
+
+The probe is a fixed set of inputs ``x`` (and optionally targets ``y``) on which the kernel
+``K(x, x')`` is evaluated at every measurement. Drawn from the training dataset with an own seeded
+``torch.Generator``: the global RNGs (torch, Python ``random``, NumPy) and the train loader's
+sampler are left exactly as they were, so training is bit-identical with or without the monitor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.data import IterableDataset
+from torch.utils.data._utils.collate import default_collate
+
+from lazy_monitor.core._functional import InputBatch, batch_size, map_batch
+
+__all__ = ["Probe", "default_batch_to_probe", "draw_probe", "split_probe", "validate_probe"]
+
+Probe = tuple[InputBatch, Optional[Tensor]]
+BatchToProbe = Callable[[Any], Any]
+
+
+def _is_inputs(obj: Any) -> bool:
+    if isinstance(obj, Tensor):
+        return True
+    if isinstance(obj, Mapping):
+        return len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+    return False
+
+
+def split_probe(obj: Any, where: str) -> Probe:
+    """Normalise ``x`` / ``(x, y)`` / ``{"kw": x}`` into ``(inputs, targets or None)``.
+
+    A tuple/list of length 2 is ``(x, y)``; ``x`` may itself be a tensor, a dict of tensors
+    (keyword inputs) or a tuple of tensors (positional inputs); ``y`` may be None.
+
+    Raises:
+        TypeError: ``obj`` is none of these forms.
+    """
+    if _is_inputs(obj):
+        return obj, None
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)) and len(obj) == 2:
+        x, y = obj
+        if y is not None and not isinstance(y, Tensor):
+            raise TypeError(f"{where}: targets y must be a Tensor or None, got {type(y).__name__}")
+        if _is_inputs(x) or (
+            isinstance(x, Sequence) and x and all(isinstance(t, Tensor) for t in x)
+        ):
+            return x, y
+    raise TypeError(
+        f"{where} must be a Tensor x, a dict of Tensors (keyword inputs), or a pair (x, y), got "
+        f"{type(obj).__name__}{_describe(obj)}"
+    )
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Mapping):
+        return f" with keys {list(obj)[:8]}"
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        return f" of length {len(obj)}"
+    return ""
+
+
+def validate_probe(probe: Probe, where: str) -> int:
+    """Check shapes of ``(x, y)``; return the number of probe examples.
+
+    Raises:
+        ValueError: empty probe, mismatched dim-0 sizes, or non-finite floating inputs.
+    """
+    x, y = probe
+    try:
+        n = batch_size(x)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}: {err}") from None
+    if y is not None and (y.dim() == 0 or y.shape[0] != n):
+        raise ValueError(
+            f"{where}: targets y have shape {tuple(y.shape)} but the inputs hold {n} examples; "
+            "y must be batched on dim 0 like x"
+        )
+    bad = []
+    map_batch(x, lambda t: bad.append(t) if t.is_floating_point() and not t.isfinite().all() else t)
+    if bad:
+        raise ValueError(f"{where}: the probe inputs contain NaN or inf; pass finite inputs")
+    return n
+
+
+def default_batch_to_probe(batch: Any) -> Any:
+    """Default ``batch_to_probe``: a tensor is ``x``; ``(x, y, *rest)`` gives ``(x, y)``.
+
+    Raises:
+        TypeError: for dict batches and other structures (pass ``batch_to_probe``).
+    """
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 1:
+        if len(batch) == 1:
+            return batch[0]
+        y = batch[1] if isinstance(batch[1], Tensor) else None
+        return batch[0], y
+    raise TypeError(
+        f"cannot tell inputs from targets in a training batch of type {type(batch).__name__}"
+        f"{_describe(batch)}; pass KernelRegimeMonitor(batch_to_probe=...) returning x or (x, y), "
+        "e.g. batch_to_probe=lambda b: (b['x'], b['y'])"
+    )
+
+
+@contextlib.contextmanager
+def _all_rngs_preserved() -> Iterator[None]:
+    """Restore torch (CPU+CUDA), Python and NumPy RNG states on exit (datasets may use any)."""
+    py_state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        np, np_state = None, None
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        if np is not None:
+            np.random.set_state(np_state)
+
+
+def _single_loader(loaders: Any) -> Any:
+    """The train dataloader; for a collection of loaders the first one (documented)."""
+    if isinstance(loaders, Mapping):
+        return next(iter(loaders.values()), None)
+    if isinstance(loaders, Sequence) and not isinstance(loaders, (str, bytes)):
+        return loaders[0] if loaders else None
+    return loaders
+
+
+def draw_probe(loaders: Any, size: int, seed: int, batch_to_probe: BatchToProbe) -> Probe:
+    """Draw ``size`` examples from the train loader's dataset, deterministically.
+
+    Map-style datasets: indices ``torch.randperm(len(dataset), generator=Generator(seed))[:size]``,
+    collated with the loader's ``collate_fn``. Iterable datasets: the first ``size`` examples of
+    a fresh iterator over the dataset. The loader's sampler is never touched and all global RNG
+    states are restored afterwards.
+
+    Returns:
+        ``(x, y)`` on CPU as produced by ``batch_to_probe`` (``y`` may be None).
+
+    Raises:
+        ValueError: no train dataloader / dataset, or fewer examples than ``size``.
+    """
+    loader = _single_loader(loaders)
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None:
+        raise ValueError(
+            f"KernelRegimeMonitor(probe_size={size}) draws the probe from the train dataloader's "
+            f"dataset, but the train dataloader ({type(loader).__name__}) has no `.dataset`; pass "
+            "an explicit probe=x or probe=(x, y)"
+        )
+    collate = getattr(loader, "collate_fn", None) or default_collate
+    with _all_rngs_preserved():
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            items = []
+            for item in dataset:
+                items.append(item)
+                if len(items) == size:
+                    break
+            available = len(items)
+        else:
+            available = len(dataset)
+            generator = torch.Generator().manual_seed(seed)
+            index = torch.randperm(available, generator=generator)[:size].tolist()
+            items = [dataset[i] for i in index]
+        if available < size:
+            raise ValueError(
+                f"KernelRegimeMonitor(probe_size={size}) but the training dataset has only "
+                f"{available} examples; lower probe_size to at most {available}"
+            )
+        batch = collate(items)
+    converted = batch_to_probe(batch)
+    probe = split_probe(converted, "the probe returned by batch_to_probe")
+    validate_probe(probe, "the probe drawn from the training data")
+    x, y = probe
+    return map_batch(x, lambda t: t.detach().cpu()), (None if y is None else y.detach().cpu())

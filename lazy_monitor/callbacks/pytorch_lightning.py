@@ -1,0 +1,35 @@
+"""``pytorch_lightning`` adapters of the lazy_monitor callbacks.
+
+Use these with ``pytorch_lightning.Trainer`` and in its LightningCLI configs::
+
+    trainer:
+      callbacks:
+        - class_path: lazy_monitor.callbacks.pytorch_lightning.KernelRegimeMonitor
+          init_args: {probe_size: 32, every_n_steps: 100}
+
+The logic lives in :mod:`lazy_monitor.callbacks._core`; this module only adds ``pytorch_lightning``'s
+``Callback`` base so the namespace's ``isinstance`` checks (LightningCLI, callback ordering)
+accept the classes. ``state_key`` is the same in both namespaces, so checkpoints are
+interchangeable.
+"""
+
+from __future__ import annotations
+
+from pytorch_lightning import Callback
+
+from lazy_monitor.callbacks._core import (
+    KernelDriftWarning,
+    _KernelDriftGateBase,
+    _KernelRegimeMonitorBase,
+)
+from lazy_monitor.callbacks._gate import KernelDriftError
+
+__all__ = ["KernelDriftError", "KernelDriftGate", "KernelDriftWarning", "KernelRegimeMonitor"]
+
+
+class KernelRegimeMonitor(_KernelRegimeMonitorBase, Callback):
+    __doc__ = _KernelRegimeMonitorBase.__doc__
+
+
+class KernelDriftGate(_KernelDriftGateBase, Callback):
+    __doc__ = _KernelDriftGateBase.__doc__

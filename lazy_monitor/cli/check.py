@@ -1,0 +1,288 @@
+"""``lazy-monitor check``: gate finished runs on metric thresholds (for shells and CI).
+
+Exit status:
+
+* ``0`` -- every run satisfies every threshold;
+* ``1`` -- at least one run violates a threshold (each violation is listed with run, metric,
+  worst value and the step where it occurred);
+* ``2`` -- the check could not be made: usage error, no run under the log directory, or a
+  threshold's metric absent from a run. A missing metric never passes.
+
+By default every logged point is checked (the *worst* value over the run must satisfy the
+bound); ``--final`` checks only the last logged value. A NaN violates every bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, TextIO
+
+from lazy_monitor.cli._events import Run, load_runs
+
+__all__ = ["Threshold", "CheckResult", "parse_threshold", "evaluate", "add_parser", "run"]
+
+EXIT_OK, EXIT_VIOLATION, EXIT_ERROR = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """``metric <= value`` (``bound="max"``) or ``metric >= value`` (``bound="min"``).
+
+    ``metric`` is a TensorBoard tag or an :mod:`fnmatch` pattern (``ntk_layer/*/rel_change``);
+    a pattern applies to every matching tag and must match at least one in every run.
+    """
+
+    bound: str
+    metric: str
+    value: float
+
+    def describe(self) -> str:
+        return f"{self.metric} {'<=' if self.bound == 'max' else '>='} {self.value:g}"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One (run, tag, threshold) comparison."""
+
+    run: str
+    metric: str
+    bound: str
+    threshold: float
+    value: float
+    step: int
+    ok: bool
+
+
+def parse_threshold(bound: str, text: str) -> Threshold:
+    """Parse ``METRIC=VALUE`` given to ``--max``/``--min``.
+
+    Raises:
+        ValueError: naming the bad text and the expected form.
+    """
+    metric, sep, raw = text.rpartition("=")
+    metric = metric.strip()
+    if not sep or not metric:
+        raise ValueError(
+            f"--{bound} {text!r}: expected METRIC=VALUE, e.g. --{bound} ntk/rel_change=0.1"
+        )
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"--{bound} {text!r}: {raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"--{bound} {text!r}: the threshold must be a finite number")
+    return Threshold(bound, metric, value)
+
+
+def _tags_for(run: Run, pattern: str) -> list[str]:
+    if pattern in run.curves:
+        return [pattern]
+    return [tag for tag in run.curves if fnmatch.fnmatchcase(tag, pattern)]
+
+
+def evaluate(
+    runs: list[Run], thresholds: list[Threshold], *, final_only: bool = False
+) -> tuple[list[CheckResult], list[tuple[str, str]]]:
+    """Compare every run with every threshold.
+
+    Args:
+        runs: runs read by :func:`lazy_monitor.cli._events.load_runs`.
+        thresholds: the bounds to enforce.
+        final_only: compare the last logged value instead of the worst value over all steps.
+
+    Returns:
+        ``(results, missing)``: one :class:`CheckResult` per (run, matching tag, threshold), and
+        ``(run, metric)`` for each threshold that matches no tag of a run.
+    """
+    results: list[CheckResult] = []
+    missing: list[tuple[str, str]] = []
+    for run in runs:
+        for th in thresholds:
+            tags = _tags_for(run, th.metric)
+            if not tags:
+                missing.append((run.name, th.metric))
+                continue
+            for tag in tags:
+                curve = run.curves[tag]
+                if final_only:
+                    value, step = curve.final, curve.final_step
+                else:
+                    value, step = curve.extreme(largest=th.bound == "max")
+                ok = (value <= th.value) if th.bound == "max" else (value >= th.value)
+                results.append(CheckResult(run.name, tag, th.bound, th.value, value, step, ok))
+    return results, missing
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "check",
+        help="exit 0/1/2 depending on whether logged runs satisfy metric thresholds",
+        description=(
+            "Check every run under LOGDIR against thresholds. Exit 0: all satisfied; 1: some run "
+            "violates a threshold; 2: usage error, no runs, or a metric missing from a run."
+        ),
+        epilog=(
+            "example: lazy-monitor check runs/ --max ntk/rel_change=0.1 "
+            "--max lin/rel_error=0.05 --min lin/agreement=0.95"
+        ),
+    )
+    parser.add_argument("logdir", metavar="LOGDIR", help="directory searched recursively for runs")
+    parser.add_argument(
+        "--max",
+        metavar="METRIC=VALUE",
+        action="append",
+        default=[],
+        help="the metric must stay <= VALUE (repeatable; METRIC may be a glob such as "
+        "'ntk_layer/*/rel_change')",
+    )
+    parser.add_argument(
+        "--min",
+        metavar="METRIC=VALUE",
+        action="append",
+        default=[],
+        help="the metric must stay >= VALUE (repeatable)",
+    )
+    parser.add_argument(
+        "--final",
+        action="store_true",
+        help="check only the last logged value of each metric (default: every logged value)",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON document on stdout")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Execute ``check``; writes human or JSON output on ``out``, errors on ``err``."""
+    try:
+        thresholds = [parse_threshold("max", t) for t in args.max]
+        thresholds += [parse_threshold("min", t) for t in args.min]
+    except ValueError as exc:
+        print(f"lazy-monitor check: error: {exc}", file=err)
+        return EXIT_ERROR
+    if not thresholds:
+        print(
+            "lazy-monitor check: error: nothing to check; give at least one --max METRIC=VALUE or "
+            "--min METRIC=VALUE",
+            file=err,
+        )
+        return EXIT_ERROR
+    try:
+        runs = load_runs(args.logdir)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        print(f"lazy-monitor check: error: {exc}", file=err)
+        return EXIT_ERROR
+    if not runs:
+        message = (
+            f"no runs under {args.logdir!r} (a run is a directory holding *tfevents* files); "
+            "nothing was checked"
+        )
+        return _finish(args, out, err, thresholds, [], [], EXIT_ERROR, message)
+
+    results, missing = evaluate(runs, thresholds, final_only=args.final)
+    if missing:
+        code = EXIT_ERROR
+    elif any(not r.ok for r in results):
+        code = EXIT_VIOLATION
+    else:
+        code = EXIT_OK
+    names = [r.name for r in runs]
+    return _finish(args, out, err, thresholds, results, missing, code, None, names)
+
+
+def _finish(
+    args: argparse.Namespace,
+    out: TextIO,
+    err: TextIO,
+    thresholds: list[Threshold],
+    results: list[CheckResult],
+    missing: list[tuple[str, str]],
+    code: int,
+    message: Optional[str],
+    run_names: Optional[list[str]] = None,
+) -> int:
+    status = {EXIT_OK: "pass", EXIT_VIOLATION: "fail", EXIT_ERROR: "error"}[code]
+    run_names = run_names or []
+    if args.json:
+        doc = {
+            "status": status,
+            "exit_code": code,
+            "logdir": str(args.logdir),
+            "final_only": bool(args.final),
+            "thresholds": [asdict(t) for t in thresholds],
+            "runs": [
+                {
+                    "run": name,
+                    "passed": all(r.ok for r in results if r.run == name)
+                    and not any(m[0] == name for m in missing),
+                    "checks": [_result_json(r) for r in results if r.run == name],
+                    "missing": [m for run_name, m in missing if run_name == name],
+                }
+                for name in run_names
+            ],
+            "violations": [_result_json(r) for r in results if not r.ok],
+            "error": message,
+        }
+        json.dump(doc, out, indent=2, allow_nan=False)
+        out.write("\n")
+        if message:
+            print(f"lazy-monitor check: error: {message}", file=err)
+        return code
+
+    if message:
+        print(f"lazy-monitor check: error: {message}", file=err)
+        return code
+    which = "final value" if args.final else "worst value"
+    print(
+        f"checked {len(run_names)} run(s) against: " + "; ".join(t.describe() for t in thresholds),
+        file=out,
+    )
+    for name in run_names:
+        bad = [r for r in results if r.run == name and not r.ok]
+        absent = [m for run_name, m in missing if run_name == name]
+        if not bad and not absent:
+            print(f"  PASS  {name}", file=out)
+            continue
+        print(f"  FAIL  {name}", file=out)
+        for r in bad:
+            op = ">" if r.bound == "max" else "<"
+            print(
+                f"        {r.metric}: {which} {_fmt(r.value)} at step {r.step} {op} {r.bound} "
+                f"{_fmt(r.threshold)}",
+                file=out,
+            )
+        for metric in absent:
+            print(
+                f"        {metric}: not logged in this run (missing metrics never pass)", file=out
+            )
+    if missing:
+        listing = ", ".join(f"{metric!r} in {run!r}" for run, metric in missing)
+        print(f"lazy-monitor check: error: metric not found: {listing}", file=err)
+        if any(not r.ok for r in results):
+            print(
+                "lazy-monitor check: there are also threshold violations (listed above)", file=err
+            )
+    verdict = {
+        EXIT_OK: "all runs pass",
+        EXIT_VIOLATION: "threshold violated",
+        EXIT_ERROR: "could not check every run",
+    }[code]
+    print(f"result: {status.upper()} ({verdict}), exit {code}", file=out)
+    return code
+
+
+def _result_json(r: CheckResult) -> dict:
+    d = asdict(r)
+    # Strict JSON has no NaN/inf: report them as null plus their spelling (they never pass).
+    if not math.isfinite(d["value"]):
+        d["value_text"] = str(d["value"])
+        d["value"] = None
+    return d

@@ -1,0 +1,238 @@
+"""``lazy-monitor report``: one row per logged run with the key drift metrics and the verdict.
+
+For each run found under LOGDIR (see :mod:`lazy_monitor.cli._events`) the table shows the final
+and the maximum over all logged steps of
+
+* ``ntk/rel_change``   -- ‖K_t − K₀‖_F / ‖K₀‖_F, how far the empirical NTK moved;
+* ``params/rel_change`` -- ‖θ_t − θ₀‖ / ‖θ₀‖, how far the weights moved;
+* ``lin/rel_error``    -- ‖f − f_lin‖ / ‖f − f₀‖, the share of the function's change that the
+  linearization f_lin = f₀ + J₀(θ − θ₀) misses (Lee et al. 2019),
+
+and the verdict: ``lazy`` / ``non-lazy`` from the last logged ``regime/lazy`` (the tracker's
+thresholds), ``non-finite`` if ``health/nonfinite`` was ever raised, ``unknown`` if the run
+logged no ``regime/lazy``. ``--json`` gives every tag (final, min, max and their steps);
+``--plot FILE.png`` draws the drift curves (needs matplotlib: ``pip install 'lazy-monitor[viz]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Optional, TextIO
+
+from lazy_monitor.cli._events import Run, load_runs
+
+__all__ = ["KEY_METRICS", "PLOT_METRICS", "verdict", "format_table", "plot_runs", "add_parser"]
+
+KEY_METRICS = ("ntk/rel_change", "params/rel_change", "lin/rel_error")
+PLOT_METRICS = ("ntk/rel_change", "params/rel_change", "lin/rel_error", "ntk/distance")
+
+
+def verdict(run: Run) -> str:
+    """``"non-finite"``, ``"lazy"``, ``"non-lazy"`` or ``"unknown"`` for a logged run."""
+    health = run.curves.get("health/nonfinite")
+    if health is not None and any(v != 0 for v in health.values):
+        return "non-finite"
+    lazy = run.curves.get("regime/lazy")
+    if lazy is None:
+        return "unknown"
+    if math.isnan(lazy.final):
+        return "non-finite"
+    return "lazy" if lazy.final >= 0.5 else "non-lazy"
+
+
+def _num(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}"
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Plain fixed-width table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+
+    def line(cells: list[str]) -> str:
+        out = [str(cells[0]).ljust(widths[0])]
+        out += [str(c).rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join(out).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule] + [line(r) for r in rows])
+
+
+def _row(run: Run) -> list[str]:
+    cells = [run.name, _num(run.last_step)]
+    for metric in KEY_METRICS:
+        curve = run.curves.get(metric)
+        if curve is None:
+            cells += ["-", "-"]
+        else:
+            cells += [_num(curve.final), _num(curve.extreme(largest=True)[0])]
+    cells.append(verdict(run))
+    return cells
+
+
+def _headers() -> list[str]:
+    headers = ["run", "step"]
+    for metric in KEY_METRICS:
+        headers += [f"{metric} final", "max"]
+    return headers + ["verdict"]
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None
+
+
+def _run_json(run: Run) -> dict:
+    metrics = {}
+    for tag, curve in run.curves.items():
+        vmax, smax = curve.extreme(largest=True)
+        vmin, smin = curve.extreme(largest=False)
+        metrics[tag] = {
+            "final": _finite_or_none(curve.final),
+            "final_step": curve.final_step,
+            "max": _finite_or_none(vmax),
+            "max_step": smax,
+            "min": _finite_or_none(vmin),
+            "min_step": smin,
+            "points": len(curve.steps),
+            "all_finite": all(math.isfinite(v) for v in curve.values),
+        }
+    return {
+        "run": run.name,
+        "path": str(run.path),
+        "last_step": run.last_step,
+        "verdict": verdict(run),
+        "metrics": metrics,
+    }
+
+
+def plot_runs(runs: list[Run], path: str | Path, title: Optional[str] = None) -> Path:
+    """Save the drift curves of ``runs`` (one panel per metric, one line per run) as an image.
+
+    Args:
+        runs: runs to draw.
+        path: output image (format from the extension, e.g. ``.png``, ``.pdf``, ``.svg``).
+        title: figure title.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ImportError: if matplotlib is not installed, with the install command.
+        ValueError: if no run logged any of :data:`PLOT_METRICS`.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # headless: never open a window from a CLI
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError(
+            "--plot needs matplotlib, which is an optional extra: pip install 'lazy-monitor[viz]' "
+            "(or pip install matplotlib)"
+        ) from exc
+
+    metrics = [m for m in PLOT_METRICS if any(m in r.curves for r in runs)]
+    if not metrics:
+        raise ValueError("nothing to plot: no run logged any of " + ", ".join(PLOT_METRICS))
+    path = Path(path)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        positive = True
+        for run in runs:
+            curve = run.curves.get(metric)
+            if curve is None:
+                continue
+            ax.plot(curve.steps, curve.values, label=run.name, linewidth=1.4)
+            positive &= any(v > 0 for v in curve.values if math.isfinite(v))
+        if positive:
+            # Drift spans decades across widths; step 0 (exactly 0) is simply not drawn.
+            ax.set_yscale("log", nonpositive="mask")
+        ax.set_title(metric)
+        ax.set_xlabel("optimizer step")
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        h, lab = ax.get_legend_handles_labels()
+        for hh, ll in zip(h, lab):
+            if ll not in labels:
+                handles.append(hh)
+                labels.append(ll)
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=min(len(labels), 4),
+        fontsize="small",
+        frameon=False,
+    )
+    if title:
+        fig.suptitle(title)
+    rows = math.ceil(len(labels) / 4)
+    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "report",
+        help="table of the key drift metrics and the verdict of every run under LOGDIR",
+        description=(
+            "One row per run under LOGDIR (a run is a directory holding *tfevents* files): final "
+            "and max of " + ", ".join(KEY_METRICS) + ", and the lazy/non-lazy verdict."
+        ),
+    )
+    parser.add_argument("logdir", metavar="LOGDIR", help="directory searched recursively for runs")
+    parser.add_argument("--plot", metavar="FILE.png", help="also save drift curves to this image")
+    parser.add_argument(
+        "--json", action="store_true", help="print every metric of every run as JSON on stdout"
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Execute ``report``; 0 on success, 2 when LOGDIR is missing/empty or the plot fails."""
+    try:
+        runs = load_runs(args.logdir)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        print(f"lazy-monitor report: error: {exc}", file=err)
+        return 2
+    if not runs:
+        print(
+            f"lazy-monitor report: error: no runs under {args.logdir!r} (a run is a directory "
+            "holding *tfevents* files)",
+            file=err,
+        )
+        return 2
+    if args.plot:
+        try:
+            written = plot_runs(runs, args.plot, title=str(args.logdir))
+        except (ImportError, ValueError) as exc:
+            print(f"lazy-monitor report: error: {exc}", file=err)
+            return 2
+    if args.json:
+        doc = {"logdir": str(args.logdir), "runs": [_run_json(r) for r in runs]}
+        if args.plot:
+            doc["plot"] = str(written)
+        json.dump(doc, out, indent=2, allow_nan=False)
+        out.write("\n")
+        return 0
+    print(format_table(_headers(), [_row(r) for r in runs]), file=out)
+    missing = [r.name for r in runs if not any(m in r.curves for m in KEY_METRICS)]
+    if missing:
+        print(
+            "note: no lazy_monitor metrics in: "
+            + ", ".join(missing)
+            + " (logged by KernelRegimeMonitor / KernelTracker under ntk/, params/, lin/)",
+            file=out,
+        )
+    if args.plot:
+        print(f"drift curves saved to {written}", file=out)
+    return 0

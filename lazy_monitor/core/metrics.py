@@ -541,6 +541,7 @@ def _param_sums(
     if not params:
         raise ValueError("params is empty; pass at least one parameter")
     out = {}
+    first_device = next(iter(params.values())).device
     for name, p in params.items():
         p0 = params0[name]
         if p.shape != p0.shape:
@@ -548,11 +549,14 @@ def _param_sums(
                 f"params[{name!r}] has shape {tuple(p.shape)} but params0[{name!r}] has "
                 f"{tuple(p0.shape)}"
             )
-        if not (_finite(p) and _finite(p0)):
-            return None
         q = p.detach().to(torch.float64)
         q0 = p0.detach().to(device=q.device, dtype=torch.float64)
         out[name] = ((q - q0).square().sum(), q0.square().sum())
+    # A NaN/inf anywhere propagates into these float64 sums (finite float32 squares cannot
+    # overflow there), so one check on the sums replaces an isfinite pass over every tensor.
+    sums = torch.stack([s.to(first_device) for pair in out.values() for s in pair])
+    if not _finite(sums):
+        return None
     return out
 
 

@@ -77,7 +77,9 @@ def batch_size(x: InputBatch) -> int:
     distinct = set(sizes.values())
     if len(distinct) > 1:
         listing = ", ".join(f"{k}: {v}" for k, v in sizes.items())
-        raise ValueError(f"inputs have mismatched batch sizes on dim 0 ({listing}); they must agree")
+        raise ValueError(
+            f"inputs have mismatched batch sizes on dim 0 ({listing}); they must agree"
+        )
     n = distinct.pop()
     if n == 0:
         raise ValueError("the input batch is empty (dim 0 has size 0); pass at least one example")
@@ -141,9 +143,7 @@ def resolve_params(
             )
     else:
         if not isinstance(params, Mapping):
-            raise TypeError(
-                f"params must be a mapping name -> Tensor, got {type(params).__name__}"
-            )
+            raise TypeError(f"params must be a mapping name -> Tensor, got {type(params).__name__}")
         if not params:
             raise ValueError("params is empty; pass at least one parameter to differentiate")
         all_names = dict(model.named_parameters(remove_duplicate=False))
@@ -199,9 +199,7 @@ class FunctionalModel:
         self.model = model
         self.output_fn = output_fn
         self.dtype = dtype
-        self.buffers = {
-            name: self._cast(b.detach().clone()) for name, b in model.named_buffers()
-        }
+        self.buffers = {name: self._cast(b.detach().clone()) for name, b in model.named_buffers()}
 
     def _cast(self, t: Tensor) -> Tensor:
         if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:

@@ -1,0 +1,676 @@
+"""Structured derivatives: per-layer factorised kernels from one batched backward pass.
+
+For a weight used as ``y = a Wᵀ (+ b)`` -- ``F.linear`` with any leading dims, ``F.conv1d`` /
+``F.conv2d`` after unfolding the input (stride, padding incl. ``"same"``, dilation, groups),
+``F.embedding`` with a one-hot input -- the Jacobian of example ``n``, output ``a`` is
+
+    ∂f_a(x_n)/∂W = Σ_t G[n, a, t]ᵀ A[n, t]          G = ∂f_a/∂y (N, O, T, d_out), A (N, T, d_in)
+
+so ``K_W[n,m,a,b] = Σ_{t,s} (G[n,a,t]·G[m,b,s]) (A[n,t]·A[m,s])`` (Novak et al. 2022,
+"Fast Finite Width Neural Tangent Kernel", structured derivatives) and ``K_b = (Σ_t G)(Σ_s G)ᵀ``
+for the bias. ``G`` for all examples comes from ``O`` backward passes of the one-hot output
+cotangents through the *batched* output: in eval semantics examples are independent, so
+``∂f_a(x_n)/∂y_m = 0`` for ``m ≠ n``. Affine normalisations ``y = x̂·γ + β`` (BatchNorm with
+running statistics, GroupNorm, LayerNorm) get direct per-example rows ``dγ = Σ_t G·x̂``,
+``dβ = Σ_t G``. Each layer is then contracted with the cheapest exact
+strategy of :mod:`.cost` (outer product, Gram over positions, or per-example gradients built
+from ``(G, A)``), with matmuls and bounded memory.
+
+Uses are found with a :class:`torch.overrides.TorchFunctionMode` that sees every torch call on
+the parameter tensors passed to ``functional_call``: a parameter gets the structured rule only
+if *all* its uses are supported ops in the same role (several uses of one Linear/Conv weight,
+e.g. a module applied twice, are concatenated along positions). A parameter used any other way
+(matmul, ``.T``, a custom op, a tied weight shared by an Embedding and a Linear, an
+Embedding with ``max_norm``/``scale_grad_by_freq``) falls back to the Jacobian
+contraction in the same call. Outputs of supported ops that the model later modifies in place
+(``ReLU(inplace=True)``) are detected through their version counter and the pass is redone with
+a copy, so ``G`` is always the gradient at the op's own output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+from .._functional import FunctionalModel, InputBatch, slice_batch
+from ._common import (
+    DEFAULT_FACTOR_BUDGET,
+    _BlockSink,
+    contract_rows,
+    kernel_shape,
+    reduce_full,
+    symmetric_block,
+    symmetric_blocks,
+)
+from .cost import choose_strategy
+from .jacobian import jacobian_ntk
+
+__all__ = ["structured_ntk"]
+
+# Elements of temporary tensors inside one contraction (per-example gradient chunk, Gram
+# intermediates); the contraction loops over chunks to stay below it.
+_WORK_ELEMENTS = 2**25
+
+_SIGNATURES = {
+    "linear": ("input", "weight", "bias"),
+    "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "embedding": (
+        "input",
+        "weight",
+        "padding_idx",
+        "max_norm",
+        "norm_type",
+        "scale_grad_by_freq",
+        "sparse",
+    ),
+}
+_OPS = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.embedding: "embedding"}
+# Normalisations with an elementwise affine ``y = x̂·γ + β``: per-example rows of γ and β are
+# direct sums over positions, ``dγ = Σ G·x̂``, ``dβ = Σ G`` (channel dim 1, or trailing dims).
+_NORMS = {
+    F.batch_norm: (
+        "channel",
+        ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+    ),
+    F.group_norm: ("channel", ("input", "num_groups", "weight", "bias", "eps")),
+    F.layer_norm: ("trailing", ("input", "normalized_shape", "weight", "bias", "eps")),
+}
+
+
+def _affine_norm(func: Any, layout: str, bound: dict) -> tuple[Tensor, Tensor]:
+    """``(x̂, y)`` for a normalisation call: the op without its affine, then the affine."""
+    weight, bias = bound.get("weight"), bound.get("bias")
+    plain = dict(bound, weight=None, bias=None)
+    xhat = func(**plain)
+    if layout == "channel":
+        shape = (1, -1) + (1,) * (xhat.dim() - 2)
+        weight = None if weight is None else weight.reshape(shape)
+        bias = None if bias is None else bias.reshape(shape)
+    y = xhat if weight is None else xhat * weight
+    return xhat, (y if bias is None else y + bias)
+
+
+@dataclasses.dataclass
+class _Use:
+    """One call of a supported op on a differentiated parameter."""
+
+    op: str  # "linear" | "conv" | "embedding"
+    weight: Optional[str]
+    bias: Optional[str]
+    inp: Tensor
+    out: Tensor  # handle whose gradient is G
+    version: int
+    meta: dict
+
+
+class _Capture(torch.overrides.TorchFunctionMode):
+    """Record supported uses of the parameter tensors; flag every other use."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], copy_outputs: bool) -> None:
+        super().__init__()
+        self.by_id = {id(t): k for k, t in tensors.items()}
+        self.copy_outputs = copy_outputs
+        self.uses: list[_Use] = []
+        self.other: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        flat, _ = tree_flatten((args, kwargs))
+        hit = [self.by_id[id(a)] for a in flat if isinstance(a, Tensor) and id(a) in self.by_id]
+        out = func(*args, **kwargs)
+        if not hit:
+            return out
+        norm = _NORMS.get(func)
+        if norm is not None:
+            layout, names = norm
+            bound = dict(zip(names, args))
+            bound.update(kwargs)
+            w = self.by_id.get(id(bound.get("weight")))
+            b = self.by_id.get(id(bound.get("bias")))
+            roles = [k for k in (w, b) if k is not None]
+            if (
+                bound.get("training", False)
+                or hit.count(w) > 1
+                or hit.count(b) > 1
+                or (set(hit) - set(roles))
+            ):
+                self.other.update(hit)  # batch statistics couple examples: no rule
+                return out
+            xhat, handle = _affine_norm(func, layout, bound)
+            self.uses.append(
+                _Use("norm", w, b, xhat.detach(), handle, handle._version, {"layout": layout})
+            )
+            return handle.clone() if self.copy_outputs else handle
+        op = _OPS.get(func)
+        if op is not None:
+            bound = dict(zip(_SIGNATURES[op], args))
+            bound.update(kwargs)
+            w = self.by_id.get(id(bound.get("weight")))
+            b = self.by_id.get(id(bound.get("bias"))) if op != "embedding" else None
+            if op == "embedding" and (
+                bound.get("max_norm") is not None or bound.get("scale_grad_by_freq", False)
+            ):
+                w = None  # renormalised / frequency-scaled weights: no structured rule
+            roles = [k for k in (w, b) if k is not None]
+            self.other.update(k for k in hit if k not in roles or hit.count(k) > 1)
+            if roles:
+                handle = out
+                if self.copy_outputs:
+                    out = out.clone()
+                meta = {k: v for k, v in bound.items() if k not in ("input", "weight", "bias")}
+                self.uses.append(
+                    _Use(op, w, b, bound["input"].detach(), handle, handle._version, meta)
+                )
+            return out
+        out_flat, _ = tree_flatten(out)
+        name = getattr(func, "__name__", "")
+        if any(isinstance(t, Tensor) for t in out_flat) or name.endswith("_") or "set" in name:
+            self.other.update(hit)  # a transform / in-place use we cannot factorise
+        return out
+
+
+def _forward(
+    fm: FunctionalModel, params: Mapping[str, Tensor], wrt: Mapping[str, Tensor], x: InputBatch
+) -> tuple[Tensor, _Capture]:
+    """Forward with capture; redone with copied op outputs if any was modified in place."""
+    full = {**params, **wrt}
+    for copy_outputs in (False, True):
+        cap = _Capture(wrt, copy_outputs)
+        with cap:
+            out = fm(full, x)
+        if all(u.out._version == u.version for u in cap.uses):
+            return out, cap
+    return out, cap
+
+
+def _conv_columns(inp: Tensor, weight_shape: tuple[int, ...], meta: dict) -> Tensor:
+    """Unfold a conv input to ``(N, groups, C_in/groups·prod(kernel), T)`` (a view of
+    ``F.unfold``'s output, channel-major like the conv's own output)."""
+    spatial = len(weight_shape) - 2
+    kernel = tuple(weight_shape[2:])
+    groups = int(meta.get("groups", 1))
+
+    def tup(v: Any) -> tuple[int, ...]:
+        return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * spatial
+
+    stride, dilation = tup(meta.get("stride", 1)), tup(meta.get("dilation", 1))
+    padding = meta.get("padding", 0)
+    if isinstance(padding, str):
+        if padding == "same":  # PyTorch pads total // 2 before and the rest after
+            totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            pads: list[int] = []
+            for total in reversed(totals):
+                pads += [total // 2, total - total // 2]
+            inp = F.pad(inp, pads)
+        padding = 0
+    padding = tup(padding)
+    if spatial == 1:
+        inp, kernel = inp.unsqueeze(2), (1, *kernel)
+        stride, dilation, padding = (1, *stride), (1, *dilation), (0, *padding)
+    cols = F.unfold(inp, kernel, dilation=dilation, padding=padding, stride=stride)
+    n, _, t = cols.shape
+    return cols.view(n, groups, -1, t)
+
+
+@dataclasses.dataclass
+class _Factors:
+    """Per-example factors of one structured weight, channel-major:
+
+    * ``a``: inputs ``(N, g, d_in, T)`` -- with a row of ones appended when the bias is
+      folded in -- or token ids ``(N, T)`` for an embedding;
+    * ``g``: output-gradients ``(N, O, g, d_out, T)``.
+    """
+
+    inputs: list[tuple[str, Tensor, dict]]  # (op, layer input, conv meta) per use
+    g: Tensor
+    onehot: bool
+    fold_bias: bool
+    weight_shape: tuple[int, ...]
+
+    def rows(self, i: slice) -> _Factors:
+        inputs = [(op, inp[i], meta) for op, inp, meta in self.inputs]
+        return _Factors(inputs, self.g[i], self.onehot, self.fold_bias, self.weight_shape)
+
+    def columns(self) -> Tensor:
+        """``A``: built on demand, because a conv's unfolded input is ``prod(kernel)`` times
+        larger than the input itself (which is all that is stored)."""
+        parts = []
+        for op, inp, meta in self.inputs:
+            n = inp.shape[0]
+            if op == "linear":
+                parts.append(inp.reshape(n, 1, -1, self.weight_shape[1]).transpose(2, 3))
+            elif op == "conv":
+                parts.append(_conv_columns(inp, self.weight_shape, meta))
+            else:
+                parts.append(inp.reshape(n, -1))
+        if self.onehot:
+            return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        if self.fold_bias:  # [A; 1] gives [dW, db]: y = [W, b] [A; 1]
+            parts = [torch.cat([p, p.new_ones(*p.shape[:2], 1, p.shape[3])], 2) for p in parts]
+        return torch.cat(parts, dim=3) if len(parts) > 1 else parts[0]
+
+
+def _weight_factors(
+    uses: list[_Use], grads: list[Tensor], weight: Tensor, fold_bias: bool
+) -> _Factors:
+    """``grads[k]``: ``(N, O, *y.shape[1:])`` output-gradients of use ``k``."""
+    g_parts = []
+    for use, grad in zip(uses, grads):
+        n, o = grad.shape[:2]
+        if use.op == "linear":
+            g_parts.append(grad.reshape(n, o, 1, -1, weight.shape[0]).transpose(3, 4))
+        elif use.op == "conv":
+            groups = int(use.meta.get("groups", 1))
+            g_parts.append(grad.reshape(n, o, groups, weight.shape[0] // groups, -1))
+        else:
+            idx = use.inp.reshape(n, -1)
+            g = grad.reshape(n, o, 1, idx.shape[1], weight.shape[1]).transpose(3, 4)
+            pad = use.meta.get("padding_idx")
+            if pad is not None:  # no gradient flows to the padding row
+                pad = pad if pad >= 0 else weight.shape[0] + pad
+                g = g * (idx != pad).reshape(n, 1, 1, 1, -1).to(g.dtype)
+            g_parts.append(g)
+    g = torch.cat(g_parts, dim=4) if len(g_parts) > 1 else g_parts[0]
+    inputs = [(u.op, u.inp, u.meta) for u in uses]
+    return _Factors(inputs, g, uses[0].op == "embedding", fold_bias, tuple(weight.shape))
+
+
+def _row_grad(use: _Use, grad: Tensor, name: str, numel: int) -> Tensor:
+    """Per-example gradient rows (N, numel) of a bias (``Σ_t g``) or of a normalisation scale
+    (``Σ_t g·x̂``) from the output-gradient ``grad`` (N, *y.shape[1:]) of one use."""
+    n = grad.shape[0]
+    if use.op == "norm" and use.weight == name:
+        grad = grad * use.inp
+    if use.op == "linear" or use.meta.get("layout") == "trailing":
+        return grad.reshape(n, -1, numel).sum(1)
+    return grad.reshape(n, numel, -1).sum(2)
+
+
+def _contract_outer(fr: _Factors, fc: _Factors, kind: str, with_bias: bool) -> tuple[Tensor, ...]:
+    """T = 1: ``K_W = Σ_g (G Gᵀ) ∘ (A Aᵀ)`` and (``with_bias``) ``K_b = Σ_g G Gᵀ``, sharing
+    the ``G Gᵀ`` matmul."""
+    n, o = fr.g.shape[:2]
+    m = fc.g.shape[0]
+    a_r, a_c = fr.columns(), fc.columns()
+    k_w: Optional[Tensor] = None
+    k_b: Optional[Tensor] = None
+    for gi in range(fr.g.shape[2]):
+        gr, gc = fr.g[:, :, gi, :, 0], fc.g[:, :, gi, :, 0]  # (N, O, d_out)
+        if fr.onehot:
+            aa = (a_r.reshape(n, 1) == a_c.reshape(1, m)).to(gr.dtype)
+        else:
+            aa = a_r[:, gi, :, 0] @ a_c[:, gi, :, 0].t()
+        if kind == "full":
+            gg = (gr.reshape(n * o, -1) @ gc.reshape(m * o, -1).t()).view(n, o, m, o)
+            aa = aa[:, None, :, None]
+        else:
+            gg = torch.bmm(gr.transpose(0, 1), gc.permute(1, 2, 0))  # (O, N, M)
+            if kind == "trace":
+                gg = gg.sum(0)
+        if with_bias:
+            k_b = gg if k_b is None else k_b + gg
+            kw = gg * aa
+        else:
+            kw = gg.mul_(aa)
+        k_w = kw if k_w is None else k_w + kw
+    assert k_w is not None
+    return (k_w,) if k_b is None else (k_w, k_b)
+
+
+def _contract_gram(fr: _Factors, fc: _Factors, kind: str) -> Tensor:
+    """``K[n,a,m,b] = Σ_g Σ_{t,s} G[n,a,:,t]·(A A ᵀ)[n,t,m,s] G[m,b,:,s]`` evaluated as
+    ``Z = (A_n A_mᵀ) G_m`` then ``G_n · Z``, chunked over rows so that ``Z`` stays bounded."""
+    n, o, groups, d_out, t = fr.g.shape
+    m, s = fc.g.shape[0], fc.g.shape[4]
+    rows = max(1, _WORK_ELEMENTS // max(1, m * t * (s + 2 * o * d_out)))
+    out = torch.zeros((n, m, o, o), dtype=fr.g.dtype, device=fr.g.device)
+    a_r, a_c = fr.columns(), fc.columns()
+    for gi in range(groups):
+        # gc[m, s, (j, b)] = G[m, b, j, s], so Z's trailing axes (t, j, b) flatten as a view.
+        gc = fc.g[:, :, gi].permute(0, 3, 2, 1).reshape(m, s, d_out * o)
+        if not fc.onehot:
+            ac = a_c[:, gi].transpose(1, 2).reshape(m * s, -1)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            r = r1 - r0
+            # aa[m, (n, t), s] = A[n, t]·A[m, s]: one GEMM, then one bmm per column example.
+            if fr.onehot:
+                aa = (a_r[r0:r1].reshape(1, r * t, 1) == a_c.reshape(m, 1, s)).to(gc.dtype)
+            else:
+                ar = a_r[r0:r1, gi].transpose(1, 2).reshape(r * t, -1)
+                aa = (ar @ ac.t()).view(r * t, m, s).transpose(0, 1)
+            z = torch.bmm(aa, gc).view(m, r, t * d_out, o)  # Z[m, n, (t, j), b]
+            gr = fr.g[r0:r1, :, gi].transpose(2, 3).reshape(r, o, t * d_out)
+            out[r0:r1] += torch.einsum("naf,mnfb->nmab", gr, z)
+    return reduce_full(out.permute(0, 2, 1, 3), kind)
+
+
+def _per_example_grads(g: Tensor, a: Tensor, j0: int, j1: int) -> Tensor:
+    """``dW[n, a] = G[n, a] Aᵀ[n]`` for output channels ``j0:j1`` of every group:
+    (N, O, g·(j1-j0)·d_in). One bmm over (example, group) -- no broadcast copies."""
+    n, o, groups, _, t = g.shape
+    j = j1 - j0
+    gg = g[:, :, :, j0:j1].transpose(1, 2).reshape(n * groups, o * j, t)
+    aa = a.reshape(n * groups, -1, t).transpose(1, 2)  # (N·g, T, d_in)
+    dw = torch.bmm(gg, aa).view(n, groups, o, j, -1)  # (N, g, O, j, d_in)
+    return dw.transpose(1, 2).reshape(n, o, -1)
+
+
+def _contract_per_example(fr: _Factors, fc: _Factors, kind: str, same: bool) -> Tensor:
+    """Per-example gradients built from ``(G, A)``, chunked over output channels."""
+    n, o, groups, d_out, _ = fr.g.shape
+    m = fc.g.shape[0]
+    a_r = fr.columns()
+    a_c = a_r if same else fc.columns()
+    d_in = a_r.shape[2]
+    step = max(1, _WORK_ELEMENTS // max(1, (n + m) * o * groups * d_in))
+    total: Optional[Tensor] = None
+    for j0 in range(0, d_out, step):
+        j1 = min(d_out, j0 + step)
+        dr = _per_example_grads(fr.g, a_r, j0, j1)
+        if same:
+            k = symmetric_block(n, kind, lambda i, j, dr=dr: contract_rows(dr[i], dr[j], kind))
+        else:
+            k = contract_rows(dr, _per_example_grads(fc.g, a_c, j0, j1), kind)
+        total = k if total is None else total.add_(k)
+    assert total is not None
+    return total
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Which parameters get which structured rule (decided on a probe pass).
+
+    ``folded``: weight -> its bias, folded into ``A`` as a ones column (no per-name blocks
+    needed). ``shared``: weight -> its bias, whose block reuses the weight's ``G Gᵀ``
+    (``outer`` strategy with blocks). Other structured biases are contracted on their own.
+    """
+
+    weights: dict[str, str]  # name -> strategy
+    biases: list[str]
+    fallback: list[str]
+    folded: dict[str, str] = dataclasses.field(default_factory=dict)
+    shared: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _make_plan(
+    params: Mapping[str, Tensor],
+    cap: _Capture,
+    n: int,
+    o: int,
+    keep_blocks: bool,
+    builds: float = 1.0,
+) -> _Plan:
+    by_name: dict[str, list[tuple[str, _Use]]] = {}
+    for use in cap.uses:
+        for role, name in (("weight", use.weight), ("bias", use.bias)):
+            if name is not None:
+                by_name.setdefault(name, []).append((role, use))
+    weights: dict[str, str] = {}
+    biases: list[str] = []
+    for name, roles in by_name.items():
+        if name in cap.other:
+            continue
+        kinds = {
+            (role, use.op, use.meta.get("groups", 1), use.meta.get("padding_idx"))
+            for role, use in roles
+        }
+        if len(kinds) != 1:
+            continue  # mixed roles/ops (e.g. tied Embedding + Linear): Jacobian fallback
+        role, op, groups, _ = kinds.pop()
+        if role == "bias" or op == "norm":
+            biases.append(name)
+            continue
+        w = params[name]
+        if op == "embedding":
+            t = sum(use.inp[0].numel() for _, use in roles)
+            weights[name] = choose_strategy(n, o, t, 1, w.shape[1], dense_input=False)
+        else:
+            t = sum(use.out[0].numel() // w.shape[0] for _, use in roles)
+            d_in = w[0].numel() + 1  # + the folded bias column
+            strategy = choose_strategy(
+                n, o, t, d_in, w.shape[0] // int(groups), int(groups), builds=builds
+            )
+            factor_size = sum(o * u.out[0].numel() + u.inp[0].numel() for _, u in roles)
+            if strategy == "per_example" and o * (w.numel() + w.shape[0]) <= factor_size:
+                # Per-example gradients are no larger than the factors they are built from:
+                # build them once per block instead of once per contraction.
+                strategy = "stored"
+            weights[name] = strategy
+    plan = _Plan(weights, biases, [k for k in params if k not in set(weights) | set(biases)])
+    for w, strategy in weights.items():
+        uses_w = [id(u) for role, u in by_name[w]]
+        paired = {u.bias for _, u in by_name[w]}
+        if len(paired) != 1:
+            continue
+        b = paired.pop()
+        if b is None or b not in biases or [id(u) for _, u in by_name[b]] != uses_w:
+            continue
+        if not keep_blocks:
+            plan.folded[w] = b
+        elif strategy == "outer":
+            plan.shared[w] = b
+        else:
+            continue
+        plan.biases.remove(b)
+    return plan
+
+
+def _factors(
+    fm: FunctionalModel, params: Mapping[str, Tensor], plan: _Plan, x: InputBatch
+) -> dict[str, Any]:
+    """One forward + one batched backward (O one-hot cotangents) for the examples of ``x``."""
+    names = [*plan.weights, *plan.biases, *plan.folded.values(), *plan.shared.values()]
+    wrt = {k: params[k].detach().requires_grad_() for k in names}
+    const = {k: v.detach() for k, v in params.items() if k not in wrt}
+    out, cap = _forward(fm, const, wrt, x)
+    changed = cap.other & set(wrt)
+    if changed:  # the plan was made on the probe example; its uses must hold for every example
+        raise RuntimeError(
+            f"parameters {sorted(changed)} were used differently on these examples than on the "
+            "probe example (data-dependent control flow); use implementation='jacobian'"
+        )
+    n, o = out.shape
+    uses = [u for u in cap.uses if (u.weight in wrt) or (u.bias in wrt)]
+    weight_uses = [u for u in uses if u.weight in plan.weights]
+    row_uses = [(name, u) for name in plan.biases for u in uses if name in (u.bias, u.weight)]
+    # O plain backward passes (one per output, all examples at once; cheaper and more robust
+    # than vmapping the backward): weight uses keep G in (N, O, ...) buffers, bias and norm
+    # rows are reduced right away.
+    grads = {id(u): u.out.new_zeros((n, o, *u.out.shape[1:])) for u in weight_uses}
+    rows = {name: out.new_zeros((n, o, params[name].numel())) for name in plan.biases}
+    handles = list({id(u): u for u in [*weight_uses, *(u for _, u in row_uses)]}.values())
+    cot = torch.zeros_like(out)
+    for a in range(o):
+        cot.zero_()
+        cot[:, a] = 1
+        ga = torch.autograd.grad(
+            [out], [u.out for u in handles], [cot], retain_graph=a < o - 1, allow_unused=True
+        )
+        by_use = {id(u): g for u, g in zip(handles, ga) if g is not None}
+        for u in weight_uses:
+            if id(u) in by_use:
+                grads[id(u)][:, a] = by_use[id(u)]
+        for name, u in row_uses:
+            if id(u) in by_use:
+                rows[name][:, a] += _row_grad(u, by_use[id(u)], name, params[name].numel())
+        del ga, by_use
+    del out, cap
+    result: dict[str, Any] = dict(rows)
+    for name, strategy in plan.weights.items():
+        sel = [u for u in weight_uses if u.weight == name]
+        f = _weight_factors(sel, [grads[id(u)] for u in sel], params[name], name in plan.folded)
+        if strategy == "stored":
+            f = _per_example_grads(f.g, f.columns(), 0, f.g.shape[3])  # (N, O, P)
+        result[name] = f
+        for u in sel:
+            del grads[id(u)]
+    return result
+
+
+def _factor_bytes_per_example(
+    cap: _Capture, plan: _Plan, params: Mapping[str, Tensor], o: int
+) -> int:
+    """Bytes of factors that one example needs, from the probe pass: ``O·|y| + |x|`` per
+    structured weight use (output-gradients and layer input), ``O·numel`` for per-example
+    gradient rows (biases, norms, ``stored`` weights)."""
+    total = 0
+    for use in cap.uses:
+        if use.weight in plan.weights:
+            total += o * use.out[0].numel() * use.out.element_size()  # G (also while building)
+            if plan.weights[use.weight] != "stored":
+                total += use.inp[0].numel() * use.inp.element_size()
+    for name, strategy in plan.weights.items():
+        if strategy == "stored":
+            total += o * params[name].numel() * params[name].element_size()
+    for name in plan.biases:
+        total += o * params[name].numel() * params[name].element_size()
+    return max(1, total)
+
+
+def structured_ntk(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    x1: InputBatch,
+    x2: Optional[InputBatch],
+    n1: int,
+    n2: Optional[int],
+    kind: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    keep_blocks: bool,
+    chunk_size: Optional[int],
+) -> _BlockSink:
+    """Compute the kernel with structured rules where they apply, the Jacobian path elsewhere.
+
+    A probe pass on the first example finds the parameter uses and sizes the example blocks
+    (factors of ``row`` examples are kept while blocks of ``col`` examples stream past).
+    """
+    from .empirical import _check_same_outputs
+
+    probe_x = slice_batch(x1, slice(0, 1))
+    wrt = {k: v.detach().requires_grad_() for k, v in params.items()}
+    out, cap = _forward(fm, {}, wrt, probe_x)
+    o = out.shape[1]
+    if o == 0:
+        raise ValueError("the model output has 0 entries per example; nothing to differentiate")
+    if x2 is not None:
+        with torch.no_grad():
+            _check_same_outputs(o, fm(params, slice_batch(x2, slice(0, 1))).shape[1])
+    del out
+    n_max = max(n1, n2 or 0)
+    plan = _make_plan(params, cap, n_max, o, keep_blocks)
+    per_example_bytes = _factor_bytes_per_example(cap, plan, params, o)
+    row_block, col_block = _block_sizes(n1, n2, chunk_size, per_example_bytes)
+    if row_block < n1:
+        # Blocked: a row block's per-example gradients are rebuilt for every column block.
+        n_cols = n1 if n2 is None else n2
+        col_blocks = -(-n_cols // col_block) / (2.0 if n2 is None else 1.0)
+        plan = _make_plan(params, cap, n_max, o, keep_blocks, builds=1.0 + col_blocks)
+        per_example_bytes = _factor_bytes_per_example(cap, plan, params, o)
+    del cap, wrt
+    sink = _BlockSink(
+        kind,
+        kernel_shape(kind, n1, n2 or n1, o),
+        dtype,
+        device,
+        keep_blocks,
+        symmetric=x2 is None,
+    )
+    if plan.weights or plan.biases:
+        _structured_blocks(fm, params, plan, x1, x2, n1, n2, o, sink, chunk_size, per_example_bytes)
+    if plan.fallback:
+        jacobian_ntk(fm, params, plan.fallback, x1, x2, n1, n2, o, sink, chunk_size)
+    return sink
+
+
+def _block_sizes(
+    n1: int, n2: Optional[int], chunk_size: Optional[int], per_example_bytes: int
+) -> tuple[int, int]:
+    """Examples per row block (factors kept) and per column block (factors streamed)."""
+    if chunk_size is not None:
+        return chunk_size, chunk_size
+    n_cols = n1 if n2 is None else n2
+    row_block = max(1, int(0.75 * DEFAULT_FACTOR_BUDGET // per_example_bytes))
+    col_block = max(1, int(0.25 * DEFAULT_FACTOR_BUDGET // per_example_bytes))
+    if row_block >= n1:
+        return n1, max(col_block, min(n_cols, n1))
+    return row_block, col_block
+
+
+def _structured_blocks(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    plan: _Plan,
+    x1: InputBatch,
+    x2: Optional[InputBatch],
+    n1: int,
+    n2: Optional[int],
+    o: int,
+    sink: _BlockSink,
+    chunk_size: Optional[int],
+    per_example_bytes: int,
+) -> None:
+    kind = sink.kind
+
+    def factors(side: int, rows: slice) -> dict[str, Any]:
+        return _factors(fm, params, plan, slice_batch(x1 if side == 1 else x2, rows))
+
+    def contract(fr: dict, fc: dict, rows: slice, cols: slice, same: bool) -> None:
+        n = rows.stop - rows.start
+        for name, strategy in plan.weights.items():
+            a, b = fr[name], fc[name]
+            if strategy == "stored":
+                if same:
+                    k = symmetric_block(n, kind, lambda i, j, d=a: contract_rows(d[i], d[j], kind))
+                else:
+                    k = contract_rows(a, b, kind)
+                blocks: tuple[Tensor, ...] = (k,)
+            elif strategy == "per_example":
+                blocks = (_contract_per_example(a, b, kind, same),)
+            else:
+                if strategy == "outer":
+                    bias = name in plan.shared
+
+                    def fn(i: slice, j: slice, a=a, b=b, bias=bias) -> tuple[Tensor, ...]:
+                        return _contract_outer(a.rows(i), b.rows(j), kind, bias)
+                else:
+
+                    def fn(i: slice, j: slice, a=a, b=b) -> tuple[Tensor, ...]:
+                        return (_contract_gram(a.rows(i), b.rows(j), kind),)
+
+                blocks = symmetric_blocks(n, kind, fn) if same else fn(slice(None), slice(None))
+            sink.add(name, blocks[0], rows, cols)
+            if name in plan.shared:
+                sink.add(plan.shared[name], blocks[1], rows, cols)
+        for name in plan.biases:
+            if same:
+                block = symmetric_block(
+                    n, kind, lambda i, j, d=fr[name]: contract_rows(d[i], d[j], kind)
+                )
+            else:
+                block = contract_rows(fr[name], fc[name], kind)
+            sink.add(name, block, rows, cols)
+
+    n_cols = n1 if n2 is None else n2
+    row_block, col_block = _block_sizes(n1, n2, chunk_size, per_example_bytes)
+    for r0 in range(0, n1, row_block):
+        rows = slice(r0, min(n1, r0 + row_block))
+        fr = factors(1, rows)
+        if x2 is None:
+            contract(fr, fr, rows, rows, True)
+            start = rows.stop
+        else:
+            start = 0
+        for c0 in range(start, n_cols, col_block):
+            cols = slice(c0, min(n_cols, c0 + col_block))
+            fc = factors(1 if x2 is None else 2, cols)
+            contract(fr, fc, rows, cols, False)
+            del fc
+        del fr

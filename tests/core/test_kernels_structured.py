@@ -1,0 +1,146 @@
+"""The structured implementation: every contraction strategy is exact, and supported layers
+really take the structured path (no silent fallback to the Jacobian contraction)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_kernels import _assert_matches, _case
+from torch import nn
+
+import lazy_monitor.core.kernels.structured as structured
+from lazy_monitor.core.kernels import empirical_ntk
+from lazy_monitor.core.kernels.cost import choose_strategy, strategy_costs
+
+# The conv1d case pads "same" with an even kernel on purpose (asymmetric padding).
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same'")
+
+STRATEGY_CASES = ["cnn", "conv1d", "cross_cnn", "embedding", "reuse"]
+
+
+def _forcing(strategy: str):
+    def forced(n, o, t, d_in, d_out, groups=1, dense_input=True, builds=1.0):  # noqa: ANN001, ANN202
+        if strategy == "outer" and t != 1:
+            return "gram"
+        if strategy in ("per_example", "stored") and not dense_input:
+            return "gram"
+        return strategy
+
+    return forced
+
+
+@pytest.mark.parametrize("case", STRATEGY_CASES)
+@pytest.mark.parametrize("kind", ["full", "trace", "diagonal"])
+@pytest.mark.parametrize("strategy", ["outer", "gram", "per_example", "stored"])
+def test_every_strategy_matches_reference(
+    monkeypatch: pytest.MonkeyPatch, case: str, kind: str, strategy: str
+) -> None:
+    model, x1, x2, output_fn, refs = _case(case)
+    monkeypatch.setattr(structured, "choose_strategy", _forcing(strategy))
+    for blocks in (False, True) if kind == "full" else (False,):  # folded vs per-name biases
+        out = empirical_ntk(
+            model,
+            x1,
+            x2,
+            kind=kind,
+            implementation="structured",
+            output_fn=output_fn,
+            return_blocks=blocks,
+        )
+        _assert_matches(out[0] if blocks else out, refs[kind][0])
+
+
+@pytest.mark.parametrize("strategy", ["gram", "per_example", "stored"])
+def test_strategies_with_example_blocks_match_reference(
+    monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    monkeypatch.setattr(structured, "choose_strategy", _forcing(strategy))
+    for case in ("cnn", "cross_cnn"):
+        model, x1, x2, _, refs = _case(case)
+        _assert_matches(
+            empirical_ntk(model, x1, x2, implementation="structured", chunk_size=1),
+            refs["full"][0],
+        )
+
+
+@pytest.mark.parametrize(
+    "case", ["mlp", "cnn", "conv1d", "batchnorm_dropout", "embedding", "multi_dim_output"]
+)
+def test_supported_layers_never_use_the_jacobian_fallback(
+    monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("structured path fell back to the Jacobian contraction")
+
+    monkeypatch.setattr(structured, "jacobian_ntk", fail)
+    model, x1, x2, output_fn, refs = _case(case)
+    kernel = empirical_ntk(model, x1, x2, implementation="auto", output_fn=output_fn)
+    _assert_matches(kernel, refs["full"][0])
+
+
+def test_unsupported_uses_fall_back_for_exactly_those_parameters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[list[str]] = []
+    original = structured.jacobian_ntk
+
+    def spy(fm, params, names, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(list(names))
+        return original(fm, params, names, *args, **kwargs)
+
+    monkeypatch.setattr(structured, "jacobian_ntk", spy)
+    model, x1, _, _, refs = _case("reuse")  # `m` is used through a matmul
+    _assert_matches(empirical_ntk(model, x1, implementation="structured"), refs["full"][0])
+    assert seen == [["m"]]
+    seen.clear()
+    model, x1, _, _, refs = _case("tied_lm")  # embedding weight tied to a Linear head
+    _assert_matches(empirical_ntk(model, x1, implementation="structured"), refs["full"][0])
+    assert seen == [["emb.weight"]]
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "ntvp", "structured", "auto"])
+def test_batch_statistics_normalisation_is_rejected(implementation: str) -> None:
+    """BatchNorm without running statistics couples the examples of a batch even in eval."""
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)
+    )
+    with pytest.raises(ValueError, match=r"1 \(BatchNorm1d\) has no running statistics"):
+        empirical_ntk(model, torch.randn(4, 3), implementation=implementation)
+
+
+def test_cost_model_prefers_per_example_for_many_positions_and_gram_for_few() -> None:
+    # Early conv: 1024 positions, small weight -> per-example gradients.
+    assert choose_strategy(128, 10, 1024, 28, 64) == "per_example"
+    # Late conv: 16 positions, 4608 x 512 weight -> Gram over positions.
+    assert choose_strategy(128, 10, 16, 4608, 512) == "gram"
+    # Plain Linear: one position -> outer product.
+    assert choose_strategy(128, 10, 1, 1025, 1024) == "outer"
+    # Embeddings never materialise vocabulary-sized per-example gradients.
+    assert choose_strategy(8, 10, 4, 1, 16, dense_input=False) in ("gram", "outer")
+    costs = strategy_costs(128, 10, 16, 4608, 512)
+    assert costs["gram"] < costs["per_example"]
+    # Rebuilding per-example gradients for every column block (blocked examples) is charged
+    # to per_example only, and can tip a layer towards Gram.
+    once, rebuilt = (
+        strategy_costs(64, 10, 64, 1153, 256),
+        strategy_costs(64, 10, 64, 1153, 256, builds=8.0),
+    )
+    assert rebuilt["gram"] == once["gram"] and rebuilt["per_example"] > once["per_example"]
+    assert choose_strategy(32, 10, 64, 577, 128) == "per_example"
+    assert choose_strategy(32, 10, 64, 577, 128, builds=32.0) == "gram"
+
+
+def test_data_dependent_parameter_use_is_detected_not_silently_wrong() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x[0, 0] > 0:  # the plan is made on the first example
+                return self.lin(x)
+            return x @ self.lin.weight.t() + self.lin.bias
+
+    x = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 2.0, 0.5]])
+    with pytest.raises(RuntimeError, match="data-dependent control flow"):
+        empirical_ntk(Branchy(), x, implementation="structured", chunk_size=1)

@@ -109,6 +109,8 @@ def run_one(width: int, lr: float, args: argparse.Namespace) -> dict[str, Any]:
         "ntk/rel_change": final.get("ntk/rel_change", float("nan")),
         "lin/rel_error": final.get("lin/rel_error", float("nan")),
         "stopped": bool(gate.tripped),
+        # a trip at the final measurement (train end) flags the run but does not shorten it
+        "completed": int(trainer.global_step) >= args.steps,
         "reason": gate.reason or "",
     }
 
@@ -138,7 +140,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     )
     print(f"{'run':<16} {'steps':>6} {'ntk/rel_change':>15} {'lin/rel_error':>14}  outcome")
     for r in results:
-        outcome = f"STOPPED: {r['reason']}" if r["stopped"] else "completed (lazy throughout)"
+        if not r["stopped"]:
+            outcome = "completed (lazy throughout)"
+        elif r["completed"]:
+            outcome = f"FLAGGED at end (completed): {r['reason']}"
+        else:
+            outcome = f"STOPPED: {r['reason']}"
         print(
             f"{r['run']:<16} {r['steps']:>6} {r['ntk/rel_change']:>15.4g} "
             f"{r['lin/rel_error']:>14.4g}  {outcome}"

@@ -175,8 +175,10 @@ class _KernelRegimeMonitorBase:
             ``(batch[0], batch[1])``. May also be overridden as a method in a subclass.
         seed: seed of the probe draw.
         use_targets: pass the probe targets ``y`` to the tracker (``ntk/alignment``,
-            ``lin/agreement``). A drawn probe whose class labels are all equal has no defined
-            alignment: its targets are then dropped with a warning.
+            ``lin/agreement``). Targets of a drawn probe that the alignment cannot use (all
+            class labels equal, integer labels not of shape ``(N,)`` or out of range, float
+            targets whose width is not the model's output size, ...) are dropped with a warning;
+            targets of an explicit ``probe=(x, y)`` must fit (an error at train start otherwise).
         kind: kernel kind: ``"full"`` ``(N, N, O, O)``, ``"trace"`` ``(N, N)`` (sum over
             outputs; O² times cheaper), ``"diagonal"`` ``(N, N, O)``.
         implementation: kernel implementation passed to the tracker (``"auto"`` picks by cost).
@@ -194,7 +196,8 @@ class _KernelRegimeMonitorBase:
     Raises:
         ValueError: at construction for invalid values (each message names the value and the
             fix); at setup for an unknown ``submodule``; at train start for a probe that cannot be
-            drawn (e.g. ``probe_size`` larger than the dataset).
+            drawn (e.g. ``probe_size`` larger than the dataset) or targets of an explicit
+            ``probe=(x, y)`` that do not fit the model's outputs.
         TypeError: at construction for a probe that is neither ``x`` nor ``(x, y)``; at train start
             for training batches that ``batch_to_probe`` cannot split.
 
@@ -398,7 +401,8 @@ class _KernelRegimeMonitorBase:
         if step != self._last_step:
             self._measure(trainer, pl_module, step, final=True)
         else:
-            self._notify(trainer, step, self._last_metrics, final=True)
+            # the last scheduled measurement is also the final one: listeners already saw it
+            self._notify(trainer, step, self._last_metrics, final=True, repeat=True)
         if self.log_hparams and trainer.is_global_zero:
             self._write_hparams(trainer)
 
@@ -446,12 +450,7 @@ class _KernelRegimeMonitorBase:
                     stacklevel=2,
                 )
                 y = None
-        self._current_probe = (
-            map_batch(x, lambda t: t.detach().cpu()),
-            None if y is None else y.detach().cpu(),
-        )
         x_dev = map_batch(x, lambda t: t.detach().to(device))
-        y_dev = None if y is None else y.detach().to(device)
         optional = {
             "lazy_thresholds": self.lazy_thresholds,
             "output_fn": self.output_fn,
@@ -459,15 +458,42 @@ class _KernelRegimeMonitorBase:
             "chunk_size": self.chunk_size,
             "snapshot_device": self.snapshot_device,
         }
-        return KernelTracker(
-            network,
-            x_dev,
-            targets=y_dev,
-            kind=self.kind,
-            implementation=self.implementation,
-            per_layer=self.per_layer,
-            **{k: v for k, v in optional.items() if v is not None},
+
+        def build(targets: Optional[Tensor]) -> Any:
+            return KernelTracker(
+                network,
+                x_dev,
+                targets=None if targets is None else targets.detach().to(device),
+                kind=self.kind,
+                implementation=self.implementation,
+                per_layer=self.per_layer,
+                **{k: v for k, v in optional.items() if v is not None},
+            )
+
+        try:
+            tracker = build(y)
+        except (TypeError, ValueError) as err:
+            # Targets of a drawn probe come from the training batches (batch[1] by default) and
+            # need not fit the alignment (e.g. sequence labels, multi-hot or differently sized
+            # regression targets). Drop them if the tracker then builds; an error it still
+            # raises without targets is not about the targets and propagates.
+            if y is None or self._probe is not None:
+                raise
+            tracker = build(None)
+            warnings.warn(
+                f"the targets of the drawn probe cannot be used ({err}); ntk/alignment and "
+                "lin/agreement are not logged. Pass batch_to_probe returning (x, y) with class "
+                "indices of shape (N,) or float targets of shape (N, O), or use_targets=False to "
+                "measure without targets",
+                UserWarning,
+                stacklevel=2,
+            )
+            y = None
+        self._current_probe = (
+            map_batch(x, lambda t: t.detach().cpu()),
+            None if y is None else y.detach().cpu(),
         )
+        return tracker
 
     def _timed(self, fn: Callable[..., dict[str, float]], *args: Any) -> dict[str, float]:
         start = time.perf_counter()
@@ -548,9 +574,16 @@ class _KernelRegimeMonitorBase:
         for listener in self._listeners:
             listener._on_monitor_start(trainer, self)
 
-    def _notify(self, trainer: Any, step: int, metrics: Mapping[str, float], final: bool) -> None:
+    def _notify(
+        self,
+        trainer: Any,
+        step: int,
+        metrics: Mapping[str, float],
+        final: bool,
+        repeat: bool = False,
+    ) -> None:
         for listener in self._listeners:
-            listener._on_measurement(trainer, self, step, metrics, final)
+            listener._on_measurement(trainer, self, step, metrics, final, repeat=repeat)
 
 
 def _probe_len(probe: Probe) -> int:
@@ -592,7 +625,11 @@ class _KernelDriftGateBase:
 
     A tripped gate stays tripped: the state (tripped, reason, consecutive counts) is in
     :meth:`state_dict`, and after resuming from a checkpoint written after the trip the action is
-    re-asserted at train start (``stop`` stops again, ``raise`` raises again).
+    re-asserted at train start (``stop`` stops again, ``raise`` raises again). A ``fit`` that
+    restores no gate state (no checkpoint) starts untripped with zero counts.
+
+    When training ends right after a scheduled measurement, that measurement is also the final
+    one: it counts once towards ``patience``, and at train end only the minimums are checked again.
 
     Args:
         thresholds: metric name -> bound, e.g. ``{"ntk/rel_change": 0.2, "lin/rel_error": 0.1,
@@ -665,6 +702,9 @@ class _KernelDriftGateBase:
                 f"found {len(monitors)}; {fix}"
             )
         monitors[0]._add_listener(self)
+        # A new fit starts untripped; Lightning restores a checkpoint's gate state after setup.
+        self.tripped, self.reason, self.trip_step = False, None, None
+        self._counts = {}
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.tripped:
@@ -704,6 +744,7 @@ class _KernelDriftGateBase:
         step: int,
         metrics: Mapping[str, float],
         final: bool,
+        repeat: bool = False,
     ) -> None:
         if self.tripped:
             return
@@ -717,6 +758,7 @@ class _KernelDriftGateBase:
             check_minimums=check_minimums,
             final=final,
             check_finite=self.check_finite,
+            repeat=repeat,
         )
         # every rank measures at the same steps, so every rank reaches this collective
         decision = trainer.strategy.reduce_boolean_decision(local is not None, all=False)

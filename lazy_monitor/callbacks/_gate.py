@@ -145,6 +145,7 @@ def check_measurement(
     check_minimums: bool,
     final: bool,
     check_finite: bool,
+    repeat: bool = False,
 ) -> Optional[str]:
     """Update the consecutive-violation ``counts`` in place; return a trip reason or None.
 
@@ -152,9 +153,28 @@ def check_measurement(
     (after the warm-up) and at the final measurement, where a miss trips immediately: the run
     ended without reaching the minimum, there is no later measurement to wait for.
 
+    ``repeat=True`` (with ``final``) marks a measurement that was already checked: training ended
+    right after a scheduled measurement, which is then also the final one. Only the end-of-training
+    check of the minimums runs; maximums and ``counts`` are left alone, so one measurement never
+    counts twice towards ``patience``.
+
     A threshold trips when it has been violated at ``patience`` consecutive checks. The reason
     names metric, value, comparison, threshold, step and patience.
     """
+    if repeat:
+        if not final:
+            raise ValueError("repeat=True re-checks the final measurement; pass final=True")
+        minimums = tuple(th for th in thresholds if th.direction == "min")
+        return check_measurement(
+            minimums,
+            metrics,
+            step,
+            dict(counts),  # already counted at the first check
+            patience=patience,
+            check_minimums=False,
+            final=True,
+            check_finite=check_finite,
+        )
     reasons = []
     for th in thresholds:
         if th.direction == "min" and not (check_minimums or final):

@@ -1,12 +1,13 @@
-"""KernelDriftGate: each action, patience, minimums, validation, re-assertion after resume."""
+"""KernelDriftGate: actions, patience, minimums, validation, resume and fresh fits."""
 
 from __future__ import annotations
 
 import lightning.pytorch as L
 import pytest
 import torch
-from _cb_helpers import LitLightning, trainer_kwargs
+from _cb_helpers import LitLightning, RecordingLogger, trainer_kwargs
 
+from lazy_monitor.callbacks._gate import check_measurement, parse_thresholds
 from lazy_monitor.callbacks.lightning import (
     KernelDriftError,
     KernelDriftGate,
@@ -92,3 +93,58 @@ def test_threshold_on_a_metric_the_monitor_does_not_log_fails_before_training(tm
     monitor = KernelRegimeMonitor(probe=torch.randn(4, 6))  # no targets: no alignment
     with pytest.raises(ValueError, match=r"thresholds on \['ntk/alignment'\].*needs targets"):
         _fit(tmp_path, gate, monitor=monitor)
+
+
+def test_final_scheduled_measurement_counts_once_towards_patience(tmp_path):
+    # max_steps=10 is a multiple of every_n_steps=2: the step-10 measurement is also the final
+    # one, and train end must not count it a second time.
+    logger = RecordingLogger()
+    torch.manual_seed(0)
+    monitor = KernelRegimeMonitor(probe_size=8, every_n_steps=2, per_layer=False)
+    trainer = L.Trainer(
+        **trainer_kwargs(tmp_path, max_steps=10, logger=logger, callbacks=[monitor])
+    )
+    trainer.fit(LitLightning(n=64, batch_size=8))
+    series = logger.series("params/distance")
+    assert sorted(series) == [0, 2, 4, 6, 8, 10]
+    before = max(v for s, v in series.items() if s < 10)
+    assert series[10] > before
+    bound = (before + series[10]) / 2  # violated at step 10 only
+
+    once = KernelDriftGate({"params/distance": bound}, patience=2, action="raise")
+    assert _fit(tmp_path, once).global_step == 10 and not once.tripped
+    assert once.state_dict()["counts"] == {"params/distance:max": 1}
+    flagged = KernelDriftGate({"params/distance": bound}, patience=1, action="raise")
+    with pytest.raises(KernelDriftError, match="at step 10 .for 1 consecutive measurement,"):
+        _fit(tmp_path, flagged)
+
+
+def test_repeated_final_check_only_rechecks_minimums_without_counting():
+    thresholds = parse_thresholds({"lin/rel_error": 0.1, "ntk/rel_change": {"min": 0.5}})
+    counts = {"lin/rel_error:max": 1, "ntk/rel_change:min": 0}
+    kw = dict(patience=2, check_minimums=False, final=True, check_finite=True, repeat=True)
+    bad = {"lin/rel_error": 1.0, "ntk/rel_change": 0.3}
+    reason = check_measurement(thresholds, bad, 10, counts, **kw)
+    assert (
+        reason == "ntk/rel_change = 0.3 < min 0.5 at step 10 (at the end of training, patience=2)"
+    )
+    assert counts == {"lin/rel_error:max": 1, "ntk/rel_change:min": 0}  # untouched
+    assert check_measurement(thresholds, {**bad, "ntk/rel_change": 0.9}, 10, counts, **kw) is None
+
+
+def test_new_fit_without_checkpoint_starts_the_gate_afresh(tmp_path):
+    counting = KernelDriftGate({"ntk/rel_change": TINY}, patience=3, action="stop")
+    _fit(tmp_path, counting, max_steps=4)  # violations at steps 2 and 4: counts 2, not tripped
+    assert not counting.tripped and counting.state_dict()["counts"] == {"ntk/rel_change:max": 2}
+    with pytest.warns(KernelDriftWarning, match="at step 6 .for 3 consecutive"):
+        trainer = _fit(tmp_path, counting, max_steps=20)  # counts restart at 0
+    assert trainer.global_step == 6
+
+    tripped = KernelDriftGate({"ntk/rel_change": TINY}, action="stop")
+    with pytest.warns(KernelDriftWarning, match="at step 2"):
+        _fit(tmp_path, tripped)
+    with pytest.warns(KernelDriftWarning) as rec:
+        trainer = _fit(tmp_path, tripped, max_steps=20)
+    messages = [str(w.message) for w in rec if w.category is KernelDriftWarning]
+    assert not any("restored tripped state" in m for m in messages), messages
+    assert trainer.global_step == 2 and tripped.tripped and tripped.trip_step == 2

@@ -10,7 +10,7 @@ import pytest
 import torch
 from _cb_helpers import LitLightning, RecordingLogger, make_data, trainer_kwargs
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lazy_monitor.callbacks._core import _resolve_submodule
 from lazy_monitor.callbacks.lightning import KernelRegimeMonitor
@@ -113,3 +113,42 @@ def test_quickstart_example_runs_and_reports_the_regime(tmp_path):
     )
     assert final["ntk/rel_change"] > 0 and final["regime/lazy"] in (0.0, 1.0)
     assert any(f.startswith("events.out") for _, _, fs in os.walk(tmp_path) for f in fs)
+
+
+class _OddTargetsLit(LitLightning):
+    """Batches ``(x, y)`` whose ``y`` the alignment cannot use: (N, T) labels or wide floats."""
+
+    def __init__(self, targets: str) -> None:
+        super().__init__()
+        self.targets = targets
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        return self(x).pow(2).mean()
+
+    def train_dataloader(self):
+        x, y = make_data(32).tensors
+        if self.targets == "sequence":
+            y = torch.stack([y, y.flip(0)], dim=1)  # integer (N, 2)
+        else:
+            y = torch.randn(32, 5, generator=torch.Generator().manual_seed(0))  # 5 != 3 outputs
+        return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+@pytest.mark.parametrize("targets", ["sequence", "wide_float"])
+def test_drawn_targets_the_alignment_cannot_use_are_dropped_with_a_warning(tmp_path, targets):
+    monitor = KernelRegimeMonitor(probe_size=8, every_n_steps=2)
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[monitor]))
+    with pytest.warns(UserWarning, match="targets of the drawn probe cannot be used.*use_targets"):
+        trainer.fit(_OddTargetsLit(targets))
+    assert trainer.global_step == 2 and "ntk/alignment" not in monitor.metric_names()
+    assert monitor.state_dict()["probe_y"] is None
+
+
+def test_explicit_probe_targets_that_do_not_fit_still_fail_at_train_start(tmp_path):
+    x, y = make_data(8).tensors
+    monitor = KernelRegimeMonitor(probe=(x, torch.stack([y, y], dim=1)))
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[monitor]))
+    with pytest.raises(ValueError, match=r"integer targets are class indices"):
+        trainer.fit(LitLightning())
+    assert trainer.global_step == 0

@@ -10,6 +10,13 @@ Exit status:
 
 By default every logged point is checked (the *worst* value over the run must satisfy the
 bound); ``--final`` checks only the last logged value. A NaN violates every bound.
+
+``--min`` skips the reference point at step 0: the monitor logs it at train start, where every
+change metric (``ntk/rel_change``, ``params/rel_change``, ...) is exactly 0, so a minimum on a
+change could otherwise never pass. Minimums are checked at every point with step ``>=
+--min-from-step`` (default 1; 0 includes the step-0 point) and always at the last point (so a run
+that logged only step 0 is checked there), as :class:`~lazy_monitor.KernelDriftGate` checks
+minimums at train end. ``--max`` always checks every point.
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional, TextIO
 
-from lazy_monitor.cli._events import Run, load_runs
+from lazy_monitor.cli._events import Curve, Run, load_runs
 
 __all__ = ["Threshold", "CheckResult", "parse_threshold", "evaluate", "add_parser", "run"]
 
 EXIT_OK, EXIT_VIOLATION, EXIT_ERROR = 0, 1, 2
+#: ``--min`` skips the step-0 reference point (every change metric is exactly 0 there).
+DEFAULT_MIN_FROM_STEP = 1
 
 
 @dataclass(frozen=True)
@@ -84,8 +93,20 @@ def _tags_for(run: Run, pattern: str) -> list[str]:
     return [tag for tag in run.curves if fnmatch.fnmatchcase(tag, pattern)]
 
 
+def _min_curve(curve: Curve, from_step: int) -> Curve:
+    """The points a minimum is checked at: steps ``>= from_step``, plus always the last one."""
+    keep = [
+        i for i, step in enumerate(curve.steps) if step >= from_step or i == len(curve.steps) - 1
+    ]
+    return Curve(tuple(curve.steps[i] for i in keep), tuple(curve.values[i] for i in keep))
+
+
 def evaluate(
-    runs: list[Run], thresholds: list[Threshold], *, final_only: bool = False
+    runs: list[Run],
+    thresholds: list[Threshold],
+    *,
+    final_only: bool = False,
+    min_from_step: int = DEFAULT_MIN_FROM_STEP,
 ) -> tuple[list[CheckResult], list[tuple[str, str]]]:
     """Compare every run with every threshold.
 
@@ -93,6 +114,9 @@ def evaluate(
         runs: runs read by :func:`lazy_monitor.cli._events.load_runs`.
         thresholds: the bounds to enforce.
         final_only: compare the last logged value instead of the worst value over all steps.
+        min_from_step: minimums ignore points logged before this step (default 1: skip the
+            step-0 reference point, where every change is exactly 0); the last point is always
+            checked. Maximums check every point.
 
     Returns:
         ``(results, missing)``: one :class:`CheckResult` per (run, matching tag, threshold), and
@@ -110,8 +134,10 @@ def evaluate(
                 curve = run.curves[tag]
                 if final_only:
                     value, step = curve.final, curve.final_step
+                elif th.bound == "max":
+                    value, step = curve.extreme(largest=True)
                 else:
-                    value, step = curve.extreme(largest=th.bound == "max")
+                    value, step = _min_curve(curve, min_from_step).extreme(largest=False)
                 ok = (value <= th.value) if th.bound == "max" else (value >= th.value)
                 results.append(CheckResult(run.name, tag, th.bound, th.value, value, step, ok))
     return results, missing
@@ -123,7 +149,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="exit 0/1/2 depending on whether logged runs satisfy metric thresholds",
         description=(
             "Check every run under LOGDIR against thresholds. Exit 0: all satisfied; 1: some run "
-            "violates a threshold; 2: usage error, no runs, or a metric missing from a run."
+            "violates a threshold; 2: usage error, no runs, a metric missing from a run, or an "
+            "unreadable event file. --max checks every logged point; --min skips the step-0 "
+            "reference point (where every change metric is exactly 0) and checks every point "
+            "from --min-from-step on, and always the last one."
         ),
         epilog=(
             "example: lazy-monitor check runs/ --max ntk/rel_change=0.1 "
@@ -144,7 +173,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="METRIC=VALUE",
         action="append",
         default=[],
-        help="the metric must stay >= VALUE (repeatable)",
+        help="the metric must stay >= VALUE (repeatable); checked from step --min-from-step on "
+        "(default 1: the step-0 reference point, where every change is exactly 0, is skipped) "
+        "and always at the last point",
+    )
+    parser.add_argument(
+        "--min-from-step",
+        metavar="STEP",
+        type=_non_negative_int,
+        default=DEFAULT_MIN_FROM_STEP,
+        help=f"first step at which --min thresholds are checked (default "
+        f"{DEFAULT_MIN_FROM_STEP}; 0 also checks the step-0 point)",
     )
     parser.add_argument(
         "--final",
@@ -154,6 +193,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--json", action="store_true", help="print a JSON document on stdout")
     parser.set_defaults(func=run)
     return parser
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
 
 
 def _fmt(value: float) -> str:
@@ -187,7 +236,9 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
         return _finish(args, out, err, thresholds, [], [], EXIT_ERROR, message)
 
-    results, missing = evaluate(runs, thresholds, final_only=args.final)
+    results, missing = evaluate(
+        runs, thresholds, final_only=args.final, min_from_step=args.min_from_step
+    )
     if missing:
         code = EXIT_ERROR
     elif any(not r.ok for r in results):
@@ -217,6 +268,7 @@ def _finish(
             "exit_code": code,
             "logdir": str(args.logdir),
             "final_only": bool(args.final),
+            "min_from_step": int(args.min_from_step),
             "thresholds": [asdict(t) for t in thresholds],
             "runs": [
                 {

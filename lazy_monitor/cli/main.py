@@ -20,6 +20,9 @@ from lazy_monitor.cli import check, demo, report
 
 __all__ = ["build_parser", "main"]
 
+#: Exit status of usage errors and of any failure that prevented the command from finishing.
+EXIT_ERROR = 2
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``lazy-monitor`` argument parser with its three sub-commands."""
@@ -40,13 +43,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``lazy-monitor`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status.
 
     Usage errors (unknown option, bad value) return 2, as argparse does; ``--help`` returns 0.
+    Any other unexpected error (an unreadable or corrupt event file, a ``PermissionError``, ...)
+    is reported on stderr as ``lazy-monitor <command>: error: <type>: <message>`` and returns 2
+    ("could not check"), never 1, which ``check`` reserves for a threshold violation.
+    ``KeyboardInterrupt`` and ``SystemExit`` propagate unchanged.
     """
     parser = build_parser()
     try:
         args = parser.parse_args(None if argv is None else list(argv))
     except SystemExit as exc:  # argparse exits on --help and on usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    return int(args.func(args, sys.stdout, sys.stderr))
+    try:
+        return int(args.func(args, sys.stdout, sys.stderr))
+    except Exception as exc:  # noqa: BLE001 -- any failure must map to exit 2, not 1
+        print(
+            f"lazy-monitor {args.command}: error: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

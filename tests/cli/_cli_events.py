@@ -27,3 +27,18 @@ def lazy_curves(scale: float = 0.01, steps: int = 5, lazy: bool = True) -> dict:
         "regime/lazy": [(s, 1.0 if lazy else 0.0) for s in range(steps)],
         "health/nonfinite": [(s, 0.0) for s in range(steps)],
     }
+
+
+def write_corrupt_event_file(run_dir: Path) -> Path:
+    """An event file whose one record is correctly framed (valid CRCs) but is not an ``Event``.
+
+    TensorBoard silently stops at a truncated record or a bad CRC; a well-framed record with a
+    garbage payload is what makes its reader raise (protobuf ``DecodeError``).
+    """
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "events.out.tfevents.1700000000.host.1.0"
+    with open(path, "wb") as fh:
+        RecordWriter(fh).write(b"\xff\xff\xff\xff not a protobuf")
+    return path

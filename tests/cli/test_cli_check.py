@@ -39,7 +39,67 @@ def test_min_bound_violation_exit_1(two_runs, capsys):
     code = main(["check", str(two_runs), "--min", "regime/lazy=1"])
     out = capsys.readouterr().out
     assert code == 1
-    assert "regime/lazy: worst value 0 at step 0 < min 1" in out
+    assert "PASS  sweep/w1024" in out and "FAIL  sweep/w64" in out
+    # The step-0 reference point is skipped by --min: the first violation reported is step 1.
+    assert "regime/lazy: worst value 0 at step 1 < min 1" in out
+
+
+def test_min_on_a_change_metric_skips_the_step0_reference(two_runs, capsys):
+    # Every change is exactly 0 at step 0; later points of w1024 are 0.01..0.04.
+    assert main(["check", str(two_runs), "--min", "ntk/rel_change=0.005"]) == 0
+    assert "result: PASS" in capsys.readouterr().out
+    assert main(["check", str(two_runs), "--min", "ntk/rel_change=0.02"]) == 1
+    assert "ntk/rel_change: worst value 0.01 at step 1 < min 0.02" in capsys.readouterr().out
+
+
+def test_min_from_step_0_includes_the_reference_point(two_runs, capsys):
+    code = main(["check", str(two_runs), "--min", "ntk/rel_change=0.005", "--min-from-step", "0"])
+    assert code == 1
+    assert "ntk/rel_change: worst value 0 at step 0 < min 0.005" in capsys.readouterr().out
+
+
+def test_min_from_step_skips_earlier_points_max_checks_all(two_runs):
+    # w1024 from step 3 on: 0.03, 0.04; w64: 0.15, 0.2.
+    args = ["check", str(two_runs), "--min", "ntk/rel_change=0.025"]
+    assert main(args) == 1
+    assert main([*args, "--min-from-step", "3"]) == 0
+    # --max is not affected by --min-from-step: the 0.2 at step 4 of w64 still counts.
+    assert main([*args, "--min-from-step", "3", "--max", "ntk/rel_change=0.1"]) == 1
+
+
+def test_min_always_checks_the_last_point(tmp_path, capsys):
+    # A run that only logged the step-0 reference is checked there (it never moved).
+    write_run(tmp_path / "only0", {"ntk/rel_change": [(0, 0.0)], "lin/agreement": [(0, 1.0)]})
+    assert main(["check", str(tmp_path), "--min", "lin/agreement=0.9"]) == 0
+    assert main(["check", str(tmp_path), "--min", "ntk/rel_change=0.01"]) == 1
+    assert "worst value 0 at step 0 < min 0.01" in capsys.readouterr().out
+    # Points before --min-from-step are skipped, the last one is not.
+    write_run(tmp_path / "short", {"lin/agreement": [(0, 1.0), (5, 0.5), (10, 0.8)]})
+    assert main(["check", str(tmp_path / "short"), "--min", "lin/agreement=0.7"]) == 1
+    assert (
+        main(
+            [
+                "check",
+                str(tmp_path / "short"),
+                "--min",
+                "lin/agreement=0.7",
+                "--min-from-step",
+                "50",
+            ]
+        )
+        == 0
+    )
+
+
+@pytest.mark.parametrize("bad", ["-1", "x", "1.5"])
+def test_bad_min_from_step_is_a_usage_error(two_runs, bad):
+    assert main(["check", str(two_runs), "--min", "a=1", "--min-from-step", bad]) == 2
+
+
+def test_help_documents_that_min_skips_step0(capsys):
+    assert main(["check", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--min-from-step" in out and "step-0 reference point" in out
 
 
 def test_missing_metric_exit_2_never_passes(two_runs, capsys):
@@ -142,7 +202,7 @@ def test_json_output(two_runs, capsys):
 def test_json_output_for_missing_metric_and_empty_dir(two_runs, tmp_path, capsys):
     assert main(["check", str(two_runs), "--min", "lin/agreement=0.9", "--json"]) == 2
     doc = json.loads(capsys.readouterr().out)
-    assert doc["status"] == "error"
+    assert doc["status"] == "error" and doc["min_from_step"] == 1
     assert doc["runs"][0]["missing"] == ["lin/agreement"]
     empty = tmp_path / "empty"
     empty.mkdir()

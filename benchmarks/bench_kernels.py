@@ -111,7 +111,7 @@ class ResNet18(nn.Module):
 MODELS = {"mlp": (mlp, (784,)), "cnn": (cnn, (3, 32, 32)), "resnet18": (ResNet18, (3, 32, 32))}
 
 # (model, N) cases, and methods not run with the reason (an estimate from the anchors
-# measured on this machine, docs/notes, and from the scaling of each method).
+# measured on this machine, the project notes (ntk-methods.md), and from the scaling of each method).
 CASES = [("mlp", 32), ("mlp", 128), ("mlp", 512), ("cnn", 32), ("cnn", 128), ("resnet18", 128)]
 # The ResNet case has a memory target only and takes minutes per call: one cold call.
 REPEATS = {"resnet18": 1}

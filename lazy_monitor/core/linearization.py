@@ -10,7 +10,7 @@ Descent", eq. 5). A network trains in the lazy / kernel regime when ``f`` stays 
 ``f_lin`` along its whole trajectory (Chizat, Oyallon & Bach 2019). ``J (θ − θ₀)`` is one
 Jacobian-vector product, computed here with a single ``torch.func.jvp`` at θ₀ with tangent
 ``θ − θ₀``; the same call returns ``f(x; θ₀)``, so ``f_lin`` costs one forward-mode pass
-(2–5 plain forwards; ≈5× measured for an MLP on CPU) and never materialises ``J``.
+(measured ≈ 5 plain forward passes: 120–130 ms vs 26 ms for an MLP 784-1024×3-10 at N = 128 on CPU) and never materialises ``J``.
 
 * :class:`Linearization` holds a detached snapshot of θ₀ and evaluates ``f0`` / ``f_lin`` of a
   live model without side effects (for monitoring).
@@ -104,7 +104,8 @@ class Linearization:
 
     Memory: one copy of the model's parameters and buffers (``device="cpu"`` keeps it in host
     memory and moves it to the model's device for each evaluation). Cost of ``f_lin``: one
-    forward-mode pass through the model (``torch.func.jvp``), about 2–5 forward passes.
+    forward-mode pass through the model (``torch.func.jvp``), ≈ 5 plain forward passes
+    (measured: 120–130 ms vs 26 ms for an MLP 784-1024×3-10 at N = 128 on CPU).
 
     Args:
         model: the network ``f``; its current parameters are θ unless ``params`` is given.
@@ -410,8 +411,9 @@ class LinearizedModel(nn.Module):
     function; buffers and the copy's frozen parameters (``requires_grad=False`` at
     construction) stay at their θ₀ values. Output: the model's own output shape (after
     ``output_fn``), in the model's dtype (convert with ``.double()`` like any module). The
-    caller's grad mode and autocast are respected. Cost per forward ≈ 2–5 forward passes;
-    memory: one copy of the model plus θ₀.
+    caller's grad mode and autocast are respected. Cost per forward ≈ 5 plain forward passes
+    (measured for an MLP 784-1024×3-10 at N = 128 on CPU: 120–130 ms vs 26 ms); memory: one
+    copy of the model plus θ₀.
 
     Args:
         model: the network to linearize at its current parameters (not modified).

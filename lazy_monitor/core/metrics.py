@@ -709,11 +709,13 @@ def linearization_rmse(f: Tensor, f_lin: Tensor) -> Tensor:
 def argmax_agreement(f: Tensor, f_lin: Tensor) -> Tensor:
     r"""Fraction of examples on which the network and its linearization predict the same class.
 
-    ``mean_n [argmax_a f[n, a] == argmax_a f_lin[n, a]]``; with one output per example (a binary
-    classifier's logit) the predicted class is ``f > 0``.
+    ``mean_n [argmax_a f[n, a] == argmax_a f_lin[n, a]]``. With one output per example the
+    output is assumed to be a binary classifier's **logit** and the predicted class is ``f > 0``
+    (a model that outputs a probability, e.g. after a sigmoid, would need the threshold 0.5:
+    give the tracker ``output_fn=lambda p: p - 0.5``, which leaves the kernel unchanged).
 
     Args:
-        f: logits ``(N, O)`` (or ``(N,)`` for one logit).
+        f: logits ``(N, O)`` (or ``(N,)`` for one logit; a probability is not a logit).
         f_lin: linearized logits, same shape.
 
     Returns:

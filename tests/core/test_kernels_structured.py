@@ -63,6 +63,22 @@ def test_strategies_with_example_blocks_match_reference(
         )
 
 
+@pytest.mark.parametrize("batched_backward", [True, False])
+@pytest.mark.parametrize("case", ["mlp", "cnn", "batchnorm_dropout", "embedding", "reuse"])
+def test_batched_and_per_output_backward_give_the_reference_kernel(
+    monkeypatch: pytest.MonkeyPatch, case: str, batched_backward: bool
+) -> None:
+    # Small problems take one batched backward over the O cotangents, large ones O plain
+    # passes (memory bound); both must give the reference kernel.
+    monkeypatch.setattr(structured, "_BATCHED_BACKWARD_BYTES", 2**40 if batched_backward else 0)
+    model, x1, x2, output_fn, refs = _case(case)
+    for kind in ("full", "trace", "diagonal"):
+        out = empirical_ntk(
+            model, x1, x2, kind=kind, implementation="structured", output_fn=output_fn
+        )
+        _assert_matches(out, refs[kind][0])
+
+
 @pytest.mark.parametrize(
     "case", ["mlp", "cnn", "conv1d", "batchnorm_dropout", "embedding", "multi_dim_output"]
 )

@@ -30,7 +30,8 @@ a copy, so ``G`` is always the gradient at the op's own output.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
 import torch
@@ -462,6 +463,56 @@ def _make_plan(
     return plan
 
 
+# Above this many bytes of output-gradients for all O outputs at once, backpropagate the O
+# one-hot cotangents one at a time: a batched backward also holds O copies of every
+# intermediate gradient, which would break the memory bound on large models.
+_BATCHED_BACKWARD_BYTES = 32 * 2**20
+
+
+def _output_gradients(
+    out: Tensor, targets: list[Tensor]
+) -> Iterator[tuple[int, tuple[Optional[Tensor], ...]]]:
+    """``(a, ∂(Σ_n out[n, a]) / ∂targets)`` for every output ``a``.
+
+    Examples are independent (eval semantics), so the gradient of ``Σ_n out[n, a]`` at example
+    ``n``'s slice of a target is ``∂out[n, a]/∂target[n]``. Small problems use one batched
+    backward over the O one-hot cotangents (larger matmuls, ~1.5x faster on an MLP at N = 32);
+    large ones, or ops without a batching rule, fall back to O plain backward passes.
+    """
+    o = out.shape[1]
+    size = o * sum(t.numel() * t.element_size() for t in targets)
+    if size <= _BATCHED_BACKWARD_BYTES:
+        cot = torch.eye(o, dtype=out.dtype, device=out.device)[:, None, :].expand(
+            o, out.shape[0], o
+        )
+        try:
+            with warnings.catch_warnings():
+                # vmap's "performance drop" note for ops without a batching rule: still correct.
+                warnings.filterwarnings("ignore", message=".*performance drop.*")
+                batched = torch.autograd.grad(
+                    [out],
+                    targets,
+                    [cot],
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+        except RuntimeError:
+            batched = None
+        if batched is not None:
+            for a in range(o):
+                yield a, tuple(None if g is None else g[a] for g in batched)
+            return
+    cot = torch.zeros_like(out)
+    for a in range(o):
+        cot.zero_()
+        cot[:, a] = 1
+        yield (
+            a,
+            torch.autograd.grad([out], targets, [cot], retain_graph=a < o - 1, allow_unused=True),
+        )
+
+
 def _factors(
     fm: FunctionalModel, params: Mapping[str, Tensor], plan: _Plan, x: InputBatch
 ) -> dict[str, Any]:
@@ -486,13 +537,7 @@ def _factors(
     grads = {id(u): u.out.new_zeros((n, o, *u.out.shape[1:])) for u in weight_uses}
     rows = {name: out.new_zeros((n, o, params[name].numel())) for name in plan.biases}
     handles = list({id(u): u for u in [*weight_uses, *(u for _, u in row_uses)]}.values())
-    cot = torch.zeros_like(out)
-    for a in range(o):
-        cot.zero_()
-        cot[:, a] = 1
-        ga = torch.autograd.grad(
-            [out], [u.out for u in handles], [cot], retain_graph=a < o - 1, allow_unused=True
-        )
+    for a, ga in _output_gradients(out, [u.out for u in handles]):
         by_use = {id(u): g for u, g in zip(handles, ga) if g is not None}
         for u in weight_uses:
             if id(u) in by_use:

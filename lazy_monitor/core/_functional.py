@@ -26,6 +26,7 @@ OutputFn = Callable[[Any], Tensor]
 __all__ = [
     "InputBatch",
     "OutputFn",
+    "as_device",
     "FunctionalModel",
     "batch_size",
     "call_module",
@@ -57,6 +58,19 @@ def _leaves(x: InputBatch) -> list[tuple[str, Tensor]]:
                 f"{where} is a {type(value).__name__}; every input must be a Tensor batched on dim 0"
             )
     return items
+
+
+def as_device(value: Union[str, torch.device, None], name: str) -> Optional[torch.device]:
+    """``torch.device(value)``, or None; a ValueError naming the argument for anything else."""
+    if value is None:
+        return None
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"{name}={value!r} is not a valid torch device; use None (keep it next to the model's "
+            "parameters), 'cpu' or e.g. 'cuda:0'"
+        ) from err
 
 
 def batch_size(x: InputBatch) -> int:

@@ -32,6 +32,7 @@ from lazy_monitor.core._functional import (
     FunctionalModel,
     InputBatch,
     OutputFn,
+    as_device,
     batch_size,
     compute_dtype,
     resolve_params,
@@ -54,18 +55,6 @@ def _canonical_names(model: nn.Module) -> dict[str, str]:
 def _canonicalize(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     canonical = _canonical_names(model)
     return {canonical[name]: value for name, value in params.items()}
-
-
-def _as_device(device: Union[str, torch.device, None]) -> Optional[torch.device]:
-    if device is None:
-        return None
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"device={device!r} is not a valid torch device; use None (keep the snapshot next to "
-            "each parameter), 'cpu' or e.g. 'cuda:0'"
-        ) from err
 
 
 @contextlib.contextmanager
@@ -142,7 +131,7 @@ class Linearization:
             raise TypeError(f"output_fn must be callable or None, got {type(output_fn).__name__}")
         self.model = model
         self.output_fn = output_fn
-        self._device = _as_device(device)
+        self._device = as_device(device, "device")
         theta0 = _canonicalize(model, resolve_params(model, params0))
         self._names: tuple[str, ...] = tuple(n for n, _ in model.named_parameters() if n in theta0)
         self._params0 = {name: self._store(theta0[name]) for name in self._names}

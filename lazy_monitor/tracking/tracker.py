@@ -21,6 +21,7 @@ from lazy_monitor.core._functional import (
     FunctionalModel,
     InputBatch,
     OutputFn,
+    as_device,
     batch_size,
     compute_dtype,
     map_batch,
@@ -53,18 +54,6 @@ _UPPER = ("ntk/rel_change", "ntk/distance", "ntk/velocity", "params/rel_change",
 #: thresholded metric is bounded from above.
 LOWER_BOUND_METRICS = ("ntk/eig_overlap", "lin/agreement")
 _LOWER = LOWER_BOUND_METRICS
-
-
-def _device(value: Union[str, torch.device, None], name: str) -> Optional[torch.device]:
-    if value is None:
-        return None
-    try:
-        return torch.device(value)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"{name}={value!r} is not a valid torch device; use None (next to the model) or a "
-            "device such as 'cpu' or 'cuda:0'"
-        ) from err
 
 
 def _fingerprint(x: InputBatch) -> list[list[float]]:
@@ -243,7 +232,7 @@ class KernelTracker:
         self.per_layer = per_layer
         self.output_fn = output_fn
         self.chunk_size = chunk_size
-        self.snapshot_device = _device(snapshot_device, "snapshot_device")
+        self.snapshot_device = as_device(snapshot_device, "snapshot_device")
 
         self.probe = probe
         self.num_examples = batch_size(probe)

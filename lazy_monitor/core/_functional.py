@@ -195,7 +195,8 @@ class FunctionalModel:
 
     Parameters not in ``params`` keep the module's current values (frozen parameters are
     constants). Buffers are cloned once at construction, so nothing the forward does to them
-    reaches the module. The output is ``output_fn(model(x))`` (identity by default) reshaped to
+    reaches the module; ``buffers=`` supplies them instead (e.g. a snapshot: state passed to
+    ``functional_call`` alongside the parameters, used as given). The output is ``output_fn(model(x))`` (identity by default) reshaped to
     ``(N, O)``.
 
     Args:
@@ -209,11 +210,14 @@ class FunctionalModel:
         model: nn.Module,
         output_fn: Optional[OutputFn] = None,
         dtype: Optional[torch.dtype] = None,
+        buffers: Optional[Mapping[str, Tensor]] = None,
     ) -> None:
         self.model = model
         self.output_fn = output_fn
         self.dtype = dtype
-        self.buffers = {name: self._cast(b.detach().clone()) for name, b in model.named_buffers()}
+        if buffers is None:  # a private copy: nothing the forward does reaches the module
+            buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+        self.buffers = {name: self._cast(b) for name, b in buffers.items()}
 
     def _cast(self, t: Tensor) -> Tensor:
         if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:

@@ -222,7 +222,6 @@ class Linearization:
                 shapes.append(out.shape)
             return out
 
-        fm = FunctionalModel(self.model, capture, dtype)
         constants: dict[str, Tensor] = {}
         for source, live in ((self._buffers0, live_buffers), (self._constants0, live_params)):
             for name, value in source.items():
@@ -233,7 +232,8 @@ class Linearization:
                         "changed model"
                     )
                 constants[name] = value.to(live[name].device)
-        fm.buffers = fm.cast_params(constants)
+        # Evaluate at the snapshot's buffers and frozen parameters, not the live module's.
+        fm = FunctionalModel(self.model, capture, dtype, buffers=constants)
         theta0 = fm.cast_params(
             {n: self._params0[n].to(live_params[n].device) for n in self._names}
         )

@@ -203,6 +203,8 @@ class FunctionalModel:
         model: the module.
         output_fn: maps the module's output to a tensor, e.g. ``lambda out: out.logits``.
         dtype: cast parameters, buffers and floating inputs to this dtype (None: keep).
+        buffers: the buffers (and any other constant state) to evaluate with, by name;
+            None: a private clone of the module's buffers.
     """
 
     def __init__(

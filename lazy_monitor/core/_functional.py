@@ -196,8 +196,8 @@ class FunctionalModel:
     Parameters not in ``params`` keep the module's current values (frozen parameters are
     constants). Buffers are cloned once at construction, so nothing the forward does to them
     reaches the module; ``buffers=`` supplies them instead (e.g. a snapshot: state passed to
-    ``functional_call`` alongside the parameters, used as given). The output is ``output_fn(model(x))`` (identity by default) reshaped to
-    ``(N, O)``.
+    ``functional_call`` alongside the parameters, used as given). The output is
+    ``output_fn(model(x))`` (identity by default) reshaped to ``(N, O)``.
 
     Args:
         model: the module.

@@ -31,8 +31,10 @@ __all__ = [
     "batch_size",
     "call_module",
     "compute_dtype",
+    "eval_mode",
     "map_batch",
     "resolve_params",
+    "select_output",
     "side_effect_guard",
     "slice_batch",
 ]
@@ -190,6 +192,22 @@ def resolve_params(
     return {name: p.detach() for name, p in selected.items()}
 
 
+def select_output(out: Any, output_fn: Optional[OutputFn]) -> Tensor:
+    """``output_fn(out)`` (identity by default), which must be a Tensor.
+
+    Raises:
+        TypeError: the selected output is not a Tensor (names ``output_fn`` as the fix).
+    """
+    if output_fn is not None:
+        out = output_fn(out)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"the model returned {type(out).__name__}, not a Tensor; pass "
+            "output_fn=... to select the output tensor (e.g. lambda out: out.logits)"
+        )
+    return out
+
+
 class FunctionalModel:
     """``f(params, x) -> (N, O)``: the model as a pure function of (some of) its parameters.
 
@@ -258,14 +276,7 @@ class FunctionalModel:
             raise
 
     def __call__(self, params: Mapping[str, Tensor], x: InputBatch) -> Tensor:
-        out = self.raw(params, x)
-        if self.output_fn is not None:
-            out = self.output_fn(out)
-        if not isinstance(out, Tensor):
-            raise TypeError(
-                f"the model returned {type(out).__name__}, not a Tensor; pass "
-                "output_fn=... to select the output tensor (e.g. lambda out: out.logits)"
-            )
+        out = select_output(self.raw(params, x), self.output_fn)
         n = batch_size(x)
         if out.dim() == 0 or out.shape[0] != n:
             raise ValueError(
@@ -281,6 +292,19 @@ def _model_devices(model: nn.Module) -> list[int]:
 
 
 @contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval semantics for the duration; every submodule's ``training`` flag restored after
+    (``model.train(flag)`` on exit would overwrite submodules a user had put in another mode)."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextlib.contextmanager
 def side_effect_guard(model: nn.Module) -> Iterator[None]:
     """Evaluate ``model`` in eval semantics and full precision, leaving no trace.
 
@@ -289,7 +313,6 @@ def side_effect_guard(model: nn.Module) -> Iterator[None]:
     caller's ``no_grad``/``inference_mode``. On exit the ``training`` flag of each submodule,
     the float32 matmul precision, TF32 flags and the CPU/CUDA RNG states are exactly restored.
     """
-    flags = [(m, m.training) for m in model.modules()]
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     cudnn_tf32 = torch.backends.cudnn.allow_tf32
     precision = torch.get_float32_matmul_precision()
@@ -304,11 +327,9 @@ def side_effect_guard(model: nn.Module) -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
             torch.set_float32_matmul_precision("highest")
-            model.eval()
+            stack.enter_context(eval_mode(model))
             yield
         finally:
-            for module, training in flags:
-                module.training = training
             torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
             torch.backends.cudnn.allow_tf32 = cudnn_tf32
             torch.set_float32_matmul_precision(precision)

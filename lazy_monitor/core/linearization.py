@@ -20,9 +20,8 @@ Jacobian-vector product, computed here with a single ``torch.func.jvp`` at θ₀
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import torch
@@ -35,7 +34,9 @@ from lazy_monitor.core._functional import (
     as_device,
     batch_size,
     compute_dtype,
+    eval_mode,
     resolve_params,
+    select_output,
     side_effect_guard,
 )
 
@@ -55,18 +56,6 @@ def _canonical_names(model: nn.Module) -> dict[str, str]:
 def _canonicalize(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     canonical = _canonical_names(model)
     return {canonical[name]: value for name, value in params.items()}
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval semantics for the duration; every submodule's ``training`` flag restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 class Linearization:
@@ -466,16 +455,9 @@ class LinearizedModel(nn.Module):
             out = torch.func.functional_call(
                 self.model, {**constants, **p}, args, kwargs, strict=False
             )
-            if self.output_fn is not None:
-                out = self.output_fn(out)
-            if not isinstance(out, Tensor):
-                raise TypeError(
-                    f"the model returned {type(out).__name__}, not a Tensor; pass "
-                    "output_fn=... to select the output tensor (e.g. lambda out: out.logits)"
-                )
-            return out
+            return select_output(out, self.output_fn)
 
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             out0, jv = torch.func.jvp(f, (theta0,), (tangent,))
         return out0 + jv
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 
 import lightning.pytorch as L
 import pytest
 import torch
 from _cb_helpers import LitLightning, read_events, scalars, trainer_kwargs
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from lazy_monitor.callbacks.lightning import KernelDriftGate, KernelRegimeMonitor
 
@@ -38,9 +40,8 @@ class RecordingGate(KernelDriftGate):
         super()._act(trainer, reason, final)
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
-@pytest.mark.parametrize("action", ["stop", "raise"])
-def test_ddp_spawn_logs_once_and_the_gate_acts_on_every_rank_together(tmp_path, action):
+def _ddp_run(tmp_path, action: str) -> None:
+    tmp_path.mkdir(parents=True)
     monitor = KernelRegimeMonitor(probe_size=8, every_n_steps=2, per_layer=False)
     gate = RecordingGate(
         str(tmp_path), thresholds={"params/rel_change": 1e-12}, patience=2, action=action
@@ -57,13 +58,19 @@ def test_ddp_spawn_logs_once_and_the_gate_acts_on_every_rank_together(tmp_path, 
             deterministic=False,
         )
     )
-    if action == "raise":
-        with pytest.raises(
-            Exception, match=r"KernelDriftError.*params/rel_change = \S+ > max 1e-12 at step 4"
-        ):
-            trainer.fit(LitLightning(n=64, batch_size=8))
-    else:
+    raised = None
+    try:
         trainer.fit(LitLightning(n=64, batch_size=8))
+    except ProcessExitedException:
+        raise
+    except Exception as err:  # the "raise" action surfaces here, re-raised by the spawn launcher
+        raised = err
+    if action == "raise":
+        assert raised is not None and re.search(
+            r"KernelDriftError.*params/rel_change = \S+ > max 1e-12 at step 4", str(raised)
+        ), raised
+    elif raised is not None:
+        raise raised
     acts = [open(tmp_path / f"act{r}.txt").read() for r in (0, 1)]
     assert acts[0] == acts[1] and acts[0].startswith("4 params/rel_change = ")  # same step, message
     if action == "stop":
@@ -74,6 +81,22 @@ def test_ddp_spawn_logs_once_and_the_gate_acts_on_every_rank_together(tmp_path, 
     assert rel[0].value == 0.0
     if action == "stop":
         assert trainer.callback_metrics["params/rel_change"] > 0  # returned from rank 0
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+@pytest.mark.parametrize("action", ["stop", "raise"])
+def test_ddp_spawn_logs_once_and_the_gate_acts_on_every_rank_together(tmp_path, action):
+    # Rarely (seen once in ~10 full-suite runs, rank 1 of the "stop" case), a spawned rank dies
+    # with SIGABRT ("terminate called without an active exception") while exiting *after*
+    # training: Lightning's ddp_spawn leaves the gloo process group to be torn down at
+    # interpreter exit. That crash is outside the code under test, so one such abort is
+    # retried on a fresh directory; every assertion still runs on a complete run.
+    try:
+        _ddp_run(tmp_path / "run0", action)
+    except ProcessExitedException as err:
+        if "SIGABRT" not in str(err):
+            raise
+        _ddp_run(tmp_path / "run1", action)
 
 
 def test_bf16_mixed_measures_in_float32_with_exact_zero_at_start(tmp_path):

@@ -11,6 +11,12 @@ merged in the order they were started (wall time of each file's first event), an
 that starts a tag at step ``s`` supersedes the earlier file's points of that tag at steps ``>= s``
 -- the same "orphaned data" rule TensorBoard applies to restarted runs. Within one file a step
 logged twice keeps its last value.
+
+Every event file is verified before it is read: TensorBoard's reader silently stops at the first
+truncated record or failed checksum (right for a file that is still being written, wrong for a CI
+gate, where the lost tail may hold the violation), so each record's framing and both CRC-32C
+checksums are checked here and any damage raises :class:`CorruptEventFileError` naming the file,
+the byte offset and what is wrong.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from __future__ import annotations
 import math
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["Curve", "Run", "find_runs", "load_run", "load_runs"]
+__all__ = ["CorruptEventFileError", "Curve", "Run", "find_runs", "load_run", "load_runs"]
 
 # events.out.tfevents.<unix time>.<host>.<pid>.<counter>[.suffix]
 _EVENT_TIME = re.compile(r"tfevents\.(\d+(?:\.\d+)?)")
@@ -103,8 +110,101 @@ def find_runs(logdir: str | os.PathLike) -> list[Path]:
     return sorted(runs)
 
 
+class CorruptEventFileError(ValueError):
+    """An event file is damaged (truncated, failed checksum, empty) or is not an event file.
+
+    Attributes:
+        path: the event file.
+        what: what is wrong, e.g. ``"truncated at byte 1234: ..."``.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str) -> None:
+        self.path = Path(path)
+        self.what = what
+        super().__init__(f"event file {str(self.path)!r} is unreadable: {what}")
+
+
+# TFRecord framing: uint64 length, uint32 masked CRC-32C of the length bytes, payload,
+# uint32 masked CRC-32C of the payload (all little-endian).
+_HEADER = 12
+_FOOTER = 4
+
+
+def _verify_records(path: Path) -> int:
+    """Check the framing and both checksums of every record of ``path``; return the record count.
+
+    Raises:
+        CorruptEventFileError: empty file, a record cut off by the end of the file, a failed
+            length or payload checksum, or a payload that is not an ``Event`` protobuf.
+    """
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    size = path.stat().st_size
+    if size == 0:
+        raise CorruptEventFileError(path, "it is empty (0 bytes): no event was ever written to it")
+    offset = 0
+    index = 0
+    with open(path, "rb") as fh:
+        while offset < size:
+            header = fh.read(_HEADER)
+            if len(header) < _HEADER:
+                raise CorruptEventFileError(
+                    path,
+                    f"truncated at byte {offset + len(header)}: record {index} starts at byte "
+                    f"{offset} but its {_HEADER}-byte header is cut off; the file ends at byte "
+                    f"{offset + len(header)} (every point after it is lost)",
+                )
+            (length,) = struct.unpack("<Q", header[:8])
+            (length_crc,) = struct.unpack("<I", header[8:])
+            if masked_crc32c(header[:8]) != length_crc:
+                if index == 0:
+                    raise CorruptEventFileError(
+                        path,
+                        "not a TensorBoard event file: its first record's length field fails its "
+                        "CRC-32C check at byte 0",
+                    )
+                raise CorruptEventFileError(
+                    path,
+                    f"CRC mismatch in the length field of record {index} at byte {offset} "
+                    "(the file is corrupted there; every point after it is lost)",
+                )
+            end = offset + _HEADER + length + _FOOTER
+            if end > size:
+                raise CorruptEventFileError(
+                    path,
+                    f"truncated at byte {size}: record {index} (from byte {offset}) needs "
+                    f"{_HEADER + length + _FOOTER} bytes but only {size - offset} remain "
+                    "(every point after it is lost)",
+                )
+            payload = fh.read(length)
+            (payload_crc,) = struct.unpack("<I", fh.read(_FOOTER))
+            if masked_crc32c(payload) != payload_crc:
+                raise CorruptEventFileError(
+                    path,
+                    f"CRC mismatch in the data of record {index} (bytes {offset}-{end - 1}; the "
+                    "file is corrupted there; every point from it on is lost)",
+                )
+            try:
+                event_pb2.Event.FromString(payload)
+            except Exception as exc:  # noqa: BLE001 -- protobuf's DecodeError differs by backend
+                raise CorruptEventFileError(
+                    path,
+                    f"{'not a TensorBoard event file: ' if index == 0 else ''}record {index} "
+                    f"(byte {offset}) has valid checksums but is not an Event protobuf ({exc})",
+                ) from None
+            offset = end
+            index += 1
+    return index
+
+
 def _read_file(path: Path) -> tuple[float, dict[str, list[tuple[int, float]]]]:
-    """``(time the file was started, {tag: [(step, value), ...]})`` for one event file."""
+    """``(time the file was started, {tag: [(step, value), ...]})`` for one event file.
+
+    Raises:
+        CorruptEventFileError: if the file is damaged (see :func:`_verify_records`).
+    """
+    _verify_records(path)
     # Imported here so that `lazy-monitor --help` stays fast.
     from tensorboard.backend.event_processing import event_accumulator as ea
     from tensorboard.util import tensor_util
@@ -148,6 +248,10 @@ def load_run(path: str | os.PathLike, logdir: str | os.PathLike | None = None) -
 
     Returns:
         A :class:`Run` whose curves have strictly increasing steps.
+
+    Raises:
+        CorruptEventFileError: if any event file of the run is damaged; a run is never read
+            partially, since the lost points may be the ones a threshold check is about.
     """
     path = Path(path)
     if logdir is None:
@@ -174,5 +278,10 @@ def load_run(path: str | os.PathLike, logdir: str | os.PathLike | None = None) -
 
 
 def load_runs(logdir: str | os.PathLike) -> list[Run]:
-    """:func:`load_run` for every run under ``logdir`` (see :func:`find_runs`)."""
+    """:func:`load_run` for every run under ``logdir`` (see :func:`find_runs`).
+
+    Raises:
+        FileNotFoundError, NotADirectoryError: see :func:`find_runs`.
+        CorruptEventFileError: if any event file under ``logdir`` is damaged.
+    """
     return [load_run(path, logdir) for path in find_runs(logdir)]

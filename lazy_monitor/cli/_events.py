@@ -152,8 +152,8 @@ def _verify_records(path: Path) -> int:
                 raise CorruptEventFileError(
                     path,
                     f"truncated at byte {offset + len(header)}: record {index} starts at byte "
-                    f"{offset} but its {_HEADER}-byte header is cut off; the file ends at byte "
-                    f"{offset + len(header)} (every point after it is lost)",
+                    f"{offset} but its {_HEADER}-byte header is cut off (every point after it "
+                    "is lost)",
                 )
             (length,) = struct.unpack("<Q", header[:8])
             (length_crc,) = struct.unpack("<I", header[8:])

@@ -335,5 +335,6 @@ def markdown_table() -> str:
     rows = ["| name | formula | how to read it | source |", "|---|---|---|---|"]
     for info in CATALOGUE:
         if not info.planned:
-            rows.append(f"| `{info.name}` | {info.formula} | {info.description} | {info.paper} |")
+            cells = [f"`{info.name}`", info.formula, info.description, info.paper]
+            rows.append(("| " + " | ".join(cells) + " |").replace("|  |", "| |"))
     return "\n".join(rows)

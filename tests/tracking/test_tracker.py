@@ -9,7 +9,7 @@ from torch import nn
 
 from lazy_monitor import KernelTracker, empirical_ntk
 from lazy_monitor import metrics as M
-from lazy_monitor.models import mlp
+from lazy_monitor.demo.models import mlp
 
 FIXED_NAMES = [
     "ntk/rel_change", "ntk/distance", "ntk/velocity", "ntk/alignment", "ntk/eig_max",

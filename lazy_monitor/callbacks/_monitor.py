@@ -46,9 +46,9 @@ from lazy_monitor.tracking.tracker import KINDS
 
 __all__ = ["DEFAULT_EVERY_N_STEPS", "DEFAULT_PROBE_SIZE", "_KernelRegimeMonitorBase"]
 
-#: Default cadence. One measurement with the default probe (32 examples, full kernel) costs about
-#: as much as 5-15 training steps of an MLP-1024 / small CNN at batch 128 on a CPU, so 500 steps
-#: keep the monitor's share of the fit time at ~1-3 % (benchmarks/bench_overhead.py).
+#: Default cadence: one measurement with the default probe (32 examples, full kernel) costs as
+#: much as a handful of training steps of an MLP / small CNN at batch 128, so 500 steps keep the
+#: monitor's share of the fit time at a few percent (measured: benchmarks/RESULTS.md).
 DEFAULT_EVERY_N_STEPS = 500
 #: Default probe size when neither ``probe`` nor ``probe_size`` is given.
 DEFAULT_PROBE_SIZE = 32

@@ -1,7 +1,7 @@
 r"""``lazy-monitor demo``: see the lazy regime appear as the width grows, in one command.
 
-What it runs (Lightning, CPU; about 20 s with the defaults on 2 cores: 21 s wall time measured
-on a quiet machine, longer on a CPU shared with other jobs):
+What it runs (Lightning, CPU, well under a minute with the defaults; the measured time is in
+``benchmarks/RESULTS.md``):
 
 * the task: two interleaved spirals in the plane (:func:`lazy_monitor.demo.datasets.two_spirals`,
   generated in code), a binary classification that needs a nonlinear boundary, trained with

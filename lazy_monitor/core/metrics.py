@@ -353,9 +353,9 @@ def kernel_spectrum(kernel: Tensor) -> tuple[Tensor, Tensor]:
     the block-diagonal matrix at a fraction of the cost.
 
     Cost: one ``torch.linalg.eigh`` of an ``M × M`` float64 matrix, ``O(M³)`` time and ``O(M²)``
-    memory (``M = N·O`` full, ``N`` trace; ``O · N³`` for diagonal). Measured on one busy CPU
-    core: ~15 ms at ``M = 256``, ~0.3 s at ``M = 1000``, ~3 s at ``M = 2000``; prefer a trace
-    kernel or a smaller probe beyond a couple of thousand.
+    memory (``M = N·O`` full, ``N`` trace; ``O · N³`` for diagonal); measured times in
+    ``benchmarks/RESULTS.md``. Prefer a trace kernel or a smaller probe beyond a couple of
+    thousand.
 
     Args:
         kernel: square kernel ``K(x, x)``: ``(N, N, O, O)``, ``(N, N)`` or ``(N, N, O)``.

@@ -10,11 +10,11 @@ import torch
 from _cb_helpers import make_data
 from torch.utils.data import DataLoader
 
+from lazy_monitor.callbacks._tensorboard import custom_layout, kernel_image
+from lazy_monitor.callbacks.lightning import KernelDriftGate, KernelRegimeMonitor
 from lazy_monitor.tracking.gate import check_measurement, parse_thresholds
 from lazy_monitor.tracking.probe import default_batch_to_probe, draw_probe
 from lazy_monitor.tracking.schedule import MeasurementSchedule
-from lazy_monitor.callbacks._tensorboard import custom_layout, kernel_image
-from lazy_monitor.callbacks.lightning import KernelDriftGate, KernelRegimeMonitor
 
 
 def test_schedule_multiples_and_log_spaced_early_steps():

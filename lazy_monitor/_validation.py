@@ -101,13 +101,17 @@ def check_bool(name: str, value: Any, fix: str = "") -> bool:
     return value
 
 
-def check_str(name: str, value: Any, *, optional: bool = False, fix: str = "") -> Any:
-    """A string (``None`` passes when ``optional``)."""
+def _check_type(name: str, value: Any, ok: bool, what: str, optional: bool, fix: str) -> Any:
     if value is None and optional:
         return None
-    if not isinstance(value, str):
-        raise TypeError(message(name, "a string" + (" or None" if optional else ""), value, fix))
+    if not ok:
+        raise TypeError(message(name, what + (" or None" if optional else ""), value, fix))
     return value
+
+
+def check_str(name: str, value: Any, *, optional: bool = False, fix: str = "") -> Any:
+    """A string (``None`` passes when ``optional``)."""
+    return _check_type(name, value, isinstance(value, str), "a string", optional, fix)
 
 
 def check_choice(name: str, value: Any, choices: Iterable[str], fix: str = "") -> str:
@@ -123,17 +127,9 @@ def check_choice(name: str, value: Any, choices: Iterable[str], fix: str = "") -
 
 def check_callable(name: str, value: Any, *, optional: bool = True, fix: str = "") -> Any:
     """A callable (``None`` passes when ``optional``)."""
-    if value is None and optional:
-        return None
-    if not callable(value):
-        raise TypeError(message(name, "callable" + (" or None" if optional else ""), value, fix))
-    return value
+    return _check_type(name, value, callable(value), "callable", optional, fix)
 
 
 def check_mapping(name: str, value: Any, *, optional: bool = False, fix: str = "") -> Any:
     """A mapping (``None`` passes when ``optional``)."""
-    if value is None and optional:
-        return None
-    if not isinstance(value, Mapping):
-        raise TypeError(message(name, "a mapping" + (" or None" if optional else ""), value, fix))
-    return value
+    return _check_type(name, value, isinstance(value, Mapping), "a mapping", optional, fix)

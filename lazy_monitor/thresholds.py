@@ -73,10 +73,6 @@ class Threshold:
     def key(self) -> str:
         return f"{self.metric}:{self.direction}"
 
-    @property
-    def is_glob(self) -> bool:
-        return any(c in self.metric for c in "*?[")
-
     def matches(self, name: str) -> bool:
         return name == self.metric or fnmatch.fnmatchcase(name, self.metric)
 

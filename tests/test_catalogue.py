@@ -129,3 +129,46 @@ def test_old_demo_paths_still_work_with_a_deprecation_warning():
     from lazy_monitor.models import mlp as old_mlp
 
     assert old_mlp is mlp
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Module-level ``lazy_monitor`` imports of every package module (AST, no import)."""
+    import ast
+
+    pkg = os.path.join(ROOT, "lazy_monitor")
+    graph: dict[str, set[str]] = {}
+    for folder, _, files in os.walk(pkg):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            mod = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+            tree = ast.parse(open(path, encoding="utf-8").read())
+            deps = set()
+            for node in tree.body:  # module level only: lazy imports inside functions are fine
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    base = node.module
+                    deps |= {f"{base}.{a.name}" for a in node.names} | {base}
+                elif isinstance(node, ast.Import):
+                    deps |= {a.name for a in node.names}
+            graph[mod] = {d for d in deps if d.startswith("lazy_monitor")}
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_no_import_cycles_between_package_modules():
+    graph = _module_imports()
+    # a package's __init__ re-exporting its submodules is not a cycle of logic
+    graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in graph[m]:
+            assert state.get(d) != 1, "import cycle: " + " -> ".join([*path, m, d])
+            if d not in state:
+                visit(d, [*path, m])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])

@@ -30,6 +30,8 @@ from lazy_monitor._validation import (
 from lazy_monitor.callbacks import _tensorboard as tb
 from lazy_monitor.core._functional import as_device, map_batch, side_effect_guard
 from lazy_monitor.core.kernels import NtkImplementation
+from lazy_monitor.tracking.network import device_of as _device_of
+from lazy_monitor.tracking.network import resolve_submodule as _resolve_submodule
 from lazy_monitor.tracking.probe import (
     Probe,
     build_tracker,
@@ -52,39 +54,6 @@ __all__ = ["DEFAULT_EVERY_N_STEPS", "DEFAULT_PROBE_SIZE", "_KernelRegimeMonitorB
 DEFAULT_EVERY_N_STEPS = 500
 #: Default probe size when neither ``probe`` nor ``probe_size`` is given.
 DEFAULT_PROBE_SIZE = 32
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """Strip ``torch.compile`` (``_orig_mod``) and DDP / DataParallel (``.module``) wrappers."""
-    while True:
-        inner = getattr(module, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            module = inner
-            continue
-        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            module = module.module
-            continue
-        return module
-
-
-def _resolve_submodule(root: nn.Module, path: Optional[str]) -> nn.Module:
-    """``root`` or its (dotted) submodule, unwrapping wrappers at every level."""
-    module = _unwrap(root)
-    if not path:
-        return module
-    walked = []
-    for part in path.split("."):
-        child = module._modules.get(part) if isinstance(module, nn.Module) else None
-        if child is None:
-            names = list(module._modules)[:12]
-            at = ".".join(walked) or type(root).__name__
-            raise ValueError(
-                f"KernelRegimeMonitor(submodule={path!r}): {at} has no submodule {part!r} "
-                f"(its children: {names}); pass the attribute path of the network to monitor"
-            )
-        module = _unwrap(child)
-        walked.append(part)
-    return module
 
 
 def _global_step(trainer: Any) -> int:
@@ -519,11 +488,3 @@ class _KernelRegimeMonitorBase:
     ) -> None:
         for listener in self._listeners:
             listener._on_measurement(trainer, self, step, metrics, final, repeat=repeat)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")

@@ -44,6 +44,7 @@ from torch import Tensor
 __all__ = [
     "all_finite",
     "argmax_agreement",
+    "check_targets",
     "condition_number",
     "effective_rank",
     "eigenspace_overlap",
@@ -233,20 +234,35 @@ def kernel_distance(kernel1: Tensor, kernel2: Tensor) -> Tensor:
     return 1.0 - cos.clamp(-1.0, 1.0)
 
 
-def _target_matrix(targets: Tensor, n: int, outputs: Optional[int], num_classes: Optional[int]):
+def check_targets(targets: Tensor, n: int, *, batch: str = "the kernel is over") -> bool:
+    """Validate targets of ``n`` examples; True when they are class indices.
+
+    Class indices are integer (or bool) targets of shape ``(N,)``; float targets are regression
+    targets ``(N,)`` or ``(N, C)``.
+
+    Raises:
+        TypeError: not a tensor. ValueError: not batched over ``n`` examples on dim 0, or
+            integer targets that are not of shape ``(N,)``.
+    """
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a Tensor, got {type(targets).__name__}")
     if targets.dim() == 0 or targets.shape[0] != n:
         raise ValueError(
-            f"targets have shape {tuple(targets.shape)} but the kernel is over {n} examples; pass "
+            f"targets have shape {tuple(targets.shape)} but {batch} {n} examples; pass "
             f"one target per probe example (shape ({n},) or ({n}, C))"
         )
     if targets.dtype == torch.bool or not (targets.is_floating_point() or targets.is_complex()):
         if targets.dim() != 1:
             raise ValueError(
-                f"integer targets must be class indices of shape ({n},), got "
-                f"{tuple(targets.shape)}; pass float targets for multi-output regression"
+                f"integer targets are class indices and must have shape ({n},), got "
+                f"{tuple(targets.shape)}; pass float targets for (multi-output) regression"
             )
+        return True
+    return False
+
+
+def _target_matrix(targets: Tensor, n: int, outputs: Optional[int], num_classes: Optional[int]):
+    if check_targets(targets, n):
         idx = targets.long()
         if num_classes is not None and outputs is not None and num_classes != outputs:
             raise ValueError(

@@ -7,7 +7,8 @@ Everything a training-framework adapter (the Lightning callbacks, a Hugging Face
 * :mod:`~lazy_monitor.tracking.schedule` -- when to measure (:class:`MeasurementSchedule`);
 * :mod:`~lazy_monitor.tracking.probe` -- probe validation, deterministic draws from a dataset,
   building a tracker that drops unusable drawn targets (:func:`build_tracker`);
-* :mod:`~lazy_monitor.tracking.gate` -- the drift gate's decision and state (:class:`DriftGate`).
+* :mod:`~lazy_monitor.tracking.gate` -- the drift gate's decision and state (:class:`DriftGate`);
+* :mod:`~lazy_monitor.tracking.network` -- unwrap DDP / ``torch.compile``, resolve a submodule.
 """
 
 from lazy_monitor.tracking.schedule import MeasurementSchedule

@@ -26,19 +26,9 @@ from lazy_monitor._validation import (
     check_mapping,
     check_str,
 )
+from lazy_monitor.core import _functional as F
 from lazy_monitor.core import metrics as M
-from lazy_monitor.core._functional import (
-    FunctionalModel,
-    InputBatch,
-    OutputFn,
-    as_device,
-    batch_size,
-    compute_dtype,
-    map_batch,
-    resolve_params,
-    side_effect_guard,
-    slice_batch,
-)
+from lazy_monitor.core._functional import InputBatch, OutputFn
 from lazy_monitor.core.kernels import empirical_ntk
 from lazy_monitor.core.linearization import Linearization
 from lazy_monitor.thresholds import Threshold
@@ -73,7 +63,7 @@ def _fingerprint(x: InputBatch) -> list[list[float]]:
     """Shape and two weighted sums per input tensor (CPU, float64): identifies a probe batch in a
     checkpoint without storing it."""
     leaves: list[Tensor] = []
-    map_batch(x, lambda t: leaves.append(t) or t)
+    F.map_batch(x, lambda t: leaves.append(t) or t)
     out = []
     for t in leaves:
         v = t.detach().to("cpu", torch.float64).flatten()
@@ -218,13 +208,13 @@ class KernelTracker:
         self.per_layer = per_layer
         self.output_fn = output_fn
         self.chunk_size = chunk_size
-        self.snapshot_device = as_device(snapshot_device, "snapshot_device")
+        self.snapshot_device = F.as_device(snapshot_device, "snapshot_device")
 
         self.probe = probe
         #: Number of probe examples ``N``.
-        self.probe_size = batch_size(probe)
+        self.probe_size = F.batch_size(probe)
         self._probe_cache: Optional[tuple[torch.device, InputBatch]] = None
-        self._param_names = list(resolve_params(model))
+        self._param_names = list(F.resolve_params(model))
         self._layers = M.group_by_layer(self._param_names)
 
         # One side-effect-free forward: checks the model runs on the probe and gives O.
@@ -247,7 +237,7 @@ class KernelTracker:
         # rather than at the first measurement mid-training.
         empirical_ntk(
             model,
-            slice_batch(self._probe_on_model_device(), slice(0, 1)),
+            F.slice_batch(self._probe_on_model_device(), slice(0, 1)),
             kind=kind,
             implementation=implementation,
             params=self._current_params(),
@@ -266,21 +256,10 @@ class KernelTracker:
     def _check_targets(self, targets: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
         if targets is None:
             return None, False
-        if not isinstance(targets, Tensor):
-            raise TypeError(f"targets must be a Tensor or None, got {type(targets).__name__}")
         n, o = self.probe_size, self.num_outputs
-        if targets.dim() == 0 or targets.shape[0] != n:
-            raise ValueError(
-                f"targets have shape {tuple(targets.shape)} but the probe has {n} examples; pass "
-                f"one target per probe example"
-            )
+        is_class = M.check_targets(targets, n, batch="the probe has")
         t = targets.detach().cpu()
-        if t.dtype == torch.bool or not (t.is_floating_point() or t.is_complex()):
-            if t.dim() != 1:
-                raise ValueError(
-                    f"integer targets are class indices and must have shape ({n},), got "
-                    f"{tuple(t.shape)}; pass float targets for regression"
-                )
+        if is_class:
             t = t.long()
             classes = 2 if o == 1 else o
             bad = (t < 0) | (t >= classes)
@@ -427,7 +406,7 @@ class KernelTracker:
     def _probe_on_model_device(self) -> InputBatch:
         dev = self._model_device()
         if self._probe_cache is None or self._probe_cache[0] != dev:
-            self._probe_cache = (dev, map_batch(self.probe, lambda t: t.to(dev)))
+            self._probe_cache = (dev, F.map_batch(self.probe, lambda t: t.to(dev)))
         return self._probe_cache[1]
 
     def _metric_device(self) -> torch.device:
@@ -437,8 +416,8 @@ class KernelTracker:
         """``f(probe; θ)`` at the model's current parameters, ``(N, O)``, without side effects."""
         x = self._probe_on_model_device()
         params = self._current_params()
-        fm = FunctionalModel(self.model, self.output_fn, compute_dtype(params, x))
-        with side_effect_guard(self.model), torch.no_grad():
+        fm = F.FunctionalModel(self.model, self.output_fn, F.compute_dtype(params, x))
+        with F.side_effect_guard(self.model), torch.no_grad():
             return fm(fm.cast_params(params), fm.cast_inputs(x)).detach()
 
     def _kernel(self) -> tuple[Tensor, dict[str, Tensor]]:
@@ -529,8 +508,8 @@ class KernelTracker:
         if self.probe_size < 2:
             return
         x = self._probe_on_model_device()
-        both = lin.f0(slice_batch(x, slice(0, 2)))
-        alone = torch.cat([lin.f0(slice_batch(x, slice(i, i + 1))) for i in range(2)])
+        both = lin.f0(F.slice_batch(x, slice(0, 2)))
+        alone = torch.cat([lin.f0(F.slice_batch(x, slice(i, i + 1))) for i in range(2)])
         tol = 1e-10 if both.dtype == torch.float64 else 1e-4
         diff = float(torch.linalg.vector_norm((both - alone).double()))
         scale = float(torch.linalg.vector_norm(both.double()))
@@ -583,7 +562,7 @@ class KernelTracker:
         """
         step = self._check_step(step, first=True)
         self._reset()
-        self._set_param_names(list(resolve_params(self.model)))
+        self._set_param_names(list(F.resolve_params(self.model)))
         lin = self._new_linearization()
         self._check_batch_independent(lin)
         kernel, layer_kernels = self._kernel()

@@ -273,7 +273,11 @@ def test_measure_works_inside_no_grad_and_inference_mode():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"kind": "diag"}, ValueError, "kind must be one of 'full', 'trace', 'diagonal', got 'diag'"),
+        (
+            {"kind": "diag"},
+            ValueError,
+            "kind must be one of 'full', 'trace', 'diagonal', got 'diag'",
+        ),
         ({"kind": 4}, TypeError, "kind must be one of"),
         ({"per_layer": "false"}, TypeError, "per_layer must be True or False, got 'false'"),
         ({"targets": torch.tensor([0, 1, 2])}, ValueError, r"shape \(3,\) but the probe has 8"),

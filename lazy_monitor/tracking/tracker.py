@@ -235,16 +235,7 @@ class KernelTracker:
         self.topk = self._check_topk(topk)
         # Validate implementation / kind / output_fn against the engine on one example, now
         # rather than at the first measurement mid-training.
-        empirical_ntk(
-            model,
-            F.slice_batch(self._probe_on_model_device(), slice(0, 1)),
-            kind=kind,
-            implementation=implementation,
-            params=self._current_params(),
-            output_fn=output_fn,
-            chunk_size=chunk_size,
-            return_blocks=False,
-        )
+        self._engine_call(F.slice_batch(self._probe_on_model_device(), slice(0, 1)), False)
         self._names = self._build_names()
         self.lazy_thresholds = self._check_thresholds(lazy_thresholds)
         self._probe_fingerprint = _fingerprint(probe)
@@ -454,17 +445,25 @@ class KernelTracker:
             layers[layer] = torch.stack([blocks[n] for n in names]).sum(0).to(dev)
         return kernel.to(dev), layers
 
-    def _engine_call(self) -> Any:
+    def _engine_call(self, x: Optional[InputBatch] = None, blocks: Optional[bool] = None) -> Any:
         return empirical_ntk(
             self.model,
-            self._probe_on_model_device(),
-            kind=self.kind,
-            implementation=self.implementation,
+            self._probe_on_model_device() if x is None else x,
             params=self._current_params(),
-            output_fn=self.output_fn,
-            chunk_size=self.chunk_size,
-            return_blocks=self.per_layer,
+            return_blocks=self.per_layer if blocks is None else blocks,
+            **self._engine_options(),
         )
+
+    def _engine_options(self) -> dict[str, Any]:
+        """The engine settings, in one place: a new engine option (``projection``,
+        ``max_memory``, a ``kernel_config`` dict) is added here (and to :meth:`_config` if it
+        shapes the stored kernels)."""
+        return {
+            "kind": self.kind,
+            "implementation": self.implementation,
+            "output_fn": self.output_fn,
+            "chunk_size": self.chunk_size,
+        }
 
     def _current_params(self) -> dict[str, Tensor]:
         """θ of the tracked parameters (those trainable at :meth:`start`), whatever their

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -160,7 +161,9 @@ def test_custom_layout_has_the_four_categories_and_only_logged_tags():
     layout = custom_layout(names)
     assert list(layout) == ["kernel drift", "linearization", "spectrum", "parameters"]
     assert "kernel-target alignment" not in layout["kernel drift"]
-    assert layout["kernel drift"]["relative change per layer"][1] == [r"ntk_layer/.*/rel_change"]
+    (per_layer,) = layout["kernel drift"]["relative change per layer"][1]
+    assert re.search(per_layer, "ntk_layer/net.0/rel_change")
+    assert not re.search(per_layer, "params_layer/net.0/rel_change")
 
 
 def test_kernel_image_maps_zero_to_grey_and_extremes_to_black_white():

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "alignment_targets",
     "all_finite",
     "argmax_agreement",
     "check_targets",
@@ -259,6 +260,63 @@ def check_targets(targets: Tensor, n: int, *, batch: str = "the kernel is over")
             )
         return True
     return False
+
+
+def alignment_targets(
+    targets: Tensor, n: int, num_outputs: int, outputs: Optional[int]
+) -> tuple[Tensor, bool]:
+    """Validate probe targets for :func:`kernel_alignment` and ``lin/agreement`` up front.
+
+    Args:
+        targets: class indices ``(N,)`` (integer) or regression targets ``(N,)``/``(N, C)``.
+        n: probe examples ``N``. num_outputs: the model's outputs per example ``O``.
+        outputs: outputs the kernel keeps per example (``O`` for full/diagonal kernels, None for
+            a trace kernel, where regression targets may have any width).
+
+    Returns:
+        ``(targets on CPU, is_classification)``; class indices as ``int64``.
+
+    Raises:
+        TypeError: not a real tensor. ValueError: wrong length or shape, class indices out of
+            range, a single class, non-finite or constant regression targets.
+    """
+    o = num_outputs
+    is_class = check_targets(targets, n, batch="the probe has")
+    t = targets.detach().cpu()
+    if is_class:
+        t = t.long()
+        classes = 2 if o == 1 else o
+        bad = (t < 0) | (t >= classes)
+        if bool(bad.any()):
+            raise ValueError(
+                f"class index {int(t[bad][0])} of targets is outside [0, {classes}) for a "
+                f"model with {o} output{'s' if o > 1 else ''} per example; pass class "
+                "indices matching the model's outputs, or float targets for regression"
+            )
+        if bool((t == t[0]).all()):
+            raise ValueError(
+                f"all probe targets are class {int(t[0])}; the centred alignment is undefined "
+                "for one class. Use a probe batch with at least two classes (or targets=None)"
+            )
+        return t, True
+    if t.is_complex():
+        raise TypeError("targets must be real (class indices or float regression targets)")
+    if outputs is not None:
+        width = 1 if t.dim() == 1 else int(torch.tensor(t.shape[1:]).prod())
+        if width != o:
+            raise ValueError(
+                f"regression targets have {width} values per example but the model has {o} "
+                f"outputs; pass targets of shape ({n}, {o}), or use kind='trace'"
+            )
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("targets contain NaN or inf; pass finite targets")
+    flat = t.reshape(n, -1).double()
+    if bool((flat == flat[0]).all()):
+        raise ValueError(
+            "all probe targets are equal; the centred alignment is undefined for constant "
+            "targets. Use a probe with varied targets (or targets=None)"
+        )
+    return t, False
 
 
 def _target_matrix(targets: Tensor, n: int, outputs: Optional[int], num_classes: Optional[int]):

@@ -6,13 +6,16 @@ listing the fields by hand.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["LastMeasurement", "Reference", "StateRegistry"]
+from lazy_monitor.core import _functional as F
+
+__all__ = ["LastMeasurement", "Reference", "StateRegistry", "fingerprint", "same_fingerprint"]
 
 
 def _map_tensors(value: Any, fn: Any) -> Any:
@@ -82,3 +85,24 @@ class LastMeasurement(StateRegistry):
         self.add_state("last_kernel")
         self.add_state("last_eigenvalues")
         self.add_state("last_step")
+
+
+def fingerprint(x: F.InputBatch) -> list[list[float]]:
+    """Shape and two weighted sums per input tensor (CPU, float64): identifies a probe batch in a
+    checkpoint without storing it."""
+    leaves: list[Tensor] = []
+    F.map_batch(x, lambda t: leaves.append(t) or t)
+    out = []
+    for t in leaves:
+        v = t.detach().to("cpu", torch.float64).flatten()
+        w = torch.sin(torch.arange(v.numel(), dtype=torch.float64) * 0.7 + 0.3)
+        out.append([float(s) for s in t.shape] + [float(v.sum()), float((v * w).sum())])
+    return out
+
+
+def same_fingerprint(a: list[list[float]], b: list[list[float]]) -> bool:
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        return False
+    return all(
+        math.isclose(p, q, rel_tol=1e-9, abs_tol=1e-9) for x, y in zip(a, b) for p, q in zip(x, y)
+    )

@@ -32,7 +32,7 @@ from lazy_monitor.core._functional import InputBatch, OutputFn
 from lazy_monitor.core.kernels import empirical_ntk
 from lazy_monitor.core.linearization import Linearization
 from lazy_monitor.thresholds import Threshold
-from lazy_monitor.tracking._state import LastMeasurement, Reference
+from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint, same_fingerprint
 from lazy_monitor.tracking.regime import Measurement, lazy_decision, regime_metrics
 
 __all__ = ["KernelTracker", "DEFAULT_LAZY_THRESHOLDS", "LOWER_BOUND_METRICS", "MAX_SPECTRUM_SIZE"]
@@ -57,27 +57,6 @@ LOWER_BOUND_METRICS = tuple(
     for m in catalogue.CATALOGUE
     if m.direction == "min" and not m.planned and not m.is_pattern
 )
-
-
-def _fingerprint(x: InputBatch) -> list[list[float]]:
-    """Shape and two weighted sums per input tensor (CPU, float64): identifies a probe batch in a
-    checkpoint without storing it."""
-    leaves: list[Tensor] = []
-    F.map_batch(x, lambda t: leaves.append(t) or t)
-    out = []
-    for t in leaves:
-        v = t.detach().to("cpu", torch.float64).flatten()
-        w = torch.sin(torch.arange(v.numel(), dtype=torch.float64) * 0.7 + 0.3)
-        out.append([float(s) for s in t.shape] + [float(v.sum()), float((v * w).sum())])
-    return out
-
-
-def _same_fingerprint(a: list[list[float]], b: list[list[float]]) -> bool:
-    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
-        return False
-    return all(
-        math.isclose(p, q, rel_tol=1e-9, abs_tol=1e-9) for x, y in zip(a, b) for p, q in zip(x, y)
-    )
 
 
 class KernelTracker:
@@ -238,7 +217,7 @@ class KernelTracker:
         self._engine_call(F.slice_batch(self._probe_on_model_device(), slice(0, 1)), False)
         self._names = self._build_names()
         self.lazy_thresholds = self._check_thresholds(lazy_thresholds)
-        self._probe_fingerprint = _fingerprint(probe)
+        self._probe_fingerprint = fingerprint(probe)
         self._reference = Reference()
         self._last = LastMeasurement()
         self._reset()
@@ -247,43 +226,8 @@ class KernelTracker:
     def _check_targets(self, targets: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
         if targets is None:
             return None, False
-        n, o = self.probe_size, self.num_outputs
-        is_class = M.check_targets(targets, n, batch="the probe has")
-        t = targets.detach().cpu()
-        if is_class:
-            t = t.long()
-            classes = 2 if o == 1 else o
-            bad = (t < 0) | (t >= classes)
-            if bool(bad.any()):
-                raise ValueError(
-                    f"class index {int(t[bad][0])} of targets is outside [0, {classes}) for a "
-                    f"model with {o} output{'s' if o > 1 else ''} per example; pass class "
-                    "indices matching the model's outputs, or float targets for regression"
-                )
-            if bool((t == t[0]).all()):
-                raise ValueError(
-                    f"all probe targets are class {int(t[0])}; the centred alignment is undefined "
-                    "for one class. Use a probe batch with at least two classes (or targets=None)"
-                )
-            return t, True
-        if t.is_complex():
-            raise TypeError("targets must be real (class indices or float regression targets)")
-        if self.kind != "trace":
-            width = 1 if t.dim() == 1 else int(torch.tensor(t.shape[1:]).prod())
-            if width != o:
-                raise ValueError(
-                    f"regression targets have {width} values per example but the model has {o} "
-                    f"outputs; pass targets of shape ({n}, {o}), or use kind='trace'"
-                )
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError("targets contain NaN or inf; pass finite targets")
-        flat = t.reshape(n, -1).double()
-        if bool((flat == flat[0]).all()):
-            raise ValueError(
-                "all probe targets are equal; the centred alignment is undefined for constant "
-                "targets. Use a probe with varied targets (or targets=None)"
-            )
-        return t, False
+        outputs = None if self.kind == "trace" else self.num_outputs
+        return M.alignment_targets(targets, self.probe_size, self.num_outputs, outputs)
 
     def _check_topk(self, topk: Optional[int]) -> int:
         m = self._matrix_size
@@ -705,7 +649,7 @@ class KernelTracker:
             "num_outputs": self.num_outputs,
             "param_names": list(self._param_names),
             "probe": self._probe_fingerprint,
-            "targets": None if self.targets is None else _fingerprint(self.targets),
+            "targets": None if self.targets is None else fingerprint(self.targets),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -726,7 +670,7 @@ class KernelTracker:
                 )
         for key in ("probe", "targets"):
             a, b = saved.get(key), mine[key]
-            if (a is None) != (b is None) or (a is not None and not _same_fingerprint(a, b)):
+            if (a is None) != (b is None) or (a is not None and not same_fingerprint(a, b)):
                 raise ValueError(
                     f"the state was saved with a different {key} batch; build the tracker with "
                     f"the same {key} it was saved with (metrics relative to K₀ would be wrong)"

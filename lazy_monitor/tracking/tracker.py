@@ -157,6 +157,22 @@ class KernelTracker:
             train_step()
             if step % 50 == 0:
                 logger.log(tracker.measure(step))        # {"ntk/rel_change": ..., ...}
+
+    Run as a doctest:
+
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    >>> tracker = KernelTracker(model, torch.randn(6, 3), targets=torch.tensor([0, 1] * 3))
+    >>> start = tracker.start()
+    >>> start["ntk/rel_change"], start["regime/lazy"]
+    (0.0, 1.0)
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.mul_(3.0)  # a large weight change: features move
+    >>> after = tracker.measure(step=1)
+    >>> after["ntk/rel_change"] > 0.1, after["regime/lazy"]
+    (True, 0.0)
     """
 
     def __init__(

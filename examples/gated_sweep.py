@@ -30,8 +30,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 
 from lazy_monitor.callbacks.pytorch_lightning import KernelDriftGate, KernelRegimeMonitor
-from lazy_monitor.datasets import gaussian_mixture, make_loader
-from lazy_monitor.models import mlp
+from lazy_monitor.demo.datasets import gaussian_mixture, make_loader
+from lazy_monitor.demo.models import mlp
 
 
 class Classifier(pl.LightningModule):

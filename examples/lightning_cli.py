@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lazy_monitor.datasets import gaussian_mixture
-from lazy_monitor.models import mlp
+from lazy_monitor.demo.datasets import gaussian_mixture
+from lazy_monitor.demo.models import mlp
 
 
 def _classifier(pl: Any, name: str) -> type:

@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lazy_monitor.callbacks.lightning import KernelDriftGate, KernelRegimeMonitor
-from lazy_monitor.datasets import gaussian_mixture
-from lazy_monitor.models import mlp
+from lazy_monitor.demo.datasets import gaussian_mixture
+from lazy_monitor.demo.models import mlp
 
 
 class Classifier(L.LightningModule):

@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 
 from lazy_monitor import LinearizedModel
-from lazy_monitor.datasets import teacher_regression
-from lazy_monitor.models import mlp
+from lazy_monitor.demo.datasets import teacher_regression
+from lazy_monitor.demo.models import mlp
 
 
 def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:

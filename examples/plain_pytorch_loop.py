@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from lazy_monitor import KernelTracker
-from lazy_monitor.datasets import gaussian_mixture
-from lazy_monitor.models import mlp
+from lazy_monitor.demo.datasets import gaussian_mixture
+from lazy_monitor.demo.models import mlp
 from lazy_monitor.tracking import LOWER_BOUND_METRICS
 
 # metric -> column header

@@ -1,4 +1,4 @@
-"""Specification of lazy_monitor.models (NTK/standard MLPs) and lazy_monitor.datasets."""
+"""Specification of lazy_monitor.demo.models (NTK/standard MLPs) and lazy_monitor.demo.datasets."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lazy_monitor import datasets
-from lazy_monitor.models import NTKLinear, OutputScale, mlp
+from lazy_monitor.demo import datasets
+from lazy_monitor.demo.models import NTKLinear, OutputScale, mlp
 
 
 # ---------------------------------------------------------------------------- models

@@ -30,8 +30,8 @@ __all__ = [
     "default_namespace",
 ]
 
-_FROM_GATE = {"KernelDriftError": "lazy_monitor.callbacks._gate"}
-_FROM_CORE = {"KernelDriftWarning": "lazy_monitor.callbacks._core"}
+# error and warning live with the gate; they import no Lightning
+_FROM_GATE = ("KernelDriftError", "KernelDriftWarning")
 
 
 def default_namespace() -> str:
@@ -46,8 +46,8 @@ def default_namespace() -> str:
 
 
 def __getattr__(name: str) -> Any:
-    if name in _FROM_GATE or name in _FROM_CORE:
-        module = importlib.import_module({**_FROM_GATE, **_FROM_CORE}[name])
+    if name in _FROM_GATE:
+        module = importlib.import_module("lazy_monitor.callbacks._gate")
     elif name in ("KernelRegimeMonitor", "KernelDriftGate"):
         module = importlib.import_module(default_namespace())
     else:

@@ -1,198 +1,199 @@
-"""Gate decision logic: thresholds with a direction, patience, and the trip message.
+"""``KernelDriftGate``: stop, fail or flag a run whose kernel metrics cross thresholds, with its
+error and warning (namespace-free mixin; see :mod:`lazy_monitor.callbacks._monitor`).
 
-Pure functions and a tiny state object, no Lightning: the callback wires the decision to the
-trainer (reduces it across ranks, stops or raises).
+The decision (thresholds, patience, counts, tripped state) is the framework-free
+:class:`lazy_monitor.tracking.gate.DriftGate`; this class wires it to the trainer: it reduces the
+decision across ranks (one rank tripping trips all) and acts on every rank.
 """
 
 from __future__ import annotations
 
-import math
-import re
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional
 
-__all__ = [
-    "GATE_ACTIONS",
-    "KernelDriftError",
-    "Threshold",
-    "check_measurement",
-    "parse_thresholds",
-]
+from lazy_monitor import catalogue
+from lazy_monitor._state import check_schema, stamp
+from lazy_monitor.callbacks._monitor import _KernelRegimeMonitorBase
+from lazy_monitor.thresholds import ThresholdSpec
+from lazy_monitor.tracking.gate import DriftGate
 
-GATE_ACTIONS = ("warn", "stop", "raise")
-
-#: Names the tracker produces (docs/DESIGN.md); per-layer names carry a module path.
-_GLOBAL_METRICS = frozenset(
-    [
-        "ntk/rel_change",
-        "ntk/distance",
-        "ntk/velocity",
-        "ntk/alignment",
-        "ntk/eig_max",
-        "ntk/eig_min",
-        "ntk/trace",
-        "ntk/eff_rank",
-        "ntk/cond",
-        "ntk/eig_overlap",
-        "params/rel_change",
-        "params/distance",
-        "lin/rel_error",
-        "lin/rmse",
-        "lin/agreement",
-        "regime/lazy",
-        "health/nonfinite",
-    ]
-)
-_LAYER_METRIC = re.compile(r"^(ntk_layer|params_layer)/.+/rel_change$")
-
-ThresholdSpec = Union[float, Mapping[str, float]]
+__all__ = ["KernelDriftError", "KernelDriftWarning", "_KernelDriftGateBase"]
 
 
 class KernelDriftError(RuntimeError):
     """Raised by :class:`KernelDriftGate` with ``action="raise"`` when a threshold trips."""
 
 
-@dataclass(frozen=True)
-class Threshold:
-    """One bound on one metric.
-
-    ``direction="max"``: violated when ``value > bound`` (a maximum not to exceed).
-    ``direction="min"``: violated when ``value < bound`` (a minimum to reach).
-    """
-
-    metric: str
-    bound: float
-    direction: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.metric}:{self.direction}"
-
-    def violated(self, value: float, check_finite: bool) -> Optional[str]:
-        """The comparison that failed, e.g. ``"0.31 > max 0.2"``, or None if satisfied."""
-        if not math.isfinite(value):
-            return f"{value} is not finite" if check_finite else None
-        if self.direction == "max" and value > self.bound:
-            return f"{value:.6g} > max {self.bound:.6g}"
-        if self.direction == "min" and value < self.bound:
-            return f"{value:.6g} < min {self.bound:.6g}"
-        return None
+class KernelDriftWarning(UserWarning):
+    """Emitted by :class:`KernelDriftGate` when a threshold trips (every action warns)."""
 
 
-def is_known_metric(name: str) -> bool:
-    return name in _GLOBAL_METRICS or bool(_LAYER_METRIC.match(name))
+class _KernelDriftGateBase:
+    """Stop, fail or flag a run whose kernel metrics cross thresholds.
 
+    Reads the measurements of the :class:`KernelRegimeMonitor` in the same ``Trainer`` (exactly
+    one is required; the order of the two in ``callbacks`` does not matter) and checks each
+    threshold after every measurement:
 
-def _bound(metric: str, direction: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"thresholds[{metric!r}] {direction} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"thresholds[{metric!r}] {direction} must be finite, got {value}")
-    return float(value)
+    * ``{"max": b}``: a maximum not to exceed, violated when ``value > b``;
+    * ``{"min": b}``: a minimum to reach, violated when ``value < b``;
+    * a number: the bound on the metric's lazy side from :mod:`lazy_monitor.catalogue` -- a
+      maximum for most metrics, a minimum for ``lin/agreement`` and ``ntk/eig_overlap``.
 
+    Names may be globs (``"ntk_layer/*/rel_change"``), applied to every matching metric. Every change is exactly 0
+      at step 0, so minimums are checked only at the final measurement (train end), or also at
+      every measurement from ``min_check_from_step`` on. A minimum missed at train end trips
+      immediately, whatever ``patience``. (The one policy of
+      :func:`lazy_monitor.thresholds.checks_minimum`, shared with ``lazy-monitor check``.)
 
-def parse_thresholds(thresholds: Mapping[str, ThresholdSpec]) -> tuple[Threshold, ...]:
-    """Parse ``{"ntk/rel_change": 0.2, "ntk/alignment": {"min": 0.3}}``.
+    A threshold trips after ``patience`` consecutive violating measurements. Non-finite values
+    violate every threshold when ``check_finite``. The decision is reduced across ranks
+    (``strategy.reduce_boolean_decision``: one rank tripping trips all), and every rank then acts
+    with the same message naming metric, value, threshold and step:
 
-    A number is a maximum; a mapping may hold ``"max"`` and/or ``"min"``.
+    * ``"warn"``: a :class:`KernelDriftWarning`; training continues.
+    * ``"stop"``: warning + ``trainer.should_stop = True`` (the current batch completes; Lightning
+      honours ``min_steps``/``min_epochs`` first).
+    * ``"raise"``: :class:`KernelDriftError` on every rank.
+
+    A tripped gate stays tripped: the state (tripped, reason, consecutive counts) is in
+    :meth:`state_dict`, and after resuming from a checkpoint written after the trip the action is
+    re-asserted at train start (``stop`` stops again, ``raise`` raises again). A ``fit`` that
+    restores no gate state (no checkpoint) starts untripped with zero counts.
+
+    When training ends right after a scheduled measurement, that measurement is also the final
+    one: it counts once towards ``patience``, and at train end only the minimums are checked again.
+
+    Args:
+        thresholds: metric name -> bound, e.g. ``{"ntk/rel_change": 0.2, "lin/rel_error": 0.1,
+            "ntk/alignment": {"min": 0.3}}``. Names as logged by the monitor; a name the monitor
+            does not produce in this run is an error at train start.
+        patience: number of consecutive violating measurements that trip a threshold (``>= 1``).
+        action: ``"warn"``, ``"stop"`` or ``"raise"``.
+        min_check_from_step: also check minimums at measurements with ``step >=`` this value
+            (optimizer steps); None: only at train end.
+        check_finite: treat NaN/inf metric values as violations.
 
     Raises:
-        ValueError: empty thresholds, unknown metric name or direction, ``min > max``.
-        TypeError: non-numeric bound or a spec that is neither a number nor a mapping.
+        ValueError: invalid thresholds/patience/action/min_check_from_step (at construction), no
+            or several monitors in the trainer (at setup), a threshold on a metric the monitor does
+            not log (at train start).
+        KernelDriftError: with ``action="raise"`` when a threshold trips.
+
+    Example::
+
+        from lazy_monitor.callbacks.lightning import KernelDriftGate, KernelRegimeMonitor
+
+        gate = KernelDriftGate({"ntk/rel_change": 0.2}, patience=2, action="stop")
+        trainer = Trainer(callbacks=[KernelRegimeMonitor(), gate])
     """
-    if not isinstance(thresholds, Mapping):
-        raise TypeError(
-            "thresholds must be a mapping metric -> bound, e.g. {'ntk/rel_change': 0.2}, got "
-            f"{type(thresholds).__name__}"
-        )
-    if not thresholds:
-        raise ValueError("thresholds is empty; pass e.g. {'ntk/rel_change': 0.2}")
-    parsed: list[Threshold] = []
-    for metric, spec in thresholds.items():
-        if not isinstance(metric, str) or not is_known_metric(metric):
-            known = ", ".join(sorted(_GLOBAL_METRICS))
-            raise ValueError(
-                f"thresholds has unknown metric {metric!r}; use one of {known} or "
-                "'ntk_layer/<layer>/rel_change' / 'params_layer/<layer>/rel_change'"
+
+    def __init__(
+        self,
+        thresholds: dict[str, ThresholdSpec],
+        patience: int = 1,
+        action: Literal["warn", "stop", "raise"] = "stop",
+        min_check_from_step: Optional[int] = None,
+        check_finite: bool = True,
+    ) -> None:
+        # the decision logic and its state are framework-free (lazy_monitor.tracking.gate)
+        self._gate = DriftGate(thresholds, patience, action, min_check_from_step, check_finite)
+
+    # settings and state live once, in the DriftGate
+    thresholds = property(lambda self: self._gate.thresholds, doc="The parsed thresholds.")
+    patience = property(lambda self: self._gate.patience, doc="Violations that trip.")
+    action = property(lambda self: self._gate.action, doc="'warn', 'stop' or 'raise'.")
+    min_check_from_step = property(lambda self: self._gate.min_check_from_step)
+    check_finite = property(lambda self: self._gate.check_finite)
+    tripped = property(lambda self: self._gate.tripped, doc="Whether a threshold tripped.")
+    reason = property(lambda self: self._gate.reason, doc="Why it tripped (None if not).")
+    trip_step = property(lambda self: self._gate.trip_step, doc="Step of the trip.")
+
+    @property
+    def state_key(self) -> str:
+        spec = [(t.metric, t.direction, t.value) for t in self.thresholds]
+        return self._generate_state_key(thresholds=spec, action=self.action)  # type: ignore[attr-defined]
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, _KernelRegimeMonitorBase)]
+        if len(monitors) != 1:
+            fix = (
+                "add KernelRegimeMonitor(...) next to the gate"
+                if not monitors
+                else ("keep one monitor per Trainer")
             )
-        if isinstance(spec, Mapping):
-            unknown = [k for k in spec if k not in ("max", "min")]
-            if unknown or not spec:
-                raise ValueError(
-                    f"thresholds[{metric!r}] = {dict(spec)!r}: use the keys 'max' (a maximum not "
-                    "to exceed) and/or 'min' (a minimum to reach)"
-                )
-            bounds = {d: _bound(metric, d, v) for d, v in spec.items()}
-            if "min" in bounds and "max" in bounds and bounds["min"] > bounds["max"]:
-                raise ValueError(
-                    f"thresholds[{metric!r}] has min {bounds['min']} > max {bounds['max']}; no "
-                    "value can satisfy both"
-                )
-            parsed += [Threshold(metric, b, d) for d, b in sorted(bounds.items())]
-        else:
-            parsed.append(Threshold(metric, _bound(metric, "max", spec), "max"))
-    return tuple(parsed)
+            raise ValueError(
+                "KernelDriftGate needs exactly one KernelRegimeMonitor in Trainer(callbacks=...), "
+                f"found {len(monitors)}; {fix}"
+            )
+        monitors[0]._add_listener(self)
+        # A new fit starts untripped; Lightning restores a checkpoint's gate state after setup.
+        self._gate.reset()
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.tripped:
+            self._act(trainer, f"restored tripped state: {self.reason}", final=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return stamp(self._gate.state_dict())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_schema(state_dict, "KernelDriftGate")
+        self._gate.load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ monitor callbacks
+    def _on_monitor_start(self, trainer: Any, monitor: _KernelRegimeMonitorBase) -> None:
+        available = monitor.metric_names()
+        missing = self._gate.missing(available)
+        if missing:
+            raise ValueError(
+                f"KernelDriftGate thresholds on {missing}, which the monitor does not log in this "
+                f"run{catalogue.requirement_hint(missing)}; it logs: {sorted(available)}"
+            )
+
+    def _on_measurement(
+        self,
+        trainer: Any,
+        monitor: _KernelRegimeMonitorBase,
+        step: int,
+        metrics: Mapping[str, float],
+        final: bool,
+        repeat: bool = False,
+    ) -> None:
+        if self.tripped:
+            return
+        local = self._gate.check(metrics, step, final=final, repeat=repeat)
+        # every rank measures at the same steps, so every rank reaches this collective
+        decision = trainer.strategy.reduce_boolean_decision(local is not None, all=False)
+        if not decision:
+            return
+        reason = _first_reason(trainer, local)
+        self._gate.trip(reason, step)
+        self._act(trainer, reason, final=final)
+
+    def _act(self, trainer: Any, reason: str, final: bool) -> None:
+        message = f"KernelDriftGate tripped (action={self.action!r}): {reason}"
+        if self.action == "raise":
+            raise KernelDriftError(message)
+        if self.action == "stop" and not final:
+            trainer.should_stop = True
+            message += "; stopping training"
+        if trainer.is_global_zero:
+            warnings.warn(message, KernelDriftWarning, stacklevel=2)
 
 
-def check_measurement(
-    thresholds: tuple[Threshold, ...],
-    metrics: Mapping[str, float],
-    step: int,
-    counts: dict[str, int],
-    *,
-    patience: int,
-    check_minimums: bool,
-    final: bool,
-    check_finite: bool,
-    repeat: bool = False,
-) -> Optional[str]:
-    """Update the consecutive-violation ``counts`` in place; return a trip reason or None.
+def _first_reason(trainer: Any, local: Optional[str]) -> str:
+    """The trip reason of the lowest rank that has one (all ranks then report the same)."""
+    if getattr(trainer, "world_size", 1) > 1:
+        import torch.distributed as dist
 
-    Maximums are checked at every measurement. Minimums are checked when ``check_minimums``
-    (after the warm-up) and at the final measurement, where a miss trips immediately: the run
-    ended without reaching the minimum, there is no later measurement to wait for.
-
-    ``repeat=True`` (with ``final``) marks a measurement that was already checked: training ended
-    right after a scheduled measurement, which is then also the final one. Only the end-of-training
-    check of the minimums runs; maximums and ``counts`` are left alone, so one measurement never
-    counts twice towards ``patience``.
-
-    A threshold trips when it has been violated at ``patience`` consecutive checks. The reason
-    names metric, value, comparison, threshold, step and patience.
-    """
-    if repeat:
-        if not final:
-            raise ValueError("repeat=True re-checks the final measurement; pass final=True")
-        minimums = tuple(th for th in thresholds if th.direction == "min")
-        return check_measurement(
-            minimums,
-            metrics,
-            step,
-            dict(counts),  # already counted at the first check
-            patience=patience,
-            check_minimums=False,
-            final=True,
-            check_finite=check_finite,
-        )
-    reasons = []
-    for th in thresholds:
-        if th.direction == "min" and not (check_minimums or final):
-            continue
-        value = metrics.get(th.metric)
-        if value is None:
-            continue
-        failed = th.violated(float(value), check_finite)
-        if failed is None:
-            counts[th.key] = 0
-            continue
-        counts[th.key] = counts.get(th.key, 0) + 1
-        final_min = final and th.direction == "min"
-        if counts[th.key] >= patience or final_min:
-            seen = counts[th.key]
-            if final_min and not check_minimums:
-                when = "at the end of training"
-            else:
-                when = f"for {seen} consecutive measurement{'s' if seen > 1 else ''}"
-            reasons.append(f"{th.metric} = {failed} at step {step} ({when}, patience={patience})")
-    return "; ".join(reasons) if reasons else None
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[Optional[str]] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local)
+            for reason in gathered:
+                if reason:
+                    return reason
+    return local or "a threshold tripped on another rank"

@@ -9,12 +9,13 @@ global rank 0 only: elsewhere ``logger.experiment`` is a dummy.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
+
+from lazy_monitor import catalogue
 
 __all__ = [
     "HISTOGRAM_TAG",
@@ -27,36 +28,6 @@ __all__ = [
 
 HISTOGRAM_TAG = "ntk/eigenvalues"
 IMAGE_TAG = "ntk/kernel"
-
-# category -> chart title -> exact metric names or one regex (for per-layer families)
-_LAYOUT: dict[str, dict[str, list[str]]] = {
-    "kernel drift": {
-        "relative change |K-K0|/|K0|": ["ntk/rel_change"],
-        "relative change per layer": [r"ntk_layer/.*/rel_change"],
-        "kernel distance 1-cos(K, K0)": ["ntk/distance"],
-        "kernel velocity": ["ntk/velocity"],
-        "kernel-target alignment": ["ntk/alignment"],
-        "lazy regime (1 = lazy)": ["regime/lazy"],
-        "non-finite values": ["health/nonfinite"],
-    },
-    "linearization": {
-        "relative error |f-f_lin|": ["lin/rel_error"],
-        "RMSE f vs f_lin": ["lin/rmse"],
-        "prediction agreement f vs f_lin": ["lin/agreement"],
-    },
-    "spectrum": {
-        "extreme eigenvalues": ["ntk/eig_max", "ntk/eig_min"],
-        "trace": ["ntk/trace"],
-        "effective rank": ["ntk/eff_rank"],
-        "condition number": ["ntk/cond"],
-        "top-k eigenspace overlap with K0": ["ntk/eig_overlap"],
-    },
-    "parameters": {
-        "relative change |theta-theta0|/|theta0|": ["params/rel_change"],
-        "relative change per layer": [r"params_layer/.*/rel_change"],
-        "distance |theta-theta0|": ["params/distance"],
-    },
-}
 
 
 def tensorboard_writers(loggers: Iterable[Any]) -> list[Any]:
@@ -74,26 +45,10 @@ def tensorboard_writers(loggers: Iterable[Any]) -> list[Any]:
     return writers
 
 
-def _pattern(tag: str) -> str:
-    return tag if "*" in tag else "^" + re.escape(tag) + "$"
-
-
 def custom_layout(metric_names: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
-    """The ``add_custom_scalars`` layout for the metrics this monitor logs.
-
-    Four categories: "kernel drift", "linearization", "spectrum", "parameters"; a chart is
-    kept only if at least one of its tags is logged, a category only if it has a chart.
-    """
-    layout: dict[str, dict[str, list[Any]]] = {}
-    for category, charts in _LAYOUT.items():
-        kept = {}
-        for title, tags in charts.items():
-            patterns = [_pattern(t) for t in tags]
-            if any(re.search(p, name) for p in patterns for name in metric_names):
-                kept[title] = ["Multiline", patterns]
-        if kept:
-            layout[category] = kept
-    return layout
+    """The ``add_custom_scalars`` layout for the logged metrics, from the catalogue's charts
+    (:func:`lazy_monitor.catalogue.tensorboard_layout`)."""
+    return catalogue.tensorboard_layout(metric_names)
 
 
 def kernel_image(kernel: Tensor, min_pixels: int = 256) -> Tensor:

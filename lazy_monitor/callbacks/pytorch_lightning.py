@@ -7,7 +7,7 @@ Use these with ``pytorch_lightning.Trainer`` and in its LightningCLI configs::
         - class_path: lazy_monitor.callbacks.pytorch_lightning.KernelRegimeMonitor
           init_args: {probe_size: 32, every_n_steps: 100}
 
-The logic lives in :mod:`lazy_monitor.callbacks._core`; this module only adds ``pytorch_lightning``'s
+The logic lives in :mod:`lazy_monitor.callbacks._monitor` and :mod:`lazy_monitor.callbacks._gate`; this module only adds ``pytorch_lightning``'s
 ``Callback`` base so the namespace's ``isinstance`` checks (LightningCLI, callback ordering)
 accept the classes. ``state_key`` is the same in both namespaces, so checkpoints are
 interchangeable.
@@ -17,12 +17,8 @@ from __future__ import annotations
 
 from pytorch_lightning import Callback
 
-from lazy_monitor.callbacks._core import (
-    KernelDriftWarning,
-    _KernelDriftGateBase,
-    _KernelRegimeMonitorBase,
-)
-from lazy_monitor.callbacks._gate import KernelDriftError
+from lazy_monitor.callbacks._gate import KernelDriftError, KernelDriftWarning, _KernelDriftGateBase
+from lazy_monitor.callbacks._monitor import _KernelRegimeMonitorBase
 
 __all__ = ["KernelDriftError", "KernelDriftGate", "KernelDriftWarning", "KernelRegimeMonitor"]
 

@@ -15,42 +15,29 @@ bound); ``--final`` checks only the last logged value. A NaN violates every boun
 change metric (``ntk/rel_change``, ``params/rel_change``, ...) is exactly 0, so a minimum on a
 change could otherwise never pass. Minimums are checked at every point with step ``>=
 --min-from-step`` (default 1; 0 includes the step-0 point) and always at the last point (so a run
-that logged only step 0 is checked there), as :class:`~lazy_monitor.KernelDriftGate` checks
-minimums at train end. ``--max`` always checks every point.
+that logged only step 0 is checked there): the policy
+:func:`lazy_monitor.thresholds.checks_minimum`, shared with :class:`~lazy_monitor.KernelDriftGate`.
+``--max`` always checks every point. Thresholds are :class:`lazy_monitor.thresholds.Threshold`
+(metric or glob, value, direction).
 """
 
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Optional, TextIO
 
+from lazy_monitor._validation import check_int
 from lazy_monitor.cli._events import Curve, Run, load_runs
+from lazy_monitor.thresholds import DIRECTIONS, Threshold, checks_minimum
 
 __all__ = ["Threshold", "CheckResult", "parse_threshold", "evaluate", "add_parser", "run"]
 
 EXIT_OK, EXIT_VIOLATION, EXIT_ERROR = 0, 1, 2
 #: ``--min`` skips the step-0 reference point (every change metric is exactly 0 there).
 DEFAULT_MIN_FROM_STEP = 1
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """``metric <= value`` (``bound="max"``) or ``metric >= value`` (``bound="min"``).
-
-    ``metric`` is a TensorBoard tag or an :mod:`fnmatch` pattern (``ntk_layer/*/rel_change``);
-    a pattern applies to every matching tag and must match at least one in every run.
-    """
-
-    bound: str
-    metric: str
-    value: float
-
-    def describe(self) -> str:
-        return f"{self.metric} {'<=' if self.bound == 'max' else '>='} {self.value:g}"
 
 
 @dataclass(frozen=True)
@@ -84,19 +71,17 @@ def parse_threshold(bound: str, text: str) -> Threshold:
         raise ValueError(f"--{bound} {text!r}: {raw!r} is not a number") from None
     if not math.isfinite(value):
         raise ValueError(f"--{bound} {text!r}: the threshold must be a finite number")
-    return Threshold(bound, metric, value)
-
-
-def _tags_for(run: Run, pattern: str) -> list[str]:
-    if pattern in run.curves:
-        return [pattern]
-    return [tag for tag in run.curves if fnmatch.fnmatchcase(tag, pattern)]
+    return Threshold(metric, value, bound)
 
 
 def _min_curve(curve: Curve, from_step: int) -> Curve:
-    """The points a minimum is checked at: steps ``>= from_step``, plus always the last one."""
+    """The points a minimum is checked at (:func:`checks_minimum`): steps ``>= from_step``, and
+    always the last one."""
+    last = len(curve.steps) - 1
     keep = [
-        i for i, step in enumerate(curve.steps) if step >= from_step or i == len(curve.steps) - 1
+        i
+        for i, step in enumerate(curve.steps)
+        if checks_minimum(step, min_from_step=from_step, final=i == last)
     ]
     return Curve(tuple(curve.steps[i] for i in keep), tuple(curve.values[i] for i in keep))
 
@@ -126,7 +111,7 @@ def evaluate(
     missing: list[tuple[str, str]] = []
     for run in runs:
         for th in thresholds:
-            tags = _tags_for(run, th.metric)
+            tags = th.select(run.curves)
             if not tags:
                 missing.append((run.name, th.metric))
                 continue
@@ -134,12 +119,12 @@ def evaluate(
                 curve = run.curves[tag]
                 if final_only:
                     value, step = curve.final, curve.final_step
-                elif th.bound == "max":
+                elif th.direction == "max":
                     value, step = curve.extreme(largest=True)
                 else:
                     value, step = _min_curve(curve, min_from_step).extreme(largest=False)
-                ok = (value <= th.value) if th.bound == "max" else (value >= th.value)
-                results.append(CheckResult(run.name, tag, th.bound, th.value, value, step, ok))
+                ok = th.satisfied(value)
+                results.append(CheckResult(run.name, tag, th.direction, th.value, value, step, ok))
     return results, missing
 
 
@@ -197,12 +182,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _non_negative_int(text: str) -> int:
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
+        return check_int("--min-from-step", int(text), minimum=0)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            str(err) if text.strip().lstrip("-").isdigit() else f"{text!r} is not an integer"
+        ) from None
 
 
 def _fmt(value: float) -> str:
@@ -269,7 +253,9 @@ def _finish(
             "logdir": str(args.logdir),
             "final_only": bool(args.final),
             "min_from_step": int(args.min_from_step),
-            "thresholds": [asdict(t) for t in thresholds],
+            "thresholds": [
+                {"bound": t.direction, "metric": t.metric, "value": t.value} for t in thresholds
+            ],
             "runs": [
                 {
                     "run": name,
@@ -305,7 +291,7 @@ def _finish(
             continue
         print(f"  FAIL  {name}", file=out)
         for r in bad:
-            op = ">" if r.bound == "max" else "<"
+            op = DIRECTIONS[r.bound][2]
             print(
                 f"        {r.metric}: {which} {_fmt(r.value)} at step {r.step} {op} {r.bound} "
                 f"{_fmt(r.threshold)}",

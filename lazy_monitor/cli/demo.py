@@ -1,13 +1,13 @@
 r"""``lazy-monitor demo``: see the lazy regime appear as the width grows, in one command.
 
-What it runs (Lightning, CPU; about 20 s with the defaults on 2 cores: 21 s wall time measured
-on a quiet machine, longer on a CPU shared with other jobs):
+What it runs (Lightning, CPU, well under a minute with the defaults; the measured time is in
+``benchmarks/RESULTS.md``):
 
-* the task: two interleaved spirals in the plane (:func:`lazy_monitor.datasets.two_spirals`,
+* the task: two interleaved spirals in the plane (:func:`lazy_monitor.demo.datasets.two_spirals`,
   generated in code), a binary classification that needs a nonlinear boundary, trained with
   the logistic loss on one logit;
 * the lazy sweep: one-hidden-layer ReLU MLPs in the NTK parameterisation
-  (:func:`lazy_monitor.models.mlp`) of each ``--widths``, ``--inits`` initialisations each, all
+  (:func:`lazy_monitor.demo.models.mlp`) of each ``--widths``, ``--inits`` initialisations each, all
   with the same learning rate and number of full-batch gradient-descent steps;
 * one non-lazy run: the narrowest width with the output scaled by α = 0.1 and the learning rate
   by 1/α² (Chizat, Oyallon & Bach 2019, "On Lazy Training in Differentiable Programming": the
@@ -231,7 +231,7 @@ def _train(
     from torch.utils.data import DataLoader, Dataset
 
     from lazy_monitor.callbacks.pytorch_lightning import KernelRegimeMonitor
-    from lazy_monitor.models import mlp
+    from lazy_monitor.demo.models import mlp
 
     class _FullBatch(Dataset):
         """``steps`` copies of the whole training set: one epoch = full-batch GD for ``steps``."""
@@ -328,7 +328,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Execute ``demo``: train, read the logs back, print the table and the slope."""
     import torch
 
-    from lazy_monitor.datasets import two_spirals
+    from lazy_monitor.demo.datasets import two_spirals
 
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():

@@ -22,20 +22,25 @@ import math
 from pathlib import Path
 from typing import Optional, TextIO
 
+from lazy_monitor import catalogue
 from lazy_monitor.cli._events import Run, load_runs
 
 __all__ = ["KEY_METRICS", "PLOT_METRICS", "verdict", "format_table", "plot_runs", "add_parser"]
 
-KEY_METRICS = ("ntk/rel_change", "params/rel_change", "lin/rel_error")
-PLOT_METRICS = ("ntk/rel_change", "params/rel_change", "lin/rel_error", "ntk/distance")
+#: Table columns (final and maximum per run) and plot panels: the catalogue entries marked
+#: ``report=True`` / ``plot=True``.
+KEY_METRICS = catalogue.report_metrics()
+PLOT_METRICS = catalogue.plot_metrics()
+#: The verdict reads the tracker's verdict and health flags (catalogue names).
+VERDICT_METRIC, HEALTH_METRIC = "regime/lazy", "health/nonfinite"
 
 
 def verdict(run: Run) -> str:
     """``"non-finite"``, ``"lazy"``, ``"non-lazy"`` or ``"unknown"`` for a logged run."""
-    health = run.curves.get("health/nonfinite")
+    health = run.curves.get(HEALTH_METRIC)
     if health is not None and any(v != 0 for v in health.values):
         return "non-finite"
-    lazy = run.curves.get("regime/lazy")
+    lazy = run.curves.get(VERDICT_METRIC)
     if lazy is None:
         return "unknown"
     if math.isnan(lazy.final):

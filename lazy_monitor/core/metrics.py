@@ -42,8 +42,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "alignment_targets",
     "all_finite",
     "argmax_agreement",
+    "check_targets",
     "condition_number",
     "effective_rank",
     "eigenspace_overlap",
@@ -233,20 +235,92 @@ def kernel_distance(kernel1: Tensor, kernel2: Tensor) -> Tensor:
     return 1.0 - cos.clamp(-1.0, 1.0)
 
 
-def _target_matrix(targets: Tensor, n: int, outputs: Optional[int], num_classes: Optional[int]):
+def check_targets(targets: Tensor, n: int, *, batch: str = "the kernel is over") -> bool:
+    """Validate targets of ``n`` examples; True when they are class indices.
+
+    Class indices are integer (or bool) targets of shape ``(N,)``; float targets are regression
+    targets ``(N,)`` or ``(N, C)``.
+
+    Raises:
+        TypeError: not a tensor. ValueError: not batched over ``n`` examples on dim 0, or
+            integer targets that are not of shape ``(N,)``.
+    """
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a Tensor, got {type(targets).__name__}")
     if targets.dim() == 0 or targets.shape[0] != n:
         raise ValueError(
-            f"targets have shape {tuple(targets.shape)} but the kernel is over {n} examples; pass "
+            f"targets have shape {tuple(targets.shape)} but {batch} {n} examples; pass "
             f"one target per probe example (shape ({n},) or ({n}, C))"
         )
     if targets.dtype == torch.bool or not (targets.is_floating_point() or targets.is_complex()):
         if targets.dim() != 1:
             raise ValueError(
-                f"integer targets must be class indices of shape ({n},), got "
-                f"{tuple(targets.shape)}; pass float targets for multi-output regression"
+                f"integer targets are class indices and must have shape ({n},), got "
+                f"{tuple(targets.shape)}; pass float targets for (multi-output) regression"
             )
+        return True
+    return False
+
+
+def alignment_targets(
+    targets: Tensor, n: int, num_outputs: int, outputs: Optional[int]
+) -> tuple[Tensor, bool]:
+    """Validate probe targets for :func:`kernel_alignment` and ``lin/agreement`` up front.
+
+    Args:
+        targets: class indices ``(N,)`` (integer) or regression targets ``(N,)``/``(N, C)``.
+        n: probe examples ``N``. num_outputs: the model's outputs per example ``O``.
+        outputs: outputs the kernel keeps per example (``O`` for full/diagonal kernels, None for
+            a trace kernel, where regression targets may have any width).
+
+    Returns:
+        ``(targets on CPU, is_classification)``; class indices as ``int64``.
+
+    Raises:
+        TypeError: not a real tensor. ValueError: wrong length or shape, class indices out of
+            range, a single class, non-finite or constant regression targets.
+    """
+    o = num_outputs
+    is_class = check_targets(targets, n, batch="the probe has")
+    t = targets.detach().cpu()
+    if is_class:
+        t = t.long()
+        classes = 2 if o == 1 else o
+        bad = (t < 0) | (t >= classes)
+        if bool(bad.any()):
+            raise ValueError(
+                f"class index {int(t[bad][0])} of targets is outside [0, {classes}) for a "
+                f"model with {o} output{'s' if o > 1 else ''} per example; pass class "
+                "indices matching the model's outputs, or float targets for regression"
+            )
+        if bool((t == t[0]).all()):
+            raise ValueError(
+                f"all probe targets are class {int(t[0])}; the centred alignment is undefined "
+                "for one class. Use a probe batch with at least two classes (or targets=None)"
+            )
+        return t, True
+    if t.is_complex():
+        raise TypeError("targets must be real (class indices or float regression targets)")
+    if outputs is not None:
+        width = 1 if t.dim() == 1 else int(torch.tensor(t.shape[1:]).prod())
+        if width != o:
+            raise ValueError(
+                f"regression targets have {width} values per example but the model has {o} "
+                f"outputs; pass targets of shape ({n}, {o}), or use kind='trace'"
+            )
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("targets contain NaN or inf; pass finite targets")
+    flat = t.reshape(n, -1).double()
+    if bool((flat == flat[0]).all()):
+        raise ValueError(
+            "all probe targets are equal; the centred alignment is undefined for constant "
+            "targets. Use a probe with varied targets (or targets=None)"
+        )
+    return t, False
+
+
+def _target_matrix(targets: Tensor, n: int, outputs: Optional[int], num_classes: Optional[int]):
+    if check_targets(targets, n):
         idx = targets.long()
         if num_classes is not None and outputs is not None and num_classes != outputs:
             raise ValueError(
@@ -353,9 +427,9 @@ def kernel_spectrum(kernel: Tensor) -> tuple[Tensor, Tensor]:
     the block-diagonal matrix at a fraction of the cost.
 
     Cost: one ``torch.linalg.eigh`` of an ``M × M`` float64 matrix, ``O(M³)`` time and ``O(M²)``
-    memory (``M = N·O`` full, ``N`` trace; ``O · N³`` for diagonal). Measured on one busy CPU
-    core: ~15 ms at ``M = 256``, ~0.3 s at ``M = 1000``, ~3 s at ``M = 2000``; prefer a trace
-    kernel or a smaller probe beyond a couple of thousand.
+    memory (``M = N·O`` full, ``N`` trace; ``O · N³`` for diagonal); measured times in
+    ``benchmarks/RESULTS.md``. Prefer a trace kernel or a smaller probe beyond a couple of
+    thousand.
 
     Args:
         kernel: square kernel ``K(x, x)``: ``(N, N, O, O)``, ``(N, N)`` or ``(N, N, O)``.

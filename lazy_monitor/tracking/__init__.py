@@ -1,9 +1,26 @@
-"""Layer 2: framework-agnostic, stateful tracking of the kernel regime during training."""
+"""Layer 2: framework-agnostic, stateful tracking of the kernel regime during training.
 
+Everything a training-framework adapter (the Lightning callbacks, a Hugging Face
+``TrainerCallback``) needs without importing the framework:
+
+* :class:`KernelTracker` -- the reference (θ₀, ``f₀``, ``K₀``) and ``start``/``measure``;
+* :mod:`~lazy_monitor.tracking.schedule` -- when to measure (:class:`MeasurementSchedule`);
+* :mod:`~lazy_monitor.tracking.probe` -- probe validation, deterministic draws from a dataset,
+  building a tracker that drops unusable drawn targets (:func:`build_tracker`);
+* :mod:`~lazy_monitor.tracking.gate` -- the drift gate's decision and state (:class:`DriftGate`);
+* :mod:`~lazy_monitor.tracking.network` -- unwrap DDP / ``torch.compile``, resolve a submodule.
+"""
+
+from lazy_monitor.tracking.schedule import MeasurementSchedule
 from lazy_monitor.tracking.tracker import (
     DEFAULT_LAZY_THRESHOLDS,
     LOWER_BOUND_METRICS,
     KernelTracker,
 )
 
-__all__ = ["DEFAULT_LAZY_THRESHOLDS", "LOWER_BOUND_METRICS", "KernelTracker"]
+__all__ = [
+    "DEFAULT_LAZY_THRESHOLDS",
+    "LOWER_BOUND_METRICS",
+    "KernelTracker",
+    "MeasurementSchedule",
+]

@@ -8,7 +8,6 @@ steps, and gets a flat ``dict[str, float]`` to log.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Any, Optional, Union
@@ -16,26 +15,30 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lazy_monitor.core import metrics as M
-from lazy_monitor.core._functional import (
-    FunctionalModel,
-    InputBatch,
-    OutputFn,
-    as_device,
-    batch_size,
-    compute_dtype,
-    map_batch,
-    resolve_params,
-    side_effect_guard,
-    slice_batch,
+from lazy_monitor import catalogue
+from lazy_monitor._state import check_schema, stamp
+from lazy_monitor._validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_float,
+    check_int,
+    check_mapping,
+    check_str,
 )
+from lazy_monitor.core import _functional as F
+from lazy_monitor.core import metrics as M
+from lazy_monitor.core._functional import InputBatch, OutputFn
 from lazy_monitor.core.kernels import empirical_ntk
 from lazy_monitor.core.linearization import Linearization
+from lazy_monitor.thresholds import Threshold
+from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint, same_fingerprint
+from lazy_monitor.tracking.regime import Measurement, lazy_decision, regime_metrics
 
 __all__ = ["KernelTracker", "DEFAULT_LAZY_THRESHOLDS", "LOWER_BOUND_METRICS", "MAX_SPECTRUM_SIZE"]
 
-_STATE_FORMAT = 1
-_KINDS = ("full", "trace", "diagonal")
+#: Kernel kinds of the engine: ``(N, N, O, O)``, ``(N, N)`` summed over outputs, ``(N, N, O)``.
+KINDS = ("full", "trace", "diagonal")
 
 #: Default lazy-regime thresholds: a heuristic, not a result from the literature (no paper gives
 #: canonical values). 10 % relative kernel movement and a linear model that explains 90 % of the
@@ -47,34 +50,13 @@ DEFAULT_LAZY_THRESHOLDS: dict[str, float] = {"ntk/rel_change": 0.1, "lin/rel_err
 #: that the per-measurement float64 eigendecomposition (``O(M³)``) becomes the dominant cost.
 MAX_SPECTRUM_SIZE = 2048
 
-# Metrics for which "lazy" means small (upper bound) or large (lower bound).
-_UPPER = ("ntk/rel_change", "ntk/distance", "ntk/velocity", "params/rel_change",
-          "params/distance", "lin/rel_error", "lin/rmse")  # fmt: skip
 #: Metrics whose lazy threshold is a lower bound (lazy means close to 1); every other
-#: thresholded metric is bounded from above.
-LOWER_BOUND_METRICS = ("ntk/eig_overlap", "lin/agreement")
-_LOWER = LOWER_BOUND_METRICS
-
-
-def _fingerprint(x: InputBatch) -> list[list[float]]:
-    """Shape and two weighted sums per input tensor (CPU, float64): identifies a probe batch in a
-    checkpoint without storing it."""
-    leaves: list[Tensor] = []
-    map_batch(x, lambda t: leaves.append(t) or t)
-    out = []
-    for t in leaves:
-        v = t.detach().to("cpu", torch.float64).flatten()
-        w = torch.sin(torch.arange(v.numel(), dtype=torch.float64) * 0.7 + 0.3)
-        out.append([float(s) for s in t.shape] + [float(v.sum()), float((v * w).sum())])
-    return out
-
-
-def _same_fingerprint(a: list[list[float]], b: list[list[float]]) -> bool:
-    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
-        return False
-    return all(
-        math.isclose(p, q, rel_tol=1e-9, abs_tol=1e-9) for x, y in zip(a, b) for p, q in zip(x, y)
-    )
+#: thresholded metric is bounded from above. Derived from :mod:`lazy_monitor.catalogue`.
+LOWER_BOUND_METRICS = tuple(
+    m.name
+    for m in catalogue.CATALOGUE
+    if m.direction == "min" and not m.planned and not m.is_pattern
+)
 
 
 class KernelTracker:
@@ -88,31 +70,13 @@ class KernelTracker:
     ``f_lin = f₀ + J(θ₀)(θ − θ₀)``, and returns these metrics (see :mod:`lazy_monitor.metrics`
     for the formulas and references):
 
-    ====================================  =========================================================
-    ``ntk/rel_change``                    ``‖K − K₀‖_F / ‖K₀‖_F`` (Lee et al. 2019)
-    ``ntk/distance``                      ``1 − ⟨K, K₀⟩ / (‖K‖‖K₀‖)`` (Fort et al. 2020)
-    ``ntk/velocity``                      kernel distance to the previous measurement / steps
-                                          between them (0 at :meth:`start`)
-    ``ntk/alignment``                     centred kernel–target alignment (only with ``targets``)
-    ``ntk/eig_max``, ``ntk/eig_min``      extreme eigenvalues of the kernel matrix
-    ``ntk/trace``                         its trace
-    ``ntk/eff_rank``                      ``exp(H(λ/Σλ))`` (Roy & Vetterli 2007)
-    ``ntk/cond``                          ``λmax/λmin`` (``inf`` if ``λmin ≤ 0``)
-    ``ntk/eig_overlap``                   ``‖U₀ᵀU‖²_F / k``, top-k eigenspaces of K₀ and K
-    ``params/rel_change``                 ``‖θ − θ₀‖ / ‖θ₀‖``
-    ``params/distance``                   ``‖θ − θ₀‖``
-    ``lin/rel_error``                     ``‖f − f_lin‖ / ‖f − f₀‖`` (0 when ``f == f_lin``;
-                                          changes below ``100·eps·‖f₀‖`` count as none)
-    ``lin/rmse``                          ``sqrt(mean((f − f_lin)²))``
-    ``lin/agreement``                     argmax agreement of f and f_lin (only with class
-                                          index targets)
-    ``ntk_layer/<layer>/rel_change``      per layer (``per_layer=True``); ``<layer>`` is the
-                                          module prefix of its parameters, e.g. ``net.0``
-    ``params_layer/<layer>/rel_change``   per layer (``per_layer=True``)
-    ``regime/lazy``                       1.0 if every lazy threshold holds, else 0.0
-    ``health/nonfinite``                  1.0 if the kernel, outputs or parameters contain
-                                          NaN/inf (the metrics are then NaN), else 0.0
-    ====================================  =========================================================
+    The names, their formulas, directions and papers are the entries of
+    :data:`lazy_monitor.catalogue.CATALOGUE` with ``source="tracker"`` (``ntk/*``, ``params/*``,
+    ``lin/*``, the per-layer ``ntk_layer/<layer>/rel_change`` and
+    ``params_layer/<layer>/rel_change``, ``regime/lazy`` and ``health/nonfinite``);
+    ``ntk/alignment`` needs ``targets``, ``lin/agreement`` class-index targets, the per-layer
+    names ``per_layer=True``. The values are computed by the pure function
+    :func:`lazy_monitor.tracking.regime.regime_metrics` of the reference and the measurement.
 
     :meth:`metric_names` returns exactly these keys, in this order, for the configuration.
 
@@ -140,11 +104,10 @@ class KernelTracker:
     the structured engine) makes the tracker warn once and use ``"jacobian"`` from then on.
 
     Cost per measurement: one kernel (see :func:`lazy_monitor.empirical_ntk`), one forward, one
-    jvp (≈ 5 plain forwards: 120–130 ms vs 26 ms for an MLP 784-1024×3-10 at N = 128 on
-    CPU), and one ``eigh`` of the ``M × M`` float64 kernel matrix, ``M = N·O``
-    for ``kind="full"`` (``N`` for ``"trace"``; ``O`` blocks of ``N × N`` for ``"diagonal"``):
-    ~15 ms at ``M = 256``, ~0.3 s at ``M = 1000``, ~3 s at ``M = 2000`` on one (busy) CPU core,
-    growing like ``M³`` (a warning is issued above ``MAX_SPECTRUM_SIZE = 2048``). Memory:
+    jvp (a few plain forwards), and one ``eigh`` of the ``M × M`` float64 kernel matrix,
+    ``M = N·O`` for ``kind="full"`` (``N`` for ``"trace"``; ``O`` blocks of ``N × N`` for
+    ``"diagonal"``), growing like ``M³`` (a warning is issued above ``MAX_SPECTRUM_SIZE =
+    2048``; measured times in ``benchmarks/RESULTS.md``). Memory:
     one copy of the parameters (θ₀), ``K₀`` and, with ``per_layer``, one kernel per layer.
 
     Args:
@@ -160,11 +123,11 @@ class KernelTracker:
         implementation: kernel implementation passed to :func:`lazy_monitor.empirical_ntk`
             (``"auto"`` chooses by cost).
         per_layer: also report per-layer kernel and parameter changes.
-        lazy_thresholds: ``{metric name: bound}`` defining ``regime/lazy``. Bounds are upper
-            limits for ``ntk/rel_change``, ``ntk/distance``, ``ntk/velocity``,
-            ``params/rel_change``, ``params/distance``, ``lin/rel_error``, ``lin/rmse`` and the
-            per-layer ``…/rel_change`` metrics, and lower limits for ``ntk/eig_overlap`` and
-            ``lin/agreement``. Default :data:`DEFAULT_LAZY_THRESHOLDS`
+        lazy_thresholds: ``{metric name or glob: bound}`` defining ``regime/lazy``; the
+            direction is the catalogue's lazy side: upper limits for ``ntk/rel_change``,
+            ``ntk/distance``, ``ntk/velocity``, ``params/*``, ``lin/rel_error``, ``lin/rmse``
+            and the per-layer ``…/rel_change`` metrics (e.g. ``"ntk_layer/*/rel_change"``),
+            lower limits for ``ntk/eig_overlap`` and ``lin/agreement``. Default :data:`DEFAULT_LAZY_THRESHOLDS`
             (``ntk/rel_change ≤ 0.1`` and ``lin/rel_error ≤ 0.1``), a heuristic.
         output_fn: maps the model's output to a tensor (e.g. ``lambda out: out.logits``).
         topk: dimension ``k`` of the eigenspaces compared by ``ntk/eig_overlap``. Default: 10
@@ -179,11 +142,12 @@ class KernelTracker:
             budget).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, ``output_fn`` not callable, ``targets``
-            not a tensor, or an argument of the wrong type.
-        ValueError: empty/mismatched probe, targets of the wrong length/shape/range or constant,
-            unknown ``kind``, ``implementation`` rejected by the engine, unknown threshold
-            names or bad threshold values, bad ``topk``/``chunk_size``/``snapshot_device``.
+        TypeError: an argument of the wrong type (``model`` not an ``nn.Module``,
+            ``output_fn`` not callable, ``targets`` not a tensor, ``per_layer="false"``, ...).
+        ValueError: a bad value of the right type: empty/mismatched probe, targets of the wrong
+            length/shape/range or constant, unknown ``kind``, ``implementation`` rejected by the
+            engine, unknown threshold names or bad threshold values, bad
+            ``topk``/``chunk_size``/``snapshot_device``.
 
     Example::
 
@@ -193,6 +157,22 @@ class KernelTracker:
             train_step()
             if step % 50 == 0:
                 logger.log(tracker.measure(step))        # {"ntk/rel_change": ..., ...}
+
+    Run as a doctest:
+
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    >>> tracker = KernelTracker(model, torch.randn(6, 3), targets=torch.tensor([0, 1] * 3))
+    >>> start = tracker.start()
+    >>> start["ntk/rel_change"], start["regime/lazy"]
+    (0.0, 1.0)
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.mul_(3.0)  # a large weight change: features move
+    >>> after = tracker.measure(step=1)
+    >>> after["ntk/rel_change"] > 0.1, after["regime/lazy"]
+    (True, 0.0)
     """
 
     def __init__(
@@ -212,42 +192,34 @@ class KernelTracker:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if output_fn is not None and not callable(output_fn):
-            raise TypeError(f"output_fn must be callable or None, got {type(output_fn).__name__}")
-        if kind not in _KINDS:
-            raise ValueError(f"`kind` can be {', '.join(map(repr, _KINDS))}, got {kind!r}")
-        if not isinstance(implementation, str):
-            raise TypeError(
-                f"implementation must be a string such as 'auto', got {type(implementation).__name__}"
-            )
-        if not isinstance(per_layer, bool):
-            raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        check_callable("output_fn", output_fn, fix="e.g. output_fn=lambda out: out.logits")
+        check_choice("kind", kind, KINDS)
+        check_str("implementation", implementation, fix="e.g. implementation='auto'")
+        check_bool("per_layer", per_layer)
+        check_int("chunk_size", chunk_size, minimum=1, optional=True)
         self.model = model
         self.kind = kind
         self.implementation = implementation
         self.per_layer = per_layer
         self.output_fn = output_fn
         self.chunk_size = chunk_size
-        self.snapshot_device = as_device(snapshot_device, "snapshot_device")
+        self.snapshot_device = F.as_device(snapshot_device, "snapshot_device")
 
         self.probe = probe
-        self.num_examples = batch_size(probe)
+        #: Number of probe examples ``N``.
+        self.probe_size = F.batch_size(probe)
         self._probe_cache: Optional[tuple[torch.device, InputBatch]] = None
-        self._param_names = list(resolve_params(model))
+        self._param_names = list(F.resolve_params(model))
         self._layers = M.group_by_layer(self._param_names)
 
         # One side-effect-free forward: checks the model runs on the probe and gives O.
         f = self._forward()
         self.num_outputs = f.shape[1]
-        size = self.num_examples * (1 if kind == "trace" else self.num_outputs)
+        size = self.probe_size * (1 if kind == "trace" else self.num_outputs)
         self._matrix_size = size
         if size > MAX_SPECTRUM_SIZE:
             warnings.warn(
-                f"the kernel matrix is {size}×{size} (N={self.num_examples}, O={self.num_outputs}, "
+                f"the kernel matrix is {size}×{size} (N={self.probe_size}, O={self.num_outputs}, "
                 f"kind={kind!r}); its float64 eigendecomposition at every measure() costs "
                 f"O({size}³) time and {8 * size * size / 2**20:.0f} MiB. Use a smaller probe or "
                 "kind='trace' if measurements are too slow.",
@@ -258,141 +230,72 @@ class KernelTracker:
         self.topk = self._check_topk(topk)
         # Validate implementation / kind / output_fn against the engine on one example, now
         # rather than at the first measurement mid-training.
-        empirical_ntk(
-            model,
-            slice_batch(self._probe_on_model_device(), slice(0, 1)),
-            kind=kind,
-            implementation=implementation,
-            params=self._current_params(),
-            output_fn=output_fn,
-            chunk_size=chunk_size,
-            return_blocks=False,
-        )
+        self._engine_call(F.slice_batch(self._probe_on_model_device(), slice(0, 1)), False)
         self._names = self._build_names()
         self.lazy_thresholds = self._check_thresholds(lazy_thresholds)
-        self._probe_fingerprint = _fingerprint(probe)
+        self._probe_fingerprint = fingerprint(probe)
+        self._reference = Reference()
+        self._last = LastMeasurement()
         self._reset()
 
     # ------------------------------------------------------------------ validation
     def _check_targets(self, targets: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
         if targets is None:
             return None, False
-        if not isinstance(targets, Tensor):
-            raise TypeError(f"targets must be a Tensor or None, got {type(targets).__name__}")
-        n, o = self.num_examples, self.num_outputs
-        if targets.dim() == 0 or targets.shape[0] != n:
-            raise ValueError(
-                f"targets have shape {tuple(targets.shape)} but the probe has {n} examples; pass "
-                f"one target per probe example"
-            )
-        t = targets.detach().cpu()
-        if t.dtype == torch.bool or not (t.is_floating_point() or t.is_complex()):
-            if t.dim() != 1:
-                raise ValueError(
-                    f"integer targets are class indices and must have shape ({n},), got "
-                    f"{tuple(t.shape)}; pass float targets for regression"
-                )
-            t = t.long()
-            classes = 2 if o == 1 else o
-            bad = (t < 0) | (t >= classes)
-            if bool(bad.any()):
-                raise ValueError(
-                    f"class index {int(t[bad][0])} of targets is outside [0, {classes}) for a "
-                    f"model with {o} output{'s' if o > 1 else ''} per example; pass class "
-                    "indices matching the model's outputs, or float targets for regression"
-                )
-            if bool((t == t[0]).all()):
-                raise ValueError(
-                    f"all probe targets are class {int(t[0])}; the centred alignment is undefined "
-                    "for one class. Use a probe batch with at least two classes (or targets=None)"
-                )
-            return t, True
-        if t.is_complex():
-            raise TypeError("targets must be real (class indices or float regression targets)")
-        if self.kind != "trace":
-            width = 1 if t.dim() == 1 else int(torch.tensor(t.shape[1:]).prod())
-            if width != o:
-                raise ValueError(
-                    f"regression targets have {width} values per example but the model has {o} "
-                    f"outputs; pass targets of shape ({n}, {o}), or use kind='trace'"
-                )
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError("targets contain NaN or inf; pass finite targets")
-        flat = t.reshape(n, -1).double()
-        if bool((flat == flat[0]).all()):
-            raise ValueError(
-                "all probe targets are equal; the centred alignment is undefined for constant "
-                "targets. Use a probe with varied targets (or targets=None)"
-            )
-        return t, False
+        outputs = None if self.kind == "trace" else self.num_outputs
+        return M.alignment_targets(targets, self.probe_size, self.num_outputs, outputs)
 
     def _check_topk(self, topk: Optional[int]) -> int:
         m = self._matrix_size
         if topk is None:
             o = 1 if self.kind == "trace" else self.num_outputs
             return min(m, o * math.ceil(10 / o))
-        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-            raise ValueError(f"topk must be a positive int or None, got {topk!r}")
+        check_int("topk", topk, minimum=1, optional=True)
         if topk > m:
             raise ValueError(
-                f"topk={topk} exceeds the kernel matrix size {m} (N={self.num_examples}"
+                f"topk={topk} exceeds the kernel matrix size {m} (N={self.probe_size}"
                 f"{'' if self.kind == 'trace' else f', O={self.num_outputs}'}); pass topk <= {m}"
             )
         return topk
 
-    def _threshold_names(self) -> list[str]:
-        names = [n for n in _UPPER + _LOWER if n in self._names]
-        return names + [n for n in self._names if n.startswith(("ntk_layer/", "params_layer/"))]
-
     def _check_thresholds(self, thresholds: Optional[Mapping[str, float]]) -> dict[str, float]:
         if thresholds is None:
-            return dict(DEFAULT_LAZY_THRESHOLDS)
-        if not isinstance(thresholds, Mapping):
-            raise TypeError(
-                f"lazy_thresholds must be a mapping {{metric name: bound}}, got "
-                f"{type(thresholds).__name__}"
-            )
+            thresholds = DEFAULT_LAZY_THRESHOLDS
+        check_mapping("lazy_thresholds", thresholds, fix="e.g. {'ntk/rel_change': 0.1}")
         if not thresholds:
             raise ValueError(
                 "lazy_thresholds is empty, so regime/lazy would always be 1; pass at least one "
                 "threshold, or None for the defaults"
             )
-        allowed = self._threshold_names()
-        out = {}
+        allowed = catalogue.lazy_threshold_names(self._names)
+        out, parsed = {}, []
         for name, value in thresholds.items():
-            if name not in allowed:
+            th = Threshold.on(name, 0.0) if isinstance(name, str) else None
+            if th is None or not th.select(allowed):
                 raise ValueError(
                     f"lazy_thresholds has unknown or unsupported metric {name!r}; thresholds can "
-                    f"be set on {', '.join(allowed)}"
+                    f"be set on {', '.join(allowed)} (or a glob such as 'ntk_layer/*/rel_change')"
                 )
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"lazy_thresholds[{name!r}] must be a number, got {value!r}")
-            value = float(value)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(
-                    f"lazy_thresholds[{name!r}] = {value} must be a finite number >= 0"
-                )
-            if name in _LOWER and value > 1:
-                raise ValueError(
-                    f"lazy_thresholds[{name!r}] = {value} is a lower bound on a value in [0, 1]; "
-                    "pass a number in [0, 1]"
-                )
+            lower = th.direction == "min"
+            value = check_float(
+                f"lazy_thresholds[{name!r}]",
+                value,
+                minimum=0.0,
+                maximum=1.0 if lower else None,
+                fix="a lower bound on a value in [0, 1]" if lower else "",
+            )
             out[name] = value
+            parsed.append(Threshold(name, value, th.direction))
+        self._thresholds = tuple(parsed)
         return out
 
     def _build_names(self) -> list[str]:
-        names = ["ntk/rel_change", "ntk/distance", "ntk/velocity"]
-        if self.targets is not None:
-            names.append("ntk/alignment")
-        names += ["ntk/eig_max", "ntk/eig_min", "ntk/trace", "ntk/eff_rank", "ntk/cond",
-                  "ntk/eig_overlap", "params/rel_change", "params/distance", "lin/rel_error",
-                  "lin/rmse"]  # fmt: skip
-        if self.classification:
-            names.append("lin/agreement")
-        if self.per_layer:
-            names += [f"ntk_layer/{layer}/rel_change" for layer in self._layers]
-            names += [f"params_layer/{layer}/rel_change" for layer in self._layers]
-        return names + ["regime/lazy", "health/nonfinite"]
+        return catalogue.tracker_metric_names(
+            list(self._layers),
+            targets=self.targets is not None,
+            classification=self.classification,
+            per_layer=self.per_layer,
+        )
 
     # ------------------------------------------------------------------ public state
     def metric_names(self) -> list[str]:
@@ -412,32 +315,37 @@ class KernelTracker:
     @property
     def kernel0(self) -> Optional[Tensor]:
         """``K₀`` on the probe, in the engine's shape for ``kind`` (None before :meth:`start`)."""
-        return self._kernel0
+        return self._reference.kernel0
 
     @property
     def last_kernel(self) -> Optional[Tensor]:
         """The kernel of the last :meth:`start`/:meth:`measure` call."""
-        return self._last_kernel
+        return self._last.last_kernel
 
     @property
     def last_eigenvalues(self) -> Optional[Tensor]:
         """Ascending float64 eigenvalues ``(M,)`` of the last kernel matrix."""
-        return self._last_eigenvalues
+        return self._last.last_eigenvalues
 
     @property
     def last_step(self) -> Optional[int]:
         """The step of the last :meth:`start`/:meth:`measure` call."""
-        return self._last_step
+        return self._last.last_step
+
+    @property
+    def num_examples(self) -> int:
+        """Deprecated alias of :attr:`probe_size`."""
+        warnings.warn(
+            "KernelTracker.num_examples is deprecated; use probe_size",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.probe_size
 
     def _reset(self) -> None:
         self._lin: Optional[Linearization] = None
-        self._f0: Optional[Tensor] = None
-        self._kernel0: Optional[Tensor] = None
-        self._layer_kernels0: dict[str, Tensor] = {}
-        self._eigvecs0: Optional[Tensor] = None
-        self._last_kernel: Optional[Tensor] = None
-        self._last_eigenvalues: Optional[Tensor] = None
-        self._last_step: Optional[int] = None
+        self._reference.reset()
+        self._last.reset()
         self._warned_params = False
 
     # ------------------------------------------------------------------ computation
@@ -449,7 +357,7 @@ class KernelTracker:
     def _probe_on_model_device(self) -> InputBatch:
         dev = self._model_device()
         if self._probe_cache is None or self._probe_cache[0] != dev:
-            self._probe_cache = (dev, map_batch(self.probe, lambda t: t.to(dev)))
+            self._probe_cache = (dev, F.map_batch(self.probe, lambda t: t.to(dev)))
         return self._probe_cache[1]
 
     def _metric_device(self) -> torch.device:
@@ -459,8 +367,8 @@ class KernelTracker:
         """``f(probe; θ)`` at the model's current parameters, ``(N, O)``, without side effects."""
         x = self._probe_on_model_device()
         params = self._current_params()
-        fm = FunctionalModel(self.model, self.output_fn, compute_dtype(params, x))
-        with side_effect_guard(self.model), torch.no_grad():
+        fm = F.FunctionalModel(self.model, self.output_fn, F.compute_dtype(params, x))
+        with F.side_effect_guard(self.model), torch.no_grad():
             return fm(fm.cast_params(params), fm.cast_inputs(x)).detach()
 
     def _kernel(self) -> tuple[Tensor, dict[str, Tensor]]:
@@ -497,17 +405,25 @@ class KernelTracker:
             layers[layer] = torch.stack([blocks[n] for n in names]).sum(0).to(dev)
         return kernel.to(dev), layers
 
-    def _engine_call(self) -> Any:
+    def _engine_call(self, x: Optional[InputBatch] = None, blocks: Optional[bool] = None) -> Any:
         return empirical_ntk(
             self.model,
-            self._probe_on_model_device(),
-            kind=self.kind,
-            implementation=self.implementation,
+            self._probe_on_model_device() if x is None else x,
             params=self._current_params(),
-            output_fn=self.output_fn,
-            chunk_size=self.chunk_size,
-            return_blocks=self.per_layer,
+            return_blocks=self.per_layer if blocks is None else blocks,
+            **self._engine_options(),
         )
+
+    def _engine_options(self) -> dict[str, Any]:
+        """The engine settings, in one place: a new engine option (``projection``,
+        ``max_memory``, a ``kernel_config`` dict) is added here (and to :meth:`_config` if it
+        shapes the stored kernels)."""
+        return {
+            "kind": self.kind,
+            "implementation": self.implementation,
+            "output_fn": self.output_fn,
+            "chunk_size": self.chunk_size,
+        }
 
     def _current_params(self) -> dict[str, Tensor]:
         """θ of the tracked parameters (those trainable at :meth:`start`), whatever their
@@ -548,11 +464,11 @@ class KernelTracker:
     def _check_batch_independent(self, lin: Linearization) -> None:
         """Raise if the model's output on an example depends on the other examples of the batch
         (eval mode, side-effect free): the per-example structured kernel would be wrong."""
-        if self.num_examples < 2:
+        if self.probe_size < 2:
             return
         x = self._probe_on_model_device()
-        both = lin.f0(slice_batch(x, slice(0, 2)))
-        alone = torch.cat([lin.f0(slice_batch(x, slice(i, i + 1))) for i in range(2)])
+        both = lin.f0(F.slice_batch(x, slice(0, 2)))
+        alone = torch.cat([lin.f0(F.slice_batch(x, slice(i, i + 1))) for i in range(2)])
         tol = 1e-10 if both.dtype == torch.float64 else 1e-4
         diff = float(torch.linalg.vector_norm((both - alone).double()))
         scale = float(torch.linalg.vector_norm(both.double()))
@@ -605,25 +521,18 @@ class KernelTracker:
         """
         step = self._check_step(step, first=True)
         self._reset()
-        self._set_param_names(list(resolve_params(self.model)))
-        dev = self._metric_device()
-        lin = Linearization(
-            self.model,
-            self._current_params(),
-            output_fn=self.output_fn,
-            device=self.snapshot_device,
-        )
+        self._set_param_names(list(F.resolve_params(self.model)))
+        lin = self._new_linearization()
         self._check_batch_independent(lin)
         kernel, layer_kernels = self._kernel()
-        f0 = self._forward().to(dev)
-        vals, vecs = M.kernel_spectrum(kernel)
+        f0 = self._forward().to(self._metric_device())
+        spectrum = M.kernel_spectrum(kernel)
         self._lin = lin
-        self._f0 = f0
-        self._kernel0 = kernel
-        self._layer_kernels0 = layer_kernels
-        self._eigvecs0 = vecs[:, -self.topk :].contiguous()
-        params0 = {n: t.to(dev) for n, t in lin.params0.items()}
-        return self._finish(step, kernel, layer_kernels, (vals, vecs), f0, f0, params0)
+        ref = self._reference
+        ref.f0, ref.kernel0, ref.layer_kernels0 = f0, kernel, layer_kernels
+        ref.eigvecs0 = spectrum[1][:, -self.topk :].contiguous()
+        current = Measurement(kernel, layer_kernels, spectrum, f0, f0, self._params0())
+        return self._finish(step, current)
 
     def measure(self, step: int) -> dict[str, float]:
         """The metrics at the model's current parameters.
@@ -649,7 +558,8 @@ class KernelTracker:
         if problem is not None:
             return self._nan_metrics(problem)
         dev = self._metric_device()
-        self._move_state(dev)
+        self._reference.to(dev)  # follow the model (snapshot_device=None, e.g. model.cuda())
+        self._last.to(dev)
         kernel, layer_kernels = self._kernel()
         f = self._forward().to(dev)
         out0, f_lin = self._lin.f0_and_f_lin(
@@ -657,92 +567,55 @@ class KernelTracker:
         )
         # f_lin = f₀ + J(θ₀)Δθ with the stored f₀: at θ = θ₀ this is exactly f₀ (= f), so the
         # 0/0 of lin/rel_error is exact instead of rounding noise between forward and jvp.
-        f_lin = self._f0 + (f_lin.to(dev) - out0.to(dev)).to(self._f0.dtype)
-        spectrum = M.kernel_spectrum(kernel)
+        f0 = self._reference.f0
+        f_lin = f0 + (f_lin.to(dev) - out0.to(dev)).to(f0.dtype)
         params = {n: t.to(dev) for n, t in self._current_params().items()}
-        return self._finish(step, kernel, layer_kernels, spectrum, f, f_lin, params)
+        current = Measurement(kernel, layer_kernels, M.kernel_spectrum(kernel), f, f_lin, params)
+        return self._finish(step, current)
 
-    def _move_state(self, dev: torch.device) -> None:
-        """Follow the model to a new device (snapshot_device=None and e.g. ``model.cuda()``
-        after start()); a no-op when nothing moved."""
-        if self._kernel0 is None or self._kernel0.device == dev:
-            return
-        to = lambda t: None if t is None else t.to(dev)  # noqa: E731
-        self._f0 = to(self._f0)
-        self._kernel0 = to(self._kernel0)
-        self._layer_kernels0 = {k: to(v) for k, v in self._layer_kernels0.items()}
-        self._eigvecs0 = to(self._eigvecs0)
-        self._last_kernel = to(self._last_kernel)
-        self._last_eigenvalues = to(self._last_eigenvalues)
+    def _new_linearization(self) -> Linearization:
+        """θ₀ = the tracked parameters now (frozen), on the snapshot device."""
+        return Linearization(
+            self.model,
+            self._current_params(),
+            output_fn=self.output_fn,
+            device=self.snapshot_device,
+        )
+
+    def _params0(self) -> dict[str, Tensor]:
+        assert self._lin is not None
+        dev = self._metric_device()
+        return {n: t.to(dev) for n, t in self._lin.params0.items()}
 
     def _check_step(self, step: int, first: bool) -> int:
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-            raise ValueError(f"step must be an int, got {step!r}")
-        step = int(step)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        if not first and self._last_step is not None and step <= self._last_step:
+        step = check_int("step", step, minimum=0, fix="pass the global training step")
+        last = self._last.last_step
+        if not first and last is not None and step <= last:
             raise ValueError(
                 f"step must increase between measurements: got step={step} after "
-                f"step={self._last_step}; pass the global training step"
+                f"step={last}; pass the global training step"
             )
         return step
 
-    def _finish(
-        self,
-        step: int,
-        kernel: Tensor,
-        layer_kernels: Mapping[str, Tensor],
-        spectrum: tuple[Tensor, Tensor],
-        f: Tensor,
-        f_lin: Tensor,
-        params: Mapping[str, Tensor],
-    ) -> dict[str, float]:
-        assert self._lin is not None and self._kernel0 is not None and self._eigvecs0 is not None
-        dev = self._metric_device()
-        params0 = {n: t.to(dev) for n, t in self._lin.params0.items()}
-        vals, vecs = spectrum
-        values: dict[str, Any] = {
-            "ntk/rel_change": M.kernel_rel_change(kernel, self._kernel0),
-            "ntk/distance": M.kernel_distance(kernel, self._kernel0),
-        }
-        if self._last_kernel is None:
-            values["ntk/velocity"] = 0.0
-        else:
-            dist = M.kernel_distance(kernel, self._last_kernel)
-            values["ntk/velocity"] = dist / (step - self._last_step)
-        if self.targets is not None:
-            values["ntk/alignment"] = M.kernel_alignment(kernel, self.targets.to(dev))
-        stats = M.spectrum_stats(vals)
-        for key in ("eig_max", "eig_min", "trace", "eff_rank", "cond"):
-            values[f"ntk/{key}"] = stats[key]
-        values["ntk/eig_overlap"] = M.eigenspace_overlap(self._eigvecs0, vecs[:, -self.topk :])
-        groups = self._layers if self.per_layer else {}
-        distance, rel_change, by_layer = M.param_changes(params, params0, groups)
-        values["params/rel_change"] = rel_change
-        values["params/distance"] = distance
-        # Output changes at rounding level (e.g. the same θ evaluated on another device) are no
-        # change: otherwise lin/rel_error would be a ratio of two noise terms.
-        atol = 100 * torch.finfo(self._f0.dtype).eps * float(torch.linalg.vector_norm(self._f0))
-        values["lin/rel_error"] = M.linearization_error(f, f_lin, self._f0, atol=atol)
-        values["lin/rmse"] = M.linearization_rmse(f, f_lin)
-        if self.classification:
-            values["lin/agreement"] = M.argmax_agreement(f, f_lin)
-        if self.per_layer:
-            for layer, k in layer_kernels.items():
-                values[f"ntk_layer/{layer}/rel_change"] = M.kernel_rel_change(
-                    k, self._layer_kernels0[layer]
-                )
-            for layer, v in by_layer.items():
-                values[f"params_layer/{layer}/rel_change"] = v
-        out = {k: float(v) for k, v in values.items()}
-        finite = M.all_finite(kernel, f, f_lin, params)
-        out["regime/lazy"] = 1.0 if self.regime_decision(out)[0] else 0.0
-        out["health/nonfinite"] = 0.0 if finite else 1.0
-        self._last_kernel = kernel
-        self._last_eigenvalues = vals
-        self._last_step = step
-        return {name: out[name] for name in self._names}
+    def _finish(self, step: int, current: Measurement) -> dict[str, float]:
+        """Metrics of ``current`` against the reference; then ``current`` becomes the last."""
+        out = regime_metrics(
+            self._reference,
+            current,
+            params0=self._params0(),
+            last=self._last,
+            step=step,
+            targets=self.targets,
+            classification=self.classification,
+            topk=self.topk,
+            layers=self._layers if self.per_layer else {},
+            lazy_thresholds=self._thresholds,
+            names=self._names,
+        )
+        self._last.last_kernel = current.kernel
+        self._last.last_eigenvalues = current.spectrum[0]
+        self._last.last_step = step
+        return out
 
     def regime_decision(self, metrics: Mapping[str, float]) -> tuple[bool, str]:
         """Whether ``metrics`` satisfy every lazy threshold, and why not.
@@ -759,19 +632,12 @@ class KernelTracker:
         Raises:
             ValueError: ``metrics`` lacks a thresholded name.
         """
-        missing = [name for name in self.lazy_thresholds if name not in metrics]
+        missing = [th.metric for th in self._thresholds if not th.select(metrics)]
         if missing:
             raise ValueError(
                 f"metrics lack the thresholded names {missing}; pass a result of measure()"
             )
-        reasons = []
-        for name, bound in self.lazy_thresholds.items():
-            value = float(metrics[name])
-            lower = name in _LOWER
-            ok = value >= bound if lower else value <= bound  # False for NaN
-            if not ok:
-                reasons.append(f"{name} = {value:.4g} {'<' if lower else '>'} {bound:g}")
-        return not reasons, "; ".join(reasons)
+        return lazy_decision(self._thresholds, metrics)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
@@ -781,25 +647,13 @@ class KernelTracker:
         shapes the stored tensors. Only CPU tensors and plain Python values: safe for
         ``torch.load(..., weights_only=True)``.
         """
-        cpu = lambda t: None if t is None else t.detach().cpu().clone()  # noqa: E731
-        state: dict[str, Any] = {
-            "format": _STATE_FORMAT,
-            "config": self._config(),
-            "started": self.started,
-        }
+        state: dict[str, Any] = stamp({"config": self._config(), "started": self.started})
         if not self.started:
             return state
         assert self._lin is not None
-        state.update(
-            linearization=self._lin.state_dict(),
-            f0=cpu(self._f0),
-            kernel0=cpu(self._kernel0),
-            layer_kernels0={k: cpu(v) for k, v in self._layer_kernels0.items()},
-            eigvecs0=cpu(self._eigvecs0),
-            last_kernel=cpu(self._last_kernel),
-            last_eigenvalues=cpu(self._last_eigenvalues),
-            last_step=self._last_step,
-        )
+        state["linearization"] = self._lin.state_dict()
+        state.update(self._reference.state_dict())
+        state.update(self._last.state_dict())
         return state
 
     def _config(self) -> dict[str, Any]:
@@ -807,11 +661,11 @@ class KernelTracker:
             "kind": self.kind,
             "per_layer": self.per_layer,
             "topk": self.topk,
-            "num_examples": self.num_examples,
+            "num_examples": self.probe_size,
             "num_outputs": self.num_outputs,
             "param_names": list(self._param_names),
             "probe": self._probe_fingerprint,
-            "targets": None if self.targets is None else _fingerprint(self.targets),
+            "targets": None if self.targets is None else fingerprint(self.targets),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -822,12 +676,7 @@ class KernelTracker:
             ValueError: not a KernelTracker state, or saved with a different configuration
                 (kind, per_layer, topk, probe, targets, model parameters).
         """
-        if not isinstance(state, Mapping) or "format" not in state or "config" not in state:
-            raise ValueError(
-                "not a KernelTracker state_dict (expected keys 'format', 'config', 'started', ...)"
-            )
-        if state["format"] != _STATE_FORMAT:
-            raise ValueError(f"unsupported KernelTracker state format {state['format']!r}")
+        check_schema(state, "KernelTracker", required=("format", "config", "started"))
         saved, mine = state["config"], self._config()
         for key in ("kind", "per_layer", "topk", "num_examples", "num_outputs"):
             if saved.get(key) != mine[key]:
@@ -837,7 +686,7 @@ class KernelTracker:
                 )
         for key in ("probe", "targets"):
             a, b = saved.get(key), mine[key]
-            if (a is None) != (b is None) or (a is not None and not _same_fingerprint(a, b)):
+            if (a is None) != (b is None) or (a is not None and not same_fingerprint(a, b)):
                 raise ValueError(
                     f"the state was saved with a different {key} batch; build the tracker with "
                     f"the same {key} it was saved with (metrics relative to K₀ would be wrong)"
@@ -853,20 +702,9 @@ class KernelTracker:
         if not state["started"]:
             return
         self._set_param_names(names)
-        dev = self._metric_device()
-        lin = Linearization(
-            self.model,
-            self._current_params(),
-            output_fn=self.output_fn,
-            device=self.snapshot_device,
-        )
+        lin = self._new_linearization()
         lin.load_state_dict(state["linearization"])
-        to = lambda t: None if t is None else t.to(dev)  # noqa: E731
-        self._f0 = to(state["f0"])
-        self._kernel0 = to(state["kernel0"])
-        self._layer_kernels0 = {k: to(v) for k, v in state["layer_kernels0"].items()}
-        self._eigvecs0 = to(state["eigvecs0"])
-        self._last_kernel = to(state["last_kernel"])
-        self._last_eigenvalues = to(state["last_eigenvalues"])
-        self._last_step = state["last_step"]
+        dev = self._metric_device()
+        self._reference.load_state_dict(state, dev)
+        self._last.load_state_dict(state, dev)
         self._lin = lin

@@ -7,13 +7,13 @@ import pytest
 import torch
 from _cb_helpers import LitLightning, RecordingLogger, trainer_kwargs
 
-from lazy_monitor.callbacks._gate import check_measurement, parse_thresholds
 from lazy_monitor.callbacks.lightning import (
     KernelDriftError,
     KernelDriftGate,
     KernelDriftWarning,
     KernelRegimeMonitor,
 )
+from lazy_monitor.tracking.gate import check_measurement, parse_thresholds
 
 TINY = 1e-12  # every change after the first update exceeds it
 

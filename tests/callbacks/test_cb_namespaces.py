@@ -70,7 +70,7 @@ def test_lightning_cli_yaml_instantiates_and_runs_the_callbacks(tmp_path, ns, co
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, adapters.KernelRegimeMonitor)]
     (gate,) = [c for c in cli.trainer.callbacks if isinstance(c, adapters.KernelDriftGate)]
     assert (monitor.probe_size, monitor.every_n_steps, monitor.log_spaced_until) == (32, 50, 64)
-    assert {(t.metric, t.direction, t.bound) for t in gate.thresholds} == {
+    assert {(t.metric, t.direction, t.value) for t in gate.thresholds} == {
         ("ntk/rel_change", "max", 0.5),
         ("lin/rel_error", "max", 0.5),
     }

@@ -9,7 +9,7 @@ from torch import nn
 
 from lazy_monitor import KernelTracker, empirical_ntk
 from lazy_monitor import metrics as M
-from lazy_monitor.models import mlp
+from lazy_monitor.demo.models import mlp
 
 FIXED_NAMES = [
     "ntk/rel_change", "ntk/distance", "ntk/velocity", "ntk/alignment", "ntk/eig_max",
@@ -273,7 +273,13 @@ def test_measure_works_inside_no_grad_and_inference_mode():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"kind": "diag"}, ValueError, "`kind` can be 'full', 'trace', 'diagonal', got 'diag'"),
+        (
+            {"kind": "diag"},
+            ValueError,
+            "kind must be one of 'full', 'trace', 'diagonal', got 'diag'",
+        ),
+        ({"kind": 4}, TypeError, "kind must be one of"),
+        ({"per_layer": "false"}, TypeError, "per_layer must be True or False, got 'false'"),
         ({"targets": torch.tensor([0, 1, 2])}, ValueError, r"shape \(3,\) but the probe has 8"),
         ({"targets": torch.arange(8)}, ValueError, "class index 3 of targets is outside"),
         ({"targets": torch.zeros(8, dtype=torch.long)}, ValueError, "all probe targets are"),
@@ -282,11 +288,12 @@ def test_measure_works_inside_no_grad_and_inference_mode():
         ({"lazy_thresholds": {"ntk/rel_chnage": 0.1}}, ValueError, "unknown or unsupported"),
         ({"lazy_thresholds": {"ntk/eig_max": 1.0}}, ValueError, "'ntk/eig_max'"),
         ({"lazy_thresholds": {"ntk/rel_change": -1}}, ValueError, "finite number >= 0"),
-        ({"lazy_thresholds": {"ntk/rel_change": "0.1"}}, TypeError, "must be a number"),
+        ({"lazy_thresholds": {"ntk/rel_change": "0.1"}}, TypeError, "must be a finite number"),
         ({"lazy_thresholds": {}}, ValueError, "lazy_thresholds is empty"),
         ({"topk": 100}, ValueError, "topk=100 exceeds the kernel matrix size 24"),
-        ({"topk": 0}, ValueError, "topk must be a positive int"),
-        ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
+        ({"topk": 0}, ValueError, "topk must be an int >= 1 or None, got 0"),
+        ({"topk": 2.0}, TypeError, "topk must be an int"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be an int >= 1 or None, got 0"),
         ({"snapshot_device": "gpu0"}, ValueError, "snapshot_device='gpu0'"),
         ({"implementation": "magic"}, ValueError, "magic"),
         ({"output_fn": 3}, TypeError, "output_fn must be callable"),
@@ -307,7 +314,7 @@ def test_probe_and_step_validation():
     tracker.measure(5)
     with pytest.raises(ValueError, match="got step=5 after step=5"):
         tracker.measure(5)
-    with pytest.raises(ValueError, match="step must be an int"):
+    with pytest.raises(TypeError, match="step must be an int"):
         tracker.measure(6.0)
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lazy_monitor import KernelTracker, empirical_ntk
-from lazy_monitor.models import mlp
+from lazy_monitor.demo.models import mlp
 
 
 def _data(n=8, dim=5, classes=3, seed=0):

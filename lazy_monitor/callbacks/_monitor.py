@@ -1,100 +1,59 @@
-"""Namespace-free logic of the Lightning callbacks.
+"""``KernelRegimeMonitor``: measure the kernel regime during ``fit`` and log it (namespace-free).
 
-The classes here are mixins: they implement the hooks but derive from no ``Callback``. The
-adapters in :mod:`lazy_monitor.callbacks.lightning` and :mod:`lazy_monitor.callbacks.pytorch_lightning`
-combine them with the ``Callback`` of their namespace, so LightningCLI's subclass checks pass in
+The class here is a mixin: it implements the hooks but derives from no ``Callback``. The adapters
+in :mod:`lazy_monitor.callbacks.lightning` and :mod:`lazy_monitor.callbacks.pytorch_lightning`
+combine it with the ``Callback`` of their namespace, so LightningCLI's subclass checks pass in
 each namespace while both share one implementation and one ``state_key`` (checkpoints move freely
-between them). Nothing here imports ``lightning`` or ``pytorch_lightning``.
+between them). Nothing here imports ``lightning`` or ``pytorch_lightning``; the framework-free
+pieces (tracker, schedule, probe drawing) live in :mod:`lazy_monitor.tracking`.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
-from lazy_monitor.callbacks import _tensorboard as tb
-from lazy_monitor.callbacks._gate import (
-    GATE_ACTIONS,
-    KernelDriftError,
-    Threshold,
-    ThresholdSpec,
-    check_measurement,
-    parse_thresholds,
+from lazy_monitor import catalogue
+from lazy_monitor._state import check_schema, stamp
+from lazy_monitor._validation import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+    check_mapping,
+    check_str,
 )
-from lazy_monitor.callbacks._probe import (
+from lazy_monitor.callbacks import _tensorboard as tb
+from lazy_monitor.core._functional import as_device, map_batch, side_effect_guard
+from lazy_monitor.core.kernels import NtkImplementation
+from lazy_monitor.tracking.network import device_of as _device_of
+from lazy_monitor.tracking.network import resolve_submodule as _resolve_submodule
+from lazy_monitor.tracking.probe import (
     Probe,
+    build_tracker,
     default_batch_to_probe,
     draw_probe,
     split_probe,
     validate_probe,
 )
-from lazy_monitor.callbacks._schedule import MeasurementSchedule
-from lazy_monitor.core._functional import map_batch, side_effect_guard
-from lazy_monitor.core.kernels import NtkImplementation
+from lazy_monitor.tracking.probe import (
+    probe_size as _probe_size,
+)
+from lazy_monitor.tracking.schedule import MeasurementSchedule
+from lazy_monitor.tracking.tracker import KINDS
 
-__all__ = [
-    "DEFAULT_EVERY_N_STEPS",
-    "DEFAULT_PROBE_SIZE",
-    "KernelDriftWarning",
-    "_KernelDriftGateBase",
-    "_KernelRegimeMonitorBase",
-]
+__all__ = ["DEFAULT_EVERY_N_STEPS", "DEFAULT_PROBE_SIZE", "_KernelRegimeMonitorBase"]
 
-#: Default cadence. One measurement with the default probe (32 examples, full kernel) costs about
-#: as much as 5-15 training steps of an MLP-1024 / small CNN at batch 128 on a CPU, so 500 steps
-#: keep the monitor's share of the fit time at ~1-3 % (benchmarks/bench_overhead.py).
+#: Default cadence: one measurement with the default probe (32 examples, full kernel) costs as
+#: much as a handful of training steps of an MLP / small CNN at batch 128, so 500 steps keep the
+#: monitor's share of the fit time at a few percent (measured: benchmarks/RESULTS.md).
 DEFAULT_EVERY_N_STEPS = 500
 #: Default probe size when neither ``probe`` nor ``probe_size`` is given.
 DEFAULT_PROBE_SIZE = 32
-_STATE_VERSION = 1
-
-
-class KernelDriftWarning(UserWarning):
-    """Emitted by :class:`KernelDriftGate` when a threshold trips (every action warns)."""
-
-
-def _check_int(name: str, value: Any, minimum: int, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}; {fix}")
-    return value
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """Strip ``torch.compile`` (``_orig_mod``) and DDP / DataParallel (``.module``) wrappers."""
-    while True:
-        inner = getattr(module, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            module = inner
-            continue
-        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            module = module.module
-            continue
-        return module
-
-
-def _resolve_submodule(root: nn.Module, path: Optional[str]) -> nn.Module:
-    """``root`` or its (dotted) submodule, unwrapping wrappers at every level."""
-    module = _unwrap(root)
-    if not path:
-        return module
-    walked = []
-    for part in path.split("."):
-        child = module._modules.get(part) if isinstance(module, nn.Module) else None
-        if child is None:
-            names = list(module._modules)[:12]
-            at = ".".join(walked) or type(root).__name__
-            raise ValueError(
-                f"KernelRegimeMonitor(submodule={path!r}): {at} has no submodule {part!r} "
-                f"(its children: {names}); pass the attribute path of the network to monitor"
-            )
-        module = _unwrap(child)
-        walked.append(part)
-    return module
 
 
 def _global_step(trainer: Any) -> int:
@@ -158,7 +117,7 @@ class _KernelRegimeMonitorBase:
         probe: the probe batch: inputs ``x`` (a tensor, or a dict of tensors passed as keyword
             arguments) or a pair ``(x, y)``; targets ``y`` enable ``ntk/alignment`` and
             ``lin/agreement``. Mutually exclusive with ``probe_size``.
-        probe_size: draw this many examples from the train dataloader's dataset at the first
+        probe_size: number of probe examples ``N``; draw this many examples from the train dataloader's dataset at the first
             train start, with an own generator seeded by ``seed`` (global RNGs and the loader's
             order are unaffected). Default (neither given): ``32``. The kernel costs grow like
             ``probe_size**2``.
@@ -198,8 +157,9 @@ class _KernelRegimeMonitorBase:
             fix); at setup for an unknown ``submodule``; at train start for a probe that cannot be
             drawn (e.g. ``probe_size`` larger than the dataset) or targets of an explicit
             ``probe=(x, y)`` that do not fit the model's outputs.
-        TypeError: at construction for a probe that is neither ``x`` nor ``(x, y)``; at train start
-            for training batches that ``batch_to_probe`` cannot split.
+        TypeError: at construction for an argument of the wrong type (e.g.
+            ``per_layer="false"``) or a probe that is neither ``x`` nor ``(x, y)``; at train
+            start for training batches that ``batch_to_probe`` cannot split.
 
     Example::
 
@@ -240,63 +200,43 @@ class _KernelRegimeMonitorBase:
         if probe is not None:
             self._probe = split_probe(probe, "KernelRegimeMonitor(probe=...)")
             validate_probe(self._probe, "KernelRegimeMonitor(probe=...)")
-            self.probe_size = _probe_len(self._probe)
+            self.probe_size = _probe_size(self._probe)
         else:
             size = DEFAULT_PROBE_SIZE if probe_size is None else probe_size
-            self.probe_size = _check_int("probe_size", size, 1, "e.g. probe_size=32")
-        self.every_n_steps = _check_int(
-            "every_n_steps", every_n_steps, 1, f"e.g. every_n_steps={DEFAULT_EVERY_N_STEPS}"
-        )
-        self.log_spaced_until = _check_int(
-            "log_spaced_until", log_spaced_until, 0, "0 disables, e.g. 128 adds steps 1, 2, ..., 64"
-        )
+            self.probe_size = check_int("probe_size", size, minimum=1, fix="e.g. probe_size=32")
+        self._schedule = MeasurementSchedule(every_n_steps, log_spaced_until)
         if submodule is not None and (not isinstance(submodule, str) or not submodule.strip(".")):
             raise ValueError(
                 f"submodule must be a dotted attribute path such as 'net' or None, got {submodule!r}"
             )
-        if batch_to_probe is not None and not callable(batch_to_probe):
-            raise TypeError(
-                f"batch_to_probe must be callable batch -> x or (x, y), got {batch_to_probe!r}"
-            )
+        check_callable("batch_to_probe", batch_to_probe, fix="batch -> x or (x, y)")
         if batch_to_probe is not None and probe is not None:
             raise ValueError(
                 "batch_to_probe only applies to a probe drawn from the training data; with an "
                 "explicit probe=... pass the already converted (x, y)"
             )
-        if kind not in ("full", "trace", "diagonal"):
-            raise ValueError(f"kind must be 'full', 'trace' or 'diagonal', got {kind!r}")
-        if not isinstance(implementation, str):
-            raise TypeError(
-                f"implementation must be a string such as 'auto', got {implementation!r}"
-            )
+        self.kind = check_choice("kind", kind, KINDS)
+        self.implementation = check_str("implementation", implementation, fix="e.g. 'auto'")
         NtkImplementation.parse(implementation)  # raises naming the allowed values
-        if output_fn is not None and not callable(output_fn):
-            raise TypeError(f"output_fn must be callable output -> Tensor, got {output_fn!r}")
-        if lazy_thresholds is not None and not isinstance(lazy_thresholds, Mapping):
-            raise TypeError(
-                "lazy_thresholds must be a mapping metric -> bound such as "
-                f"{{'ntk/rel_change': 0.1}}, got {lazy_thresholds!r}"
-            )
-        self.seed = _check_int("seed", seed, 0, "use a non-negative integer seed")
-        if topk is not None:
-            _check_int("topk", topk, 1, "or None for the tracker default")
-        if chunk_size is not None:
-            _check_int("chunk_size", chunk_size, 1, "or None for no chunking")
-        self.use_targets = bool(use_targets)
+        self.output_fn = check_callable("output_fn", output_fn, fix="output -> Tensor")
+        check_mapping(
+            "lazy_thresholds", lazy_thresholds, optional=True, fix="e.g. {'ntk/rel_change': 0.1}"
+        )
+        self.lazy_thresholds = None if lazy_thresholds is None else dict(lazy_thresholds)
+        self.seed = check_int("seed", seed, minimum=0, fix="use a non-negative integer seed")
+        self.topk = check_int("topk", topk, minimum=1, optional=True, fix="None: tracker default")
+        self.chunk_size = check_int(
+            "chunk_size", chunk_size, minimum=1, optional=True, fix="None for no chunking"
+        )
+        as_device(snapshot_device, "snapshot_device")  # raises naming the value
+        self.snapshot_device = snapshot_device
+        self.use_targets = check_bool("use_targets", use_targets)
+        self.per_layer = check_bool("per_layer", per_layer)
+        self.log_eigenvalues = check_bool("log_eigenvalues", log_eigenvalues)
+        self.log_kernel_image = check_bool("log_kernel_image", log_kernel_image)
+        self.log_hparams = check_bool("log_hparams", log_hparams)
         self.submodule = submodule
         self._batch_to_probe = batch_to_probe
-        self.kind = kind
-        self.implementation = implementation
-        self.per_layer = bool(per_layer)
-        self.output_fn = output_fn
-        self.lazy_thresholds = None if lazy_thresholds is None else dict(lazy_thresholds)
-        self.topk = topk
-        self.chunk_size = chunk_size
-        self.snapshot_device = snapshot_device
-        self.log_eigenvalues = bool(log_eigenvalues)
-        self.log_kernel_image = bool(log_kernel_image)
-        self.log_hparams = bool(log_hparams)
-        self._schedule = MeasurementSchedule(self.every_n_steps, self.log_spaced_until)
 
         self._tracker: Any = None
         self._restored: Optional[dict[str, Any]] = None
@@ -309,6 +249,17 @@ class _KernelRegimeMonitorBase:
         #: Wall-clock seconds spent measuring in this process (for overhead reports).
         self.measure_seconds = 0.0
         self.num_measurements = 0
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def every_n_steps(self) -> int:
+        """Measurement cadence in optimizer steps (kept by the schedule)."""
+        return self._schedule.every_n_steps
+
+    @property
+    def log_spaced_until(self) -> int:
+        """Extra measurements at steps 1, 2, 4, ... below this step (kept by the schedule)."""
+        return self._schedule.log_spaced_until
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -410,47 +361,24 @@ class _KernelRegimeMonitorBase:
         if self._tracker is None:
             return dict(self._restored) if self._restored is not None else {}
         x, y = self._current_probe  # type: ignore[misc]
-        return {
-            "version": _STATE_VERSION,
-            "tracker": self._tracker.state_dict(),
-            "probe_x": map_batch(x, lambda t: t.detach().cpu().clone()),
-            "probe_y": None if y is None else y.detach().cpu().clone(),
-            "last_step": self._last_step,
-            "last_metrics": {k: float(v) for k, v in self._last_metrics.items()},
-        }
+        return stamp(
+            {
+                "tracker": self._tracker.state_dict(),
+                "probe_x": map_batch(x, lambda t: t.detach().cpu().clone()),
+                "probe_y": None if y is None else y.detach().cpu().clone(),
+                "last_step": self._last_step,
+                "last_metrics": {k: float(v) for k, v in self._last_metrics.items()},
+            }
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        missing = [k for k in ("tracker", "probe_x", "last_step") if k not in state_dict]
-        if missing:
-            raise ValueError(
-                f"KernelRegimeMonitor state is missing {missing}; the checkpoint was not written "
-                "by this version of lazy_monitor"
-            )
-        if state_dict.get("version", 0) > _STATE_VERSION:
-            raise ValueError(
-                f"KernelRegimeMonitor state version {state_dict['version']} is newer than this "
-                f"lazy_monitor supports ({_STATE_VERSION}); upgrade lazy_monitor"
-            )
+        check_schema(
+            state_dict, "KernelRegimeMonitor", required=("tracker", "probe_x", "last_step")
+        )
         self._restored = dict(state_dict)
 
     # ------------------------------------------------------------------ internals
     def _build_tracker(self, network: nn.Module, probe: Probe, device: torch.device) -> Any:
-        from lazy_monitor.tracking import KernelTracker
-
-        x, y = probe
-        if not self.use_targets:
-            y = None
-        elif y is not None and self._probe is None and not y.is_floating_point() and y.numel():
-            if bool((y == y.reshape(-1)[0]).all()):
-                warnings.warn(
-                    f"the {_probe_len(probe)} drawn probe examples all have class "
-                    f"{int(y.reshape(-1)[0])}: ntk/alignment and lin/agreement are undefined "
-                    "and not logged; raise probe_size or pass probe=(x, y) with several classes",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                y = None
-        x_dev = map_batch(x, lambda t: t.detach().to(device))
         optional = {
             "lazy_thresholds": self.lazy_thresholds,
             "output_fn": self.output_fn,
@@ -458,40 +386,16 @@ class _KernelRegimeMonitorBase:
             "chunk_size": self.chunk_size,
             "snapshot_device": self.snapshot_device,
         }
-
-        def build(targets: Optional[Tensor]) -> Any:
-            return KernelTracker(
-                network,
-                x_dev,
-                targets=None if targets is None else targets.detach().to(device),
-                kind=self.kind,
-                implementation=self.implementation,
-                per_layer=self.per_layer,
-                **{k: v for k, v in optional.items() if v is not None},
-            )
-
-        try:
-            tracker = build(y)
-        except (TypeError, ValueError) as err:
-            # Targets of a drawn probe come from the training batches (batch[1] by default) and
-            # need not fit the alignment (e.g. sequence labels, multi-hot or differently sized
-            # regression targets). Drop them if the tracker then builds; an error it still
-            # raises without targets is not about the targets and propagates.
-            if y is None or self._probe is not None:
-                raise
-            tracker = build(None)
-            warnings.warn(
-                f"the targets of the drawn probe cannot be used ({err}); ntk/alignment and "
-                "lin/agreement are not logged. Pass batch_to_probe returning (x, y) with class "
-                "indices of shape (N,) or float targets of shape (N, O), or use_targets=False to "
-                "measure without targets",
-                UserWarning,
-                stacklevel=2,
-            )
-            y = None
-        self._current_probe = (
-            map_batch(x, lambda t: t.detach().cpu()),
-            None if y is None else y.detach().cpu(),
+        tracker, self._current_probe = build_tracker(
+            network,
+            probe,
+            device,
+            drawn=self._probe is None,
+            use_targets=self.use_targets,
+            kind=self.kind,
+            implementation=self.implementation,
+            per_layer=self.per_layer,
+            **{k: v for k, v in optional.items() if v is not None},
         )
         return tracker
 
@@ -561,7 +465,7 @@ class _KernelRegimeMonitorBase:
         }
 
     def _write_hparams(self, trainer: Any) -> None:
-        names = [n for n in self._last_metrics if "_layer/" not in n]
+        names = catalogue.hparams_metrics(self._last_metrics)
         for logger in trainer.loggers:
             writers = tb.tensorboard_writers([logger])
             if not writers:
@@ -584,210 +488,3 @@ class _KernelRegimeMonitorBase:
     ) -> None:
         for listener in self._listeners:
             listener._on_measurement(trainer, self, step, metrics, final, repeat=repeat)
-
-
-def _probe_len(probe: Probe) -> int:
-    from lazy_monitor.core._functional import batch_size
-
-    return batch_size(probe[0])
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-class _KernelDriftGateBase:
-    """Stop, fail or flag a run whose kernel metrics cross thresholds.
-
-    Reads the measurements of the :class:`KernelRegimeMonitor` in the same ``Trainer`` (exactly
-    one is required; the order of the two in ``callbacks`` does not matter) and checks each
-    threshold after every measurement:
-
-    * a number, or ``{"max": b}``: a maximum not to exceed, violated when ``value > b``;
-    * ``{"min": b}``: a minimum to reach, violated when ``value < b``. Every change is exactly 0
-      at step 0, so minimums are checked only at the final measurement (train end), or also at
-      every measurement from ``min_check_from_step`` on. A minimum missed at train end trips
-      immediately, whatever ``patience``.
-
-    A threshold trips after ``patience`` consecutive violating measurements. Non-finite values
-    violate every threshold when ``check_finite``. The decision is reduced across ranks
-    (``strategy.reduce_boolean_decision``: one rank tripping trips all), and every rank then acts
-    with the same message naming metric, value, threshold and step:
-
-    * ``"warn"``: a :class:`KernelDriftWarning`; training continues.
-    * ``"stop"``: warning + ``trainer.should_stop = True`` (the current batch completes; Lightning
-      honours ``min_steps``/``min_epochs`` first).
-    * ``"raise"``: :class:`KernelDriftError` on every rank.
-
-    A tripped gate stays tripped: the state (tripped, reason, consecutive counts) is in
-    :meth:`state_dict`, and after resuming from a checkpoint written after the trip the action is
-    re-asserted at train start (``stop`` stops again, ``raise`` raises again). A ``fit`` that
-    restores no gate state (no checkpoint) starts untripped with zero counts.
-
-    When training ends right after a scheduled measurement, that measurement is also the final
-    one: it counts once towards ``patience``, and at train end only the minimums are checked again.
-
-    Args:
-        thresholds: metric name -> bound, e.g. ``{"ntk/rel_change": 0.2, "lin/rel_error": 0.1,
-            "ntk/alignment": {"min": 0.3}}``. Names as logged by the monitor; a name the monitor
-            does not produce in this run is an error at train start.
-        patience: number of consecutive violating measurements that trip a threshold (``>= 1``).
-        action: ``"warn"``, ``"stop"`` or ``"raise"``.
-        min_check_from_step: also check minimums at measurements with ``step >=`` this value
-            (optimizer steps); None: only at train end.
-        check_finite: treat NaN/inf metric values as violations.
-
-    Raises:
-        ValueError: invalid thresholds/patience/action/min_check_from_step (at construction), no
-            or several monitors in the trainer (at setup), a threshold on a metric the monitor does
-            not log (at train start).
-        KernelDriftError: with ``action="raise"`` when a threshold trips.
-
-    Example::
-
-        from lazy_monitor.callbacks.lightning import KernelDriftGate, KernelRegimeMonitor
-
-        gate = KernelDriftGate({"ntk/rel_change": 0.2}, patience=2, action="stop")
-        trainer = Trainer(callbacks=[KernelRegimeMonitor(), gate])
-    """
-
-    def __init__(
-        self,
-        thresholds: dict[str, ThresholdSpec],
-        patience: int = 1,
-        action: Literal["warn", "stop", "raise"] = "stop",
-        min_check_from_step: Optional[int] = None,
-        check_finite: bool = True,
-    ) -> None:
-        self.thresholds: tuple[Threshold, ...] = parse_thresholds(thresholds)
-        self.patience = _check_int("patience", patience, 1, "patience counts measurements")
-        if action not in GATE_ACTIONS:
-            raise ValueError(f"action must be one of {list(GATE_ACTIONS)}, got {action!r}")
-        self.action = action
-        if min_check_from_step is not None:
-            _check_int(
-                "min_check_from_step",
-                min_check_from_step,
-                1,
-                "(every change is 0 at step 0) or None to check at train end",
-            )
-        self.min_check_from_step = min_check_from_step
-        self.check_finite = bool(check_finite)
-        self.tripped = False
-        self.reason: Optional[str] = None
-        self.trip_step: Optional[int] = None
-        self._counts: dict[str, int] = {}
-
-    @property
-    def state_key(self) -> str:
-        spec = [(t.metric, t.direction, t.bound) for t in self.thresholds]
-        return self._generate_state_key(thresholds=spec, action=self.action)  # type: ignore[attr-defined]
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit":
-            return
-        monitors = [cb for cb in trainer.callbacks if isinstance(cb, _KernelRegimeMonitorBase)]
-        if len(monitors) != 1:
-            fix = (
-                "add KernelRegimeMonitor(...) next to the gate"
-                if not monitors
-                else ("keep one monitor per Trainer")
-            )
-            raise ValueError(
-                "KernelDriftGate needs exactly one KernelRegimeMonitor in Trainer(callbacks=...), "
-                f"found {len(monitors)}; {fix}"
-            )
-        monitors[0]._add_listener(self)
-        # A new fit starts untripped; Lightning restores a checkpoint's gate state after setup.
-        self.tripped, self.reason, self.trip_step = False, None, None
-        self._counts = {}
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.tripped:
-            self._act(trainer, f"restored tripped state: {self.reason}", final=False)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "tripped": self.tripped,
-            "reason": self.reason,
-            "trip_step": self.trip_step,
-            "counts": dict(self._counts),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.tripped = bool(state_dict.get("tripped", False))
-        self.reason = state_dict.get("reason")
-        self.trip_step = state_dict.get("trip_step")
-        self._counts = {str(k): int(v) for k, v in state_dict.get("counts", {}).items()}
-
-    # ------------------------------------------------------------------ monitor callbacks
-    def _on_monitor_start(self, trainer: Any, monitor: _KernelRegimeMonitorBase) -> None:
-        available = set(monitor.metric_names())
-        missing = sorted({t.metric for t in self.thresholds} - available)
-        if missing:
-            hint = ""
-            if any(m in ("ntk/alignment", "lin/agreement") for m in missing):
-                hint = " (ntk/alignment needs targets: a probe (x, y); lin/agreement a classifier)"
-            raise ValueError(
-                f"KernelDriftGate thresholds on {missing}, which the monitor does not log in this "
-                f"run{hint}; it logs: {sorted(available)}"
-            )
-
-    def _on_measurement(
-        self,
-        trainer: Any,
-        monitor: _KernelRegimeMonitorBase,
-        step: int,
-        metrics: Mapping[str, float],
-        final: bool,
-        repeat: bool = False,
-    ) -> None:
-        if self.tripped:
-            return
-        check_minimums = self.min_check_from_step is not None and step >= self.min_check_from_step
-        local = check_measurement(
-            self.thresholds,
-            metrics,
-            step,
-            self._counts,
-            patience=self.patience,
-            check_minimums=check_minimums,
-            final=final,
-            check_finite=self.check_finite,
-            repeat=repeat,
-        )
-        # every rank measures at the same steps, so every rank reaches this collective
-        decision = trainer.strategy.reduce_boolean_decision(local is not None, all=False)
-        if not decision:
-            return
-        reason = _first_reason(trainer, local)
-        self.tripped, self.reason, self.trip_step = True, reason, step
-        self._act(trainer, reason, final=final)
-
-    def _act(self, trainer: Any, reason: str, final: bool) -> None:
-        message = f"KernelDriftGate tripped (action={self.action!r}): {reason}"
-        if self.action == "raise":
-            raise KernelDriftError(message)
-        if self.action == "stop" and not final:
-            trainer.should_stop = True
-            message += "; stopping training"
-        if trainer.is_global_zero:
-            warnings.warn(message, KernelDriftWarning, stacklevel=2)
-
-
-def _first_reason(trainer: Any, local: Optional[str]) -> str:
-    """The trip reason of the lowest rank that has one (all ranks then report the same)."""
-    if getattr(trainer, "world_size", 1) > 1:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            gathered: list[Optional[str]] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, local)
-            for reason in gathered:
-                if reason:
-                    return reason
-    return local or "a threshold tripped on another rank"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from lazy_monitor._validation import check_int
+
 __all__ = ["MeasurementSchedule"]
 
 
@@ -25,11 +27,25 @@ class MeasurementSchedule:
     Args:
         every_n_steps: cadence in optimizer steps (``trainer.global_step``), ``>= 1``.
         log_spaced_until: extra measurements at powers of two below this step; ``0`` = none.
+
+    Raises:
+        TypeError: a non-integer argument. ValueError: ``every_n_steps < 1`` or
+            ``log_spaced_until < 0``.
+
+    >>> MeasurementSchedule(every_n_steps=100, log_spaced_until=16).steps_until(300)
+    [0, 1, 2, 4, 8, 100, 200, 300]
     """
 
     def __init__(self, every_n_steps: int, log_spaced_until: int = 0) -> None:
-        self.every_n_steps = every_n_steps
-        self.log_spaced_until = log_spaced_until
+        self.every_n_steps = check_int(
+            "every_n_steps", every_n_steps, minimum=1, fix="e.g. every_n_steps=500"
+        )
+        self.log_spaced_until = check_int(
+            "log_spaced_until",
+            log_spaced_until,
+            minimum=0,
+            fix="0 disables, e.g. 128 adds steps 1, 2, ..., 64",
+        )
 
     def next_after(self, last_step: int) -> int:
         """Smallest scheduled step strictly greater than ``last_step``."""

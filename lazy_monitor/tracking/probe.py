@@ -10,17 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
 from lazy_monitor.core._functional import InputBatch, batch_size, map_batch
+from lazy_monitor.tracking.tracker import KernelTracker
 
-__all__ = ["Probe", "default_batch_to_probe", "draw_probe", "split_probe", "validate_probe"]
+__all__ = [
+    "Probe",
+    "build_tracker",
+    "default_batch_to_probe",
+    "draw_from_dataset",
+    "draw_probe",
+    "probe_size",
+    "split_probe",
+    "validate_probe",
+]
 
 Probe = tuple[InputBatch, Optional[Tensor]]
 BatchToProbe = Callable[[Any], Any]
@@ -140,15 +151,8 @@ def _single_loader(loaders: Any) -> Any:
 
 
 def draw_probe(loaders: Any, size: int, seed: int, batch_to_probe: BatchToProbe) -> Probe:
-    """Draw ``size`` examples from the train loader's dataset, deterministically.
-
-    Map-style datasets: indices ``torch.randperm(len(dataset), generator=Generator(seed))[:size]``,
-    collated with the loader's ``collate_fn``. Iterable datasets: the first ``size`` examples of
-    a fresh iterator over the dataset. The loader's sampler is never touched and all global RNG
-    states are restored afterwards.
-
-    Returns:
-        ``(x, y)`` on CPU as produced by ``batch_to_probe`` (``y`` may be None).
+    """Draw ``size`` examples from the train loader's dataset (see :func:`draw_from_dataset`),
+    collated with the loader's ``collate_fn``; for a collection of loaders the first one.
 
     Raises:
         ValueError: no train dataloader / dataset, or fewer examples than ``size``.
@@ -162,6 +166,28 @@ def draw_probe(loaders: Any, size: int, seed: int, batch_to_probe: BatchToProbe)
             "an explicit probe=x or probe=(x, y)"
         )
     collate = getattr(loader, "collate_fn", None) or default_collate
+    return draw_from_dataset(dataset, size, seed, batch_to_probe, collate)
+
+
+def draw_from_dataset(
+    dataset: Any,
+    size: int,
+    seed: int,
+    batch_to_probe: BatchToProbe = default_batch_to_probe,
+    collate: Callable[[list[Any]], Any] = default_collate,
+) -> Probe:
+    """Draw ``size`` examples from ``dataset``, deterministically and without side effects.
+
+    Map-style datasets: indices ``torch.randperm(len(dataset), generator=Generator(seed))[:size]``,
+    collated with ``collate``. Iterable datasets: the first ``size`` examples of a fresh iterator.
+    No sampler is touched and all global RNG states are restored afterwards.
+
+    Returns:
+        ``(x, y)`` on CPU as produced by ``batch_to_probe`` (``y`` may be None).
+
+    Raises:
+        ValueError: fewer examples than ``size``.
+    """
     with _all_rngs_preserved():
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             items = []
@@ -186,3 +212,66 @@ def draw_probe(loaders: Any, size: int, seed: int, batch_to_probe: BatchToProbe)
     validate_probe(probe, "the probe drawn from the training data")
     x, y = probe
     return map_batch(x, lambda t: t.detach().cpu()), (None if y is None else y.detach().cpu())
+
+
+def probe_size(probe: Probe) -> int:
+    """Number of examples ``N`` of a probe ``(x, y)``."""
+    return batch_size(probe[0])
+
+
+def build_tracker(
+    network: nn.Module,
+    probe: Probe,
+    device: torch.device,
+    *,
+    drawn: bool,
+    use_targets: bool = True,
+    **tracker_kwargs: Any,
+) -> tuple[KernelTracker, Probe]:
+    """A :class:`KernelTracker` on ``probe`` (moved to ``device``), and the probe it uses.
+
+    Targets of a *drawn* probe come from the training batches (``batch[1]`` by default) and need
+    not fit the alignment (one class only, sequence labels, multi-hot or differently sized
+    regression targets): they are dropped with a warning when the tracker builds without them.
+    Targets of an explicit probe (``drawn=False``) must fit: the tracker's error propagates.
+    An error the tracker still raises without targets is not about the targets and propagates.
+
+    Returns:
+        ``(tracker, (x, y))`` with the probe on CPU and ``y`` None when dropped.
+    """
+    x, y = probe
+    if not use_targets:
+        y = None
+    elif y is not None and drawn and not y.is_floating_point() and y.numel():
+        if bool((y == y.reshape(-1)[0]).all()):
+            warnings.warn(
+                f"the {probe_size(probe)} drawn probe examples all have class "
+                f"{int(y.reshape(-1)[0])}: ntk/alignment and lin/agreement are undefined "
+                "and not logged; raise probe_size or pass probe=(x, y) with several classes",
+                UserWarning,
+                stacklevel=3,
+            )
+            y = None
+    x_dev = map_batch(x, lambda t: t.detach().to(device))
+
+    def build(targets: Optional[Tensor]) -> KernelTracker:
+        targets = None if targets is None else targets.detach().to(device)
+        return KernelTracker(network, x_dev, targets=targets, **tracker_kwargs)
+
+    try:
+        tracker = build(y)
+    except (TypeError, ValueError) as err:
+        if y is None or not drawn:
+            raise
+        tracker = build(None)
+        warnings.warn(
+            f"the targets of the drawn probe cannot be used ({err}); ntk/alignment and "
+            "lin/agreement are not logged. Pass batch_to_probe returning (x, y) with class "
+            "indices of shape (N,) or float targets of shape (N, O), or use_targets=False to "
+            "measure without targets",
+            UserWarning,
+            stacklevel=3,
+        )
+        y = None
+    cpu_probe = (map_batch(x, lambda t: t.detach().cpu()), None if y is None else y.detach().cpu())
+    return tracker, cpu_probe

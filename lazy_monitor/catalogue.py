@@ -1,0 +1,340 @@
+"""The metric catalogue: one entry per metric, the single source of truth for its name.
+
+Everything that lists metrics derives the list from :data:`CATALOGUE`: the names
+:class:`~lazy_monitor.KernelTracker` returns (:func:`tracker_metric_names`), the metrics a
+:class:`~lazy_monitor.KernelDriftGate` threshold may name (:func:`is_known`), the direction of a
+lazy threshold (:func:`direction_of`), the TensorBoard custom-scalar layout
+(:func:`tensorboard_layout`), the HParams metrics (:func:`hparams_metrics`), the columns of
+``lazy-monitor report`` (:func:`report_metrics`) and the metric table of the README
+(:func:`markdown_table`; ``tests/test_catalogue.py`` fails when they disagree).
+
+Adding a metric is one :class:`MetricInfo` entry here plus its computation.
+
+Torch-free: the CLI imports it without importing torch.
+
+>>> lookup("ntk_layer/net.0/rel_change").name
+'ntk_layer/<layer>/rel_change'
+>>> direction_of("lin/agreement")
+'min'
+>>> tracker_metric_names(layers=["fc"], targets=False, classification=False)[:3]
+['ntk/rel_change', 'ntk/distance', 'ntk/velocity']
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+__all__ = [
+    "CATALOGUE",
+    "LAYER",
+    "MetricInfo",
+    "direction_of",
+    "hparams_metrics",
+    "is_known",
+    "lookup",
+    "markdown_table",
+    "report_metrics",
+    "plot_metrics",
+    "tensorboard_layout",
+    "tracker_metric_names",
+]
+
+#: Placeholder for a layer name (module prefix of its parameters, e.g. ``net.0``) in a pattern.
+LAYER = "<layer>"
+
+Direction = Literal["max", "min"]
+#: Who computes a metric: the tracker, the callback around it, or a planned producer.
+Source = Literal["tracker", "monitor"]
+#: When the tracker produces it: always, only with targets, only for class-index targets, or
+#: only with ``per_layer=True``.
+Requires = Literal["", "targets", "classification", "per_layer"]
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """One metric (or one family, with ``<layer>`` in the name).
+
+    Attributes:
+        name: the logged name / TensorBoard tag, e.g. ``ntk/rel_change`` or
+            ``ntk_layer/<layer>/rel_change``.
+        direction: which side is lazy: ``"max"`` -- lazy means small, a lazy threshold is a
+            maximum; ``"min"`` -- lazy means large (close to 1), a threshold is a minimum;
+            ``None`` -- no lazy side (descriptive metrics, the verdict itself).
+        chart: ``(category, chart title)`` in the TensorBoard custom-scalars layout.
+        formula: the formula, in the README's notation.
+        description: one line on how to read it.
+        paper: where it comes from (empty if nowhere in particular).
+        source: ``"tracker"`` (:class:`KernelTracker` computes it) or ``"monitor"`` (the
+            callback around the tracker).
+        requires: the condition under which the tracker produces it.
+        planned: documented and accepted by thresholds, not computed yet (another issue).
+        report: a column of ``lazy-monitor report`` (final and maximum per run).
+        plot: a panel of ``lazy-monitor report --plot``.
+        hparams: shown in the HParams dashboard (per-layer families are not).
+    """
+
+    name: str
+    direction: Optional[Direction]
+    chart: tuple[str, str]
+    formula: str
+    description: str
+    paper: str = ""
+    source: Source = "tracker"
+    requires: Requires = ""
+    planned: bool = False
+    report: bool = False
+    plot: bool = False
+
+    @property
+    def is_pattern(self) -> bool:
+        return LAYER in self.name
+
+    @property
+    def hparams(self) -> bool:
+        return not self.is_pattern and not self.planned
+
+    def regex(self) -> str:
+        """Anchored regular expression matching the logged names of this entry."""
+        head, _, tail = self.name.partition(LAYER)
+        if not self.is_pattern:
+            return "^" + re.escape(self.name) + "$"
+        return "^" + re.escape(head) + ".+" + re.escape(tail) + "$"
+
+    def expand(self, layers: Iterable[str]) -> list[str]:
+        """The logged names for these layers (the name itself if it is not a pattern)."""
+        if not self.is_pattern:
+            return [self.name]
+        return [self.name.replace(LAYER, layer) for layer in layers]
+
+
+_DRIFT, _LIN, _SPEC, _PARAMS = "kernel drift", "linearization", "spectrum", "parameters"
+_STAB, _FEAT, _COST = "stability", "features", "monitor cost"
+#: Order of the categories in the TensorBoard custom-scalars layout.
+CHART_CATEGORIES = (_DRIFT, _LIN, _SPEC, _PARAMS, _STAB, _FEAT, _COST)
+
+#: Every metric, in the order :meth:`KernelTracker.metric_names` returns them.
+CATALOGUE: tuple[MetricInfo, ...] = (
+    MetricInfo("ntk/rel_change", "max", (_DRIFT, "relative change |K-K0|/|K0|"),
+               "‖K − K₀‖ / ‖K₀‖",
+               "how far the kernel moved; ≪ 0.1 lazy, O(1) feature learning",
+               "Lee et al. 2019", report=True, plot=True),
+    MetricInfo("ntk/distance", "max", (_DRIFT, "kernel distance 1-cos(K, K0)"),
+               "1 − ⟨K, K₀⟩ / (‖K‖ ‖K₀‖)",
+               "change of the kernel's *direction* (ignores scale); 0 = same shape",
+               "Fort et al. 2020", plot=True),
+    MetricInfo("ntk/velocity", "max", (_DRIFT, "kernel velocity"),
+               "distance(K, K_prev) / steps between measurements",
+               "speed of kernel change; large early, then small (Fort et al.)",
+               "Fort et al. 2020"),
+    MetricInfo("ntk/alignment", None, (_DRIFT, "kernel-target alignment"),
+               "⟨K_c, L_c⟩ / (‖K_c‖ ‖L_c‖), K_c = HKH, L_c = H vec(Y) vec(Y)ᵀ H, "
+               "H = (I − 11ᵀ/n) ⊗ I_O (centres over examples, per output; Y one-hot for class "
+               "indices)",
+               "centred kernel–target alignment; rising = the kernel adapts to the task (only "
+               "with targets)",
+               "Cortes et al. 2012; Baratin et al. 2021", requires="targets"),
+    MetricInfo("ntk/eig_max", None, (_SPEC, "extreme eigenvalues"),
+               "largest eigenvalue of the kernel matrix",
+               "λmax sets the stable learning rate (catapult above ~2/λmax, loss-normalised)",
+               "Lewkowycz et al. 2020"),
+    MetricInfo("ntk/eig_min", None, (_SPEC, "extreme eigenvalues"),
+               "smallest eigenvalue of the kernel matrix",
+               "λmin sets the slowest direction of kernel regression", ""),
+    MetricInfo("ntk/trace", None, (_SPEC, "trace"), "tr K", "overall kernel scale"),
+    MetricInfo("ntk/eff_rank", None, (_SPEC, "effective rank"),
+               "exp(−Σ pᵢ log pᵢ), pᵢ = λᵢ/Σλ", "number of effectively used directions",
+               "Roy & Vetterli 2007"),
+    MetricInfo("ntk/cond", None, (_SPEC, "condition number"),
+               "λmax / λmin (inf if λmin ≤ 0)",
+               "conditioning of kernel regression on the probe"),
+    MetricInfo("ntk/eig_overlap", "min", (_SPEC, "top-k eigenspace overlap with K0"),
+               "‖U₀ᵀ U‖² / k, top-k eigenvectors", "1 = the leading eigenspace is unchanged"),
+    MetricInfo("params/rel_change", "max", (_PARAMS, "relative change |theta-theta0|/|theta0|"),
+               "‖θ − θ₀‖ / ‖θ₀‖",
+               "relative weight movement (width^-1/2 or width^-1 in NTK param.)",
+               "Lee et al. 2019", report=True, plot=True),
+    MetricInfo("params/distance", "max", (_PARAMS, "distance |theta-theta0|"), "‖θ − θ₀‖",
+               "absolute weight movement"),
+    MetricInfo("lin/rel_error", "max", (_LIN, "relative error |f-f_lin|"),
+               "‖f − f_lin‖ / ‖f − f₀‖",
+               "fraction of the function's change the linear model misses; 0 lazy, ~1 features "
+               "moved",
+               "Lee et al. 2019; Liu, Zhu & Belkin 2020", report=True, plot=True),
+    MetricInfo("lin/rmse", "max", (_LIN, "RMSE f vs f_lin"), "sqrt(mean((f − f_lin)²))",
+               "the same in output units", "Lee et al. 2019"),
+    MetricInfo("lin/agreement", "min", (_LIN, "prediction agreement f vs f_lin"),
+               "mean[argmax f = argmax f_lin]; with one output, mean[(f > 0) = (f_lin > 0)]",
+               "do the net and its linearization predict the same classes (class-index targets "
+               "only); a single output is read as a **logit** (threshold 0), not a probability",
+               requires="classification"),
+    MetricInfo("ntk_layer/<layer>/rel_change", "max", (_DRIFT, "relative change per layer"),
+               "‖K_l − K_l,₀‖ / ‖K_l,₀‖ for the layer's block of K",
+               "which layer's kernel moves (e.g. `fc1`, `readout`)", "Baratin et al. 2021",
+               requires="per_layer"),
+    MetricInfo("params_layer/<layer>/rel_change", "max", (_PARAMS, "relative change per layer"),
+               "‖θ_l − θ_l,₀‖ / ‖θ_l,₀‖", "which layer's weights move", requires="per_layer"),
+    MetricInfo("regime/lazy", None, (_DRIFT, "lazy regime (1 = lazy)"),
+               "1 if every lazy threshold holds, else 0",
+               "the verdict; default thresholds `ntk/rel_change ≤ 0.1`, `lin/rel_error ≤ 0.1` "
+               "(heuristic)"),
+    MetricInfo("health/nonfinite", None, (_DRIFT, "non-finite values"),
+               "1 if kernel, outputs or parameters hold NaN/inf",
+               "the other metrics are NaN at that step"),
+    # ---- planned (other issues): accepted by thresholds and documented, not computed yet
+    MetricInfo("opt/lr", None, (_STAB, "learning rate"), "η of the first param group",
+               "the learning rate the optimizer used at this step", source="monitor",
+               planned=True),
+    MetricInfo("ntk/lr_eig_max", "max", (_STAB, "η·λmax (catapult above 2)"),
+               "η λmax / n (loss-normalised)",
+               "above 2 gradient descent leaves the lazy phase (catapult)",
+               "Lewkowycz et al. 2020", source="monitor", planned=True),
+    MetricInfo("regime/catapult", None, (_STAB, "catapult phase (1 = catapult)"),
+               "1 if the loss spiked while λmax fell",
+               "the large-learning-rate catapult phase", "Lewkowycz et al. 2020",
+               source="monitor", planned=True),
+    MetricInfo("features/<layer>/cka", "min", (_FEAT, "feature CKA with init"),
+               "CKA(Φ_l, Φ_l,₀) of the layer's probe features",
+               "1 = the layer's representation is unchanged", "Kornblith et al. 2019",
+               planned=True, requires="per_layer"),
+    MetricInfo("monitor/seconds", None, (_COST, "seconds per measurement"),
+               "wall time of the measurement", "what monitoring costs", source="monitor",
+               planned=True),
+    MetricInfo("monitor/overhead", "max", (_COST, "share of fit time"),
+               "measurement time / fit time", "the monitor's share of the training time",
+               source="monitor", planned=True),
+)  # fmt: skip
+
+_BY_NAME = {m.name: m for m in CATALOGUE}
+_GLOB = re.compile(r"[*?\[]")
+
+
+def lookup(name: str) -> Optional[MetricInfo]:
+    """The catalogue entry of a logged name (``ntk_layer/net.0/rel_change`` -> its pattern)."""
+    if name in _BY_NAME:
+        return _BY_NAME[name]
+    for info in CATALOGUE:
+        if info.is_pattern and re.match(info.regex(), name):
+            return info
+    return None
+
+
+def matching(glob: str) -> list[MetricInfo]:
+    """Entries whose names a threshold name matches: a logged name, or an :mod:`fnmatch` glob
+    such as ``ntk_layer/*/rel_change`` or ``lin/*``."""
+    info = lookup(glob)
+    if info is not None:
+        return [info]
+    if not _GLOB.search(glob):
+        return []
+    return [m for m in CATALOGUE if fnmatch.fnmatchcase(m.name.replace(LAYER, "x"), glob)]
+
+
+def is_known(name: str) -> bool:
+    """Whether ``name`` (a metric name or a glob) names catalogue metrics."""
+    return bool(matching(name))
+
+
+def direction_of(name: str) -> Optional[str]:
+    """The lazy direction (``"max"``/``"min"``) of a name or glob; None if it has none or its
+    matches disagree."""
+    found = {m.direction for m in matching(name)}
+    return found.pop() if len(found) == 1 else None
+
+
+def known_names_hint() -> str:
+    """The names a threshold may use, for error messages."""
+    plain = [m.name for m in CATALOGUE if not m.is_pattern]
+    patterns = [m.name for m in CATALOGUE if m.is_pattern]
+    return ", ".join(plain) + " or " + " / ".join(f"'{p}'" for p in patterns)
+
+
+def requirement_hint(names: Iterable[str]) -> str:
+    """Why the tracker may not log these names (for the gate's missing-metric error)."""
+    why = {
+        "targets": "needs targets: a probe (x, y)",
+        "classification": "needs a classifier probe (class-index targets)",
+        "per_layer": "needs per_layer=True",
+    }
+    parts = []
+    for name in names:
+        info = lookup(name)
+        if info is not None and info.planned:
+            parts.append(f"{name} is not computed by this version")
+        elif info is not None and info.requires:
+            parts.append(f"{name} {why[info.requires]}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def tracker_metric_names(
+    layers: Sequence[str], *, targets: bool, classification: bool, per_layer: bool = True
+) -> list[str]:
+    """Exactly the names :class:`KernelTracker` returns for this configuration, in order."""
+    enabled = {"": True, "targets": targets, "classification": classification}
+    enabled["per_layer"] = per_layer
+    names: list[str] = []
+    for info in CATALOGUE:
+        if info.source == "tracker" and not info.planned and enabled[info.requires]:
+            names += info.expand(layers)
+    return names
+
+
+def lazy_threshold_names(metric_names: Iterable[str]) -> list[str]:
+    """The names among ``metric_names`` that have a lazy direction (may carry a lazy threshold)."""
+    out = []
+    for name in metric_names:
+        info = lookup(name)
+        if info is not None and info.direction is not None:
+            out.append(name)
+    return out
+
+
+def tensorboard_layout(metric_names: Sequence[str]) -> dict[str, dict[str, list[object]]]:
+    """The ``SummaryWriter.add_custom_scalars`` layout for the metrics logged in a run.
+
+    One category per chart category of the catalogue ("kernel drift", "linearization",
+    "spectrum", "parameters", ...), one multiline chart per title, its tags as anchored regular
+    expressions. A chart is kept only if one of its tags is logged, a category only if it has a
+    chart.
+    """
+    charts: dict[str, dict[str, list[str]]] = {c: {} for c in CHART_CATEGORIES}
+    for info in CATALOGUE:
+        category, title = info.chart
+        charts.setdefault(category, {}).setdefault(title, []).append(info.regex())
+    layout: dict[str, dict[str, list[object]]] = {}
+    for category, by_title in charts.items():
+        kept: dict[str, list[object]] = {}
+        for title, patterns in by_title.items():
+            if any(re.search(p, name) for p in patterns for name in metric_names):
+                kept[title] = ["Multiline", patterns]
+        if kept:
+            layout[category] = kept
+    return layout
+
+
+def hparams_metrics(metric_names: Iterable[str]) -> list[str]:
+    """The logged names shown in the HParams dashboard (no per-layer families)."""
+    return [n for n in metric_names if (info := lookup(n)) is None or info.hparams]
+
+
+def report_metrics() -> tuple[str, ...]:
+    """The metrics of ``lazy-monitor report`` (final and maximum per run)."""
+    return tuple(m.name for m in CATALOGUE if m.report)
+
+
+def plot_metrics() -> tuple[str, ...]:
+    """The panels of ``lazy-monitor report --plot``."""
+    return tuple(m.name for m in CATALOGUE if m.plot)
+
+
+def markdown_table() -> str:
+    """The README's metric table (computed metrics only, in catalogue order)."""
+    rows = ["| name | formula | how to read it | source |", "|---|---|---|---|"]
+    for info in CATALOGUE:
+        if not info.planned:
+            cells = [f"`{info.name}`", info.formula, info.description, info.paper]
+            rows.append(("| " + " | ".join(cells) + " |").replace("|  |", "| |"))
+    return "\n".join(rows)

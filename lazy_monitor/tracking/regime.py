@@ -1,0 +1,117 @@
+"""The regime metrics as a pure function of (reference, current measurement).
+
+:func:`regime_metrics` computes every value :class:`~lazy_monitor.KernelTracker` returns from a
+:class:`~lazy_monitor.tracking._state.Reference` (``f₀``, ``K₀``, per-layer ``K₀``,
+eigenvectors of ``K₀``), θ₀, the previous measurement and a :class:`Measurement`; it mutates
+nothing. The formulas are in :mod:`lazy_monitor.metrics` and :mod:`lazy_monitor.catalogue`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from lazy_monitor.core import metrics as M
+from lazy_monitor.thresholds import Threshold
+from lazy_monitor.tracking._state import LastMeasurement, Reference
+
+__all__ = ["Measurement", "lazy_decision", "regime_metrics"]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One evaluation of the model on the probe (all on the metric device).
+
+    Attributes:
+        kernel: ``K`` in the engine's shape for the kind.
+        layer_kernels: ``{layer: K_l}`` (empty without ``per_layer``).
+        spectrum: ``(eigenvalues (M,) ascending, eigenvectors (M, M))`` of the kernel matrix.
+        f: outputs ``(N, O)``; f_lin: ``f₀ + J(θ₀)(θ − θ₀)`` ``(N, O)``.
+        params: the tracked parameters θ by name.
+    """
+
+    kernel: Tensor
+    layer_kernels: Mapping[str, Tensor]
+    spectrum: tuple[Tensor, Tensor]
+    f: Tensor
+    f_lin: Tensor
+    params: Mapping[str, Tensor]
+
+
+def lazy_decision(
+    thresholds: Sequence[Threshold], metrics: Mapping[str, float]
+) -> tuple[bool, str]:
+    """Whether every threshold holds on ``metrics`` (globs apply to every matching name), and
+    the violations as ``"ntk/rel_change = 0.231 > 0.1"`` (empty when lazy). NaN violates."""
+    reasons = []
+    for th in thresholds:
+        for name in th.select(metrics):
+            value = float(metrics[name])
+            if not th.satisfied(value):
+                symbol = "<" if th.direction == "min" else ">"
+                reasons.append(f"{name} = {value:.4g} {symbol} {th.value:g}")
+    return not reasons, "; ".join(reasons)
+
+
+def regime_metrics(
+    reference: Reference,
+    current: Measurement,
+    *,
+    params0: Mapping[str, Tensor],
+    last: LastMeasurement,
+    step: int,
+    targets: Optional[Tensor],
+    classification: bool,
+    topk: int,
+    layers: Mapping[str, Sequence[str]],
+    lazy_thresholds: Sequence[Threshold],
+    names: Sequence[str],
+) -> dict[str, float]:
+    """Every metric of :meth:`KernelTracker.measure`, keyed and ordered by ``names``.
+
+    ``layers`` maps a layer to its parameter names (empty: no per-layer metrics). Velocity is 0
+    when ``last`` holds no kernel (the reference measurement).
+    """
+    kernel, f, f_lin = current.kernel, current.f, current.f_lin
+    vals, vecs = current.spectrum
+    values: dict[str, Any] = {
+        "ntk/rel_change": M.kernel_rel_change(kernel, reference.kernel0),
+        "ntk/distance": M.kernel_distance(kernel, reference.kernel0),
+    }
+    if last.last_kernel is None:
+        values["ntk/velocity"] = 0.0
+    else:
+        distance = M.kernel_distance(kernel, last.last_kernel)
+        values["ntk/velocity"] = distance / (step - last.last_step)
+    if targets is not None:
+        values["ntk/alignment"] = M.kernel_alignment(kernel, targets.to(kernel.device))
+    stats = M.spectrum_stats(vals)
+    for key in ("eig_max", "eig_min", "trace", "eff_rank", "cond"):
+        values[f"ntk/{key}"] = stats[key]
+    values["ntk/eig_overlap"] = M.eigenspace_overlap(reference.eigvecs0, vecs[:, -topk:])
+    distance, rel_change, by_layer = M.param_changes(current.params, params0, layers)
+    values["params/rel_change"] = rel_change
+    values["params/distance"] = distance
+    f0 = reference.f0
+    # Output changes at rounding level (e.g. the same θ evaluated on another device) are no
+    # change: otherwise lin/rel_error would be a ratio of two noise terms.
+    atol = 100 * torch.finfo(f0.dtype).eps * float(torch.linalg.vector_norm(f0))
+    values["lin/rel_error"] = M.linearization_error(f, f_lin, f0, atol=atol)
+    values["lin/rmse"] = M.linearization_rmse(f, f_lin)
+    if classification:
+        values["lin/agreement"] = M.argmax_agreement(f, f_lin)
+    for layer, k in current.layer_kernels.items():
+        values[f"ntk_layer/{layer}/rel_change"] = M.kernel_rel_change(
+            k, reference.layer_kernels0[layer]
+        )
+    for layer, v in by_layer.items():
+        values[f"params_layer/{layer}/rel_change"] = v
+    out = {k: float(v) for k, v in values.items()}
+    out["regime/lazy"] = 1.0 if lazy_decision(lazy_thresholds, out)[0] else 0.0
+    finite = M.all_finite(kernel, f, f_lin, current.params)
+    out["health/nonfinite"] = 0.0 if finite else 1.0
+    return {name: out[name] for name in names}

@@ -1,0 +1,44 @@
+"""A KernelTracker state saved by lazy_monitor 0.1.0 (commit beec677) still loads and continues."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from lazy_monitor import KernelTracker
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
+sys.path.insert(0, FIXTURES)
+from make_fixtures import sgd_steps, tracker_data, tracker_model  # noqa: E402
+
+
+def _saved():
+    return torch.load(os.path.join(FIXTURES, "tracker_v0_1.pt"), weights_only=True)
+
+
+def test_tracker_state_of_version_0_1_continues_with_the_same_metrics():
+    saved = _saved()
+    model = tracker_model()
+    model.load_state_dict(saved["model"])
+    probe, targets, x, y = tracker_data()
+    tracker = KernelTracker(model, probe, targets=targets)
+    tracker.load_state_dict(saved["tracker"])
+    assert tracker.started and tracker.last_step == 2
+    sgd_steps(model, x, y, 2)
+    got = tracker.measure(4)
+    expected = saved["metrics_step4"]
+    assert list(got) == list(expected)
+    for name, value in expected.items():
+        assert math.isclose(got[name], value, rel_tol=1e-6, abs_tol=1e-9), name
+
+
+def test_tracker_state_of_version_0_1_is_rejected_for_another_probe():
+    saved = _saved()
+    probe, targets, _, _ = tracker_data()
+    tracker = KernelTracker(tracker_model(), probe + 1, targets=targets)
+    with pytest.raises(ValueError, match="probe"):
+        tracker.load_state_dict(saved["tracker"])

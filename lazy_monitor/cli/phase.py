@@ -124,8 +124,9 @@ def boundary_alpha(alphas: Sequence[float], values: Sequence[float], threshold: 
     linear interpolation in ``(log α, log value)``. A NaN value (a diverged run) counts as rich.
 
     Returns:
-        ``α*``, or NaN when there is no such interval (all cells lazy: the boundary lies below
-        the grid; all rich: above it) or the values around it are not positive.
+        ``α*``; NaN when there is no such interval (all cells lazy: the boundary lies below the
+        grid; all rich: above it) or when the rich side of the crossing is NaN (nothing to
+        interpolate); ``α_{i+1}`` (an upper bound) when the lazy side is exactly 0.
     """
     if len(alphas) != len(values):
         raise ValueError(f"alphas and values differ in length: {len(alphas)} vs {len(values)}")
@@ -439,8 +440,7 @@ def _plot(result: PhaseResult, path: Path) -> None:
     ax = fig.add_subplot()
     finite = masked.compressed()
     norm = LogNorm(vmin=finite.min(), vmax=finite.max()) if finite.size else None
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("0.6")  # diverged cells in grey
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.6")  # diverged cells in grey
     mesh = ax.pcolormesh(edges(ws), edges(al), masked, norm=norm, cmap=cmap, shading="flat")
     fig.colorbar(mesh, ax=ax, label="final ntk/rel_change  ‖K_T − K₀‖/‖K₀‖")
     if finite.size and finite.min() < result.threshold < finite.max():

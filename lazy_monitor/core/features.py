@@ -133,9 +133,7 @@ def _first_tensor(out: Any) -> Optional[Tensor]:
 
 
 @contextlib.contextmanager
-def feature_hooks(
-    model: nn.Module, modules: Sequence[str], n: int
-) -> Iterator[dict[str, Tensor]]:
+def feature_hooks(model: nn.Module, modules: Sequence[str], n: int) -> Iterator[dict[str, Tensor]]:
     """Record the outputs of ``modules`` during the forwards run inside the ``with`` block.
 
     Yields a dict that is filled as the forward runs: ``{name: (n, D)}`` detached features, the
@@ -245,9 +243,7 @@ def capture_features(
     return {m: feats[m] for m in modules}
 
 
-def feature_cka(
-    reference: Mapping[str, Tensor], current: Mapping[str, Tensor]
-) -> dict[str, float]:
+def feature_cka(reference: Mapping[str, Tensor], current: Mapping[str, Tensor]) -> dict[str, float]:
     """``{layer: linear_cka(reference[layer], current[layer])}`` for every layer of ``reference``.
 
     Args:

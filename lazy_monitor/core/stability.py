@@ -193,7 +193,9 @@ class CatapultDetector:
         if not math.isfinite(threshold) or threshold <= 0:
             raise ValueError(f"threshold must be finite and > 0, got {threshold}")
         if not 0.0 < rel_drop < 1.0:
-            raise ValueError(f"rel_drop must be in (0, 1) (e.g. 0.1 for a 10 % fall), got {rel_drop}")
+            raise ValueError(
+                f"rel_drop must be in (0, 1) (e.g. 0.1 for a 10 % fall), got {rel_drop}"
+            )
         self.threshold = threshold
         self.rel_drop = rel_drop
         self.reset()

@@ -38,6 +38,8 @@ from lazy_monitor.core._functional import (
 
 __all__ = [
     "capture_features",
+    "centered_gram",
+    "gram_cka",
     "default_feature_modules",
     "feature_cka",
     "feature_hooks",
@@ -78,14 +80,41 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
         )
     if x.shape[0] < 2:
         raise ValueError(f"CKA needs at least 2 examples (centring), got N={x.shape[0]}")
-    x = x.detach().to(torch.float64)
-    y = y.detach().to(y.device if y.device == x.device else x.device, torch.float64)
-    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+    return gram_cka(centered_gram(x), centered_gram(y.to(x.device)))
+
+
+def centered_gram(features: Tensor) -> Tensor:
+    """``H X Xᵀ H`` in float64: the ``(N, N)`` centred Gram matrix of ``(N, D)`` features.
+
+    All that linear CKA needs of one side: a tracker can store this for the reference features
+    at θ₀ (``N²`` numbers per layer) instead of the ``N·D`` features themselves. NaN-filled if the
+    features contain NaN/inf.
+    """
+    if not isinstance(features, Tensor) or features.dim() != 2:
+        raise ValueError(
+            f"features must be an (N, D) tensor, got {getattr(features, 'shape', features)!r}"
+        )
+    x = features.detach().to(torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        return torch.full(
+            (x.shape[0], x.shape[0]), float("nan"), dtype=torch.float64, device=x.device
+        )
+    xc = x - x.mean(dim=0, keepdim=True)  # centring the columns = H X
+    return xc @ xc.T
+
+
+def gram_cka(gram_x: Tensor, gram_y: Tensor) -> float:
+    """Linear CKA from two centred Gram matrices (:func:`centered_gram`), ``(N, N)`` each:
+    ``⟨Gx, Gy⟩_F / (‖Gx‖_F ‖Gy‖_F)``; NaN if either is non-finite or zero."""
+    if gram_x.shape != gram_y.shape or gram_x.dim() != 2:
+        raise ValueError(
+            f"gram_x and gram_y must be (N, N) of the same N, got {tuple(gram_x.shape)} and "
+            f"{tuple(gram_y.shape)}"
+        )
+    gx = gram_x.to(torch.float64)
+    gy = gram_y.to(device=gx.device, dtype=torch.float64)
+    if not (bool(torch.isfinite(gx).all()) and bool(torch.isfinite(gy).all())):
         return float("nan")
-    xc = x - x.mean(dim=0, keepdim=True)
-    yc = y - y.mean(dim=0, keepdim=True)
-    gx = xc @ xc.T  # (N, N) = H X Xᵀ H
-    gy = yc @ yc.T
     denom = torch.linalg.matrix_norm(gx) * torch.linalg.matrix_norm(gy)
     if float(denom) == 0.0:
         return float("nan")

@@ -10,8 +10,10 @@ from torch import nn
 
 from lazy_monitor.core.features import (
     capture_features,
+    centered_gram,
     default_feature_modules,
     feature_cka,
+    gram_cka,
     linear_cka,
 )
 from lazy_monitor.models import mlp
@@ -36,6 +38,14 @@ def test_cka_of_identical_features_is_one():
 def test_cka_equals_feature_space_formula():
     x, y = _features(d=7, seed=0), _features(d=4, seed=1)
     assert linear_cka(x, y) == pytest.approx(_feature_form(x, y), rel=1e-10)
+
+
+def test_cka_from_stored_reference_gram_equals_cka_from_features():
+    x, y = _features(d=9, seed=0), _features(d=2, seed=1)
+    g = centered_gram(x)
+    assert g.shape == (20, 20)
+    torch.testing.assert_close(g.sum(0), torch.zeros(20, dtype=torch.float64), atol=1e-10, rtol=0)
+    assert gram_cka(g, centered_gram(y)) == pytest.approx(linear_cka(x, y), rel=1e-12)
 
 
 def test_cka_invariant_to_orthogonal_transform_scaling_and_translation():

@@ -54,8 +54,10 @@ __all__ = [
 ]
 
 DEFAULT_WIDTHS = (16, 64, 256, 1024)
-#: 8 log-spaced output scales from 0.1 to ~31.6 (ratio 10^(5/14) ≈ 2.28 between neighbours).
-DEFAULT_ALPHAS = tuple(round(10 ** (-1 + 2.5 * i / 7), 4) for i in range(8))
+#: 9 log-spaced output scales from 0.1 to 100 (ratio 10^(3/8) ≈ 2.37 between neighbours): the
+#: lazy threshold is crossed inside this range for widths 16..1024 (narrow ReLU nets need α of
+#: several tens: their kernel jumps when activation patterns flip).
+DEFAULT_ALPHAS = tuple(round(10 ** (-1 + 3 * i / 8), 4) for i in range(9))
 DEFAULT_STEPS = 500
 #: Learning rate at α = 1 (each run uses lr/α²). With the defaults ``lr·λmax(K)/N ≈ 0.7–1``
 #: at step 0: below the MSE edge 2.
@@ -250,7 +252,7 @@ def run_phase(
     r"""Train the width × α grid, write ``phase.csv`` (and ``phase.png``), print the grid and fit.
 
     Runtime: ``len(widths)·len(alphas)·seeds`` runs of ``steps`` full-batch steps; the defaults
-    (4 × 8 × 1 runs of 500 steps on 128 points) take about 1 min on one thread of a 2-core CPU.
+    (4 × 9 × 1 runs of 500 steps on 128 points) take about 1 min on one thread of a 2-core CPU.
 
     Args:
         out_dir: folder for ``phase.csv`` / ``phase.png`` (created).
@@ -526,7 +528,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--phase-widths", type=_int_list, default=list(DEFAULT_WIDTHS), metavar="W1,W2,...",
                    help="hidden widths (default: %(default)s)")  # fmt: skip
     g.add_argument("--phase-alphas", type=_float_list, default=list(DEFAULT_ALPHAS), metavar="A1,A2,...",
-                   help="output scales alpha; lr is divided by alpha^2 (default: 8 values 0.1..31.6)")  # fmt: skip
+                   help="output scales alpha; lr is divided by alpha^2 (default: 9 values 0.1..100)")  # fmt: skip
     g.add_argument("--phase-steps", type=_positive(int), default=DEFAULT_STEPS, metavar="N",
                    help="full-batch GD steps per run (default: %(default)s)")  # fmt: skip
     g.add_argument("--phase-lr", type=_positive(float), default=DEFAULT_LR,

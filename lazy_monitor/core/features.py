@@ -32,6 +32,7 @@ from lazy_monitor.core._functional import (
     FunctionalModel,
     InputBatch,
     batch_size,
+    compute_dtype,
     map_batch,
     side_effect_guard,
 )
@@ -247,7 +248,9 @@ def capture_features(
             the θ₀ snapshot to get the reference features); default: the model's own.
 
     Returns:
-        ``{module name: (N, D_module)}`` float features, detached, in ``modules`` order.
+        ``{module name: (N, D_module)}`` features, detached, in ``modules`` order, in the
+        tracker's compute dtype (float64 if any parameter or floating input is float64, else
+        float32).
 
     Raises:
         ValueError / TypeError: as :func:`feature_hooks`, or a bad probe.
@@ -265,10 +268,14 @@ def capture_features(
         raise ValueError("modules is empty; pass at least one module name (or None: default)")
     x = _on_model_device(model, probe)
     n = batch_size(x)
-    fm = FunctionalModel(model)
-    state = {} if params is None else {k: v.detach() for k, v in params.items()}
+    # Every parameter explicitly (overrides win), so all of them get the compute dtype.
+    state = {k: p.detach() for k, p in model.named_parameters()}
+    state.update({} if params is None else {k: v.detach() for k, v in params.items()})
+    # Same compute dtype rule as the tracker's forward: float64 if any parameter or input is.
+    dtype = compute_dtype(state, x)
+    fm = FunctionalModel(model, dtype=dtype)
     with side_effect_guard(model), torch.no_grad(), feature_hooks(model, modules, n) as feats:
-        fm.raw(state, x)
+        fm.raw(fm.cast_params(state), fm.cast_inputs(x))
     return {m: feats[m] for m in modules}
 
 

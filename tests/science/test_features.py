@@ -110,6 +110,18 @@ def test_capture_returns_flattened_layer_outputs():
     torch.testing.assert_close(feats["readout"], model(x), rtol=0, atol=0)
 
 
+def test_capture_computes_in_float64_when_the_model_is_float64():
+    model = mlp(2, 8, 1, depth=1, seed=0).double()
+    x = torch.randn(4, 2)  # float32 probe: cast like the tracker's forward
+    feats = capture_features(model, x)
+    assert feats["fc1"].dtype == torch.float64
+    torch.testing.assert_close(feats["fc1"], model.fc1(x.double()), rtol=0, atol=0)
+    float32_model = mlp(2, 8, 1, depth=1, seed=0)
+    float32_model.fc1.requires_grad_(False)  # frozen parameters are cast too
+    feats = capture_features(float32_model, x.double())
+    assert feats["readout"].dtype == torch.float64
+
+
 def test_capture_flattens_conv_features_per_example():
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
     feats = capture_features(model, torch.randn(5, 1, 6, 6), modules=["0", "1"])

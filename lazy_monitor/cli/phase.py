@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
+from lazy_monitor.core.stability import lr_eig_max
+
 __all__ = [
     "PhaseCell",
     "PhaseResult",
@@ -225,7 +227,7 @@ def _train_run(
         "params": end["params/rel_change"],
         "lin": end["lin/rel_error"],
         "loss": final_loss,
-        "lr_eig_max0": lr * start["ntk/eig_max"] / probe.shape[0],
+        "lr_eig_max0": lr_eig_max(lr, start["ntk/eig_max"], probe.shape[0]),
         "nonfinite": end["health/nonfinite"] or float(not math.isfinite(final_loss)),
     }
 
@@ -452,9 +454,7 @@ def _plot(result: PhaseResult, path: Path) -> None:
         ax.plot([], [], "-", color="black", label=f"contour ΔK = {result.threshold:g}")
     pts = [(w, a) for w, a in result.boundary.items() if math.isfinite(a)]
     if pts:
-        ax.plot(
-            *zip(*pts), "o", color="white", mec="black", label=f"α* (ΔK = {result.threshold:g})"
-        )
+        ax.plot(*zip(*pts), "o", color="white", mec="black", label="α* per width (interpolated)")
     line_w = np.geomspace(ws[0], ws[-1], 50)
     if math.isfinite(result.exponent):
         ax.plot(line_w, np.exp(result.intercept) * line_w**result.exponent, "-", color="red",

@@ -43,6 +43,12 @@ def test_fit_exponent_recovers_a_power_law():
     assert all(math.isnan(v) for v in phase.fit_exponent([16, 64], [1.0, math.nan]))
 
 
+def test_cell_value_is_median_robust_to_one_blow_up_and_nan_if_any_run_diverged():
+    assert phase._median([0.5, 6e30, 0.7]) == 0.7
+    assert phase._median([0.2, 0.4]) == pytest.approx(0.3)
+    assert math.isnan(phase._median([0.5, math.nan, 0.7]))
+
+
 def test_smoke_run_writes_png_and_csv_and_fits_a_finite_exponent(tmp_path):
     stream = io.StringIO()
     result = phase.run_phase(

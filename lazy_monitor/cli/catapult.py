@@ -35,7 +35,8 @@ Measured here (defaults: width 64, N = 32, 100 steps; seed 0): λ₀ = 11.18, η
 rises to 2.60 (3.5× its running minimum) and λmax falls 11.18 → 7.03, final loss 0.283 < 0.742
 (catapult). η λ₀/N = 16: the loss overflows, non-finite (diverged). Seeds 1 and 2 give the same
 three verdicts (spikes 2.9× and 7.1×, λmax 12.4 → 7.09 and 19.3 → 10.3). On a finer sweep
-(seed 0) the catapult verdict holds from η λ₀/N = 2.2 to 4 and the run diverges from 6 on.
+(seed 0, 150 steps) the catapult verdict holds from η λ₀/N = 2.2 to 4, 1.8 is stable, and the
+run diverges from 6 on.
 About 9 s of CPU time.
 """
 

@@ -27,6 +27,11 @@ y-axis log scale is a per-card UI toggle ("More line chart options" -> "Toggle Y
 scale"), "Ignore outliers in chart scaling" and the card width are settings kept in the
 browser's localStorage (``_tb_global_settings``); neither comes from the URL or the logs.
 
+Reading the Time Series shot: groups are the tag prefix before the first ``/``, ordered by a
+natural sort of the full tag in which digits and ``/`` come before every other character and
+other characters compare by code point (so ``0_x`` < ``Zx`` < ``drift`` < ``epoch``); on a fresh
+profile only the first two groups are expanded, all others are collapsed.
+
 Rendering notes: every URL gets ``forceSVG=true`` (a TensorBoard feature flag read from the
 query string) unless ``--webgl``: the default Time Series renderer draws lines with WebGL in a
 web worker (OffscreenCanvas), and headless shots of it are racy (axes and legends drawn, lines

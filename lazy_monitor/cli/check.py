@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional, TextIO
 
 from lazy_monitor._validation import check_int
-from lazy_monitor.cli._events import Curve, Run, load_runs
+from lazy_monitor.cli._events import CorruptEventFileError, Curve, Run, load_runs
 from lazy_monitor.thresholds import DIRECTIONS, Threshold, checks_minimum
 
 __all__ = ["Threshold", "CheckResult", "parse_threshold", "evaluate", "add_parser", "run"]
@@ -213,6 +213,10 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except (FileNotFoundError, NotADirectoryError) as exc:
         print(f"lazy-monitor check: error: {exc}", file=err)
         return EXIT_ERROR
+    except CorruptEventFileError as exc:
+        # A damaged log is "could not check" (2), never a pass: its lost tail may hold the
+        # violation. Through _finish so that --json reports it too.
+        return _finish(args, out, err, thresholds, [], [], EXIT_ERROR, str(exc))
     if not runs:
         message = (
             f"no runs under {args.logdir!r} (a run is a directory holding *tfevents* files); "

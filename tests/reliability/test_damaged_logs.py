@@ -7,6 +7,7 @@ run fails: the violation was in the lost tail. Every case here drives the real C
 
 from __future__ import annotations
 
+import json
 import random
 import struct
 import subprocess
@@ -133,6 +134,16 @@ def test_one_damaged_run_among_intact_ones_fails_the_whole_check(tmp_path, capsy
     assert code == 2, (out, err)
     assert str(bad) in err
     assert "truncated at byte" in err
+
+
+def test_check_json_reports_a_damaged_file_as_an_error(event_file, capsys):
+    # A CI gate reading --json must see "error", not an empty stdout.
+    event_file.write_bytes(event_file.read_bytes()[:-3])
+    code = main(["check", str(event_file.parent.parent), *CHECK, "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 2
+    assert report["status"] == "error"
+    assert str(event_file) in report["error"] and "truncated at byte" in report["error"]
 
 
 def test_report_also_refuses_a_truncated_file(event_file, capsys):

@@ -1,5 +1,15 @@
 """Empirical NTK engine: :func:`empirical_ntk` and its implementations (:class:`NtkImplementation`)."""
 
-from .empirical import NtkImplementation, empirical_ntk
+from .config import NtkConfig, NtkImplementation
+from .empirical import empirical_ntk, empirical_ntk_fn, projection_matrix
+from .errors import ForwardADUnsupportedError, StructuredPlanError
 
-__all__ = ["NtkImplementation", "empirical_ntk"]
+__all__ = [
+    "ForwardADUnsupportedError",
+    "NtkConfig",
+    "NtkImplementation",
+    "StructuredPlanError",
+    "empirical_ntk",
+    "empirical_ntk_fn",
+    "projection_matrix",
+]

@@ -107,23 +107,23 @@ def ntvp_ntk(
 def _columns(column, tangents: dict[str, Tensor], rows: int) -> Tensor:  # noqa: ANN001
     """``column`` vmapped over the tangents, or looped where ``vmap`` cannot run the model.
 
-    A ``NotImplementedError`` from ``torch.func.jvp`` is an op without a forward-mode rule
-    (e.g. CPU ``scaled_dot_product_attention``, ``mkldnn_rnn_layer``): re-raised as
-    :class:`ForwardADUnsupportedError` naming the implementations that do not need it.
+    The Jacobian rows of these examples were just computed in reverse mode, so the model runs;
+    a failure of ``torch.func.jvp`` even one tangent at a time is a forward-mode problem (an op
+    without a forward-mode rule such as CPU ``scaled_dot_product_attention`` or
+    ``mkldnn_rnn_layer``, an ``autograd.Function`` without ``jvp``/``setup_context``):
+    re-raised as :class:`ForwardADUnsupportedError` naming the implementations that do not
+    need forward mode.
     """
     try:
-        try:
-            return torch.func.vmap(column)(tangents)
-        except NotImplementedError:
-            raise
-        except Exception:  # noqa: BLE001 - no batching rule: one jvp per tangent instead
-            return torch.stack(
-                [column({k: v[i] for k, v in tangents.items()}) for i in range(rows)]
-            )
-    except NotImplementedError as err:
+        return torch.func.vmap(column)(tangents)
+    except Exception:  # noqa: BLE001 - e.g. no batching rule: one jvp per tangent instead
+        pass
+    try:
+        return torch.stack([column({k: v[i] for k, v in tangents.items()}) for i in range(rows)])
+    except Exception as err:  # noqa: BLE001 - see docstring
         raise ForwardADUnsupportedError(
-            "implementation='ntvp' needs forward-mode AD (torch.func.jvp), but an op of this "
-            f"model has no forward-mode rule ({type(err).__name__}: "
+            "implementation='ntvp' needs forward-mode AD (torch.func.jvp), but this model "
+            f"cannot run in forward mode ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:160]}); use implementation='auto' or 'jacobian', which "
             "use reverse mode only"
         ) from err

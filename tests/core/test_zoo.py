@@ -25,7 +25,7 @@ IMPLEMENTATIONS = ("auto", "structured", "jacobian", "ntvp")
 KINDS = ("full", "trace", "diagonal")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build(name: str) -> ZooCase:
     """One build per model for the module: the engine must leave it untouched anyway."""
     return _build(name)

@@ -460,8 +460,12 @@ class KernelTracker:
 
     def _full_spectrum(self) -> bool:
         """Whether λmax of the measured kernel matrix is that of the ``(N·O) × (N·O)`` NTK
-        (what ``ntk/lr_eig_max`` is defined with): a full kernel, or a single output."""
-        return self.kind == "full" or self.num_outputs == 1
+        (what ``ntk/lr_eig_max`` is defined with): a full kernel, or a trace/diagonal kernel of a
+        single output (then the same matrix). Any other kind (e.g. a projected kernel) is not.
+        With a kind resolved at start (``"auto"``), this must test the resolved kind."""
+        if self.kind == "full":
+            return True
+        return self.kind in ("trace", "diagonal") and self.num_outputs == 1
 
     def _kernel(self) -> tuple[Tensor, dict[str, Tensor]]:
         """Total kernel and per-layer kernels (one engine call), on the metric device."""

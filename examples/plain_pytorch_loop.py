@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lazy_monitor import KernelTracker
+from lazy_monitor.core.stability import current_lr
 from lazy_monitor.demo.datasets import gaussian_mixture
 from lazy_monitor.demo.models import mlp
 from lazy_monitor.tracking import LOWER_BOUND_METRICS
@@ -72,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
 
     if not args.quiet:
         print(f"{'step':>6} {'loss':>8} " + " ".join(f"{h:>10}" for h in SHOWN.values()))
-    metrics = tracker.start()
+    metrics = tracker.start(lr=current_lr(opt))  # lr: opt/lr, ntk/lr_eig_max, regime/catapult
     report(0, metrics, float("nan"))
     step = 0
     while step < args.steps:
@@ -83,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
             opt.step()
             step += 1
             if step % args.measure_every == 0 or step == args.steps:
-                metrics = tracker.measure(step)
+                metrics = tracker.measure(step, lr=current_lr(opt))
                 report(step, metrics, float(loss.detach()))
             if step == args.steps:
                 break

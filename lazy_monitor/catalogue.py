@@ -49,9 +49,9 @@ LAYER = "<layer>"
 Direction = Literal["max", "min"]
 #: Who computes a metric: the tracker, the callback around it, or a planned producer.
 Source = Literal["tracker", "monitor"]
-#: When the tracker produces it: always, only with targets, only for class-index targets, or
-#: only with ``per_layer=True``.
-Requires = Literal["", "targets", "classification", "per_layer"]
+#: When the tracker produces it: always, only with targets, only for class-index targets,
+#: only with ``per_layer=True``, or only for tracked feature modules (``feature_modules``).
+Requires = Literal["", "targets", "classification", "per_layer", "features"]
 
 
 @dataclass(frozen=True)
@@ -184,22 +184,23 @@ CATALOGUE: tuple[MetricInfo, ...] = (
     MetricInfo("health/nonfinite", None, (_DRIFT, "non-finite values"),
                "1 if kernel, outputs or parameters hold NaN/inf",
                "the other metrics are NaN at that step"),
-    # ---- planned (other issues): accepted by thresholds and documented, not computed yet
+    # ---- stability and features (issue 10); tracker metrics after the verdict
     MetricInfo("opt/lr", None, (_STAB, "learning rate"), "η of the first param group",
-               "the learning rate the optimizer used at this step", source="monitor",
-               planned=True),
-    MetricInfo("ntk/lr_eig_max", "max", (_STAB, "η·λmax (catapult above 2)"),
-               "η λmax / n (loss-normalised)",
-               "above 2 gradient descent leaves the lazy phase (catapult)",
-               "Lewkowycz et al. 2020", source="monitor", planned=True),
+               "the learning rate the optimizer used at this step (NaN if not given)"),
+    MetricInfo("ntk/lr_eig_max", "max", (_STAB, "η·λmax/N (catapult above 2)"),
+               "η λmax(K) / N (full kernel; NaN for trace/diagonal with O > 1)",
+               "MSE stability number: < 2 stable, 2 to ~4 (ReLU ~12) catapult, above diverges; "
+               "no stability meaning for cross-entropy or Adam",
+               "Lewkowycz et al. 2020; Cohen et al. 2021"),
     MetricInfo("regime/catapult", None, (_STAB, "catapult phase (1 = catapult)"),
-               "1 if the loss spiked while λmax fell",
-               "the large-learning-rate catapult phase", "Lewkowycz et al. 2020",
-               source="monitor", planned=True),
+               "1 once ntk/lr_eig_max > 2 was followed by a 10 % fall of λmax (latched)",
+               "the kernel was reshaped by a large-learning-rate catapult (heuristic)",
+               "Lewkowycz et al. 2020"),
     MetricInfo("features/<layer>/cka", "min", (_FEAT, "feature CKA with init"),
-               "CKA(Φ_l, Φ_l,₀) of the layer's probe features",
-               "1 = the layer's representation is unchanged", "Kornblith et al. 2019",
-               planned=True, requires="per_layer"),
+               "CKA(Φ_l, Φ_l,₀) = ⟨HΦΦᵀH, HΦ₀Φ₀ᵀH⟩ / (‖HΦΦᵀH‖ ‖HΦ₀Φ₀ᵀH‖), linear",
+               "1 = the layer's probe features are unchanged up to rotation and scale",
+               "Kornblith et al. 2019", requires="features"),
+    # ---- planned (other issues): accepted by thresholds and documented, not computed yet
     MetricInfo("monitor/seconds", None, (_COST, "seconds per measurement"),
                "wall time of the measurement", "what monitoring costs", source="monitor",
                planned=True),
@@ -258,6 +259,7 @@ def requirement_hint(names: Iterable[str]) -> str:
         "targets": "needs targets: a probe (x, y)",
         "classification": "needs a classifier probe (class-index targets)",
         "per_layer": "needs per_layer=True",
+        "features": "needs feature_modules (a tracked module of that name)",
     }
     parts = []
     for name in names:
@@ -270,15 +272,24 @@ def requirement_hint(names: Iterable[str]) -> str:
 
 
 def tracker_metric_names(
-    layers: Sequence[str], *, targets: bool, classification: bool, per_layer: bool = True
+    layers: Sequence[str],
+    *,
+    targets: bool,
+    classification: bool,
+    per_layer: bool = True,
+    feature_layers: Sequence[str] = (),
 ) -> list[str]:
-    """Exactly the names :class:`KernelTracker` returns for this configuration, in order."""
+    """Exactly the names :class:`KernelTracker` returns for this configuration, in order.
+
+    ``layers`` expand the per-layer kernel/parameter families, ``feature_layers`` (the tracked
+    feature modules) the ``features/<layer>/cka`` family."""
     enabled = {"": True, "targets": targets, "classification": classification}
     enabled["per_layer"] = per_layer
+    enabled["features"] = bool(feature_layers)
     names: list[str] = []
     for info in CATALOGUE:
         if info.source == "tracker" and not info.planned and enabled[info.requires]:
-            names += info.expand(layers)
+            names += info.expand(feature_layers if info.requires == "features" else layers)
     return names
 
 

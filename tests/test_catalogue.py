@@ -37,8 +37,7 @@ def test_every_metric_has_a_chart_a_formula_and_a_description():
 
 @pytest.mark.parametrize(
     "name",
-    ["opt/lr", "ntk/lr_eig_max", "regime/catapult", "features/<layer>/cka", "monitor/seconds",
-     "monitor/overhead"],
+    ["monitor/seconds", "monitor/overhead"],
 )  # fmt: skip
 def test_planned_metrics_are_one_entry_each_and_accepted_by_thresholds(name):
     info = catalogue.lookup(name)
@@ -61,7 +60,23 @@ def test_tracker_names_follow_the_configuration():
         ["a"], targets=False, classification=False, per_layer=False
     )
     assert set(base) - set(flat) == {"ntk_layer/a/rel_change", "params_layer/a/rel_change"}
-    assert base[-2:] == ["regime/lazy", "health/nonfinite"]
+    assert base[-5:] == [
+        "regime/lazy", "health/nonfinite", "opt/lr", "ntk/lr_eig_max", "regime/catapult"
+    ]  # fmt: skip
+    feats = catalogue.tracker_metric_names(
+        ["a"], targets=False, classification=False, feature_layers=["enc", "head"]
+    )
+    assert feats == base + ["features/enc/cka", "features/head/cka"]
+
+
+def test_stability_and_feature_metrics_are_computed_and_charted():
+    for name in ("opt/lr", "ntk/lr_eig_max", "regime/catapult", "features/<layer>/cka"):
+        info = catalogue.lookup(name)
+        assert info is not None and not info.planned and info.source == "tracker"
+        assert f"`{name}`" in catalogue.markdown_table()
+    assert catalogue.direction_of("features/enc/cka") == "min"
+    layout = catalogue.tensorboard_layout(["ntk/lr_eig_max", "features/enc/cka"])
+    assert list(layout) == ["stability", "features"]
 
 
 def test_layout_hparams_and_report_come_from_the_catalogue():
@@ -69,7 +84,7 @@ def test_layout_hparams_and_report_come_from_the_catalogue():
 
     names = catalogue.tracker_metric_names(["fc"], targets=True, classification=True)
     layout = catalogue.tensorboard_layout(names)
-    assert list(layout) == ["kernel drift", "linearization", "spectrum", "parameters"]
+    assert list(layout) == ["kernel drift", "linearization", "spectrum", "parameters", "stability"]
     charted = {p for charts in layout.values() for _, tags in charts.values() for p in tags}
     assert all(any(re.search(p, n) for p in charted) for n in names)
     assert catalogue.hparams_metrics(names) == [n for n in names if "_layer/" not in n]

@@ -10,9 +10,10 @@ pieces (tracker, schedule, probe drawing) live in :mod:`lazy_monitor.tracking`.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Mapping
-from typing import Any, Callable, Literal, Optional
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -26,10 +27,12 @@ from lazy_monitor._validation import (
     check_int,
     check_mapping,
     check_str,
+    message,
 )
 from lazy_monitor.callbacks import _tensorboard as tb
 from lazy_monitor.core._functional import as_device, map_batch, side_effect_guard
 from lazy_monitor.core.kernels import NtkImplementation
+from lazy_monitor.core.stability import current_lr
 from lazy_monitor.tracking.network import device_of as _device_of
 from lazy_monitor.tracking.network import resolve_submodule as _resolve_submodule
 from lazy_monitor.tracking.probe import (
@@ -65,6 +68,30 @@ def _log_step(trainer: Any) -> int:
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
+def _optimizer_lr(trainer: Any) -> Optional[float]:
+    """Learning rate of the first param group of the first optimizer, read now (after any
+    scheduler step); None (``opt/lr`` and ``ntk/lr_eig_max`` NaN) if the trainer has none."""
+    try:
+        return current_lr(trainer.optimizers)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _check_feature_modules(value: Any) -> Union[list[str], bool, None]:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, str) and value:
+        return [check_str(f"feature_modules[{i}]", m) for i, m in enumerate(value)]
+    raise TypeError(
+        message(
+            "feature_modules",
+            "True, False/None or a non-empty list of module names",
+            value,
+            "e.g. feature_modules=['fc1', 'readout'] (names from model.named_modules())",
+        )
+    )
+
+
 class _KernelRegimeMonitorBase:
     r"""Track the empirical NTK during ``fit`` and log whether training stays lazy.
 
@@ -91,9 +118,19 @@ class _KernelRegimeMonitorBase:
     ``trainer.callback_metrics`` as tensors (every rank) so ``EarlyStopping(monitor=
     "ntk/rel_change")`` and ``ModelCheckpoint`` can use them. With a TensorBoard logger also: a
     custom-scalars layout (categories "kernel drift", "linearization", "spectrum",
-    "parameters"), a histogram of the kernel's eigenvalues per measurement (``ntk/eigenvalues``),
+    "parameters", "stability", "features", from :mod:`lazy_monitor.catalogue`), a histogram of the kernel's eigenvalues per measurement (``ntk/eigenvalues``),
     optionally the kernel as an image (``ntk/kernel``), and at train end an HParams entry with the
     monitor's settings and its metrics.
+
+    Learning rate and stability: at every measurement the monitor reads the current learning
+    rate of the first param group of the first optimizer (``trainer.optimizers[0]``, after any
+    scheduler step) and passes it to the tracker, which logs ``opt/lr``,
+    ``ntk/lr_eig_max = lr · λmax(K)/N`` (Lewkowycz et al. 2020's MSE stability number; NaN for
+    ``kind="trace"``/``"diagonal"`` with several outputs) and ``regime/catapult``. The
+    number is a gradient-descent criterion for the ½·mean squared error: with cross-entropy,
+    momentum or adaptive optimizers (Adam) it is a scale, not a stability test (see
+    :mod:`lazy_monitor.core.stability`). Feature movement: ``features/<layer>/cka`` (linear
+    CKA of each tracked module's probe features with those at θ₀, Kornblith et al. 2019).
 
     Side-effect free: measurements run on the unwrapped network (DDP ``.module``,
     ``torch.compile`` ``_orig_mod``) in eval semantics, float32 outside autocast, with gradients
@@ -151,6 +188,10 @@ class _KernelRegimeMonitorBase:
         log_eigenvalues: TensorBoard histogram ``ntk/eigenvalues`` at every measurement.
         log_kernel_image: TensorBoard image ``ntk/kernel`` (grey: 0.5 = 0) at every measurement.
         log_hparams: TensorBoard HParams entry (monitor settings + its metrics) at train end.
+        feature_modules: modules of the network whose probe features are tracked
+            (``features/<name>/cka``): ``True`` (default) the modules owning trainable parameters
+            (those that cannot be tracked are skipped with a warning), a list of names from
+            ``network.named_modules()``, or ``False``/``None`` for none. Passed to the tracker.
 
     Raises:
         ValueError: at construction for invalid values (each message names the value and the
@@ -190,6 +231,7 @@ class _KernelRegimeMonitorBase:
         log_eigenvalues: bool = True,
         log_kernel_image: bool = False,
         log_hparams: bool = True,
+        feature_modules: Union[list[str], bool, None] = True,
     ) -> None:
         if probe is not None and probe_size is not None:
             raise ValueError(
@@ -235,6 +277,7 @@ class _KernelRegimeMonitorBase:
         self.log_eigenvalues = check_bool("log_eigenvalues", log_eigenvalues)
         self.log_kernel_image = check_bool("log_kernel_image", log_kernel_image)
         self.log_hparams = check_bool("log_hparams", log_hparams)
+        self.feature_modules = _check_feature_modules(feature_modules)
         self.submodule = submodule
         self._batch_to_probe = batch_to_probe
 
@@ -323,7 +366,8 @@ class _KernelRegimeMonitorBase:
         self._last_step = None
         self._notify_start(trainer)
         with side_effect_guard(network):
-            metrics = self._timed(self._tracker.start, _global_step(trainer))
+            start = functools.partial(self._tracker.start, lr=_optimizer_lr(trainer))
+            metrics = self._timed(start, _global_step(trainer))
         self._record(trainer, _global_step(trainer), metrics, final=False)
 
     def on_train_batch_start(
@@ -395,6 +439,7 @@ class _KernelRegimeMonitorBase:
             kind=self.kind,
             implementation=self.implementation,
             per_layer=self.per_layer,
+            feature_modules=self.feature_modules,
             **{k: v for k, v in optional.items() if v is not None},
         )
         return tracker
@@ -411,7 +456,8 @@ class _KernelRegimeMonitorBase:
     ) -> None:
         network = _resolve_submodule(pl_module, self.submodule)
         with side_effect_guard(network):
-            metrics = self._timed(self._tracker.measure, step)
+            measure = functools.partial(self._tracker.measure, lr=_optimizer_lr(trainer))
+            metrics = self._timed(measure, step)
         self._record(trainer, step, metrics, final=final, log_step=log_step)
 
     def _record(

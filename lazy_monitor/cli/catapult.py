@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, TextIO
 
-from lazy_monitor.core.stability import CATAPULT_THRESHOLD, CatapultDetector, lr_eig_max
+from lazy_monitor.core.stability import CATAPULT_THRESHOLD, CatapultDetector
 
 __all__ = ["CatapultResult", "CatapultRun", "add_arguments", "main", "run_catapult", "verdict"]
 
@@ -237,14 +237,13 @@ def _one_run(
 
     from lazy_monitor.tracking import KernelTracker
 
-    n = x.shape[0]
     tracker = KernelTracker(net, x, per_layer=False)
     detector = CatapultDetector(rel_drop=rel_drop)
-    m0 = tracker.start()
+    m0 = tracker.start(lr=lr)  # the tracker's ntk/lr_eig_max = lr·λmax/N
     eig0 = m0["ntk/eig_max"]
-    detector.update(lr_eig_max(lr, eig0, n), eig0)
+    detector.update(m0["ntk/lr_eig_max"], eig0)
     opt = torch.optim.SGD(net.parameters(), lr=lr)
-    run = CatapultRun(factor, lr, lr_eig_max(lr, eig0, n), math.nan, eig_max0=eig0)
+    run = CatapultRun(factor, lr, m0["ntk/lr_eig_max"], math.nan, eig_max0=eig0)
     run.eig_max.append((0, eig0))
     for step in range(1, steps + 1):
         opt.zero_grad(set_to_none=True)
@@ -256,10 +255,11 @@ def _one_run(
         loss.backward()
         opt.step()
         if step <= dense_steps or step % every == 0 or step == steps:
-            m = tracker.measure(step)
+            m = tracker.measure(step, lr=lr)
             eig = m["ntk/eig_max"]
             run.eig_max.append((step, eig))
-            detector.update(lr_eig_max(lr, eig, n), eig)
+            # own detector (not the tracker's regime/catapult) for a non-default rel_drop
+            detector.update(m["ntk/lr_eig_max"], eig)
             if m["health/nonfinite"]:
                 run.nonfinite = True
                 break

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from lazy_monitor.cli import catapult as _catapult
+from lazy_monitor.cli import phase as _phase
 from lazy_monitor.cli._events import load_run
 from lazy_monitor.cli.report import format_table, verdict
 
@@ -195,6 +197,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "shows their mean and the slope is fitted to all runs, which averages out the "
         "run-to-run noise of narrow nets",
     )
+    scenario = parser.add_mutually_exclusive_group()
+    scenario.add_argument(
+        "--phase",
+        action="store_true",
+        help="instead: the lazy/rich phase diagram over width x output scale alpha (writes "
+        "phase.png and phase.csv to --out; options --phase-*)",
+    )
+    scenario.add_argument(
+        "--catapult",
+        action="store_true",
+        help="instead: one narrow net at learning rates below, inside and above the catapult "
+        "window (Lewkowycz et al. 2020), with verdicts; options --catapult-*",
+    )
+    _phase.add_arguments(parser)  # --out and --seed are the demo's own
+    _catapult.add_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -325,7 +342,12 @@ def _plan(args: argparse.Namespace) -> list[DemoRun]:
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Execute ``demo``: train, read the logs back, print the table and the slope."""
+    """Execute ``demo``: train, read the logs back, print the table and the slope (or the
+    ``--phase`` / ``--catapult`` scenario)."""
+    if getattr(args, "phase", False):
+        return _phase.main(args, out, err)
+    if getattr(args, "catapult", False):
+        return _catapult.main(args, out, err)
     import torch
 
     from lazy_monitor.demo.datasets import two_spirals

@@ -53,8 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
-from lazy_monitor.core.stability import lr_eig_max
-
 __all__ = [
     "PhaseCell",
     "PhaseResult",
@@ -217,7 +215,7 @@ def _train_run(
         mlp(2, width, 1, depth=1, parameterization="ntk", output_scale=alpha, seed=init_seed)
     )
     tracker = KernelTracker(model, probe, per_layer=False)
-    start = tracker.start()
+    start = tracker.start(lr=lr)  # ntk/lr_eig_max at θ₀
     opt = torch.optim.SGD(model.net.parameters(), lr=lr)
     loss = torch.tensor(math.nan)
     done = 0
@@ -237,7 +235,7 @@ def _train_run(
         "params": end["params/rel_change"],
         "lin": end["lin/rel_error"],
         "loss": final_loss,
-        "lr_eig_max0": lr_eig_max(lr, start["ntk/eig_max"], probe.shape[0]),
+        "lr_eig_max0": start["ntk/lr_eig_max"],
         "nonfinite": end["health/nonfinite"] or float(not math.isfinite(final_loss)),
     }
 

@@ -12,6 +12,8 @@ and the verdict: ``lazy`` / ``non-lazy`` from the last logged ``regime/lazy`` (t
 thresholds), ``non-finite`` if ``health/nonfinite`` was ever raised, ``unknown`` if the run
 logged no ``regime/lazy``. ``--json`` gives every tag (final, min, max and their steps);
 ``--plot FILE.png`` draws the drift curves (needs matplotlib: ``pip install 'lazy-monitor[viz]'``).
+A ``phase.png`` in LOGDIR (the phase diagram ``lazy-monitor demo --phase --out LOGDIR`` writes)
+is named in the output (``"phase_image"`` in ``--json``), also when LOGDIR holds no runs.
 """
 
 from __future__ import annotations
@@ -202,6 +204,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+#: File name of the phase diagram written by ``lazy-monitor demo --phase``.
+PHASE_IMAGE = "phase.png"
+
+
+def _phase_image(logdir: str) -> Optional[Path]:
+    path = Path(logdir) / PHASE_IMAGE
+    return path if path.is_file() else None
+
+
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Execute ``report``; 0 on success, 2 when LOGDIR is missing/empty or the plot fails."""
     try:
@@ -209,6 +220,11 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except (FileNotFoundError, NotADirectoryError) as exc:
         print(f"lazy-monitor report: error: {exc}", file=err)
         return 2
+    phase = _phase_image(args.logdir)
+    phase_line = f"phase diagram (lazy-monitor demo --phase): {phase}"
+    if not runs and phase is not None and not args.json:
+        print(phase_line + " (no TensorBoard runs in this folder)", file=out)
+        return 0
     if not runs:
         print(
             f"lazy-monitor report: error: no runs under {args.logdir!r} (a run is a directory "
@@ -226,6 +242,8 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         doc = {"logdir": str(args.logdir), "runs": [_run_json(r) for r in runs]}
         if args.plot:
             doc["plot"] = str(written)
+        if phase is not None:
+            doc["phase_image"] = str(phase)
         json.dump(doc, out, indent=2, allow_nan=False)
         out.write("\n")
         return 0
@@ -240,4 +258,6 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
     if args.plot:
         print(f"drift curves saved to {written}", file=out)
+    if phase is not None:
+        print(phase_line, file=out)
     return 0

@@ -22,7 +22,7 @@ already run such a forward (the tracker's ``f`` evaluation).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
@@ -119,6 +119,8 @@ def gram_cka(gram_x: Tensor, gram_y: Tensor) -> float:
     denom = torch.linalg.matrix_norm(gx) * torch.linalg.matrix_norm(gy)
     if float(denom) == 0.0:
         return float("nan")
+    if torch.equal(gx, gy):
+        return 1.0  # identical features: exactly 1, not 1 - rounding (e.g. at the reference step)
     return float((gx * gy).sum() / denom)
 
 
@@ -163,7 +165,14 @@ def _first_tensor(out: Any) -> Optional[Tensor]:
 
 
 @contextlib.contextmanager
-def feature_hooks(model: nn.Module, modules: Sequence[str], n: int) -> Iterator[dict[str, Tensor]]:
+def feature_hooks(
+    model: nn.Module,
+    modules: Sequence[str],
+    n: int,
+    *,
+    strict: bool = True,
+    transform: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Iterator[dict[str, Tensor]]:
     """Record the outputs of ``modules`` during the forwards run inside the ``with`` block.
 
     Yields a dict that is filled as the forward runs: ``{name: (n, D)}`` detached features, the
@@ -175,6 +184,11 @@ def feature_hooks(model: nn.Module, modules: Sequence[str], n: int) -> Iterator[
         model: the module containing ``modules``.
         modules: names as in ``model.named_modules()``.
         n: the batch size of the forward (outputs must be batched on dim 0 with ``n`` examples).
+        strict: raise on exit for a module that cannot be tracked (below); ``False`` drops such
+            modules from the dict instead (the caller compares its keys with ``modules``).
+        transform: applied to each ``(n, D)`` feature matrix inside the hook, e.g.
+            :func:`centered_gram` to keep only ``(n, n)`` per module instead of ``n·D`` (the
+            features of a wide layer are then freed as the forward goes on).
 
     Raises:
         ValueError: an unknown module name (on entry); on exit, a module that was not called, was
@@ -191,13 +205,14 @@ def feature_hooks(model: nn.Module, modules: Sequence[str], n: int) -> Iterator[
         )
     captured: dict[str, Tensor] = {}
     problems: list[str] = []
+    bad: set[str] = set()
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: Any, out: Any) -> None:
             t = _first_tensor(out)
             if t is None:
                 problems.append(f"TypeError: module {name!r} returned {type(out).__name__}")
-            elif name in captured:
+            elif name in captured or name in bad:
                 problems.append(f"module {name!r} was called more than once in one forward")
             elif t.dim() == 0 or t.shape[0] != n:
                 problems.append(
@@ -205,7 +220,10 @@ def feature_hooks(model: nn.Module, modules: Sequence[str], n: int) -> Iterator[
                     "examples on dim 0"
                 )
             else:
-                captured[name] = t.detach().reshape(n, -1)
+                feats = t.detach().reshape(n, -1)
+                captured[name] = feats if transform is None else transform(feats)
+                return
+            bad.add(name)
 
         return hook
 
@@ -215,6 +233,10 @@ def feature_hooks(model: nn.Module, modules: Sequence[str], n: int) -> Iterator[
     finally:
         for h in handles:
             h.remove()
+    if not strict:
+        for name in bad:
+            captured.pop(name, None)
+        return
     missing = [m for m in modules if m not in captured and not problems]
     if missing:
         problems.append(f"modules {missing} were not called by the forward")

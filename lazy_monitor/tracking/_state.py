@@ -31,10 +31,16 @@ class StateRegistry:
 
     def __init__(self) -> None:
         self._defaults: dict[str, Any] = {}
+        self._missing_ok: set[str] = set()
 
-    def add_state(self, name: str, default: Any = None) -> None:
-        """Register ``name`` with the value :meth:`reset` restores (a dict default is copied)."""
+    def add_state(self, name: str, default: Any = None, *, missing_ok: bool = False) -> None:
+        """Register ``name`` with the value :meth:`reset` restores (a dict default is copied).
+
+        ``missing_ok``: a field added in a later version; a state saved before it loads with
+        the default (the owner may then rebuild it)."""
         self._defaults[name] = default
+        if missing_ok:
+            self._missing_ok.add(name)
         setattr(self, name, dict(default) if isinstance(default, dict) else default)
 
     def reset(self) -> None:
@@ -54,7 +60,10 @@ class StateRegistry:
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device]) -> None:
-        for name in self._defaults:
+        for name, default in self._defaults.items():
+            if name not in state and name in self._missing_ok:
+                setattr(self, name, dict(default) if isinstance(default, dict) else default)
+                continue
             value = state[name]
             setattr(self, name, _map_tensors(value, lambda t: t.to(device)) if device else value)
 
@@ -64,8 +73,11 @@ class Reference(StateRegistry):
 
     ``f0`` ``(N, O)``; ``kernel0`` in the engine's shape for the kind (``(N, N, O, O)``,
     ``(N, N)`` or ``(N, N, O)``); ``layer_kernels0`` one such kernel per layer (empty without
-    ``per_layer``); ``eigvecs0`` ``(M, k)`` the top-k eigenvectors of the kernel matrix. θ₀
-    itself is the tracker's frozen :class:`~lazy_monitor.Linearization`.
+    ``per_layer``); ``eigvecs0`` ``(M, k)`` the top-k eigenvectors of the kernel matrix;
+    ``feature_grams0`` ``{module: (N, N)}`` float64 centred Gram matrices ``H Φ₀ Φ₀ᵀ H`` of the
+    tracked modules' features at θ₀ (for ``features/<layer>/cka``; absent from states saved
+    before feature tracking existed; the tracker rebuilds them from θ₀). θ₀ itself is the tracker's
+    frozen :class:`~lazy_monitor.Linearization`.
     """
 
     def __init__(self) -> None:
@@ -74,6 +86,7 @@ class Reference(StateRegistry):
         self.add_state("kernel0")
         self.add_state("layer_kernels0", {})
         self.add_state("eigvecs0")
+        self.add_state("feature_grams0", {}, missing_ok=True)
 
 
 class LastMeasurement(StateRegistry):

@@ -8,14 +8,17 @@ nothing. The formulas are in :mod:`lazy_monitor.metrics` and :mod:`lazy_monitor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from lazy_monitor.core import metrics as M
+from lazy_monitor.core.features import gram_cka
+from lazy_monitor.core.stability import lr_eig_max
 from lazy_monitor.thresholds import Threshold
 from lazy_monitor.tracking._state import LastMeasurement, Reference
 
@@ -32,6 +35,8 @@ class Measurement:
         spectrum: ``(eigenvalues (M,) ascending, eigenvectors (M, M))`` of the kernel matrix.
         f: outputs ``(N, O)``; f_lin: ``f₀ + J(θ₀)(θ − θ₀)`` ``(N, O)``.
         params: the tracked parameters θ by name.
+        feature_grams: ``{module: (N, N)}`` centred Gram matrices of the tracked modules'
+            features (empty when no module is tracked).
     """
 
     kernel: Tensor
@@ -40,6 +45,7 @@ class Measurement:
     f: Tensor
     f_lin: Tensor
     params: Mapping[str, Tensor]
+    feature_grams: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 def lazy_decision(
@@ -70,11 +76,17 @@ def regime_metrics(
     layers: Mapping[str, Sequence[str]],
     lazy_thresholds: Sequence[Threshold],
     names: Sequence[str],
+    lr: Optional[float] = None,
+    full_spectrum: bool = True,
 ) -> dict[str, float]:
     """Every metric of :meth:`KernelTracker.measure`, keyed and ordered by ``names``.
 
     ``layers`` maps a layer to its parameter names (empty: no per-layer metrics). Velocity is 0
-    when ``last`` holds no kernel (the reference measurement).
+    when ``last`` holds no kernel (the reference measurement). ``lr`` is the learning rate of
+    this step (``opt/lr``; None: NaN); ``full_spectrum`` says whether the measured kernel matrix
+    is the ``(N·O) × (N·O)`` NTK whose λmax ``ntk/lr_eig_max`` needs (a full kernel, or one
+    output); otherwise ``ntk/lr_eig_max`` is NaN. ``regime/catapult`` (stateful) is the
+    tracker's, so ``names`` must not contain it here.
     """
     kernel, f, f_lin = current.kernel, current.f, current.f_lin
     vals, vecs = current.spectrum
@@ -110,6 +122,13 @@ def regime_metrics(
         )
     for layer, v in by_layer.items():
         values[f"params_layer/{layer}/rel_change"] = v
+    values["opt/lr"] = math.nan if lr is None else lr
+    n = f.shape[0]
+    values["ntk/lr_eig_max"] = (
+        lr_eig_max(lr, float(stats["eig_max"]), n) if lr is not None and full_spectrum else math.nan
+    )
+    for layer, gram0 in reference.feature_grams0.items():
+        values[f"features/{layer}/cka"] = gram_cka(gram0, current.feature_grams[layer])
     out = {k: float(v) for k, v in values.items()}
     out["regime/lazy"] = 1.0 if lazy_decision(lazy_thresholds, out)[0] else 0.0
     finite = M.all_finite(kernel, f, f_lin, current.params)

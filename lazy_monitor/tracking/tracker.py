@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -29,8 +29,10 @@ from lazy_monitor._validation import (
 from lazy_monitor.core import _functional as F
 from lazy_monitor.core import metrics as M
 from lazy_monitor.core._functional import InputBatch, OutputFn
+from lazy_monitor.core.features import centered_gram, default_feature_modules, feature_hooks
 from lazy_monitor.core.kernels import empirical_ntk
 from lazy_monitor.core.linearization import Linearization
+from lazy_monitor.core.stability import CatapultDetector
 from lazy_monitor.thresholds import Threshold
 from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint, same_fingerprint
 from lazy_monitor.tracking.regime import Measurement, lazy_decision, regime_metrics
@@ -73,9 +75,26 @@ class KernelTracker:
     The names, their formulas, directions and papers are the entries of
     :data:`lazy_monitor.catalogue.CATALOGUE` with ``source="tracker"`` (``ntk/*``, ``params/*``,
     ``lin/*``, the per-layer ``ntk_layer/<layer>/rel_change`` and
-    ``params_layer/<layer>/rel_change``, ``regime/lazy`` and ``health/nonfinite``);
+    ``params_layer/<layer>/rel_change``, ``regime/lazy``, ``health/nonfinite``, ``opt/lr``,
+    ``ntk/lr_eig_max``, ``regime/catapult`` and ``features/<layer>/cka``);
     ``ntk/alignment`` needs ``targets``, ``lin/agreement`` class-index targets, the per-layer
-    names ``per_layer=True``. The values are computed by the pure function
+    names ``per_layer=True``, the feature names tracked ``feature_modules``.
+
+    Stability (Lewkowycz et al. 2020, :mod:`lazy_monitor.core.stability`): pass the learning
+    rate of the step, ``start(lr=...)`` / ``measure(step, lr=...)``, to get ``opt/lr`` and
+    ``ntk/lr_eig_max = lr · λmax(K) / N`` (the MSE stability number, catapult above 2), and
+    ``regime/catapult`` (a :class:`~lazy_monitor.core.stability.CatapultDetector`: 1 once
+    ``ntk/lr_eig_max`` exceeded 2 and λmax then fell by 10 %; the step-0 measurement counts).
+    Without ``lr`` both are NaN. λmax is that of the ``(N·O) × (N·O)`` kernel matrix, so
+    ``ntk/lr_eig_max`` is computed for ``kind="full"`` and for a single output; with
+    ``kind="trace"`` (λmax of ``Σ_a K_aa``, up to ``O`` times the full one) or ``"diagonal"``
+    (cross-output blocks dropped) and ``O > 1`` it is NaN rather than a wrong number.
+
+    Features (Kornblith et al. 2019, :mod:`lazy_monitor.core.features`): the outputs of the
+    tracked modules on the probe are recorded with forward hooks in the forward that computes
+    ``f`` (no extra pass), and ``features/<layer>/cka`` is their linear CKA with the features at
+    θ₀ (1 = unchanged up to rotation and scale). Only the ``(N, N)`` centred Gram matrix at θ₀
+    is stored per module. The values are computed by the pure function
     :func:`lazy_monitor.tracking.regime.regime_metrics` of the reference and the measurement.
 
     :meth:`metric_names` returns exactly these keys, in this order, for the configuration.
@@ -140,6 +159,13 @@ class KernelTracker:
             there for each measurement).
         chunk_size: examples per block in the kernel engine (``None``: chosen by a memory
             budget).
+        feature_modules: modules whose output features are tracked (``features/<name>/cka``):
+            ``True`` (default) -- the modules owning trainable parameters
+            (:func:`~lazy_monitor.core.features.default_feature_modules`, the grouping of the
+            per-layer kernel), skipping with a warning those that cannot be tracked (not called
+            exactly once per forward, output not batched on dim 0); a list of names from
+            ``model.named_modules()`` (each must be trackable: an error at construction
+            otherwise); ``False`` or ``None``: no feature metrics.
 
     Raises:
         TypeError: an argument of the wrong type (``model`` not an ``nn.Module``,
@@ -189,6 +215,7 @@ class KernelTracker:
         topk: Optional[int] = None,
         snapshot_device: Union[str, torch.device, None] = None,
         chunk_size: Optional[int] = None,
+        feature_modules: Union[Sequence[str], bool, None] = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -212,8 +239,21 @@ class KernelTracker:
         self._param_names = list(F.resolve_params(model))
         self._layers = M.group_by_layer(self._param_names)
 
-        # One side-effect-free forward: checks the model runs on the probe and gives O.
-        f = self._forward()
+        # One side-effect-free forward: checks the model runs on the probe, gives O and which
+        # feature modules can be tracked.
+        candidates, strict = self._check_feature_modules(feature_modules)
+        self._features_default = feature_modules is True
+        self._feature_modules = candidates
+        f, feats = self._forward(strict=strict)
+        self._feature_modules = [m for m in candidates if m in feats]
+        dropped = [m for m in candidates if m not in feats]
+        if dropped:
+            warnings.warn(
+                f"KernelTracker does not track the features of {dropped}: not called exactly once "
+                "per forward, or output not batched on dim 0 with the probe's examples. Pass "
+                "feature_modules=[...] to choose the modules (or False for none).",
+                stacklevel=2,
+            )
         self.num_outputs = f.shape[1]
         size = self.probe_size * (1 if kind == "trace" else self.num_outputs)
         self._matrix_size = size
@@ -236,9 +276,35 @@ class KernelTracker:
         self._probe_fingerprint = fingerprint(probe)
         self._reference = Reference()
         self._last = LastMeasurement()
+        self._catapult = CatapultDetector()
         self._reset()
 
     # ------------------------------------------------------------------ validation
+    def _check_feature_modules(
+        self, modules: Union[Sequence[str], bool, None]
+    ) -> tuple[list[str], bool]:
+        """``(candidate module names, strict)``: the default set is filtered, a given one must
+        be trackable as a whole."""
+        if modules is None or modules is False:
+            return [], True
+        if modules is True:
+            try:
+                return default_feature_modules(self.model), False
+            except ValueError:  # no submodule owns a parameter: nothing to track by default
+                return [], False
+        if isinstance(modules, str) or not isinstance(modules, Sequence):
+            raise TypeError(
+                f"feature_modules must be True, False/None or a list of module names, got "
+                f"{modules!r}; e.g. feature_modules=['fc1', 'readout']"
+            )
+        names = [check_str(f"feature_modules[{i}]", m) for i, m in enumerate(modules)]
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(
+                f"feature_modules must list distinct module names, got {modules!r}; pass False "
+                "for no feature metrics"
+            )
+        return names, True
+
     def _check_targets(self, targets: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
         if targets is None:
             return None, False
@@ -295,6 +361,7 @@ class KernelTracker:
             targets=self.targets is not None,
             classification=self.classification,
             per_layer=self.per_layer,
+            feature_layers=self._feature_modules,
         )
 
     # ------------------------------------------------------------------ public state
@@ -306,6 +373,11 @@ class KernelTracker:
     def layers(self) -> list[str]:
         """Layer names used in the per-layer metrics (module prefixes of the parameters)."""
         return list(self._layers)
+
+    @property
+    def feature_modules(self) -> list[str]:
+        """Modules whose features are tracked (``features/<name>/cka``), in metric order."""
+        return list(self._feature_modules)
 
     @property
     def started(self) -> bool:
@@ -346,6 +418,7 @@ class KernelTracker:
         self._lin: Optional[Linearization] = None
         self._reference.reset()
         self._last.reset()
+        self._catapult.reset()
         self._warned_params = False
 
     # ------------------------------------------------------------------ computation
@@ -363,13 +436,36 @@ class KernelTracker:
     def _metric_device(self) -> torch.device:
         return self.snapshot_device if self.snapshot_device is not None else self._model_device()
 
-    def _forward(self) -> Tensor:
-        """``f(probe; θ)`` at the model's current parameters, ``(N, O)``, without side effects."""
+    def _forward(self, strict: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """``f(probe; θ)`` at the model's current parameters, ``(N, O)``, without side effects,
+        and the tracked modules' features ``{module: (N, D)}`` recorded in the same forward."""
         x = self._probe_on_model_device()
         params = self._current_params()
         fm = F.FunctionalModel(self.model, self.output_fn, F.compute_dtype(params, x))
-        with F.side_effect_guard(self.model), torch.no_grad():
-            return fm(fm.cast_params(params), fm.cast_inputs(x)).detach()
+        with F.side_effect_guard(self.model), torch.no_grad(), self._hooks(strict) as grams:
+            f = fm(fm.cast_params(params), fm.cast_inputs(x)).detach()
+        return f, self._on_metric_device(grams)
+
+    def _hooks(self, strict: bool = True) -> Any:
+        """Forward hooks recording the centred Gram ``(N, N)`` of each tracked module's output
+        (computed in the hook: a wide layer's ``N·D`` features are not kept)."""
+        return feature_hooks(
+            self.model, self._feature_modules, self.probe_size, strict=strict,
+            transform=centered_gram,
+        )  # fmt: skip
+
+    def _on_metric_device(self, grams: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        dev = self._metric_device()
+        return {m: grams[m].to(dev) for m in self._feature_modules if m in grams}
+
+    def _full_spectrum(self) -> bool:
+        """Whether λmax of the measured kernel matrix is that of the ``(N·O) × (N·O)`` NTK
+        (what ``ntk/lr_eig_max`` is defined with): a full kernel, or a trace/diagonal kernel of a
+        single output (then the same matrix). Any other kind (e.g. a projected kernel) is not.
+        With a kind resolved at start (``"auto"``), this must test the resolved kind."""
+        if self.kind == "full":
+            return True
+        return self.kind in ("trace", "diagonal") and self.num_outputs == 1
 
     def _kernel(self) -> tuple[Tensor, dict[str, Tensor]]:
         """Total kernel and per-layer kernels (one engine call), on the metric device."""
@@ -497,19 +593,22 @@ class KernelTracker:
         out["health/nonfinite"] = 1.0
         return out
 
-    def start(self, step: int = 0) -> dict[str, float]:
+    def start(self, step: int = 0, *, lr: Optional[float] = None) -> dict[str, float]:
         """Snapshot θ₀, ``f₀``, ``K₀`` (and per-layer ``K₀``) and the top-k eigenvectors of ``K₀``.
 
         Calling it again re-snapshots at the current parameters.
 
         Args:
             step: the training step of the snapshot (default 0).
+            lr: the learning rate the next optimizer step uses (``opt/lr``,
+                ``ntk/lr_eig_max``; None: NaN).
 
         Returns:
             The metrics at θ₀: every change is exactly 0 (``ntk/rel_change``, ``ntk/distance``,
             ``ntk/velocity``, ``params/*``, ``lin/rel_error``, ``lin/rmse``, per-layer),
-            ``ntk/eig_overlap`` and ``lin/agreement`` are 1, ``regime/lazy`` is 1 (if the
-            kernel is finite), plus the spectrum and alignment of ``K₀``.
+            ``ntk/eig_overlap``, ``lin/agreement`` and ``features/*/cka`` are 1,
+            ``regime/lazy`` is 1 (if the kernel is finite), plus the spectrum and alignment of
+            ``K₀`` and ``ntk/lr_eig_max`` at θ₀.
 
         The parameters trainable now are the tracked ones for every later :meth:`measure`
         (the per-layer metric names follow them).
@@ -520,26 +619,34 @@ class KernelTracker:
                 per-layer threshold names a layer without trainable parameters.
         """
         step = self._check_step(step, first=True)
+        lr = self._check_lr(lr)
         self._reset()
         self._set_param_names(list(F.resolve_params(self.model)))
         lin = self._new_linearization()
         self._check_batch_independent(lin)
         kernel, layer_kernels = self._kernel()
-        f0 = self._forward().to(self._metric_device())
+        f0, grams0 = self._forward()
+        f0 = f0.to(self._metric_device())
         spectrum = M.kernel_spectrum(kernel)
         self._lin = lin
         ref = self._reference
         ref.f0, ref.kernel0, ref.layer_kernels0 = f0, kernel, layer_kernels
         ref.eigvecs0 = spectrum[1][:, -self.topk :].contiguous()
-        current = Measurement(kernel, layer_kernels, spectrum, f0, f0, self._params0())
-        return self._finish(step, current)
+        ref.feature_grams0 = grams0
+        current = Measurement(
+            kernel, layer_kernels, spectrum, f0, f0, self._params0(), ref.feature_grams0
+        )
+        return self._finish(step, current, lr)
 
-    def measure(self, step: int) -> dict[str, float]:
+    def measure(self, step: int, *, lr: Optional[float] = None) -> dict[str, float]:
         """The metrics at the model's current parameters.
 
         Args:
             step: the current training step; must be larger than the previous call's (the
                 velocity divides by the difference).
+            lr: the learning rate the next optimizer step uses (``opt/lr``,
+                ``ntk/lr_eig_max``; None: NaN), e.g.
+                :func:`~lazy_monitor.core.stability.current_lr` of the optimizer.
 
         Returns:
             ``dict[str, float]`` with exactly the keys of :meth:`metric_names`.
@@ -554,6 +661,7 @@ class KernelTracker:
                 "training (or load_state_dict() when resuming)"
             )
         step = self._check_step(step, first=False)
+        lr = self._check_lr(lr)
         problem = self._params_problem()
         if problem is not None:
             return self._nan_metrics(problem)
@@ -561,7 +669,8 @@ class KernelTracker:
         self._reference.to(dev)  # follow the model (snapshot_device=None, e.g. model.cuda())
         self._last.to(dev)
         kernel, layer_kernels = self._kernel()
-        f = self._forward().to(dev)
+        f, grams = self._forward()
+        f = f.to(dev)
         out0, f_lin = self._lin.f0_and_f_lin(
             self._probe_on_model_device(), params=self._current_params()
         )
@@ -570,8 +679,9 @@ class KernelTracker:
         f0 = self._reference.f0
         f_lin = f0 + (f_lin.to(dev) - out0.to(dev)).to(f0.dtype)
         params = {n: t.to(dev) for n, t in self._current_params().items()}
-        current = Measurement(kernel, layer_kernels, M.kernel_spectrum(kernel), f, f_lin, params)
-        return self._finish(step, current)
+        spectrum = M.kernel_spectrum(kernel)
+        current = Measurement(kernel, layer_kernels, spectrum, f, f_lin, params, grams)
+        return self._finish(step, current, lr)
 
     def _new_linearization(self) -> Linearization:
         """θ₀ = the tracked parameters now (frozen), on the snapshot device."""
@@ -597,7 +707,13 @@ class KernelTracker:
             )
         return step
 
-    def _finish(self, step: int, current: Measurement) -> dict[str, float]:
+    @staticmethod
+    def _check_lr(lr: Optional[float]) -> Optional[float]:
+        return check_float(
+            "lr", lr, minimum=0.0, optional=True, fix="pass the optimizer's learning rate or None"
+        )
+
+    def _finish(self, step: int, current: Measurement, lr: Optional[float]) -> dict[str, float]:
         """Metrics of ``current`` against the reference; then ``current`` becomes the last."""
         out = regime_metrics(
             self._reference,
@@ -610,8 +726,13 @@ class KernelTracker:
             topk=self.topk,
             layers=self._layers if self.per_layer else {},
             lazy_thresholds=self._thresholds,
-            names=self._names,
+            names=[n for n in self._names if n != "regime/catapult"],
+            lr=lr,
+            full_spectrum=self._full_spectrum(),
         )
+        # Stateful, so not in the pure regime_metrics: fed at every measurement, step 0 too.
+        out["regime/catapult"] = self._catapult.update(out["ntk/lr_eig_max"], out["ntk/eig_max"])
+        out = {name: out[name] for name in self._names}
         self._last.last_kernel = current.kernel
         self._last.last_eigenvalues = current.spectrum[0]
         self._last.last_step = step
@@ -654,6 +775,7 @@ class KernelTracker:
         state["linearization"] = self._lin.state_dict()
         state.update(self._reference.state_dict())
         state.update(self._last.state_dict())
+        state["catapult"] = self._catapult.state_dict()
         return state
 
     def _config(self) -> dict[str, Any]:
@@ -666,6 +788,7 @@ class KernelTracker:
             "param_names": list(self._param_names),
             "probe": self._probe_fingerprint,
             "targets": None if self.targets is None else fingerprint(self.targets),
+            "feature_modules": list(self._feature_modules),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -691,6 +814,21 @@ class KernelTracker:
                     f"the state was saved with a different {key} batch; build the tracker with "
                     f"the same {key} it was saved with (metrics relative to K₀ would be wrong)"
                 )
+        saved_features = saved.get("feature_modules")
+        if (
+            self._features_default
+            and saved_features is not None
+            and set(saved_features) <= set(dict(self.model.named_modules()))
+        ):
+            # Default modules follow the saved tracker (like the tracked parameters: chosen
+            # when it was built, e.g. before layers were frozen).
+            mine["feature_modules"] = list(saved_features)
+        if saved_features is not None and list(saved_features) != mine["feature_modules"]:
+            raise ValueError(
+                f"the state was saved with feature_modules={saved['feature_modules']!r} but this "
+                f"tracker tracks {mine['feature_modules']!r}; build it with the same "
+                "feature_modules"
+            )
         names = list(saved.get("param_names", []))
         live = dict(self.model.named_parameters())
         if state["started"] and (not names or any(n not in live for n in names)):
@@ -698,6 +836,10 @@ class KernelTracker:
                 f"the state tracks parameters {names[:4]}... that are not all parameters of "
                 f"{type(self.model).__name__}; build the tracker with the same model"
             )
+        if mine["feature_modules"] != self._feature_modules:
+            self._feature_modules = list(mine["feature_modules"])
+            self._names = self._build_names()
+            self.lazy_thresholds = self._check_thresholds(self.lazy_thresholds)
         self._reset()
         if not state["started"]:
             return
@@ -708,3 +850,12 @@ class KernelTracker:
         self._reference.load_state_dict(state, dev)
         self._last.load_state_dict(state, dev)
         self._lin = lin
+        if "catapult" in state:
+            self._catapult.load_state_dict(state["catapult"])
+        if set(self._reference.feature_grams0) != set(self._feature_modules):
+            # A state saved before feature tracking: the θ₀ features from the snapshot (its
+            # parameters and buffers), exactly what start() would have recorded.
+            x = self._probe_on_model_device()
+            with self._hooks() as grams:
+                lin.f0(x)
+            self._reference.feature_grams0 = self._on_metric_device(grams)

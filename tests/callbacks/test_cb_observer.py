@@ -23,6 +23,11 @@ def test_final_weights_buffers_and_rng_are_bit_identical_with_the_monitor(tmp_pa
     gate = KernelDriftGate({"ntk/rel_change": 1e9}, action="raise")
     watched, rng_watched = _train(tmp_path / "b", [monitor, gate])
     assert monitor.num_measurements >= 6  # start, 1, 2, 3, 6, 9, 12, end
+    # with the stability and feature metrics on (hooks in the tracker's forward, lr read)
+    last = monitor._last_metrics
+    cka = [k for k in last if k.startswith("features/")]
+    assert len(cka) >= 3 and all(0.0 < last[k] <= 1.0 for k in cka), last
+    assert last["opt/lr"] == 0.1 and last["ntk/lr_eig_max"] > 0
     plain_state, watched_state = plain.state_dict(), watched.state_dict()
     assert plain_state.keys() == watched_state.keys()
     for name, value in plain_state.items():  # includes BatchNorm running stats

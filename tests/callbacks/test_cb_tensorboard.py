@@ -72,6 +72,8 @@ def test_custom_layout_histogram_and_image_per_measurement(run):
         "linearization",
         "spectrum",
         "parameters",
+        "stability",
+        "features",
     ]
     hist = acc.Histograms("ntk/eigenvalues")
     assert [h.step for h in hist] == [0, 1, 2, 5, 10, 12]

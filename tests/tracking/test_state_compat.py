@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lazy_monitor import KernelTracker
+from lazy_monitor.core.features import capture_features, centered_gram
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
 sys.path.insert(0, FIXTURES)
@@ -28,12 +29,19 @@ def test_tracker_state_of_version_0_1_continues_with_the_same_metrics():
     tracker = KernelTracker(model, probe, targets=targets)
     tracker.load_state_dict(saved["tracker"])
     assert tracker.started and tracker.last_step == 2
+    # The state predates feature tracking: the θ₀ feature Grams are rebuilt from the snapshot.
+    feats0 = capture_features(model, probe, tracker.feature_modules, params=tracker._lin.params0)
+    for name, gram in tracker._reference.feature_grams0.items():
+        torch.testing.assert_close(gram, centered_gram(feats0[name]), rtol=1e-12, atol=0)
     sgd_steps(model, x, y, 2)
-    got = tracker.measure(4)
+    got = tracker.measure(4, lr=0.1)
     expected = saved["metrics_step4"]
-    assert list(got) == list(expected)
+    new = ["opt/lr", "ntk/lr_eig_max", "regime/catapult", "features/0/cka", "features/2/cka"]
+    assert list(got) == list(expected) + new  # the 0.1 names, in order, then the new ones
     for name, value in expected.items():
         assert math.isclose(got[name], value, rel_tol=1e-6, abs_tol=1e-9), name
+    assert got["ntk/lr_eig_max"] == 0.1 * got["ntk/eig_max"] / 6
+    assert all(0.0 < got[f"features/{m}/cka"] < 1.0 for m in ("0", "2"))
 
 
 def test_tracker_state_of_version_0_1_is_rejected_for_another_probe():

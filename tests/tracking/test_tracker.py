@@ -50,7 +50,8 @@ def test_names_are_exactly_the_documented_ones_for_a_classifier():
         FIXED_NAMES
         + [f"ntk_layer/{name}/rel_change" for name in layers]
         + [f"params_layer/{name}/rel_change" for name in layers]
-        + ["regime/lazy", "health/nonfinite"]
+        + ["regime/lazy", "health/nonfinite", "opt/lr", "ntk/lr_eig_max", "regime/catapult"]
+        + [f"features/{name}/cka" for name in layers]
     )
     assert tracker.metric_names() == expected
     assert list(tracker.start()) == expected

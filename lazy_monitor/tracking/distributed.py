@@ -29,7 +29,35 @@ from torch import Tensor
 
 from lazy_monitor._validation import check_callable, check_int
 
-__all__ = ["KernelSharding", "balance"]
+__all__ = ["KernelSharding", "SHARDED_STRATEGIES", "balance", "check_strategy"]
+
+
+#: Strategies that shard parameters across ranks (class names, matched along the MRO). The
+#: kernel engine evaluates the network with ``torch.func.functional_call`` on full parameter
+#: tensors, which sharded parameters (FSDP flat parameters, FSDP2 / tensor-parallel DTensors,
+#: DeepSpeed ZeRO-3 partitions) are not.
+SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+
+
+def check_strategy(strategy: Any) -> None:
+    """Raise if ``strategy`` (a training framework's strategy object) shards the parameters.
+
+    Raises:
+        ValueError: naming the strategy and the alternatives.
+    """
+    names = [cls.__name__ for cls in type(strategy).__mro__]
+    hit = next((n for n in SHARDED_STRATEGIES if n in names), None)
+    if hit is None:
+        return
+    raise ValueError(
+        f"KernelRegimeMonitor does not support {type(strategy).__name__} ({hit}): it shards the "
+        "parameters across ranks, and the kernel engine needs each measured parameter as one "
+        "full tensor on the rank that differentiates it. Alternatives: strategy='ddp' (or "
+        "'ddp_spawn') with KernelRegimeMonitor(split_across_ranks=True), which already splits "
+        "the kernel work across ranks; monitor a submodule that is not sharded "
+        "(KernelRegimeMonitor(submodule=...)); or measure offline with KernelTracker on a "
+        "consolidated checkpoint"
+    )
 
 
 def balance(costs: Mapping[str, float], world_size: int) -> list[list[str]]:

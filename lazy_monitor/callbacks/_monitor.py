@@ -111,8 +111,12 @@ class _KernelRegimeMonitorBase:
     ``ModelCheckpoint(every_n_train_steps=...)`` checkpoint at an epoch boundary; mid-epoch
     positions without a stateful dataloader replay different batches, changing the training).
 
-    Under DDP every rank measures (the probe is drawn from the dataset, not the rank's shard, so it
-    is the same everywhere) and only rank 0 logs.
+    Under DDP every rank takes part in each measurement (the probe is drawn from the dataset, not
+    the rank's shard, so it is the same everywhere) and only rank 0 logs. With
+    ``split_across_ranks=True`` (default) each rank computes the kernel blocks of its share of the
+    parameters and the strategy's ``reduce(..., "sum")`` completes them; the metrics are rank 0's
+    on every rank. Strategies that shard parameters (FSDP, ``ModelParallelStrategy``, DeepSpeed)
+    are rejected at ``setup`` with the alternatives.
 
     Args:
         probe: the probe batch: inputs ``x`` (a tensor, or a dict of tensors passed as keyword

@@ -257,8 +257,8 @@ class _KernelRegimeMonitorBase:
         self.log_kernel_image = check_bool("log_kernel_image", log_kernel_image)
         self.log_hparams = check_bool("log_hparams", log_hparams)
         self.split_across_ranks = check_bool("split_across_ranks", split_across_ranks)
-        self.max_overhead = max_overhead
         self._budget = None if max_overhead is None else OverheadBudget(max_overhead)
+        self.max_overhead = None if self._budget is None else self._budget.max_overhead
         self.submodule = submodule
         self._batch_to_probe = batch_to_probe
 

@@ -103,10 +103,15 @@ class _StepsMonitor(KernelRegimeMonitor):
 
 
 def _fit(
-    model: str, steps: int, monitored: bool, log_dir: str, **monitor_kwargs: Any
+    model: str,
+    steps: int,
+    monitored: bool,
+    log_dir: str,
+    batch_size: int = 128,
+    **monitor_kwargs: Any,
 ) -> tuple[float, float]:
     torch.manual_seed(0)
-    job = _Job(model)
+    job = _Job(model, batch_size=batch_size)
     monitor: Optional[KernelRegimeMonitor] = _StepsMonitor(**monitor_kwargs) if monitored else None
     _fit.last_monitor = monitor  # type: ignore[attr-defined]
     trainer = L.Trainer(
@@ -134,6 +139,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--budget", action="store_true", help="the max_overhead=0.03 case")
     parser.add_argument("--probe-steps", type=int, default=60, help="unbudgeted fit (--budget)")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch (--budget)")
+    parser.add_argument("--probe-size", type=int, default=32, help="probe examples (--budget)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,15 +180,19 @@ def _budget_case(args: Any) -> dict[str, dict[str, float]]:
     """CNN, every_n_steps=10: unbudgeted share, then max_overhead=0.03 vs no monitor."""
     with tempfile.TemporaryDirectory() as log_dir:
         _fit("mlp", 3, True, log_dir)  # warm-up
-        print(f"threads={torch.get_num_threads()}, steps={args.steps}")
-        wall, inside = _fit("cnn", args.probe_steps, True, log_dir, every_n_steps=10)
+        print(
+            f"threads={torch.get_num_threads()}, steps={args.steps}, batch={args.batch_size}, "
+            f"probe={args.probe_size}"
+        )
+        common = {"batch_size": args.batch_size, "probe_size": args.probe_size, "every_n_steps": 10}
+        wall, inside = _fit("cnn", args.probe_steps, True, log_dir, **common)
         free_share = inside / wall
         print(
             f"cnn every_n_steps=10 without budget ({args.probe_steps} steps): "
             f"{100 * free_share:.1f} % of {wall:.1f} s inside measurements"
         )
-        plain, _ = _fit("cnn", args.steps, False, log_dir)
-        wall, inside = _fit("cnn", args.steps, True, log_dir, every_n_steps=10, max_overhead=0.03)
+        plain, _ = _fit("cnn", args.steps, False, log_dir, batch_size=args.batch_size)
+        wall, inside = _fit("cnn", args.steps, True, log_dir, **common, max_overhead=0.03)
         monitor = _fit.last_monitor  # type: ignore[attr-defined]
         share = inside / wall
         print(

@@ -2,6 +2,12 @@
 
     python benchmarks/bench_overhead.py                  # MLP-1024 and small CNN, 3000 steps
     python benchmarks/bench_overhead.py --steps 500 --repeats 1 --models mlp   # quick look
+    python benchmarks/bench_overhead.py --budget --steps 1500   # max_overhead=0.03, CNN
+
+``--budget`` (issue 9): the CNN job with ``every_n_steps=10`` -- a cadence that alone spends
+most of the fit measuring (shown by a short unbudgeted fit of ``--probe-steps`` steps) -- fitted
+with ``max_overhead=0.03`` and without the monitor, in the same process: the share of the
+budgeted fit spent inside measurements, the measured steps, and the wall-time ratio.
 
 For each model the script fits the same job with and without ``KernelRegimeMonitor()`` (default
 arguments: probe of 32 training examples, ``every_n_steps`` default, measurement at train start
@@ -86,10 +92,28 @@ class _Job(L.LightningModule):
         return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=True)
 
 
-def _fit(model: str, steps: int, monitored: bool, log_dir: str) -> tuple[float, float]:
+class _StepsMonitor(KernelRegimeMonitor):
+    """Records the measured steps (for the budget report)."""
+
+    steps: list[int]
+
+    def _record(self, trainer: Any, step: int, *args: Any, **kwargs: Any) -> None:
+        self.steps = [*getattr(self, "steps", []), step]
+        super()._record(trainer, step, *args, **kwargs)
+
+
+def _fit(
+    model: str,
+    steps: int,
+    monitored: bool,
+    log_dir: str,
+    batch_size: int = 128,
+    **monitor_kwargs: Any,
+) -> tuple[float, float]:
     torch.manual_seed(0)
-    job = _Job(model)
-    monitor: Optional[KernelRegimeMonitor] = KernelRegimeMonitor() if monitored else None
+    job = _Job(model, batch_size=batch_size)
+    monitor: Optional[KernelRegimeMonitor] = _StepsMonitor(**monitor_kwargs) if monitored else None
+    _fit.last_monitor = monitor  # type: ignore[attr-defined]
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -113,9 +137,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--repeats", type=int, default=3, help="fits per arm (alternated)")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--budget", action="store_true", help="the max_overhead=0.03 case")
+    parser.add_argument("--probe-steps", type=int, default=60, help="unbudgeted fit (--budget)")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch (--budget)")
+    parser.add_argument("--probe-size", type=int, default=32, help="probe examples (--budget)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.budget:
+        return _budget_case(args)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as log_dir:
         _fit("mlp", 3, True, log_dir)  # warm-up: one-off import / first-call costs
@@ -144,6 +174,40 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
                 f"measurements {100 * statistics.median(share):.1f} % of the monitored fit"
             )
     return results
+
+
+def _budget_case(args: Any) -> dict[str, dict[str, float]]:
+    """CNN, every_n_steps=10: unbudgeted share, then max_overhead=0.03 vs no monitor."""
+    with tempfile.TemporaryDirectory() as log_dir:
+        _fit("mlp", 3, True, log_dir)  # warm-up
+        print(
+            f"threads={torch.get_num_threads()}, steps={args.steps}, batch={args.batch_size}, "
+            f"probe={args.probe_size}"
+        )
+        common = {"batch_size": args.batch_size, "probe_size": args.probe_size, "every_n_steps": 10}
+        wall, inside = _fit("cnn", args.probe_steps, True, log_dir, **common)
+        free_share = inside / wall
+        print(
+            f"cnn every_n_steps=10 without budget ({args.probe_steps} steps): "
+            f"{100 * free_share:.1f} % of {wall:.1f} s inside measurements"
+        )
+        plain, _ = _fit("cnn", args.steps, False, log_dir, batch_size=args.batch_size)
+        wall, inside = _fit("cnn", args.steps, True, log_dir, **common, max_overhead=0.03)
+        monitor = _fit.last_monitor  # type: ignore[attr-defined]
+        share = inside / wall
+        print(
+            f"cnn every_n_steps=10 max_overhead=0.03 ({args.steps} steps): {100 * share:.2f} % "
+            f"of {wall:.1f} s inside {monitor.num_measurements} measurements at steps "
+            f"{monitor.steps}; without monitor {plain:.1f} s, ratio {wall / plain:.3f}"
+        )
+    return {
+        "budget": {
+            "free_share": free_share,
+            "share": share,
+            "measurements": float(monitor.num_measurements),
+            "ratio": wall / plain,
+        }
+    }
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from lazy_monitor.callbacks import _tensorboard as tb
 from lazy_monitor.core._functional import as_device, map_batch, side_effect_guard
 from lazy_monitor.core.kernels import NtkImplementation
 from lazy_monitor.core.stability import current_lr
+from lazy_monitor.tracking.distributed import KernelSharding, check_strategy
 from lazy_monitor.tracking.network import device_of as _device_of
 from lazy_monitor.tracking.network import resolve_submodule as _resolve_submodule
 from lazy_monitor.tracking.probe import (
@@ -46,7 +47,7 @@ from lazy_monitor.tracking.probe import (
 from lazy_monitor.tracking.probe import (
     probe_size as _probe_size,
 )
-from lazy_monitor.tracking.schedule import MeasurementSchedule
+from lazy_monitor.tracking.schedule import MeasurementSchedule, OverheadBudget
 from lazy_monitor.tracking.tracker import KINDS
 
 __all__ = ["DEFAULT_EVERY_N_STEPS", "DEFAULT_PROBE_SIZE", "_KernelRegimeMonitorBase"]
@@ -147,8 +148,12 @@ class _KernelRegimeMonitorBase:
     ``ModelCheckpoint(every_n_train_steps=...)`` checkpoint at an epoch boundary; mid-epoch
     positions without a stateful dataloader replay different batches, changing the training).
 
-    Under DDP every rank measures (the probe is drawn from the dataset, not the rank's shard, so it
-    is the same everywhere) and only rank 0 logs.
+    Under DDP every rank takes part in each measurement (the probe is drawn from the dataset, not
+    the rank's shard, so it is the same everywhere) and only rank 0 logs. With
+    ``split_across_ranks=True`` (default) each rank computes the kernel blocks of its share of the
+    parameters and the strategy's ``reduce(..., "sum")`` completes them; the metrics are rank 0's
+    on every rank. Strategies that shard parameters (FSDP, ``ModelParallelStrategy``, DeepSpeed)
+    are rejected at ``setup`` with the alternatives.
 
     Args:
         probe: the probe batch: inputs ``x`` (a tensor, or a dict of tensors passed as keyword
@@ -192,6 +197,20 @@ class _KernelRegimeMonitorBase:
             (``features/<name>/cka``): ``True`` (default) the modules owning trainable parameters
             (those that cannot be tracked are skipped with a warning), a list of names from
             ``network.named_modules()``, or ``False``/``None`` for none. Passed to the tracker.
+        split_across_ranks: under DDP (any strategy with several processes), each rank
+            computes the kernel blocks of its share of the parameters (balanced by the engine's
+            cost model) and ``trainer.strategy.reduce(..., "sum")`` completes the kernels; every
+            rank gets the same metrics (:mod:`lazy_monitor.tracking.distributed`). ``False``:
+            every rank computes the whole kernel.
+        max_overhead: budget for the monitor's own cost, as a share of the wall time since train
+            start (e.g. ``0.02``); ``None``: no budget. Measurements are timed and scheduled ones
+            are skipped while measuring would exceed the budget
+            (:class:`lazy_monitor.tracking.schedule.OverheadBudget`): ``every_n_steps`` /
+            ``log_spaced_until`` stay the densest cadence, the budget only drops steps of it;
+            the step-0 reference and the final measurement are always taken. With a budget the
+            monitor also logs ``monitor/seconds`` (the last measurement) and
+            ``monitor/overhead`` (share of wall time so far); the accounting is in the state,
+            so a resumed fit continues it.
 
     Raises:
         ValueError: at construction for invalid values (each message names the value and the
@@ -232,6 +251,8 @@ class _KernelRegimeMonitorBase:
         log_kernel_image: bool = False,
         log_hparams: bool = True,
         feature_modules: Union[list[str], bool, None] = True,
+        split_across_ranks: bool = True,
+        max_overhead: Optional[float] = None,
     ) -> None:
         if probe is not None and probe_size is not None:
             raise ValueError(
@@ -278,6 +299,9 @@ class _KernelRegimeMonitorBase:
         self.log_kernel_image = check_bool("log_kernel_image", log_kernel_image)
         self.log_hparams = check_bool("log_hparams", log_hparams)
         self.feature_modules = _check_feature_modules(feature_modules)
+        self.split_across_ranks = check_bool("split_across_ranks", split_across_ranks)
+        self._budget = None if max_overhead is None else OverheadBudget(max_overhead)
+        self.max_overhead = None if self._budget is None else self._budget.max_overhead
         self.submodule = submodule
         self._batch_to_probe = batch_to_probe
 
@@ -339,8 +363,9 @@ class _KernelRegimeMonitorBase:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        # fail before training on a wrong submodule path
+        # fail before training on a wrong submodule path or a strategy that shards parameters
         _resolve_submodule(pl_module, self.submodule)
+        check_strategy(trainer.strategy)
         self._layout_written = set()  # one custom-scalar layout per writer and fit
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -348,9 +373,14 @@ class _KernelRegimeMonitorBase:
         device = _device_of(network)
         restored, self._restored = self._restored, None
         self._last_metrics = {}
+        if self._budget is not None:
+            self._budget = OverheadBudget(self._budget.max_overhead)
+            if restored is not None and restored.get("budget"):
+                self._budget.load_state_dict(restored["budget"])
+            self._budget.start_clock()
         if restored is not None:
             probe = (restored["probe_x"], restored["probe_y"])
-            self._tracker = self._build_tracker(network, probe, device)
+            self._tracker = self._build_tracker(network, probe, device, trainer)
             self._tracker.load_state_dict(restored["tracker"])
             self._last_step = restored["last_step"]
             self._last_metrics = dict(restored.get("last_metrics", {}))
@@ -362,7 +392,7 @@ class _KernelRegimeMonitorBase:
             probe = draw_probe(
                 trainer.train_dataloader, self.probe_size, self.seed, self.batch_to_probe
             )
-        self._tracker = self._build_tracker(network, probe, device)
+        self._tracker = self._build_tracker(network, probe, device, trainer)
         self._last_step = None
         self._notify_start(trainer)
         with side_effect_guard(network):
@@ -383,7 +413,7 @@ class _KernelRegimeMonitorBase:
         if self._tracker is None:
             return
         step = _global_step(trainer)
-        if step == self._batch_start_step or not self._schedule.is_due(step, self._last_step):
+        if step == self._batch_start_step or not self._is_due(trainer, step):
             return
         # `_batches_that_stepped` is incremented right after this hook: log at the value it is
         # about to take, the x-axis `self.log` uses for the loss at these weights.
@@ -401,6 +431,21 @@ class _KernelRegimeMonitorBase:
         if self.log_hparams and trainer.is_global_zero:
             self._write_hparams(trainer)
 
+    def _is_due(self, trainer: Any, step: int) -> bool:
+        budget = self._budget
+        if budget is None:
+            return self._schedule.is_due(step, self._last_step)
+        if not budget.candidate(self._schedule, step, self._last_step):
+            return False  # clock-free: the same on every rank
+        fits = budget.allows()
+        if trainer.world_size > 1:
+            # Clocks differ between ranks: act on rank 0's decision, so the ranks measure (and
+            # reduce a split kernel) together and gates see the same steps.
+            fits = bool(trainer.strategy.broadcast(fits, src=0))
+        if not fits:
+            budget.skip(step)
+        return fits
+
     def state_dict(self) -> dict[str, Any]:
         if self._tracker is None:
             return dict(self._restored) if self._restored is not None else {}
@@ -412,6 +457,7 @@ class _KernelRegimeMonitorBase:
                 "probe_y": None if y is None else y.detach().cpu().clone(),
                 "last_step": self._last_step,
                 "last_metrics": {k: float(v) for k, v in self._last_metrics.items()},
+                "budget": None if self._budget is None else self._budget.state_dict(),
             }
         )
 
@@ -422,8 +468,11 @@ class _KernelRegimeMonitorBase:
         self._restored = dict(state_dict)
 
     # ------------------------------------------------------------------ internals
-    def _build_tracker(self, network: nn.Module, probe: Probe, device: torch.device) -> Any:
+    def _build_tracker(
+        self, network: nn.Module, probe: Probe, device: torch.device, trainer: Any = None
+    ) -> Any:
         optional = {
+            "sharding": self._sharding(trainer),
             "lazy_thresholds": self.lazy_thresholds,
             "output_fn": self.output_fn,
             "topk": self.topk,
@@ -444,11 +493,27 @@ class _KernelRegimeMonitorBase:
         )
         return tracker
 
+    def _sharding(self, trainer: Any) -> Optional[KernelSharding]:
+        """Split the kernel over the ranks with the strategy's own collective."""
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        if not self.split_across_ranks or world <= 1:
+            return None
+        strategy = trainer.strategy
+        return KernelSharding(
+            trainer.global_rank, world, lambda t: strategy.reduce(t, reduce_op="sum")
+        )
+
     def _timed(self, fn: Callable[..., dict[str, float]], *args: Any) -> dict[str, float]:
         start = time.perf_counter()
         out = fn(*args)
-        self.measure_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.measure_seconds += seconds
         self.num_measurements += 1
+        if self._budget is not None:
+            self._budget.record(seconds)
+            out = dict(out)
+            out["monitor/seconds"] = seconds
+            out["monitor/overhead"] = self._budget.overhead()
         return out
 
     def _measure(

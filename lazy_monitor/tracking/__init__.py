@@ -8,10 +8,13 @@ Everything a training-framework adapter (the Lightning callbacks, a Hugging Face
 * :mod:`~lazy_monitor.tracking.probe` -- probe validation, deterministic draws from a dataset,
   building a tracker that drops unusable drawn targets (:func:`build_tracker`);
 * :mod:`~lazy_monitor.tracking.gate` -- the drift gate's decision and state (:class:`DriftGate`);
-* :mod:`~lazy_monitor.tracking.network` -- unwrap DDP / ``torch.compile``, resolve a submodule.
+* :mod:`~lazy_monitor.tracking.network` -- unwrap DDP / ``torch.compile``, resolve a submodule;
+* :mod:`~lazy_monitor.tracking.distributed` -- split a measurement across processes
+  (:class:`KernelSharding`); :class:`OverheadBudget` -- keep measuring within a time budget.
 """
 
-from lazy_monitor.tracking.schedule import MeasurementSchedule
+from lazy_monitor.tracking.distributed import KernelSharding
+from lazy_monitor.tracking.schedule import MeasurementSchedule, OverheadBudget
 from lazy_monitor.tracking.tracker import (
     DEFAULT_LAZY_THRESHOLDS,
     LOWER_BOUND_METRICS,
@@ -21,6 +24,8 @@ from lazy_monitor.tracking.tracker import (
 __all__ = [
     "DEFAULT_LAZY_THRESHOLDS",
     "LOWER_BOUND_METRICS",
+    "KernelSharding",
     "KernelTracker",
     "MeasurementSchedule",
+    "OverheadBudget",
 ]

@@ -31,10 +31,12 @@ from lazy_monitor.core import metrics as M
 from lazy_monitor.core._functional import InputBatch, OutputFn
 from lazy_monitor.core.features import centered_gram, default_feature_modules, feature_hooks
 from lazy_monitor.core.kernels import empirical_ntk
+from lazy_monitor.core.kernels.plan import estimate_param_costs
 from lazy_monitor.core.linearization import Linearization
 from lazy_monitor.core.stability import CatapultDetector
 from lazy_monitor.thresholds import Threshold
 from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint, same_fingerprint
+from lazy_monitor.tracking.distributed import KernelSharding, sharded_kernel
 from lazy_monitor.tracking.regime import Measurement, lazy_decision, regime_metrics
 
 __all__ = ["KernelTracker", "DEFAULT_LAZY_THRESHOLDS", "LOWER_BOUND_METRICS", "MAX_SPECTRUM_SIZE"]
@@ -166,6 +168,11 @@ class KernelTracker:
             exactly once per forward, output not batched on dim 0); a list of names from
             ``model.named_modules()`` (each must be trackable: an error at construction
             otherwise); ``False`` or ``None``: no feature metrics.
+        sharding: split each kernel computation across the processes of a distributed run
+            (:class:`~lazy_monitor.tracking.distributed.KernelSharding`): every process
+            computes the blocks of its share of the parameters and one sum-reduction completes
+            the kernels; every process must call :meth:`start`/:meth:`measure` together and
+            gets the same metrics. ``None``: this process computes everything.
 
     Raises:
         TypeError: an argument of the wrong type (``model`` not an ``nn.Module``,
@@ -216,6 +223,7 @@ class KernelTracker:
         snapshot_device: Union[str, torch.device, None] = None,
         chunk_size: Optional[int] = None,
         feature_modules: Union[Sequence[str], bool, None] = True,
+        sharding: Optional[KernelSharding] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -231,6 +239,13 @@ class KernelTracker:
         self.output_fn = output_fn
         self.chunk_size = chunk_size
         self.snapshot_device = F.as_device(snapshot_device, "snapshot_device")
+        if sharding is not None and not isinstance(sharding, KernelSharding):
+            raise TypeError(
+                f"sharding must be a KernelSharding or None, got {type(sharding).__name__}; "
+                "e.g. KernelSharding.from_process_group()"
+            )
+        self.sharding = sharding
+        self._param_costs: Optional[dict[str, float]] = None
 
         self.probe = probe
         #: Number of probe examples ``N``.
@@ -470,6 +485,9 @@ class KernelTracker:
     def _kernel(self) -> tuple[Tensor, dict[str, Tensor]]:
         """Total kernel and per-layer kernels (one engine call), on the metric device."""
         dev = self._metric_device()
+        if self.sharding is not None and self.sharding.active:
+            kernel, layers = self._sharded_kernel()
+            return kernel.to(dev), {k: v.to(dev) for k, v in layers.items()}
         try:
             result = self._engine_call()
         except RuntimeError as err:
@@ -500,6 +518,59 @@ class KernelTracker:
                 )
             layers[layer] = torch.stack([blocks[n] for n in names]).sum(0).to(dev)
         return kernel.to(dev), layers
+
+    def _sharded_kernel(self) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`_kernel` with the work split across processes (see
+        :mod:`lazy_monitor.tracking.distributed`); the same result on every process."""
+        assert self.sharding is not None
+        x = self._probe_on_model_device()
+        params = self._current_params()
+        if self._param_costs is None or list(self._param_costs) != self._param_names:
+            self._param_costs = estimate_param_costs(
+                self.model, x, params=params, output_fn=self.output_fn
+            )
+        n, o = self.probe_size, self.num_outputs
+        shape = {"full": (n, n, o, o), "trace": (n, n), "diagonal": (n, n, o)}[self.kind]
+        dtype = F.compute_dtype(params, x)
+        template = torch.zeros(shape, dtype=dtype, device=self._model_device())
+        layers = self._layers if self.per_layer else {}
+        for attempt in range(2):
+            errors: list[RuntimeError] = []
+
+            def compute(names: Any, errors: list = errors) -> tuple[Tensor, dict[str, Tensor]]:
+                try:
+                    return empirical_ntk(
+                        self.model,
+                        x,
+                        params={k: params[k] for k in names},
+                        return_blocks=True,
+                        **self._engine_options(),
+                    )
+                except RuntimeError as err:
+                    errors.append(err)
+                    raise
+
+            result = sharded_kernel(self.sharding, compute, self._param_costs, layers, template)
+            if result is not None:
+                return result
+            # Some process failed: all switch together (as in _kernel) or all raise.
+            if attempt == 0 and self.implementation == "auto":
+                if errors:
+                    warnings.warn(
+                        f"the structured kernel failed on the probe ({errors[0]}); "
+                        "KernelTracker switches to implementation='jacobian' on every process.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                self.implementation = "jacobian"
+                continue
+            if errors:
+                raise errors[0]
+            raise RuntimeError(
+                "the kernel computation failed on another process of the split measurement "
+                "(its error is raised there); every process stops measuring"
+            )
+        raise AssertionError("unreachable")
 
     def _engine_call(self, x: Optional[InputBatch] = None, blocks: Optional[bool] = None) -> Any:
         return empirical_ntk(
@@ -733,6 +804,8 @@ class KernelTracker:
         # Stateful, so not in the pure regime_metrics: fed at every measurement, step 0 too.
         out["regime/catapult"] = self._catapult.update(out["ntk/lr_eig_max"], out["ntk/eig_max"])
         out = {name: out[name] for name in self._names}
+        if self.sharding is not None and self.sharding.active:
+            out = self.sharding.from_rank_zero(out)  # decisions on them agree on every process
         self._last.last_kernel = current.kernel
         self._last.last_eigenvalues = current.spectrum[0]
         self._last.last_step = step

@@ -340,6 +340,10 @@ def _compute(
             xb = None if x2 is None else fm.cast_inputs(x2)
             if config.projection is not None:
                 o_raw = _probe_output_size(fm, p, slice_batch(xa, slice(0, 1)))
+                if xb is not None:  # before projecting: R is sized for x1's outputs
+                    check_same_outputs(
+                        o_raw, _probe_output_size(fm, p, slice_batch(xb, slice(0, 1)))
+                    )
                 if config.projection == "sum":
                     fm.output_fn = _Projected(output_fn, None, 1.0 / math.sqrt(o_raw))
                 else:

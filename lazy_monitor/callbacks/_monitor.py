@@ -107,7 +107,13 @@ class _KernelRegimeMonitorBase:
     measured step are in :meth:`state_dict` (CPU tensors and plain Python, loadable with
     ``weights_only=True``). The reference is captured in ``on_train_start`` only when nothing was
     restored; a ``fit`` without a checkpoint (or from a checkpoint without monitor state) starts
-    a new reference at its own start. A resumed run logs the same values as an uninterrupted one
+    a new reference at its own start -- except a continued ``fit`` (the same trainer and
+    network, e.g. ``max_steps`` raised and ``fit`` called again), which keeps the reference of
+    the start of training and does not re-log the step it continues from.
+
+    Fail at start or never: a measurement that fails during training (an error nobody could
+    foresee at train start) logs NaN metrics with ``health/nonfinite = 1`` and warns once per
+    fit; training continues. A resumed run logs the same values as an uninterrupted one
     whenever Lightning itself resumes the same training trajectory (it does for a
     ``ModelCheckpoint(every_n_train_steps=...)`` checkpoint at an epoch boundary; mid-epoch
     positions without a stateful dataloader replay different batches, changing the training).

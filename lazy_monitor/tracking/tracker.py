@@ -252,8 +252,7 @@ class KernelTracker:
             self.model,
             one,
             params=self._current_params(),
-            **{**self._engine_options(), "kind": "trace"},
-            projection=1,
+            **{**self._engine_options(), "kind": "trace", "projection": 1},
         )
         self._names = self._build_names()
         self.lazy_thresholds = self._check_thresholds(lazy_thresholds)

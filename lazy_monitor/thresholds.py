@@ -107,7 +107,21 @@ def checks_minimum(step: int, *, min_from_step: Optional[int], final: bool) -> b
 
 
 def _bound(metric: str, direction: str, value: Any) -> float:
-    return check_float(f"thresholds[{metric!r}] {direction}", value)
+    # Every metric with a lazy side is >= 0 (changes, distances, errors) and those lazy when
+    # large lie in [0, 1] (overlaps, agreement): a bound outside would trip at every
+    # measurement (or never hold), which the constructor says now rather than step 0.
+    lazy = catalogue.direction_of(metric)
+    return check_float(
+        f"thresholds[{metric!r}] {direction}",
+        value,
+        minimum=0.0 if lazy else None,
+        maximum=1.0 if lazy == "min" else None,
+        fix=(
+            f"{metric} is never negative" + (" and at most 1" if lazy == "min" else "")
+            if lazy
+            else ""
+        ),
+    )
 
 
 def parse_thresholds(

@@ -132,9 +132,13 @@ class _KernelDriftGateBase:
         monitors[0]._add_listener(self)
         # A new fit starts untripped; Lightning restores a checkpoint's gate state after setup.
         self._gate.reset()
+        self._from_checkpoint = False
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.tripped:
+        # Only a trip restored from a checkpoint is re-asserted: with callbacks=[monitor, gate]
+        # the monitor's step-0 measurement runs first and may already have tripped (and warned).
+        restored, self._from_checkpoint = getattr(self, "_from_checkpoint", False), False
+        if self.tripped and restored:
             self._act(trainer, f"restored tripped state: {self.reason}", final=False)
 
     def state_dict(self) -> dict[str, Any]:
@@ -143,6 +147,7 @@ class _KernelDriftGateBase:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         check_schema(state_dict, "KernelDriftGate")
         self._gate.load_state_dict(state_dict)
+        self._from_checkpoint = self._gate.tripped
 
     # ------------------------------------------------------------------ monitor callbacks
     def _on_monitor_start(self, trainer: Any, monitor: _KernelRegimeMonitorBase) -> None:

@@ -11,7 +11,9 @@ pieces (tracker, schedule, probe drawing) live in :mod:`lazy_monitor.tracking`.
 from __future__ import annotations
 
 import functools
+import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -143,7 +145,13 @@ class _KernelRegimeMonitorBase:
     measured step are in :meth:`state_dict` (CPU tensors and plain Python, loadable with
     ``weights_only=True``). The reference is captured in ``on_train_start`` only when nothing was
     restored; a ``fit`` without a checkpoint (or from a checkpoint without monitor state) starts
-    a new reference at its own start. A resumed run logs the same values as an uninterrupted one
+    a new reference at its own start -- except a continued ``fit`` (the same trainer and
+    network, e.g. ``max_steps`` raised and ``fit`` called again), which keeps the reference of
+    the start of training and does not re-log the step it continues from.
+
+    Fail at start or never: a measurement that fails during training (an error nobody could
+    foresee at train start) logs NaN metrics with ``health/nonfinite = 1`` and warns once per
+    fit; training continues. A resumed run logs the same values as an uninterrupted one
     whenever Lightning itself resumes the same training trajectory (it does for a
     ``ModelCheckpoint(every_n_train_steps=...)`` checkpoint at an epoch boundary; mid-epoch
     positions without a stateful dataloader replay different batches, changing the training).
@@ -313,6 +321,7 @@ class _KernelRegimeMonitorBase:
         self._batch_start_step: Optional[int] = None
         self._listeners: list[Any] = []
         self._layout_written: set[int] = set()
+        self._warned_failure = False
         #: Wall-clock seconds spent measuring in this process (for overhead reports).
         self.measure_seconds = 0.0
         self.num_measurements = 0
@@ -372,12 +381,12 @@ class _KernelRegimeMonitorBase:
         network = _resolve_submodule(pl_module, self.submodule)
         device = _device_of(network)
         restored, self._restored = self._restored, None
-        self._last_metrics = {}
         if self._budget is not None:
             self._budget = OverheadBudget(self._budget.max_overhead)
             if restored is not None and restored.get("budget"):
                 self._budget.load_state_dict(restored["budget"])
             self._budget.start_clock()
+        self._warned_failure = False
         if restored is not None:
             probe = (restored["probe_x"], restored["probe_y"])
             self._tracker = self._build_tracker(network, probe, device, trainer)
@@ -386,6 +395,12 @@ class _KernelRegimeMonitorBase:
             self._last_metrics = dict(restored.get("last_metrics", {}))
             self._notify_start(trainer)
             return
+        if self._continues(network, trainer):
+            # A continued `fit` (same trainer and network, max_steps raised): θ₀ stays the start
+            # of training, nothing is re-measured at this step (its logged point is kept).
+            self._notify_start(trainer)
+            return
+        self._last_metrics = {}
         if self._probe is not None:
             probe = self._probe
         else:
@@ -395,10 +410,22 @@ class _KernelRegimeMonitorBase:
         self._tracker = self._build_tracker(network, probe, device, trainer)
         self._last_step = None
         self._notify_start(trainer)
-        with side_effect_guard(network):
-            start = functools.partial(self._tracker.start, lr=_optimizer_lr(trainer))
-            metrics = self._timed(start, _global_step(trainer))
+        start = functools.partial(self._tracker.start, lr=_optimizer_lr(trainer))
+        metrics = self._safely(network, start, _global_step(trainer), start=True)
         self._record(trainer, _global_step(trainer), metrics, final=False)
+
+    def _continues(self, network: nn.Module, trainer: Any) -> bool:
+        """Whether this train start continues the previous fit of this monitor: the tracker is
+        started on this very network and the trainer's step did not go back."""
+        tracker, last = self._tracker, self._last_step
+        return (
+            tracker is not None
+            and tracker.started
+            and tracker.model is network
+            and last is not None
+            and _global_step(trainer) >= last
+            and _global_step(trainer) > 0
+        )
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
@@ -428,7 +455,10 @@ class _KernelRegimeMonitorBase:
         else:
             # the last scheduled measurement is also the final one: listeners already saw it
             self._notify(trainer, step, self._last_metrics, final=True, repeat=True)
-        if self.log_hparams and trainer.is_global_zero:
+        # RELIABILITY GUARD (issue 13, minimal for the hparams rewrite to merge over): under
+        # fast_dev_run Lightning swaps the loggers for ones that write no file, and the HParams
+        # writer then fails on a missing file writer. Lightning logs no hparams there either.
+        if self.log_hparams and trainer.is_global_zero and not getattr(trainer, "fast_dev_run", 0):
             self._write_hparams(trainer)
 
     def _is_due(self, trainer: Any, step: int) -> bool:
@@ -520,10 +550,43 @@ class _KernelRegimeMonitorBase:
         self, trainer: Any, pl_module: Any, step: int, final: bool, log_step: Optional[int] = None
     ) -> None:
         network = _resolve_submodule(pl_module, self.submodule)
-        with side_effect_guard(network):
-            measure = functools.partial(self._tracker.measure, lr=_optimizer_lr(trainer))
-            metrics = self._timed(measure, step)
+        measure = functools.partial(self._tracker.measure, lr=_optimizer_lr(trainer))
+        metrics = self._safely(network, measure, step)
         self._record(trainer, step, metrics, final=final, log_step=log_step)
+
+    def _safely(
+        self,
+        network: nn.Module,
+        fn: Callable[[int], dict[str, float]],
+        step: int,
+        start: bool = False,
+    ) -> dict[str, float]:
+        """``fn(step)`` under the side-effect guard. Everything a measurement needs was
+        exercised when the tracker was built; a later failure nobody could foresee (an op
+        without an autograd rule on this device, out of memory, ...) must not end a training
+        run: the metrics are NaN with ``health/nonfinite = 1`` and ``regime/lazy = 0``, with one
+        warning per fit. A failure of the very first snapshot (``start``) propagates: the
+        run has not trained yet."""
+        try:
+            with side_effect_guard(network):
+                return self._timed(fn, step)
+        except Exception as err:  # noqa: BLE001 - degrade, never kill the training run
+            if start or isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            if not self._warned_failure:
+                self._warned_failure = True
+                warnings.warn(
+                    f"KernelRegimeMonitor: the measurement at step {step} failed "
+                    f"({type(err).__name__}: {err}); training continues, the metrics are NaN "
+                    "with health/nonfinite = 1 (see README, Troubleshooting)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            names = self._tracker.metric_names()
+            out = {name: math.nan for name in names}
+            out["regime/lazy"] = 0.0
+            out["health/nonfinite"] = 1.0
+            return out
 
     def _record(
         self,

@@ -314,9 +314,7 @@ def side_effect_guard(model: nn.Module) -> Iterator[None]:
     caller's ``no_grad``/``inference_mode``. On exit the ``training`` flag of each submodule,
     the float32 matmul precision, TF32 flags and the CPU/CUDA RNG states are exactly restored.
     """
-    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     cudnn_tf32 = torch.backends.cudnn.allow_tf32
-    precision = torch.get_float32_matmul_precision()
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=_model_devices(model)))
         stack.enter_context(torch.inference_mode(False))
@@ -324,15 +322,48 @@ def side_effect_guard(model: nn.Module) -> Iterator[None]:
         stack.enter_context(torch.autocast("cpu", enabled=False))
         if torch.cuda.is_available():
             stack.enter_context(torch.autocast("cuda", enabled=False))
+        stack.enter_context(_full_matmul_precision())
         try:
-            torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
-            torch.set_float32_matmul_precision("highest")
             stack.enter_context(eval_mode(model))
             yield
         finally:
-            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
             torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+def _legacy_matmul_flags() -> bool:
+    """Whether the float32 matmul precision was last set with the legacy
+    ``torch.backends.cuda.matmul.allow_tf32`` flag (torch >= 2.9 keeps one precision per
+    backend: the legacy flag sets only CUDA's, ``set_float32_matmul_precision`` all of them)."""
+    cuda = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    cpu = getattr(mkldnn, "fp32_precision", None)
+    return cuda is not None and cpu is not None and cuda != cpu and cpu == "none"
+
+
+@contextlib.contextmanager
+def _full_matmul_precision() -> Iterator[None]:
+    """float32 matmuls in full precision, saved and restored with the API the user set them
+    with, and untouched when already full. Mixing the legacy flag and the new API leaves torch
+    in a state where ``get_float32_matmul_precision()`` raises (tests/reliability/
+    test_global_flags.py): a user's later ``allow_tf32 = False`` must keep working."""
+    if _legacy_matmul_flags():
+        before = torch.backends.cuda.matmul.allow_tf32
+        if before:
+            torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            if before:
+                torch.backends.cuda.matmul.allow_tf32 = True
+        return
+    precision = torch.get_float32_matmul_precision()
+    if precision != "highest":
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if precision != "highest":
             torch.set_float32_matmul_precision(precision)
 
 

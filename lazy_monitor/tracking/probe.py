@@ -260,7 +260,16 @@ def build_tracker(
 
     try:
         tracker = build(y)
-    except (TypeError, ValueError) as err:
+    except TypeError as err:
+        if "argument" not in str(err) or y is None:
+            raise
+        # forward(a, b) given a pair (a, b): the pair was read as (inputs, targets)
+        raise TypeError(
+            f"{err}; KernelRegimeMonitor reads a pair (a, b) as (inputs, targets): for a model "
+            "with several inputs pass probe=((a, b), y) or probe=((a, b), None), and for drawn "
+            "batches (a, b, y) batch_to_probe=lambda batch: ((batch[0], batch[1]), batch[2])"
+        ) from err
+    except ValueError as err:
         if y is None or not drawn:
             raise
         tracker = build(None)

@@ -112,6 +112,7 @@ def regime_metrics(
     # Output changes at rounding level (e.g. the same θ evaluated on another device) are no
     # change: otherwise lin/rel_error would be a ratio of two noise terms.
     atol = 100 * torch.finfo(f0.dtype).eps * float(torch.linalg.vector_norm(f0))
+    atol = atol if math.isfinite(atol) else 0.0  # NaN f₀ (NaN weights): NaN metrics, no raise
     values["lin/rel_error"] = M.linearization_error(f, f_lin, f0, atol=atol)
     values["lin/rmse"] = M.linearization_rmse(f, f_lin)
     if classification:

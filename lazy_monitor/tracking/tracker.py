@@ -254,12 +254,27 @@ class KernelTracker:
         self._param_names = list(F.resolve_params(model))
         self._layers = M.group_by_layer(self._param_names)
 
+        bad = []
+        F.map_batch(
+            probe,
+            lambda t: bad.append(t) if t.is_floating_point() and not t.isfinite().all() else t,
+        )
+        if bad:
+            # A non-finite probe makes every metric NaN for the whole run: refuse it now
+            # (non-finite *weights* are a training outcome and give NaN metrics instead).
+            raise ValueError(
+                "the probe contains NaN or inf; pass finite probe inputs (e.g. "
+                "torch.nan_to_num(x) or other examples)"
+            )
         # One side-effect-free forward: checks the model runs on the probe, gives O and which
         # feature modules can be tracked.
         candidates, strict = self._check_feature_modules(feature_modules)
         self._features_default = feature_modules is True
         self._feature_modules = candidates
-        f, feats = self._forward(strict=strict)
+        try:
+            f, feats = self._forward(strict=strict)
+        except (RuntimeError, TypeError) as err:
+            raise _probe_error(err, model, probe) from err
         self._feature_modules = [m for m in candidates if m in feats]
         dropped = [m for m in candidates if m not in feats]
         if dropped:
@@ -284,8 +299,16 @@ class KernelTracker:
         self.targets, self.classification = self._check_targets(targets)
         self.topk = self._check_topk(topk)
         # Validate implementation / kind / output_fn against the engine on one example, now
-        # rather than at the first measurement mid-training.
-        self._engine_call(F.slice_batch(self._probe_on_model_device(), slice(0, 1)), False)
+        # rather than at the first measurement mid-training. Bounded: the outputs are projected
+        # on one random direction (the same code paths -- structured plan, vmap or its loop
+        # fallback, forward AD for ntvp -- at the cost of O = 1, not of a 1000-class head).
+        one = F.slice_batch(self._probe_on_model_device(), slice(0, 1))
+        empirical_ntk(
+            self.model,
+            one,
+            params=self._current_params(),
+            **{**self._engine_options(), "kind": "trace", "projection": 1},
+        )
         self._names = self._build_names()
         self.lazy_thresholds = self._check_thresholds(lazy_thresholds)
         self._probe_fingerprint = fingerprint(probe)
@@ -932,3 +955,32 @@ class KernelTracker:
             with self._hooks() as grams:
                 lin.f0(x)
             self._reference.feature_grams0 = self._on_metric_device(grams)
+
+
+def _probe_error(err: Exception, model: nn.Module, probe: InputBatch) -> Exception:
+    """The model's own error on the probe, with the probe's shape, what the model's first
+    layer expects, and the tuple hint for several positional inputs."""
+    shapes = F.map_batch(probe, lambda t: tuple(t.shape))
+    hints = [f"the probe has shape {shapes}"]
+    first = next(
+        (m for m in model.modules() if not list(m.children()) and list(m.parameters(False))), None
+    )
+    if first is not None:
+        for attr, axis in (
+            ("in_features", "last dim"),
+            ("in_channels", "dim 1"),
+            ("input_size", "last dim"),
+        ):
+            if hasattr(first, attr):
+                hints.append(
+                    f"the model's first layer {type(first).__name__} expects {axis} = "
+                    f"{getattr(first, attr)} ({attr})"
+                )
+                break
+    text = str(err)
+    if isinstance(err, TypeError) and "argument" in text:
+        hints.append(
+            "a model with several inputs forward(a, b) takes the probe as a tuple of tensors "
+            "(a, b), all batched on dim 0"
+        )
+    return type(err)(f"the model cannot run on the probe: {text}; " + "; ".join(hints))

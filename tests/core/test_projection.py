@@ -107,3 +107,19 @@ def test_projection_with_blocks_sums_to_kernel() -> None:
     k, blocks = empirical_ntk(model, x, kind="full", projection=2, return_blocks=True)
     assert k.shape == (3, 3, 2, 2)
     torch.testing.assert_close(sum(blocks.values()), k)
+
+
+def test_projection_with_x2_of_another_output_size_names_the_problem() -> None:
+    model = _Seq().double()
+    x1, x2 = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="outputs per example"):
+        empirical_ntk(model, x1, x2, kind="trace", projection=3)
+
+
+def test_projection_with_x2_matches_reference() -> None:
+    model = _mlp()
+    x1, x2 = torch.randn(3, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    full, _ = reference_ntk(model, x1, x2)
+    got = empirical_ntk(model, x1, x2, kind="full", projection=2, projection_seed=5)
+    ref = _projected_reference(full, projection_matrix(5, 2, 5), "full")
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)

@@ -15,8 +15,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 _PRELUDE = """
 import torch
 from torch import nn
@@ -41,11 +39,6 @@ def test_toggling_the_legacy_tf32_flag_alone_is_fine():
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug in core/_functional.side_effect_guard: restores the precision with the "
-    "new API, so a later legacy allow_tf32 assignment makes torch raise (see module docstring)",
-)
 def test_measurement_after_the_user_toggles_the_legacy_tf32_flag():
     proc = _run(
         """

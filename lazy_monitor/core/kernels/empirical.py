@@ -10,6 +10,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from lazy_monitor._validation import check_callable
+
 from .._functional import (
     FunctionalModel,
     InputBatch,
@@ -150,6 +152,7 @@ def empirical_ntk(
         k = empirical_ntk(model, x_probe)                       # (N, N, O, O)
         k_tr, blocks = empirical_ntk(model, x_probe, kind="trace", return_blocks=True)
     """
+    check_callable("output_fn", output_fn, fix="e.g. output_fn=lambda out: out.logits")
     config = NtkConfig(
         kind=kind,
         implementation=implementation,
@@ -177,6 +180,7 @@ def empirical_ntk_fn(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_callable("output_fn", output_fn, fix="e.g. output_fn=lambda out: out.logits")
     cfg = NtkConfig(**config)
 
     def ntk(
@@ -340,6 +344,10 @@ def _compute(
             xb = None if x2 is None else fm.cast_inputs(x2)
             if config.projection is not None:
                 o_raw = _probe_output_size(fm, p, slice_batch(xa, slice(0, 1)))
+                if xb is not None:  # before projecting: R is sized for x1's outputs
+                    check_same_outputs(
+                        o_raw, _probe_output_size(fm, p, slice_batch(xb, slice(0, 1)))
+                    )
                 if config.projection == "sum":
                     fm.output_fn = _Projected(output_fn, None, 1.0 / math.sqrt(o_raw))
                 else:

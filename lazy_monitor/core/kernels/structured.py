@@ -16,6 +16,13 @@ running statistics, GroupNorm, LayerNorm) get direct per-example rows ``dγ = Σ
 strategy of :mod:`.cost` (outer product, Gram over positions, or per-example gradients built
 from ``(G, A)``), with matmuls and bounded memory.
 
+Every captured use is verified to be per-example before its rule is trusted (a probe pass on
+two examples, :func:`_verify_batch_mapping`): dim 0 of the use's output and input must be the
+probe's batch, and the gradient of example 0's outputs must vanish on every other row of the
+use's output. Inputs shared by the batch (position ids ``(1, T)``), sequence-first layouts
+(``nn.MultiheadAttention``, ``batch_first=False`` encoders, even when ``T == N``) and flattened
+``(N·T, d)`` rows fail the check, and exactly those parameters go to the fallback.
+
 Uses are found with a :class:`torch.overrides.TorchFunctionMode` that sees every torch call on
 the parameter tensors passed to ``functional_call``: a parameter gets the structured rule only
 if *all* its uses are supported ops in the same role (several uses of one Linear/Conv weight,

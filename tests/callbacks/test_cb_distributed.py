@@ -69,9 +69,9 @@ def test_split_across_two_ddp_ranks_equals_a_single_process_run(tmp_path):
     single = LitLightning(n=32, batch_size=4, width=12).double()
     single.load_state_dict(init)
     tracker = KernelTracker(single, probe_x.double(), targets=probe_y)
-    tracker.start()
+    tracker.start(lr=single.hparams.lr)
     single.load_state_dict(torch.load(tmp_path / "final.pt"))
-    expected = tracker.measure(STEPS)
+    expected = tracker.measure(STEPS, lr=single.hparams.lr)  # the monitor passes the SGD lr
     assert list(split) == list(expected)
     for name, value in expected.items():
         got = split[name]

@@ -6,7 +6,12 @@ Cases (full kernel, O = 10, float32, inputs 784-dim or 3x32x32):
 * ``cnn``: 3 convs 3->64->128->256 (3x3, strides 1/2/2, pad 1, ReLU), global average pool,
   dense 10, at N = 32 / 128;
 * ``resnet18``: ResNet-18-style CNN (BasicBlocks [2, 2, 2, 2], widths 64-128-256-512,
-  BatchNorm, ~11.2M parameters) at N = 128.
+  BatchNorm, ~11.2M parameters) at N = 128;
+* ``lm``: large-output language model, Embedding 50257x128 -> mean over 12 tokens -> 256 tanh
+  -> 50257 logits (O = 50257, ~19.4M parameters), N = 16, *projected trace* kernel (k = 16,
+  ``kind="trace", projection=16``);
+* ``gpt2``: HF ``GPT2LMHeadModel`` from a config (2 layers, 4 heads, width 64, vocab 512, no
+  download), last-token logits of 16-token inputs, N = 32, projected trace (k = 16).
 
 Every (case, method) runs in its own subprocess: one warm-up call, then the median of
 ``--repeats`` (default 5; the ResNet case, which has a memory target only and takes minutes,
@@ -108,11 +113,68 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
 
 
-MODELS = {"mlp": (mlp, (784,)), "cnn": (cnn, (3, 32, 32)), "resnet18": (ResNet18, (3, 32, 32))}
+class LargeOutputLM(nn.Module):
+    """Embedding 50257x128 -> mean over tokens -> 256 tanh -> 50257 logits."""
+
+    def __init__(self, vocab: int = 50257, d: int = 128, hidden: int = 256) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.hid = nn.Linear(d, hidden)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.hid(self.emb(ids).mean(1))))
+
+
+class TinyGPT2(nn.Module):
+    """HF GPT-2 from a config; last-token logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        transformers.logging.set_verbosity_error()
+        cfg = GPT2Config(
+            vocab_size=512,
+            n_positions=32,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        self.gpt = GPT2LMHeadModel(cfg)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.gpt(ids).logits[:, -1]
+
+
+MODELS = {
+    "mlp": (mlp, (784,)),
+    "cnn": (cnn, (3, 32, 32)),
+    "resnet18": (ResNet18, (3, 32, 32)),
+    "lm": (LargeOutputLM, ("tokens", 50257, 12)),
+    "gpt2": (TinyGPT2, ("tokens", 512, 16)),
+}
+# Engine options per model (default: the full kernel).
+OPTIONS = {
+    "lm": {"kind": "trace", "projection": 16},
+    "gpt2": {"kind": "trace", "projection": 16},
+}
 
 # (model, N) cases, and methods not run with the reason (an estimate from the anchors
 # measured on this machine, the project notes (ntk-methods.md), and from the scaling of each method).
-CASES = [("mlp", 32), ("mlp", 128), ("mlp", 512), ("cnn", 32), ("cnn", 128), ("resnet18", 128)]
+CASES = [
+    ("mlp", 32),
+    ("mlp", 128),
+    ("mlp", 512),
+    ("cnn", 32),
+    ("cnn", 128),
+    ("resnet18", 128),
+    ("lm", 16),
+    ("gpt2", 32),
+]
 # The ResNet case has a memory target only and takes minutes per call: one cold call.
 REPEATS = {"resnet18": 1}
 SKIP = {
@@ -129,6 +191,13 @@ SKIP = {
     ("resnet18", 128, "jacobian"): "too slow: N²O²P = 1.8e13 multiply-adds (hours)",
     ("resnet18", 128, "ntvp"): "too slow: 164k ResNet forward passes (hours)",
     ("resnet18", 128, "structured"): "same code path and plan as auto (see auto row)",
+    ("lm", 16, "tutorial"): "no projection in the tutorial: N·O·P·4 B = 62 TB of Jacobian",
+    ("lm", 16, "jacobian"): "too slow: N·k·P = 5e9 Jacobian entries rebuilt per block (> 10 min)",
+    ("lm", 16, "ntvp"): "N²·k forward passes through a 50257-wide head; not the intended use",
+    ("lm", 16, "structured"): "same code path and plan as auto (see auto row)",
+    ("gpt2", 32, "tutorial"): "no projection in the tutorial",
+    ("gpt2", 32, "ntvp"): "CPU scaled_dot_product_attention has no forward-mode AD (raises)",
+    ("gpt2", 32, "structured"): "same code path and plan as auto (see auto row)",
 }
 
 
@@ -157,7 +226,11 @@ def run_one(model_name: str, n: int, method: str, repeats: int) -> dict:
     torch.manual_seed(0)
     make, shape = MODELS[model_name]
     model = make().eval()
-    x = torch.randn(n, *shape)
+    if shape[0] == "tokens":
+        x = torch.randint(0, shape[1], (n, shape[2]))
+    else:
+        x = torch.randn(n, *shape)
+    opts = OPTIONS.get(model_name, {})
     base = _rss_bytes()
     if method == "tutorial":
 
@@ -166,7 +239,7 @@ def run_one(model_name: str, n: int, method: str, repeats: int) -> dict:
     else:
 
         def call() -> torch.Tensor:
-            return empirical_ntk(model, x, implementation=method)
+            return empirical_ntk(model, x, implementation=method, **opts)
 
     if repeats > 1:
         call()  # warm-up
@@ -175,7 +248,7 @@ def run_one(model_name: str, n: int, method: str, repeats: int) -> dict:
         t0 = time.perf_counter()
         k = call()
         times.append(time.perf_counter() - t0)
-    assert k.shape == (n, n, 10, 10)
+    assert k.shape == ((n, n) if opts.get("kind") == "trace" else (n, n, 10, 10))
     return {
         "median_s": statistics.median(times),
         "times": times,
@@ -224,6 +297,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per run (default: torch's)"
     )
+    parser.add_argument("--methods", default=None, help="e.g. tutorial,auto (default: all)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -239,14 +313,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     elif args.quick:
         cases = [c for c in CASES if c[1] == 32]
     print(f"# machine: {_machine()}")
-    print(f"# full kernel, O = 10, float32; median of {repeats} warm calls; peak RSS above the")
+    print(f"# full kernel, O = 10 (lm/gpt2: projected trace, k = 16), float32; median of {repeats}")
+    print("# warm calls; peak RSS above the")
     print("# model's footprint, measured in a subprocess per row; speedup vs the tutorial baseline")
     print()
     print("| case | N | method | median time | peak RSS extra | speedup vs tutorial |")
     print("|---|---|---|---|---|---|")
     for model_name, n in cases:
         baseline = None
-        for method in METHODS:
+        for method in args.methods.split(",") if args.methods else METHODS:
             skip = SKIP.get((model_name, n, method))
             if skip:
                 print(f"| {model_name} | {n} | {method} | not run: {skip} | | |", flush=True)

@@ -27,6 +27,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "empirical_ntk": "lazy_monitor.core.kernels",
     "NtkImplementation": "lazy_monitor.core.kernels",
+    "empirical_ntk_fn": "lazy_monitor.core.kernels",
+    "estimate_ntk_cost": "lazy_monitor.core.kernels",
+    "NtkConfig": "lazy_monitor.core.kernels",
     "Linearization": "lazy_monitor.core.linearization",
     "LinearizedModel": "lazy_monitor.core.linearization",
     "metrics": "lazy_monitor.metrics",

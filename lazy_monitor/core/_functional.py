@@ -32,6 +32,7 @@ __all__ = [
     "call_module",
     "compute_dtype",
     "eval_mode",
+    "linear_jvp",
     "map_batch",
     "resolve_params",
     "select_output",
@@ -333,3 +334,72 @@ def side_effect_guard(model: nn.Module) -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
             torch.backends.cudnn.allow_tf32 = cudnn_tf32
             torch.set_float32_matmul_precision(precision)
+
+
+def _math_attention() -> contextlib.AbstractContextManager:
+    """``scaled_dot_product_attention`` restricted to its math backend: the fused CPU/GPU
+    kernels have no forward-mode AD rule, the math composition does (same values up to
+    rounding). A no-op where ``torch.nn.attention`` is missing."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - old torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _double_vjp(
+    f: Callable[[dict[str, Tensor]], Tensor],
+    primals: Mapping[str, Tensor],
+    tangents: Mapping[str, Tensor],
+    differentiable: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(f(θ), J(θ) t)`` in reverse mode only: ``g(u) = J(θ)ᵀ u`` is linear in ``u``, so the
+    vjp of ``g`` at any ``u`` with cotangent ``t`` is ``J t`` (the "double-vjp trick")."""
+    with torch.enable_grad():
+        wrt = {k: v.detach().requires_grad_() for k, v in primals.items()}
+        out = f(wrt)
+        u = torch.zeros_like(out, requires_grad=True)
+        grads = torch.autograd.grad(
+            [out], list(wrt.values()), [u], create_graph=True, allow_unused=True
+        )
+        pairs = [(g, tangents[k]) for k, g in zip(wrt, grads) if g is not None and g.requires_grad]
+        if not pairs:
+            jv = torch.zeros_like(out)
+        else:
+            (jv,) = torch.autograd.grad(
+                [g for g, _ in pairs],
+                [u],
+                [t for _, t in pairs],
+                create_graph=differentiable,
+                allow_unused=True,
+            )
+            jv = torch.zeros_like(out) if jv is None else jv
+    if not differentiable:
+        out, jv = out.detach(), jv.detach()
+    return out, jv
+
+
+def linear_jvp(
+    f: Callable[[dict[str, Tensor]], Tensor],
+    primals: Mapping[str, Tensor],
+    tangents: Mapping[str, Tensor],
+    *,
+    differentiable: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``(f(θ₀), J(θ₀) t)`` for any model autograd can differentiate.
+
+    ``torch.func.jvp`` (one forward-mode pass) with attention on its math backend; where
+    forward mode cannot run the model (ops without a forward-mode rule such as
+    ``mkldnn_rnn_layer`` or the fused ``_transformer_encoder_layer_fwd`` path, an
+    ``autograd.Function`` without ``jvp``), the reverse-mode double-vjp trick gives the same
+    product from one forward and two backward passes. If that fails too, its error (the
+    model's own) propagates. ``differentiable=True`` keeps the result differentiable w.r.t.
+    the tangents (for :class:`~lazy_monitor.core.linearization.LinearizedModel`).
+    """
+    try:
+        with _math_attention():
+            return torch.func.jvp(f, (dict(primals),), (dict(tangents),))
+    except Exception:  # noqa: BLE001 - forward mode cannot run this model: reverse mode only
+        pass
+    with _math_attention():  # the fused attention backward has no double backward either
+        return _double_vjp(f, primals, tangents, differentiable)

@@ -35,6 +35,7 @@ from lazy_monitor.core._functional import (
     batch_size,
     compute_dtype,
     eval_mode,
+    linear_jvp,
     resolve_params,
     select_output,
     side_effect_guard,
@@ -278,7 +279,7 @@ class Linearization:
         tangent = {n: theta[n] - theta0[n] for n in self._names}
         xc = fm.cast_inputs(x)
         with side_effect_guard(self.model), torch.no_grad():
-            out0, jv = torch.func.jvp(lambda p: fm(p, xc), (theta0,), (tangent,))
+            out0, jv = linear_jvp(lambda p: fm(p, xc), theta0, tangent)
         out0 = out0.detach()
         return self._shape(out0, shapes, flatten), self._shape(out0 + jv.detach(), shapes, flatten)
 
@@ -458,7 +459,7 @@ class LinearizedModel(nn.Module):
             return select_output(out, self.output_fn)
 
         with eval_mode(self.model):
-            out0, jv = torch.func.jvp(f, (theta0,), (tangent,))
+            out0, jv = linear_jvp(f, theta0, tangent, differentiable=True)
         return out0 + jv
 
     def extra_repr(self) -> str:

@@ -8,18 +8,30 @@ processed in blocks whose size is set by a memory budget.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Iterator
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-KINDS = ("full", "trace", "diagonal")
+from .config import KINDS  # noqa: F401 - re-exported
 
 # Memory (bytes) the engine may hold in per-example factors (Jacobian rows, layer inputs and
 # output-gradients) at once. Forward/backward working memory comes on top, so this is set well
 # below the 2 GiB a ResNet-18 at N=128 may use.
 DEFAULT_FACTOR_BUDGET = 1024 * 2**20
+
+# The budget of the running engine call (``max_memory``); a context variable so that nested or
+# concurrent calls do not see each other's budget.
+_FACTOR_BUDGET: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "factor_budget", default=DEFAULT_FACTOR_BUDGET
+)
+
+
+def factor_budget() -> int:
+    """Bytes of per-example factors the running engine call may hold."""
+    return _FACTOR_BUDGET.get()
 
 
 # Internal layouts (chosen so that every contraction writes contiguous memory without permutes):
@@ -213,8 +225,17 @@ def block_size_for(bytes_per_example: float, n: int, chunk_size: Optional[int]) 
     (two blocks are alive at once)."""
     if chunk_size is not None:
         return max(1, min(chunk_size, n))
-    fit = int(DEFAULT_FACTOR_BUDGET // max(2.0 * bytes_per_example, 1.0))
+    fit = int(factor_budget() // max(2.0 * bytes_per_example, 1.0))
     return max(1, min(n, fit))
+
+
+def check_same_outputs(o1: int, o2: int) -> None:
+    """Both inputs must give the same output size per example."""
+    if o1 != o2:
+        raise ValueError(
+            f"the model gives {o1} outputs per example on x1 but {o2} on x2; the kernel needs "
+            "the same output size for both (e.g. equal sequence lengths)"
+        )
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import enum
+import math
+import warnings
 from collections.abc import Mapping
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -17,86 +18,18 @@ from .._functional import (
     batch_size,
     compute_dtype,
     resolve_params,
+    select_output,
     side_effect_guard,
+    slice_batch,
 )
-from ._common import KINDS, _BlockSink, finalize, kernel_shape
-from .jacobian import jacobian_ntk
+from ._common import _FACTOR_BUDGET, _BlockSink, check_same_outputs, finalize, kernel_shape
+from .config import NtkConfig, NtkImplementation
+from .errors import StructuredPlanError
+from .jacobian import JacobianRows, jacobian_ntk
 from .ntvp import ntvp_ntk
 from .structured import structured_ntk
 
-__all__ = ["NtkImplementation", "empirical_ntk"]
-
-
-class NtkImplementation(str, enum.Enum):
-    """How :func:`empirical_ntk` computes ``K = J Jᵀ`` (Novak et al. 2022, Tables 1–2).
-
-    Notation: N examples, O outputs per example, P parameters, [FP] the cost of one forward
-    pass, per layer ``T`` positions (sequence length / output pixels), ``d_in``/``d_out`` its
-    input/output features.
-
-    * ``JACOBIAN`` -- materialise per-example Jacobian rows ``J_p (N, O, P_p)`` one parameter
-      block at a time (``vmap(jacrev)``) and contract ``J_p J_pᵀ``. Time ``N·O·[FP] + N²O²P``,
-      memory ``N·O·max_p P_p``. Works for every model ``torch.func`` can ``vmap``; the
-      reference baseline.
-    * ``NTVP`` -- NTK-vector products: for each row ``(n, a)`` a vjp gives ``J[n, a]`` and one
-      jvp through the whole second batch gives the column ``J(x2) J[n, a]ᵀ``. Time
-      ``N²·O·[FP]``, memory ``chunk·O·P``. Never materialises ``J(x2)``; useful when ``P`` is
-      huge and ``N`` tiny, otherwise slow.
-    * ``STRUCTURED`` -- per-layer factorisation: for a weight used as ``y = a Wᵀ`` (Linear
-      with any leading dims, Conv1d/2d via unfold, Embedding via index matching) the
-      per-example gradient is ``G_{na}ᵀ A_n`` with ``G`` the output-gradients at the layer
-      output (O backward passes of one-hot cotangents through the batched output, for all
-      examples at once) and ``A`` the layer input, so
-      ``K_W[n,m,a,b] = Σ_{t,s} (G[n,a,t]·G[m,b,s]) (A[n,t]·A[m,s])`` is computed with matmuls:
-      as an outer product (one position), a Gram matrix over positions, or from per-example
-      gradients built from ``(G, A)``, whichever the cost model of
-      :mod:`lazy_monitor.core.kernels.cost` finds cheapest for that layer. Biases and the
-      affine parameters of BatchNorm (running statistics) / GroupNorm / LayerNorm get direct
-      per-example rows (``Σ_t G``, ``Σ_t G·x̂``). Time ``O·[FP]`` for the factors plus e.g.
-      ``N²O²·d_out + N²·d_in`` per Linear; memory ``N·O·Σ|y| + N·Σ|x|`` for the factors,
-      bounded by processing examples in blocks. Any other parameter (custom ops, weights used
-      through ``matmul``, a tied weight shared by different ops) falls back to ``JACOBIAN``
-      inside the same call, so the result is always exact.
-    * ``AUTO`` -- the default: ``STRUCTURED`` with its per-layer cost-model choices (and the
-      Jacobian contraction for parameters without a structured rule). The two names give the
-      same computation today; ``AUTO`` is the one to use, ``STRUCTURED`` pins the method.
-
-    When to choose: ``AUTO`` always, except to cross-check (``JACOBIAN`` is the most direct
-    formula) or when ``N`` is tiny and a single Jacobian row block would not fit (``NTVP``).
-    """
-
-    JACOBIAN = "jacobian"
-    NTVP = "ntvp"
-    STRUCTURED = "structured"
-    AUTO = "auto"
-
-    @classmethod
-    def parse(cls, value: Union[str, NtkImplementation]) -> NtkImplementation:
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls(value.lower())
-            except ValueError:
-                pass
-        allowed = ", ".join(repr(m.value) for m in cls)
-        raise ValueError(f"`implementation` must be one of {allowed}, got {value!r}")
-
-
-def _check_kind(kind: str) -> str:
-    if not isinstance(kind, str) or kind not in KINDS:
-        raise ValueError(f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
-    return kind
-
-
-def _check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(
-            f"`chunk_size` must be a positive int (examples per block) or None, got {chunk_size!r}"
-        )
-    return chunk_size
+__all__ = ["NtkImplementation", "empirical_ntk", "empirical_ntk_fn", "projection_matrix"]
 
 
 def _device_of(x: InputBatch) -> torch.device:
@@ -127,14 +60,6 @@ def _check_examples_independent(model: nn.Module) -> None:
             )
 
 
-def _check_same_outputs(o1: int, o2: int) -> None:
-    if o1 != o2:
-        raise ValueError(
-            f"the model gives {o1} outputs per example on x1 but {o2} on x2; the kernel needs "
-            "the same output size for both (e.g. equal sequence lengths)"
-        )
-
-
 def empirical_ntk(
     model: nn.Module,
     x1: InputBatch,
@@ -146,6 +71,9 @@ def empirical_ntk(
     output_fn: Optional[OutputFn] = None,
     chunk_size: Optional[int] = None,
     return_blocks: bool = False,
+    projection: Union[None, int, str] = None,
+    projection_seed: int = 0,
+    max_memory: Optional[int] = None,
 ) -> Union[Tensor, tuple[Tensor, dict[str, Tensor]]]:
     """Empirical neural tangent kernel ``K(x, x') = J(x) J(x')ᵀ``, ``J = ∂f/∂θ``.
 
@@ -182,6 +110,19 @@ def empirical_ntk(
             at once (peak memory grows linearly with it). ``None``: as many as a ~1 GiB
             budget allows (everything at once for small models).
         return_blocks: also return the per-parameter kernels.
+        projection: ``None`` (default): the kernel of the outputs themselves. ``k`` (int): the
+            kernel of ``g(x) = Rᵀ f(x) / √k`` with ``R (O, k)`` i.i.d. N(0, 1) drawn from
+            ``projection_seed`` (:func:`projection_matrix`; the same seed gives the same ``R``,
+            so kernels measured at different times are comparable). ``kind="trace"`` is then
+            an unbiased estimate of the exact trace kernel (``E[R Rᵀ] = k·I``) and
+            ``kind="full"`` gives ``(N1, N2, k, k)``. The projection is applied to the output
+            before any derivative is taken, so the cost scales with ``k``, not ``O``.
+            ``"sum"``: the pseudo-NTK (Mohamadi & Sutherland 2023), the kernel of
+            ``Σ_o f_o(x) / √O``, ``(N1, N2)`` (``(N1, N2, 1, 1)`` for ``kind="full"``).
+            Sequence outputs ``(N, T, V)`` are flattened to ``O = T·V`` first.
+        projection_seed: seed of ``R`` (its own ``torch.Generator``; global RNG untouched).
+        max_memory: bytes of per-example factors held at once (default ~1 GiB); example
+            blocks are sized to fit it (``chunk_size`` overrides).
 
     Returns:
         The kernel, detached, on the inputs' device, float32 (float64 if the parameters or
@@ -198,20 +139,172 @@ def empirical_ntk(
         TypeError: inputs that are not tensors (or containers of tensors), floating inputs
             needed where integer tensors were given, a non-tensor output without
             ``output_fn``.
-        RuntimeError: (``"structured"``/``"auto"``) a parameter used differently on some
-            examples than on the first one (data-dependent control flow): use
-            ``"jacobian"``.
+        StructuredPlanError: (``"structured"`` only; a RuntimeError) a parameter used
+            differently on some examples than on the probe examples (data-dependent control
+            flow): ``"auto"`` switches to the Jacobian contraction by itself.
+        ForwardADUnsupportedError: (``"ntvp"`` only; a NotImplementedError) an op of the model
+            has no forward-mode AD rule: use ``"auto"`` or ``"jacobian"``.
 
     Example::
 
         k = empirical_ntk(model, x_probe)                       # (N, N, O, O)
         k_tr, blocks = empirical_ntk(model, x_probe, kind="trace", return_blocks=True)
     """
+    config = NtkConfig(
+        kind=kind,
+        implementation=implementation,
+        projection=projection,
+        projection_seed=projection_seed,
+        chunk_size=chunk_size,
+        max_memory=max_memory,
+    )
+    return _compute(model, x1, x2, config, params, output_fn, return_blocks)
+
+
+def empirical_ntk_fn(
+    model: nn.Module,
+    *,
+    output_fn: Optional[OutputFn] = None,
+    return_blocks: bool = False,
+    **config: Any,
+) -> Callable[..., Union[Tensor, tuple[Tensor, dict[str, Tensor]]]]:
+    """``ntk(x1, x2=None, params=None)``: :func:`empirical_ntk` with the configuration bound
+    and validated once (neural-tangents' ``empirical_ntk_fn`` style).
+
+    ``config``: ``kind``, ``implementation``, ``projection``, ``projection_seed``,
+    ``chunk_size``, ``max_memory`` (see :func:`empirical_ntk`); invalid values raise here.
+    The returned function carries the validated :class:`NtkConfig` as ``.config``.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    kind = _check_kind(kind)
-    impl = NtkImplementation.parse(implementation)
-    chunk_size = _check_chunk_size(chunk_size)
+    cfg = NtkConfig(**config)
+
+    def ntk(
+        x1: InputBatch,
+        x2: Optional[InputBatch] = None,
+        params: Optional[Mapping[str, Tensor]] = None,
+    ) -> Union[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+        return _compute(model, x1, x2, cfg, params, output_fn, return_blocks)
+
+    ntk.config = cfg  # type: ignore[attr-defined]
+    return ntk
+
+
+def projection_matrix(
+    o: int,
+    k: int,
+    seed: int = 0,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: Union[str, torch.device, None] = None,
+) -> Tensor:
+    """``R (o, k)`` i.i.d. N(0, 1) from ``torch.Generator().manual_seed(seed)`` (drawn in
+    float64 on the CPU, so the same seed gives the same ``R`` on every device and dtype)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    r = torch.randn((o, k), generator=gen, dtype=torch.float64)
+    return r.to(dtype=dtype, device=device)
+
+
+class _Projected:
+    """Output function ``f -> Rᵀ f / √k`` (or ``Σ_o f_o / √O``) applied after ``output_fn``."""
+
+    def __init__(self, output_fn: Optional[OutputFn], r: Optional[Tensor], scale: float) -> None:
+        self.output_fn = output_fn
+        self.r = r
+        self.scale = scale
+
+    def __call__(self, out: Any) -> Tensor:
+        t = select_output(out, self.output_fn)
+        if t.dim() == 0:
+            return t
+        flat = t.reshape(t.shape[0], -1)
+        if self.r is None:
+            return flat.sum(1, keepdim=True) * self.scale
+        return (flat @ self.r.to(flat.dtype)) * self.scale
+
+
+def _run_explicit(
+    impl: NtkImplementation,
+    fm: FunctionalModel,
+    p: dict[str, Tensor],
+    xa: InputBatch,
+    xb: Optional[InputBatch],
+    n1: int,
+    n2: Optional[int],
+    config: NtkConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    keep_blocks: bool,
+    rows_fn: JacobianRows,
+) -> _BlockSink:
+    names = list(p)
+    if impl is NtkImplementation.STRUCTURED:
+        return structured_ntk(
+            fm,
+            p,
+            xa,
+            xb,
+            n1,
+            n2,
+            config.kind,
+            dtype,
+            device,
+            keep_blocks,
+            config.chunk_size,
+            rows_fn,
+        )
+    n_out = _probe_output_size(fm, p, slice_batch(xa, slice(0, 1)))
+    if xb is not None:
+        check_same_outputs(n_out, _probe_output_size(fm, p, slice_batch(xb, slice(0, 1))))
+    sink = _BlockSink(
+        config.kind,
+        kernel_shape(config.kind, n1, n2 or n1, n_out),
+        dtype,
+        device,
+        keep_blocks,
+        symmetric=xb is None,
+    )
+    if impl is NtkImplementation.JACOBIAN:
+        jacobian_ntk(fm, p, names, xa, xb, n1, n2, n_out, sink, config.chunk_size, rows_fn)
+    else:
+        ntvp_ntk(fm, p, names, xa, xb, n1, n2, n_out, sink, config.chunk_size)
+    return sink
+
+
+def _run_auto(*args: Any) -> _BlockSink:
+    try:
+        return _run_explicit(NtkImplementation.STRUCTURED, *args)
+    except StructuredPlanError as err:
+        warnings.warn(
+            f"empirical_ntk(implementation='auto'): {err}; this call uses the Jacobian "
+            "contraction (same kernel)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return _run_explicit(NtkImplementation.JACOBIAN, *args)
+
+
+# One entry per implementation: what runs for it.
+_DISPATCH: dict[NtkImplementation, Callable[..., _BlockSink]] = {
+    NtkImplementation.AUTO: _run_auto,
+    NtkImplementation.STRUCTURED: lambda *a: _run_explicit(NtkImplementation.STRUCTURED, *a),
+    NtkImplementation.JACOBIAN: lambda *a: _run_explicit(NtkImplementation.JACOBIAN, *a),
+    NtkImplementation.NTVP: lambda *a: _run_explicit(NtkImplementation.NTVP, *a),
+}
+
+
+def _compute(
+    model: nn.Module,
+    x1: InputBatch,
+    x2: Optional[InputBatch],
+    config: NtkConfig,
+    params: Optional[Mapping[str, Tensor]],
+    output_fn: Optional[OutputFn],
+    return_blocks: bool,
+) -> Union[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    kind = config.kind
     n1 = batch_size(x1)
     n2 = None if x2 is None else batch_size(x2)
     if (
@@ -228,47 +321,46 @@ def empirical_ntk(
     dtype = compute_dtype(named, x1 if x2 is None else [*_flat(x1), *_flat(x2)])
     device = _device_of(x1)
 
-    with side_effect_guard(model):
-        fm = FunctionalModel(model, output_fn, dtype)
-        # Parameters that are not differentiated are constants; cast the ones whose dtype
-        # differs (e.g. a frozen float16 layer) so the forward runs in one dtype.
-        fm.buffers.update(
-            {
-                k: v.detach().to(dtype)
-                for k, v in model.named_parameters()
-                if k not in named and v.is_floating_point() and v.dtype != dtype
-            }
-        )
-        # Cloned so that nothing the forward might do in place reaches the module's weights.
-        p = {k: v.clone() for k, v in fm.cast_params(named).items()}
-        xa = fm.cast_inputs(x1)
-        xb = None if x2 is None else fm.cast_inputs(x2)
-        names = list(p)
-        if impl in (NtkImplementation.JACOBIAN, NtkImplementation.NTVP):
-            n_out = _probe_output_size(fm, p, xa)
-            if xb is not None:
-                _check_same_outputs(n_out, _probe_output_size(fm, p, xb))
-            sink = _BlockSink(
-                kind,
-                kernel_shape(kind, n1, n2 or n1, n_out),
-                dtype,
-                device,
-                return_blocks,
-                symmetric=xb is None,
+    budget = _FACTOR_BUDGET.set(config.max_memory) if config.max_memory is not None else None
+    try:
+        with side_effect_guard(model):
+            fm = FunctionalModel(model, output_fn, dtype)
+            # Parameters that are not differentiated are constants; cast the ones whose dtype
+            # differs (e.g. a frozen float16 layer) so the forward runs in one dtype.
+            fm.buffers.update(
+                {
+                    k: v.detach().to(dtype)
+                    for k, v in model.named_parameters()
+                    if k not in named and v.is_floating_point() and v.dtype != dtype
+                }
             )
-            compute = jacobian_ntk if impl is NtkImplementation.JACOBIAN else ntvp_ntk
-            compute(fm, p, names, xa, xb, n1, n2, n_out, sink, chunk_size)
-        else:
-            sink = structured_ntk(
-                fm, p, xa, xb, n1, n2, kind, dtype, device, return_blocks, chunk_size
+            # Cloned so that nothing the forward might do in place reaches the module's weights.
+            p = {k: v.clone() for k, v in fm.cast_params(named).items()}
+            xa = fm.cast_inputs(x1)
+            xb = None if x2 is None else fm.cast_inputs(x2)
+            if config.projection is not None:
+                o_raw = _probe_output_size(fm, p, slice_batch(xa, slice(0, 1)))
+                if config.projection == "sum":
+                    fm.output_fn = _Projected(output_fn, None, 1.0 / math.sqrt(o_raw))
+                else:
+                    k = int(config.projection)
+                    r = projection_matrix(
+                        o_raw, k, config.projection_seed, dtype=dtype, device=device
+                    )
+                    fm.output_fn = _Projected(output_fn, r, 1.0 / math.sqrt(k))
+            sink = _DISPATCH[config.implementation](
+                fm, p, xa, xb, n1, n2, config, dtype, device, return_blocks, JacobianRows()
             )
-        if sink.blocks is not None:
-            for name in names:
-                sink.declare(name)
+            if sink.blocks is not None:
+                for name in p:
+                    sink.declare(name)
+    finally:
+        if budget is not None:
+            _FACTOR_BUDGET.reset(budget)
     kernel = finalize(sink.kernel.detach(), kind)
     if return_blocks:
         assert sink.blocks is not None
-        return kernel, {k: finalize(sink.blocks[k].detach(), kind) for k in names}
+        return kernel, {k: finalize(sink.blocks[k].detach(), kind) for k in p}
     return kernel
 
 

@@ -16,13 +16,14 @@ structured rule (normalisation layers, custom ops, tied weights with mixed uses)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .._functional import FunctionalModel, InputBatch, map_batch, slice_batch
+from .._functional import FunctionalModel, InputBatch, batch_size, map_batch, slice_batch
 from ._common import (
     _BlockSink,
     block_size_for,
@@ -31,7 +32,7 @@ from ._common import (
     symmetric_block,
 )
 
-__all__ = ["jacobian_ntk"]
+__all__ = ["JacobianRows", "jacobian_ntk", "loop_jacobian", "per_example_jacobian"]
 
 # Jacobian entries held per parameter group and example block: groups are formed so that one
 # block of N_block·O·P_group entries stays under the factor budget.
@@ -56,14 +57,13 @@ def _group(params: Mapping[str, Tensor], names: Sequence[str], per_param: int) -
     return groups
 
 
-def per_example_jacobian(
+def _vmap_jacobian(
     fm: FunctionalModel,
     params: Mapping[str, Tensor],
     names: Sequence[str],
     x: InputBatch,
     vmap_chunk: Optional[int] = None,
 ) -> dict[str, Tensor]:
-    """``{name: (N, O, numel)}``: Jacobian rows of each example w.r.t. ``params[names]``."""
     fixed = {k: v.detach() for k, v in params.items() if k not in names}
     wrt = {k: params[k].detach() for k in names}
 
@@ -77,6 +77,89 @@ def per_example_jacobian(
     return {k: v.reshape(v.shape[0], v.shape[1], -1) for k, v in jac.items()}
 
 
+def loop_jacobian(
+    fm: FunctionalModel, params: Mapping[str, Tensor], names: Sequence[str], x: InputBatch
+) -> dict[str, Tensor]:
+    """``{name: (N, O, numel)}`` by a plain loop: per example one forward and ``O``
+    ``torch.autograd.grad`` calls. No ``vmap``, so it runs on every model autograd can
+    differentiate (RNN kernels, ops without batching rules, custom ``autograd.Function``,
+    Python control flow on values); memory is one example's graph plus the rows."""
+    fixed = {k: v.detach() for k, v in params.items() if k not in names}
+    wrt = {k: params[k].detach().requires_grad_() for k in names}
+    n = batch_size(x)
+    rows: dict[str, list[Tensor]] = {k: [] for k in names}
+    for i in range(n):
+        out = fm({**fixed, **wrt}, slice_batch(x, slice(i, i + 1)))[0]
+        o = out.shape[0]
+        per = {
+            k: torch.zeros((o, v.numel()), dtype=v.dtype, device=v.device) for k, v in wrt.items()
+        }
+        for a in range(o):
+            grads = torch.autograd.grad(
+                out[a], list(wrt.values()), retain_graph=a < o - 1, allow_unused=True
+            )
+            for k, g in zip(wrt, grads):
+                if g is not None:
+                    per[k][a] = g.reshape(-1)
+        for k in names:
+            rows[k].append(per[k])
+        del out
+    return {k: torch.stack(v) for k, v in rows.items()}
+
+
+class JacobianRows:
+    """Per-example Jacobian rows with one decision per engine call: ``vmap(jacrev)`` while it
+    runs, the :func:`loop_jacobian` fallback (one warning naming the reason) once it has not.
+
+    ``vmap`` fails on models it cannot batch (RNN kernels, ``PReLU``'s backward, a custom
+    ``autograd.Function`` without a vmap rule, ``if`` on tensor values, ops without batching
+    rules); any exception it raises means "use the loop", and if the loop fails too that error
+    (the model's own) propagates.
+    """
+
+    def __init__(self) -> None:
+        self.use_loop = False
+        self.reason: Optional[str] = None
+
+    def __call__(
+        self,
+        fm: FunctionalModel,
+        params: Mapping[str, Tensor],
+        names: Sequence[str],
+        x: InputBatch,
+    ) -> dict[str, Tensor]:
+        if not self.use_loop:
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*performance drop.*")
+                    return _vmap_jacobian(fm, params, names, x)
+            except Exception as err:  # noqa: BLE001 - any vmap failure: try the plain loop
+                result = loop_jacobian(fm, params, names, x)
+                self.use_loop = True
+                self.reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                warnings.warn(
+                    "torch.func.vmap cannot run this model "
+                    f"({self.reason}); the empirical NTK uses a per-example loop of "
+                    "torch.autograd.grad instead (same kernel, slower)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return result
+        return loop_jacobian(fm, params, names, x)
+
+
+def per_example_jacobian(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    names: Sequence[str],
+    x: InputBatch,
+    vmap_chunk: Optional[int] = None,
+) -> dict[str, Tensor]:
+    """``{name: (N, O, numel)}``: Jacobian rows of each example w.r.t. ``params[names]``
+    (``vmap(jacrev)``; raises where ``vmap`` cannot run the model, see :class:`JacobianRows`)."""
+    return _vmap_jacobian(fm, params, names, x, vmap_chunk)
+
+
 def jacobian_ntk(
     fm: FunctionalModel,
     params: Mapping[str, Tensor],
@@ -88,6 +171,7 @@ def jacobian_ntk(
     n_out: int,
     sink: _BlockSink,
     chunk_size: Optional[int] = None,
+    rows_fn: Optional[JacobianRows] = None,
 ) -> None:
     """Add the Jacobian-contraction blocks of ``names`` to ``sink``.
 
@@ -96,6 +180,7 @@ def jacobian_ntk(
     processed in blocks of ``chunk_size`` examples (default: as many as the factor budget
     allows), the row block's Jacobian kept while column blocks stream past.
     """
+    rows_fn = rows_fn if rows_fn is not None else JacobianRows()
     itemsize = torch.finfo(sink.dtype).bits // 8
     n_max = max(n1, n2 or 0)
     per_example = max(1, n_out)
@@ -105,7 +190,7 @@ def jacobian_ntk(
 
         def factors(side: int, rows: slice, group: list[str] = group) -> dict[str, Tensor]:
             x = x1 if side == 1 else x2
-            return per_example_jacobian(fm, params, group, slice_batch(x, rows))
+            return rows_fn(fm, params, group, slice_batch(x, rows))
 
         def contract(
             fa: dict[str, Tensor], fb: dict[str, Tensor], rows: slice, cols: slice

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .._functional import FunctionalModel, InputBatch, slice_batch
 from ._common import _BlockSink, block_size_for, example_blocks, reduce_full
-from .jacobian import per_example_jacobian
+from .errors import ForwardADUnsupportedError
+from .jacobian import JacobianRows
 
 __all__ = ["ntvp_ntk"]
 
@@ -70,6 +71,7 @@ def ntvp_ntk(
     With ``return_blocks`` each parameter gets its own jvp pass (the jvp of one parameter
     only propagates from where it is used), otherwise all parameters share one pass.
     """
+    rows_fn = JacobianRows()
     xb = x1 if x2 is None else x2
     n_cols = n1 if n2 is None else n2
     groups = [[k] for k in names] if sink.blocks is not None else [list(names)]
@@ -88,10 +90,10 @@ def ntvp_ntk(
         width = sum(v.numel() for v in wrt.values())
         block = block_size_for(width * n_out * itemsize, n1, chunk_size)
         for rows in example_blocks(n1, block):
-            jrows = per_example_jacobian(fm, params, group, slice_batch(x1, rows))
+            jrows = rows_fn(fm, params, group, slice_batch(x1, rows))
             c = rows.stop - rows.start
             tangents = {k: jrows[k].reshape(c * n_out, *params[k].shape) for k in group}
-            cols = torch.func.vmap(column)(tangents)  # (c·O, N2, O)
+            cols = _columns(column, tangents, c * n_out)  # (c·O, N2, O)
             full = cols.reshape(c, n_out, n_cols, n_out)  # internal layout K[n, a, m, b]
             sink.add(
                 group[0] if len(group) == 1 else "_all",
@@ -100,3 +102,28 @@ def ntvp_ntk(
                 slice(0, n_cols),
                 mirror=False,
             )
+
+
+def _columns(column, tangents: dict[str, Tensor], rows: int) -> Tensor:  # noqa: ANN001
+    """``column`` vmapped over the tangents, or looped where ``vmap`` cannot run the model.
+
+    The Jacobian rows of these examples were just computed in reverse mode, so the model runs;
+    a failure of ``torch.func.jvp`` even one tangent at a time is a forward-mode problem (an op
+    without a forward-mode rule such as CPU ``scaled_dot_product_attention`` or
+    ``mkldnn_rnn_layer``, an ``autograd.Function`` without ``jvp``/``setup_context``):
+    re-raised as :class:`ForwardADUnsupportedError` naming the implementations that do not
+    need forward mode.
+    """
+    try:
+        return torch.func.vmap(column)(tangents)
+    except Exception:  # noqa: BLE001 - e.g. no batching rule: one jvp per tangent instead
+        pass
+    try:
+        return torch.stack([column({k: v[i] for k, v in tangents.items()}) for i in range(rows)])
+    except Exception as err:  # noqa: BLE001 - see docstring
+        raise ForwardADUnsupportedError(
+            "implementation='ntvp' needs forward-mode AD (torch.func.jvp), but this model "
+            f"cannot run in forward mode ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:160]}); use implementation='auto' or 'jacobian', which "
+            "use reverse mode only"
+        ) from err

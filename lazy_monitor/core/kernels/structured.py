@@ -39,18 +39,20 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from .._functional import FunctionalModel, InputBatch, slice_batch
+from .._functional import FunctionalModel, InputBatch, map_batch, slice_batch
 from ._common import (
-    DEFAULT_FACTOR_BUDGET,
     _BlockSink,
+    check_same_outputs,
     contract_rows,
+    factor_budget,
     kernel_shape,
     reduce_full,
     symmetric_block,
     symmetric_blocks,
 )
 from .cost import choose_strategy
-from .jacobian import jacobian_ntk
+from .errors import StructuredPlanError
+from .jacobian import JacobianRows, jacobian_ntk
 
 __all__ = ["structured_ntk"]
 
@@ -174,6 +176,48 @@ class _Capture(torch.overrides.TorchFunctionMode):
         if any(isinstance(t, Tensor) for t in out_flat) or name.endswith("_") or "set" in name:
             self.other.update(hit)  # a transform / in-place use we cannot factorise
         return out
+
+
+def _use_rows_ok(use: _Use, n: int) -> bool:
+    """The use's output (and, except for norms, its input) has the ``n`` examples on dim 0."""
+    return (
+        use.out.dim() >= 1
+        and use.out.shape[0] == n
+        and (use.op == "norm" or (use.inp.dim() >= 1 and use.inp.shape[0] == n))
+    )
+
+
+def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:
+    """Send every parameter whose use is not verifiably per-example to the fallback.
+
+    The structured rules need, for every use ``y = op(a, W)``, that row ``n`` of ``y`` and
+    ``a`` belong to example ``n`` and that ``f(x_n)`` depends on no other row of ``y``; then
+    ``∂f(x_n)/∂W = G[n]ᵀ A[n]`` exactly. This is checked, not guessed from shapes: dim 0 of
+    the use's output and input must be the probe's batch size (catches inputs shared by the
+    batch such as position ids ``(1, T)``, sequence-first layouts, flattened ``(N·T, d)``
+    rows), and the gradient of a random cotangent on example 0's outputs must vanish on every
+    other row of the use's output (catches a layout whose dim 0 happens to equal N).
+    """
+    n = out.shape[0]
+    bad: set[str] = set()
+    checked = []
+    for use in cap.uses:
+        if _use_rows_ok(use, n):
+            checked.append(use)
+        else:
+            bad.update(k for k in (use.weight, use.bias) if k is not None)
+    handles = [u.out for u in checked if u.out.requires_grad]
+    if handles and n > 1:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        cot = torch.zeros_like(out)
+        cot[0] = torch.randn(out.shape[1:], generator=gen, dtype=out.dtype).to(out.device) + 2.0
+        grads = torch.autograd.grad([out], handles, [cot], retain_graph=True, allow_unused=True)
+        by_handle = {id(h): g for h, g in zip(handles, grads)}
+        for use in checked:
+            g = by_handle.get(id(use.out))
+            if g is not None and bool((g[1:] != 0).any()):
+                bad.update(k for k in (use.weight, use.bias) if k is not None)
+    cap.other.update(bad)
 
 
 def _forward(
@@ -398,6 +442,7 @@ class _Plan:
     fallback: list[str]
     folded: dict[str, str] = dataclasses.field(default_factory=dict)
     shared: dict[str, str] = dataclasses.field(default_factory=dict)
+    use_counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _make_plan(
@@ -445,6 +490,7 @@ def _make_plan(
                 strategy = "stored"
             weights[name] = strategy
     plan = _Plan(weights, biases, [k for k in params if k not in set(weights) | set(biases)])
+    plan.use_counts = {k: len(v) for k, v in by_name.items()}
     for w, strategy in weights.items():
         uses_w = [id(u) for role, u in by_name[w]]
         paired = {u.bias for _, u in by_name[w]}
@@ -521,13 +567,22 @@ def _factors(
     wrt = {k: params[k].detach().requires_grad_() for k in names}
     const = {k: v.detach() for k, v in params.items() if k not in wrt}
     out, cap = _forward(fm, const, wrt, x)
-    changed = cap.other & set(wrt)
-    if changed:  # the plan was made on the probe example; its uses must hold for every example
-        raise RuntimeError(
-            f"parameters {sorted(changed)} were used differently on these examples than on the "
-            "probe example (data-dependent control flow); use implementation='jacobian'"
-        )
     n, o = out.shape
+    changed = cap.other & set(wrt)
+    counts: dict[str, int] = {}
+    for use in cap.uses:
+        for k in (use.weight, use.bias):
+            if k in wrt:
+                counts[k] = counts.get(k, 0) + 1
+                if not _use_rows_ok(use, n):
+                    changed.add(k)
+    changed.update(k for k in wrt if counts.get(k, 0) != plan.use_counts.get(k, 0))
+    if changed:  # the plan was made on the probe examples; its uses must hold for every example
+        raise StructuredPlanError(
+            f"parameters {sorted(changed)} were used differently on these examples than on the "
+            "probe examples (data-dependent control flow); use implementation='jacobian' (or "
+            "'auto', which switches by itself)"
+        )
     uses = [u for u in cap.uses if (u.weight in wrt) or (u.bias in wrt)]
     weight_uses = [u for u in uses if u.weight in plan.weights]
     row_uses = [(name, u) for name in plan.biases for u in uses if name in (u.bias, u.weight)]
@@ -591,15 +646,20 @@ def structured_ntk(
     device: torch.device,
     keep_blocks: bool,
     chunk_size: Optional[int],
+    rows_fn: Optional[JacobianRows] = None,
 ) -> _BlockSink:
     """Compute the kernel with structured rules where they apply, the Jacobian path elsewhere.
 
     A probe pass on the first example finds the parameter uses and sizes the example blocks
     (factors of ``row`` examples are kept while blocks of ``col`` examples stream past).
     """
-    from .empirical import _check_same_outputs
-
-    probe_x = slice_batch(x1, slice(0, 1))
+    # Two probe examples (the first one twice if there is only one), so that the batch mapping
+    # of every use can be verified: a leading dim of 2 that carries the examples row by row.
+    probe_x = (
+        slice_batch(x1, slice(0, 2))
+        if n1 >= 2
+        else map_batch(x1, lambda t: t.repeat(2, *[1] * (t.dim() - 1)))
+    )
     wrt = {k: v.detach().requires_grad_() for k, v in params.items()}
     out, cap = _forward(fm, {}, wrt, probe_x)
     o = out.shape[1]
@@ -607,7 +667,8 @@ def structured_ntk(
         raise ValueError("the model output has 0 entries per example; nothing to differentiate")
     if x2 is not None:
         with torch.no_grad():
-            _check_same_outputs(o, fm(params, slice_batch(x2, slice(0, 1))).shape[1])
+            check_same_outputs(o, fm(params, slice_batch(x2, slice(0, 1))).shape[1])
+    _verify_batch_mapping(out, cap)
     del out
     n_max = max(n1, n2 or 0)
     plan = _make_plan(params, cap, n_max, o, keep_blocks)
@@ -631,7 +692,7 @@ def structured_ntk(
     if plan.weights or plan.biases:
         _structured_blocks(fm, params, plan, x1, x2, n1, n2, o, sink, chunk_size, per_example_bytes)
     if plan.fallback:
-        jacobian_ntk(fm, params, plan.fallback, x1, x2, n1, n2, o, sink, chunk_size)
+        jacobian_ntk(fm, params, plan.fallback, x1, x2, n1, n2, o, sink, chunk_size, rows_fn)
     return sink
 
 
@@ -642,8 +703,8 @@ def _block_sizes(
     if chunk_size is not None:
         return chunk_size, chunk_size
     n_cols = n1 if n2 is None else n2
-    row_block = max(1, int(0.75 * DEFAULT_FACTOR_BUDGET // per_example_bytes))
-    col_block = max(1, int(0.25 * DEFAULT_FACTOR_BUDGET // per_example_bytes))
+    row_block = max(1, int(0.75 * factor_budget() // per_example_bytes))
+    col_block = max(1, int(0.25 * factor_budget() // per_example_bytes))
     if row_block >= n1:
         return n1, max(col_block, min(n_cols, n1))
     return row_block, col_block

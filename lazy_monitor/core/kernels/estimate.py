@@ -1,0 +1,236 @@
+"""Cheap, pure estimates of what an empirical NTK costs, and the ``kind="auto"`` resolution.
+
+:func:`estimate_ntk_cost` runs one forward pass of one example under
+``torch.utils.flop_counter.FlopCounterMode`` (no graph, no kernel) to read the output size and
+the forward FLOPs, then applies the cost model below. :func:`resolve_kernel_config` uses it to
+pick ``full`` / ``trace`` / ``trace`` with a projection under a memory budget.
+
+Cost model (N examples, O outputs per example after projection, P parameters, F forward FLOPs
+of one example, B parameter blocks):
+
+* kernel: ``N²·O²`` (full), ``N²·O`` (diagonal) or ``N²`` (trace) elements; ``B + 1`` such
+  tensors with per-parameter blocks (``per_layer``);
+* factors: the engine holds at most its factor budget (``max_memory`` of the call, default
+  1 GiB) of per-example factors, or ``N·O·P`` elements if that is smaller;
+* eigendecompositions (metrics of a ``full`` kernel): ``3·(N·O)²`` elements of workspace;
+* FLOPs: ``O·N·3F`` for the output-gradients (O backward passes, backward ≈ 2 forwards) plus
+  the contraction ``2·N²·O²·P`` (full) or ``2·N²·O·P`` (trace/diagonal) — the Jacobian
+  contraction's bound; the structured path is usually cheaper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .._functional import (
+    FunctionalModel,
+    InputBatch,
+    OutputFn,
+    batch_size,
+    compute_dtype,
+    resolve_params,
+    side_effect_guard,
+    slice_batch,
+)
+from ._common import DEFAULT_FACTOR_BUDGET
+from .config import NtkConfig
+
+__all__ = [
+    "DEFAULT_MAX_MEMORY",
+    "DEFAULT_MAX_SECONDS",
+    "estimate_ntk_cost",
+    "resolve_kernel_config",
+]
+
+# Default budget of kind="auto": safe on a laptop next to a training run.
+DEFAULT_MAX_MEMORY = 2 * 2**30
+
+# Sustained FLOP/s assumed for the time estimate. The FLOP count is the Jacobian contraction's
+# upper bound; the structured path does far fewer on Linear/Conv layers, so this effective rate
+# is set above a 2-core CPU's raw ~1e10 (3-conv CNN at N=128: estimate 24 s, measured 8 s).
+# A GPU is 10-100x faster, where the estimate is conservative.
+DEFAULT_FLOPS_PER_SECOND = 5e10
+
+# Default time budget of kind="auto" per kernel measurement.
+DEFAULT_MAX_SECONDS = 60.0
+
+
+def _forward_flops(
+    fm: FunctionalModel, params: Mapping[str, Tensor], x: InputBatch
+) -> tuple[int, int]:
+    """``(O, FLOPs)`` of one example's forward (no graph)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        out = fm(params, x)
+    return int(out.shape[1]), int(counter.get_total_flops())
+
+
+def estimate_ntk_cost(
+    model: nn.Module,
+    x: InputBatch,
+    *,
+    kind: str = "full",
+    projection: Union[None, int, str] = None,
+    per_layer: bool = False,
+    output_fn: Optional[OutputFn] = None,
+    params: Optional[Mapping[str, Tensor]] = None,
+    max_memory: Optional[int] = None,
+    flops_per_second: float = DEFAULT_FLOPS_PER_SECOND,
+) -> dict[str, Any]:
+    """Estimated memory and time of ``empirical_ntk(model, x, kind=kind, projection=...)``.
+
+    Pure and cheap: one forward of ``x[:1]`` under a FLOP counter, no gradient, the model left
+    untouched (same guard as the engine). See the module docstring for the model.
+
+    Returns:
+        ``{"n", "o", "o_raw", "p", "blocks", "kernel_bytes", "factor_bytes", "eig_bytes",
+        "bytes", "forward_flops", "flops", "seconds"}``: ``o`` the outputs per example after
+        projection (``o_raw`` before), ``p`` the differentiated parameter count, ``blocks``
+        the number of per-parameter blocks kept (0 unless ``per_layer``), ``bytes`` the peak
+        estimate (kernel tensors + factors + eigendecomposition workspace for ``full``),
+        ``seconds = flops / flops_per_second``.
+    """
+    cfg = NtkConfig(kind=kind, projection=projection, max_memory=max_memory)
+    measured = _measure(model, x, output_fn, params)
+    return _cost(measured, cfg, per_layer, flops_per_second)
+
+
+def _measure(
+    model: nn.Module,
+    x: InputBatch,
+    output_fn: Optional[OutputFn],
+    params: Optional[Mapping[str, Tensor]],
+) -> dict[str, int]:
+    """The model-dependent numbers of the cost model, from one example's forward."""
+    n = batch_size(x)
+    named = resolve_params(model, params)
+    dtype = compute_dtype(named, x)
+    with side_effect_guard(model):
+        fm = FunctionalModel(model, output_fn, dtype)
+        one = fm.cast_inputs(slice_batch(x, slice(0, 1)))
+        o_raw, fwd = _forward_flops(fm, fm.cast_params(named), one)
+    p = sum(v.numel() for v in named.values())
+    return {
+        "n": n,
+        "o_raw": o_raw,
+        "p": p,
+        "n_params": len(named),
+        "itemsize": torch.finfo(dtype).bits // 8,
+        # ops the counter does not know (RNN kernels) count as 2 FLOPs per parameter
+        "fwd": max(fwd, 2 * p),
+    }
+
+
+def _cost(
+    m: dict[str, int], cfg: NtkConfig, per_layer: bool, flops_per_second: float
+) -> dict[str, Any]:
+    n, o_raw, p, fwd, itemsize = m["n"], m["o_raw"], m["p"], m["fwd"], m["itemsize"]
+    if cfg.projection is None:
+        o = o_raw
+    elif cfg.projection == "sum":
+        o = 1
+    else:
+        o = int(cfg.projection)
+    per_pair = {"full": o * o, "diagonal": o, "trace": 1}[cfg.kind]
+    blocks = m["n_params"] if per_layer else 0
+    kernel_bytes = n * n * per_pair * itemsize * (1 + blocks)
+    budget = cfg.max_memory if cfg.max_memory is not None else DEFAULT_FACTOR_BUDGET
+    factor_bytes = min(budget, n * o * p * itemsize)
+    eig_bytes = 3 * (n * o) ** 2 * itemsize if cfg.kind == "full" else 3 * n * n * itemsize
+    contraction = 2 * n * n * p * (o * o if cfg.kind == "full" else o)
+    flops = float(o * n * 3 * fwd + contraction)
+    return {
+        "n": n,
+        "o": o,
+        "o_raw": o_raw,
+        "p": p,
+        "blocks": blocks,
+        "kernel_bytes": kernel_bytes,
+        "factor_bytes": factor_bytes,
+        "eig_bytes": eig_bytes,
+        "bytes": kernel_bytes + factor_bytes + eig_bytes,
+        "forward_flops": fwd,
+        "flops": flops,
+        "seconds": flops / flops_per_second,
+    }
+
+
+def resolve_kernel_config(  # noqa: PLR0913
+    model: nn.Module,
+    x: InputBatch,
+    *,
+    max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
+    max_seconds: Optional[float] = DEFAULT_MAX_SECONDS,
+    per_layer: bool = False,
+    output_fn: Optional[OutputFn] = None,
+    params: Optional[Mapping[str, Tensor]] = None,
+    projection_k: int = 16,
+    projection_seed: int = 0,
+    flops_per_second: float = DEFAULT_FLOPS_PER_SECOND,
+) -> dict[str, Any]:
+    """Resolve ``kind="auto"``: the first of ``full``, ``trace``, ``trace`` + projection
+    ``k = projection_k`` (only when ``projection_k < O``) whose estimate fits ``max_memory``
+    bytes (and ``max_seconds`` if given); ``trace`` + projection if none does (the cheapest).
+
+    Returns:
+        ``{"kind", "projection", "projection_seed", "implementation": "auto", "max_memory",
+        "estimate", "reason"}`` — pass ``kind``, ``projection``, ``projection_seed``,
+        ``implementation`` and ``max_memory`` (the engine's factor budget: half of the
+        budget, the rest is for kernels and eigendecompositions) to ``empirical_ntk``;
+        ``estimate`` is :func:`estimate_ntk_cost`'s dict for the choice, ``reason`` a one-line
+        explanation (empty when ``full`` was kept).
+    """
+    if isinstance(projection_k, bool) or not isinstance(projection_k, int) or projection_k < 1:
+        raise ValueError(f"`projection_k` must be a positive int, got {projection_k!r}")
+    measured = _measure(model, x, output_fn, params)
+
+    # Half of the budget for the engine's per-example factors, the rest for kernels and
+    # eigendecompositions.
+    factor_budget = None if max_memory is None else max(1, max_memory // 2)
+
+    def estimate(kind: str, projection: Optional[int] = None) -> dict[str, Any]:
+        cfg = NtkConfig(kind=kind, projection=projection, max_memory=factor_budget)
+        return _cost(measured, cfg, per_layer, flops_per_second)
+
+    full = estimate("full")
+
+    def fits(est: dict[str, Any]) -> bool:
+        ok = max_memory is None or est["bytes"] <= max_memory
+        return ok and (max_seconds is None or est["seconds"] <= max_seconds)
+
+    def gib(b: float) -> str:
+        return f"{b / 2**30:.3g} GiB"
+
+    candidates: list[tuple[str, Optional[int], dict[str, Any]]] = [("full", None, full)]
+    trace = estimate("trace")
+    candidates.append(("trace", None, trace))
+    if projection_k < full["o"]:
+        proj = estimate("trace", projection_k)
+        candidates.append(("trace", projection_k, proj))
+    kind, proj_k, est = next((c for c in candidates if fits(c[2])), candidates[-1])
+    reason = ""
+    if (kind, proj_k) != ("full", None):
+        reason = (
+            f"full kernel estimated at {gib(full['bytes'])} and {full['seconds']:.3g} s "
+            f"(N={full['n']}, O={full['o']}, P={full['p']}) does not fit max_memory="
+            f"{'None' if max_memory is None else gib(max_memory)}"
+            + ("" if max_seconds is None else f", max_seconds={max_seconds:g}")
+            + "; using kind='trace'"
+            + ("" if proj_k is None else f" with projection={proj_k}")
+            + f" (estimated {gib(est['bytes'])}, {est['seconds']:.3g} s)"
+        )
+    return {
+        "kind": kind,
+        "projection": proj_k,
+        "projection_seed": projection_seed,
+        "implementation": "auto",
+        "max_memory": factor_budget,
+        "estimate": est,
+        "reason": reason,
+    }

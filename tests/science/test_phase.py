@@ -1,0 +1,108 @@
+"""Specification of lazy_monitor.cli.phase: boundary analysis and a smoke run of the grid."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+
+import pytest
+
+from lazy_monitor.cli import phase
+
+
+def test_boundary_alpha_interpolates_a_power_law_exactly():
+    alphas = [0.1, 0.3, 1.0, 3.0, 10.0]
+    values = [0.4 / a for a in alphas]  # rel_change = 0.4/α crosses 0.1 at α* = 4
+    assert phase.boundary_alpha(alphas, values, 0.1) == pytest.approx(4.0, rel=1e-12)
+
+
+def test_boundary_alpha_uses_last_rich_to_lazy_crossing_and_counts_nan_as_rich():
+    alphas = [1.0, 2.0, 4.0, 8.0]
+    assert phase.boundary_alpha(alphas, [0.05, 0.5, 0.2, 0.05], 0.1) == pytest.approx(
+        4.0 * 2.0 ** (math.log(2.0) / math.log(4.0))
+    )
+    # A diverged (NaN) cell is rich, but gives nothing to interpolate from.
+    assert math.isnan(phase.boundary_alpha(alphas, [math.nan, math.nan, 0.05, 0.01], 0.1))
+    assert phase.boundary_alpha(alphas, [1.0, 0.0, 0.0, 0.0], 0.1) == 2.0
+
+
+def test_boundary_alpha_is_nan_without_crossing():
+    assert math.isnan(phase.boundary_alpha([1.0, 2.0], [0.01, 0.02], 0.1))  # all lazy
+    assert math.isnan(phase.boundary_alpha([1.0, 2.0], [1.0, 0.5], 0.1))  # all rich
+    with pytest.raises(ValueError, match="increasing"):
+        phase.boundary_alpha([2.0, 1.0], [1.0, 0.01], 0.1)
+
+
+def test_fit_exponent_recovers_a_power_law():
+    widths = [16, 64, 256, 1024]
+    s, b = phase.fit_exponent(widths, [3.0 * w**-0.5 for w in widths])
+    assert s == pytest.approx(-0.5, abs=1e-12)
+    assert math.exp(b) == pytest.approx(3.0, rel=1e-12)
+    assert all(math.isnan(v) for v in phase.fit_exponent([16, 64], [1.0, math.nan]))
+
+
+def test_cell_value_is_median_robust_to_one_blow_up_and_nan_if_any_run_diverged():
+    assert phase._median([0.5, 6e30, 0.7]) == 0.7
+    assert phase._median([0.2, 0.4]) == pytest.approx(0.3)
+    assert math.isnan(phase._median([0.5, math.nan, 0.7]))
+
+
+def test_smoke_run_writes_png_and_csv_and_fits_a_finite_exponent(tmp_path):
+    stream = io.StringIO()
+    result = phase.run_phase(
+        tmp_path / "phase",
+        widths=(8, 64),
+        alphas=(0.3, 1.0, 3.0, 10.0, 30.0),
+        steps=40,
+        n_train=32,
+        probe_size=16,
+        out=stream,
+    )
+    assert (tmp_path / "phase" / "phase.png").stat().st_size > 1000
+    with open(tmp_path / "phase" / "phase.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 10
+    assert {(int(r["width"]), float(r["alpha"])) for r in rows} == {
+        (w, a) for w in (8, 64) for a in (0.3, 1.0, 3.0, 10.0, 30.0)
+    }
+    assert all(
+        float(r["lr"]) == pytest.approx(phase.DEFAULT_LR / float(r["alpha"]) ** 2) for r in rows
+    )
+    assert math.isfinite(result.exponent)
+    assert all(math.isfinite(a) for a in result.boundary.values())
+    # Laziness grows with α at fixed width and with width at fixed α (the map's two axes).
+    for w in (8, 64):
+        assert result.cell(w, 30.0).ntk_rel_change < result.cell(w, 0.3).ntk_rel_change
+    assert result.cell(64, 1.0).ntk_rel_change < result.cell(8, 1.0).ntk_rel_change
+    text = stream.getvalue()
+    assert "fitted boundary alpha*" in text and "Geiger" in text
+
+
+def test_cli_pair_parses_and_runs(tmp_path):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    phase.add_arguments(parser)
+    args = parser.parse_args(
+        ["--out", str(tmp_path), "--phase-widths", "8,16", "--phase-alphas", "1,10",
+         "--phase-steps", "5"]
+    )  # fmt: skip
+    assert args.phase_widths == [8, 16] and args.seed == 0
+    stream = io.StringIO()
+    assert phase.main(args, stream, io.StringIO()) == 0
+    assert (tmp_path / "phase.csv").exists()
+
+
+def test_cli_rejects_bad_grid():
+    parser = argparse.ArgumentParser()
+    phase.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--phase-alphas", "1"])
+
+
+def test_run_phase_rejects_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="widths"):
+        phase.run_phase(tmp_path, widths=(8,))
+    with pytest.raises(ValueError, match="probe_size"):
+        phase.run_phase(tmp_path, n_train=8, probe_size=16)

@@ -58,6 +58,9 @@ REQUESTED_KINDS = ("auto", *KINDS)
 #: result, the reference ``K₀`` and per-layer ``K₀``, the last kernel): what the memory
 #: estimate of ``kind="auto"`` counts.
 KERNEL_COPIES = 3
+#: Time budget of ``kind="auto"``: estimated seconds of one kernel above which the tracker
+#: takes the next cheaper kernel (full -> trace -> projected trace).
+MAX_SECONDS = 60.0
 
 #: Default lazy-regime thresholds: a heuristic, not a result from the literature (no paper gives
 #: canonical values). 10 % relative kernel movement and a linear model that explains 90 % of the
@@ -569,6 +572,7 @@ class KernelTracker:
                 self.model,
                 x,
                 max_memory=budget,
+                max_seconds=MAX_SECONDS,
                 projection=self.projection,
                 projection_seed=self.projection_seed,
                 **common,

@@ -17,10 +17,16 @@ of one example, B parameter blocks):
 * FLOPs: ``O·N·3F`` for the output-gradients (O backward passes, backward ≈ 2 forwards) plus
   the contraction ``2·N²·O²·P`` (full) or ``2·N²·O·P`` (trace/diagonal) — the Jacobian
   contraction's bound; the structured path is usually cheaper.
+* seconds: ``O·N`` rows at the *measured* time of one row (a forward and one backward of one
+  example; at least ``3F`` FLOPs at the assumed rate) plus the contraction FLOPs at the assumed
+  rate. Measuring the row catches the per-op overhead of small models with large ``O`` (a tiny
+  GPT-2 with ``O = T·V`` outputs) that a FLOP count misses.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
@@ -73,6 +79,20 @@ def _forward_flops(
     return int(out.shape[1]), int(counter.get_total_flops())
 
 
+def _row_seconds(fm: FunctionalModel, params: Mapping[str, Tensor], x: InputBatch) -> float:
+    """Measured wall time of one Jacobian row (forward + one backward of one example's summed
+    output; the faster of two runs, the first warms up): the per-row overhead of small models
+    (many small ops) that a FLOP count misses."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    best = math.inf
+    for _ in range(2):
+        start = time.perf_counter()
+        out = fm(leaves, x)
+        torch.autograd.grad(out.sum(), list(leaves.values()), allow_unused=True)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def estimate_ntk_cost(
     model: nn.Module,
     x: InputBatch,
@@ -119,8 +139,10 @@ def _measure(
         fm = FunctionalModel(model, output_fn, dtype)
         one = fm.cast_inputs(slice_batch(x, slice(0, 1)))
         o_raw, fwd = _forward_flops(fm, fm.cast_params(named), one)
+        row_seconds = _row_seconds(fm, fm.cast_params(named), one)
     p = sum(v.numel() for v in named.values())
     return {
+        "row_seconds": row_seconds,
         "n": n,
         "o_raw": o_raw,
         "p": p,
@@ -155,6 +177,10 @@ def _cost(
     eig_bytes = 3 * (n * o) ** 2 * 8 if cfg.kind != "trace" else 3 * n * n * 8
     contraction = 2 * n * n * p * (o * o if cfg.kind == "full" else o)
     flops = float(o * n * 3 * fwd + contraction)
+    # one row (output, example) costs at least the measured forward + backward of one example;
+    # batched rows (vmap) are cheaper, so this bounds the slow per-row case from above
+    row_seconds = max(m["row_seconds"], 3 * fwd / flops_per_second)
+    seconds = o * n * row_seconds + contraction / flops_per_second
     return {
         "n": n,
         "o": o,
@@ -167,7 +193,8 @@ def _cost(
         "bytes": kernel_bytes + factor_bytes + eig_bytes,
         "forward_flops": fwd,
         "flops": flops,
-        "seconds": flops / flops_per_second,
+        "row_seconds": row_seconds,
+        "seconds": seconds,
     }
 
 

@@ -929,6 +929,9 @@ class KernelTracker:
                 "implementation": str(self.implementation),
                 "max_memory": None,
                 "requested": {"kind": kind, "projection": None, "max_memory": None},
+                "estimated_bytes": None,  # not estimated by the version that saved the state
+                "estimated_seconds": None,
+                "estimate": {},
                 "reason": "",
             }
         cfg = dict(cfg)

@@ -11,6 +11,7 @@ pieces (tracker, schedule, probe drawing) live in :mod:`lazy_monitor.tracking`.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 import warnings
@@ -33,7 +34,7 @@ from lazy_monitor._validation import (
 )
 from lazy_monitor.callbacks import _tensorboard as tb
 from lazy_monitor.core._functional import as_device, map_batch, side_effect_guard
-from lazy_monitor.core.kernels import NtkImplementation
+from lazy_monitor.core.kernels import DEFAULT_MAX_MEMORY, NtkConfig, NtkImplementation
 from lazy_monitor.core.stability import current_lr
 from lazy_monitor.tracking.distributed import KernelSharding, check_strategy
 from lazy_monitor.tracking.network import device_of as _device_of
@@ -50,7 +51,9 @@ from lazy_monitor.tracking.probe import (
     probe_size as _probe_size,
 )
 from lazy_monitor.tracking.schedule import MeasurementSchedule, OverheadBudget
-from lazy_monitor.tracking.tracker import KINDS
+from lazy_monitor.tracking.tracker import REQUESTED_KINDS
+
+_log = logging.getLogger("lazy_monitor")
 
 __all__ = ["DEFAULT_EVERY_N_STEPS", "DEFAULT_PROBE_SIZE", "_KernelRegimeMonitorBase"]
 
@@ -188,8 +191,18 @@ class _KernelRegimeMonitorBase:
             class labels equal, integer labels not of shape ``(N,)`` or out of range, float
             targets whose width is not the model's output size, ...) are dropped with a warning;
             targets of an explicit ``probe=(x, y)`` must fit (an error at train start otherwise).
-        kind: kernel kind: ``"full"`` ``(N, N, O, O)``, ``"trace"`` ``(N, N)`` (sum over
-            outputs; O² times cheaper), ``"diagonal"`` ``(N, N, O)``.
+        kind: ``"auto"`` (default): resolved at train start to ``"full"``, ``"trace"`` or
+            ``"trace"`` with a 16-direction projection so that a measurement fits
+            ``max_memory`` (see :class:`~lazy_monitor.KernelTracker`); the choice is logged
+            once (a warning when it is not ``"full"``, an info line on the ``lazy_monitor``
+            logger, the HParams entry) and kept in checkpoints. Or a kind kept as given:
+            ``"full"`` ``(N, N, O, O)``, ``"trace"`` ``(N, N)`` (sum over outputs),
+            ``"diagonal"`` ``(N, N, O)``; a forced kind that does not fit ``max_memory``
+            raises at train start.
+        projection: ``None``, ``k`` (int) or ``"sum"``: measure the kernel of projected outputs
+            (see :func:`lazy_monitor.empirical_ntk`); forced when given.
+        projection_seed: seed of the projection (the same ``R`` for ``K₀`` and every ``K``).
+        max_memory: bytes one measurement may hold (default 1 GiB; ``None``: no limit).
         implementation: kernel implementation passed to the tracker (``"auto"`` picks by cost).
         per_layer: also log ``ntk_layer/<layer>/rel_change`` and ``params_layer/<layer>/rel_change``.
         output_fn: maps the network output to a tensor (e.g. ``lambda out: out.logits``).
@@ -247,7 +260,7 @@ class _KernelRegimeMonitorBase:
         batch_to_probe: Optional[Callable[[Any], Any]] = None,
         seed: int = 0,
         use_targets: bool = True,
-        kind: Literal["full", "trace", "diagonal"] = "full",
+        kind: Literal["auto", "full", "trace", "diagonal"] = "auto",
         implementation: str = "auto",
         per_layer: bool = True,
         output_fn: Optional[Callable[[Any], Tensor]] = None,
@@ -261,6 +274,9 @@ class _KernelRegimeMonitorBase:
         feature_modules: Union[list[str], bool, None] = True,
         split_across_ranks: bool = True,
         max_overhead: Optional[float] = None,
+        projection: Optional[Any] = None,
+        projection_seed: int = 0,
+        max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
     ) -> None:
         if probe is not None and probe_size is not None:
             raise ValueError(
@@ -286,7 +302,13 @@ class _KernelRegimeMonitorBase:
                 "batch_to_probe only applies to a probe drawn from the training data; with an "
                 "explicit probe=... pass the already converted (x, y)"
             )
-        self.kind = check_choice("kind", kind, KINDS)
+        self.kind = check_choice("kind", kind, REQUESTED_KINDS)
+        NtkConfig(projection=projection, projection_seed=projection_seed)  # one wording
+        self.projection = projection
+        self.projection_seed = projection_seed
+        self.max_memory = check_int(
+            "max_memory", max_memory, minimum=1, optional=True, fix="bytes; None: no limit"
+        )
         self.implementation = check_str("implementation", implementation, fix="e.g. 'auto'")
         NtkImplementation.parse(implementation)  # raises naming the allowed values
         self.output_fn = check_callable("output_fn", output_fn, fix="output -> Tensor")
@@ -350,7 +372,9 @@ class _KernelRegimeMonitorBase:
             probe_size=self.probe_size,
             seed=self.seed,
             submodule=self.submodule,
-            kind=self.kind,
+            # "auto" shares the key of "full" (the previous default): checkpoints of monitors
+            # with default arguments keep loading; the tracker restores the saved kernel
+            kind="full" if self.kind == "auto" else self.kind,
             per_layer=self.per_layer,
         )
 
@@ -412,6 +436,18 @@ class _KernelRegimeMonitorBase:
         self._notify_start(trainer)
         start = functools.partial(self._tracker.start, lr=_optimizer_lr(trainer))
         metrics = self._safely(network, start, _global_step(trainer), start=True)
+        if trainer.is_global_zero:
+            cfg = self._tracker.kernel_config
+            _log.info(
+                "KernelRegimeMonitor measures kind=%r, projection=%r (requested kind=%r; "
+                "estimated %.3g GiB, %.3g s per kernel)%s",
+                cfg["kind"],
+                cfg["projection"],
+                self.kind,
+                cfg["estimated_bytes"] / 2**30,
+                cfg["estimated_seconds"],
+                f": {cfg['reason']}" if cfg["reason"] else "",
+            )
         self._record(trainer, _global_step(trainer), metrics, final=False)
 
     def _continues(self, network: nn.Module, trainer: Any) -> bool:
@@ -508,6 +544,7 @@ class _KernelRegimeMonitorBase:
             "topk": self.topk,
             "chunk_size": self.chunk_size,
             "snapshot_device": self.snapshot_device,
+            "projection": self.projection,
         }
         tracker, self._current_probe = build_tracker(
             network,
@@ -519,6 +556,8 @@ class _KernelRegimeMonitorBase:
             implementation=self.implementation,
             per_layer=self.per_layer,
             feature_modules=self.feature_modules,
+            projection_seed=self.projection_seed,
+            max_memory=self.max_memory,
             **{k: v for k, v in optional.items() if v is not None},
         )
         return tracker
@@ -636,6 +675,19 @@ class _KernelRegimeMonitorBase:
             "lazy_monitor/per_layer": self.per_layer,
             "lazy_monitor/seed": self.seed,
             "lazy_monitor/submodule": str(self.submodule),
+            "lazy_monitor/max_memory": str(self.max_memory),
+            **self._kernel_hparams(),
+        }
+
+    def _kernel_hparams(self) -> dict[str, Any]:
+        """The kernel the tracker measures (resolved ``kind="auto"``)."""
+        cfg = getattr(self._tracker, "kernel_config", None)
+        if not cfg:
+            return {}
+        return {
+            "lazy_monitor/kernel_kind": cfg["kind"],
+            "lazy_monitor/projection": str(cfg["projection"]),
+            "lazy_monitor/projection_seed": int(cfg["projection_seed"]),
         }
 
     def _write_hparams(self, trainer: Any) -> None:

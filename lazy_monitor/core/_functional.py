@@ -194,13 +194,17 @@ def resolve_params(
 
 
 def select_output(out: Any, output_fn: Optional[OutputFn]) -> Tensor:
-    """``output_fn(out)`` (identity by default), which must be a Tensor.
+    """``output_fn(out)`` (by default: ``out`` itself, or ``out.logits`` when ``out`` is not a
+    Tensor but has a Tensor attribute ``logits``, e.g. a Hugging Face ``ModelOutput``), which
+    must be a Tensor.
 
     Raises:
         TypeError: the selected output is not a Tensor (names ``output_fn`` as the fix).
     """
     if output_fn is not None:
         out = output_fn(out)
+    elif not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
+        out = out.logits
     if not isinstance(out, Tensor):
         raise TypeError(
             f"the model returned {type(out).__name__}, not a Tensor; pass "

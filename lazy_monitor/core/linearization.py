@@ -206,10 +206,8 @@ class Linearization:
         shapes: list[torch.Size] = []
 
         def capture(out: Any) -> Any:
-            if self.output_fn is not None:
-                out = self.output_fn(out)
-            if isinstance(out, Tensor):
-                shapes.append(out.shape)
+            out = select_output(out, self.output_fn)  # the default (e.g. `.logits`) included
+            shapes.append(out.shape)
             return out
 
         constants: dict[str, Tensor] = {}

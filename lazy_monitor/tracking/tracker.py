@@ -30,7 +30,14 @@ from lazy_monitor.core import _functional as F
 from lazy_monitor.core import metrics as M
 from lazy_monitor.core._functional import InputBatch, OutputFn
 from lazy_monitor.core.features import centered_gram, default_feature_modules, feature_hooks
-from lazy_monitor.core.kernels import empirical_ntk
+from lazy_monitor.core.kernels import (
+    DEFAULT_MAX_MEMORY,
+    NtkConfig,
+    empirical_ntk,
+    estimate_ntk_cost,
+    projection_matrix,
+    resolve_kernel_config,
+)
 from lazy_monitor.core.kernels.plan import estimate_param_costs
 from lazy_monitor.core.linearization import Linearization
 from lazy_monitor.core.stability import CatapultDetector
@@ -39,10 +46,25 @@ from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint
 from lazy_monitor.tracking.distributed import KernelSharding, sharded_kernel
 from lazy_monitor.tracking.regime import Measurement, lazy_decision, regime_metrics
 
-__all__ = ["KernelTracker", "DEFAULT_LAZY_THRESHOLDS", "LOWER_BOUND_METRICS", "MAX_SPECTRUM_SIZE"]
+__all__ = [
+    "KernelTracker",
+    "DEFAULT_LAZY_THRESHOLDS",
+    "DEFAULT_MAX_MEMORY",
+    "LOWER_BOUND_METRICS",
+    "MAX_SPECTRUM_SIZE",
+]
 
 #: Kernel kinds of the engine: ``(N, N, O, O)``, ``(N, N)`` summed over outputs, ``(N, N, O)``.
 KINDS = ("full", "trace", "diagonal")
+#: What ``kind=`` accepts: a kind, or ``"auto"`` (resolved at :meth:`KernelTracker.start`).
+REQUESTED_KINDS = ("auto", *KINDS)
+#: Copies of the kernel and its per-parameter blocks a measurement holds at once (the engine's
+#: result, the reference ``K₀`` and per-layer ``K₀``, the last kernel): what the memory
+#: estimate of ``kind="auto"`` counts.
+KERNEL_COPIES = 3
+#: Time budget of ``kind="auto"``: estimated seconds of one kernel above which the tracker
+#: takes the next cheaper kernel (full -> trace -> projected trace).
+MAX_SECONDS = 60.0
 
 #: Default lazy-regime thresholds: a heuristic, not a result from the literature (no paper gives
 #: canonical values). 10 % relative kernel movement and a linear model that explains 90 % of the
@@ -122,7 +144,47 @@ class KernelTracker:
     :meth:`start` raises ``ValueError`` if the first two probe examples give different outputs
     evaluated together and alone (a layer that mixes the examples of a batch). With
     ``implementation="auto"``, a model whose control flow depends on the data (which defeats
-    the structured engine) makes the tracker warn once and use ``"jacobian"`` from then on.
+    the structured engine) is measured with the Jacobian contraction by the engine itself (same
+    kernel; the engine warns).
+
+    Which kernel (``kind="auto"``, the default): :meth:`start` estimates the memory and time of
+    one measurement from ``N``, ``O``, the parameter count and one example's forward FLOPs
+    (:func:`lazy_monitor.core.kernels.resolve_kernel_config`) and takes the first of
+
+    1. ``"full"`` ``(N, N, O, O)``, exact;
+    2. ``"trace"`` ``(N, N)``, exact (``Σ_a K[:, :, a, a]``; costs ``O`` backward passes per
+       example);
+    3. ``"trace"`` with ``projection=16``: an unbiased estimate of the trace kernel from
+       ``k = 16`` random output directions (cost ∝ ``k``, not ``O``),
+
+    whose estimate fits ``max_memory`` (the kernel, its per-parameter blocks and their
+    :data:`KERNEL_COPIES` copies, the engine's per-example factors and the float64
+    eigendecomposition) and 60 s per kernel. The choice is :attr:`kernel_config`; the tracker
+    warns when it is not ``"full"``, and keeps it in :meth:`state_dict`, so a resumed run
+    measures the same kernel (same projection seed, so the same ``R``). Sequence outputs
+    ``(N, T, V)`` (a language model's logits) are flattened to ``O = T·V``: a tiny GPT-2 on a
+    short probe gets the exact trace kernel, a 50k vocabulary the projected trace. An explicit
+    ``kind`` (and/or ``projection``) is kept as given; if its estimate does not fit
+    ``max_memory``, :meth:`start` raises with the estimate and the fix.
+
+    Metrics on a resolved trace or projected kernel (nothing is silently re-interpreted):
+
+    * ``"trace"``: the spectrum metrics are those of the ``N × N`` trace kernel (``ntk/eig_max``
+      ≈ ``O·`` that of the full kernel for a network with ``K ≈ Θ ⊗ I_O``), ``ntk/eig_overlap``
+      compares top-k eigenvectors of ``N × N`` matrices, ``ntk/alignment`` aligns with the
+      target kernel ``Σ_a y_a y_aᵀ`` (class indices one-hot); all exact for the trace kernel.
+    * ``"trace"`` + ``projection=k``: every kernel metric is that of the projected kernel, an
+      estimate of the trace kernel's: ``ntk/trace`` and the numerators of the linear metrics
+      are unbiased, per-entry std ``≤ √(2/k)·‖J(x)‖·‖J(x')‖``; ratios (``ntk/rel_change``,
+      ``ntk/distance``, ``ntk/alignment``) and the spectrum are consistent but noisy estimates
+      (noise ∝ ``1/√k``). The same ``R`` is used for ``K₀`` and every later ``K``, so the drift
+      metrics measure the kernel's change, not the draw of ``R``.
+    * ``projection=k`` with ``kind="full"``/``"diagonal"`` (only when forced): the kernel of the
+      ``k`` projected outputs ``g = Rᵀ f / √k``; ``ntk/alignment`` uses the targets projected
+      the same way (``Rᵀ y / √k``, class indices one-hot first), ``topk`` defaults to a multiple
+      of ``k``. ``projection="sum"``: the pseudo-NTK (Mohamadi & Sutherland 2023); with
+      ``kind="full"`` the projected one-hot targets are constant, so ``ntk/alignment`` is NaN.
+    * ``lin/*``, ``params/*`` use the model's outputs and parameters, never the projection.
 
     Cost per measurement: one kernel (see :func:`lazy_monitor.empirical_ntk`), one forward, one
     jvp (a few plain forwards), and one ``eigh`` of the ``M × M`` float64 kernel matrix,
@@ -139,10 +201,22 @@ class KernelTracker:
         targets: optional targets of the probe, for ``ntk/alignment``: class indices ``(N,)``
             (integer; also enables ``lin/agreement``) or regression targets ``(N,)``/``(N, O)``
             (float; ``(N, C)`` with any ``C`` for ``kind="trace"``).
-        kind: kernel kind, ``"full"`` ``(N, N, O, O)``, ``"trace"`` ``(N, N)`` (summed over
-            outputs; cheapest) or ``"diagonal"`` ``(N, N, O)``.
+        kind: ``"auto"`` (default: resolved at :meth:`start` to ``"full"``, ``"trace"`` or
+            ``"trace"`` + ``projection=16``, see above), or a kernel kind kept as given:
+            ``"full"`` ``(N, N, O, O)``, ``"trace"`` ``(N, N)`` (summed over outputs) or
+            ``"diagonal"`` ``(N, N, O)``.
         implementation: kernel implementation passed to :func:`lazy_monitor.empirical_ntk`
             (``"auto"`` chooses by cost).
+        projection: ``None`` (default; ``kind="auto"`` may still choose ``16``), ``k`` (int:
+            the kernel of ``k`` random output directions, see
+            :func:`lazy_monitor.empirical_ntk`) or ``"sum"`` (pseudo-NTK). Forced when given.
+        projection_seed: seed of the projection matrix ``R`` (the same ``R`` at θ₀ and later).
+        max_memory: bytes one measurement may hold (kernel, per-parameter blocks and their
+            copies, per-example factors, eigendecomposition); default
+            :data:`DEFAULT_MAX_MEMORY` = 1 GiB, safe on a laptop next to a training run.
+            ``None``: no memory limit (the engine's factor budget, the 60 s time budget of
+            ``kind="auto"`` still applies). Not counted: θ₀ (one copy of the parameters) and
+            the model's own forward/backward activations.
         per_layer: also report per-layer kernel and parameter changes.
         lazy_thresholds: ``{metric name or glob: bound}`` defining ``regime/lazy``; the
             direction is the catalogue's lazy side: upper limits for ``ntk/rel_change``,
@@ -214,7 +288,7 @@ class KernelTracker:
         probe: InputBatch,
         *,
         targets: Optional[Tensor] = None,
-        kind: str = "full",
+        kind: str = "auto",
         implementation: str = "auto",
         per_layer: bool = True,
         lazy_thresholds: Optional[Mapping[str, float]] = None,
@@ -224,17 +298,35 @@ class KernelTracker:
         chunk_size: Optional[int] = None,
         feature_modules: Union[Sequence[str], bool, None] = True,
         sharding: Optional[KernelSharding] = None,
+        projection: Union[None, int, str] = None,
+        projection_seed: int = 0,
+        max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_callable("output_fn", output_fn, fix="e.g. output_fn=lambda out: out.logits")
-        check_choice("kind", kind, KINDS)
+        check_choice("kind", kind, REQUESTED_KINDS)
         check_str("implementation", implementation, fix="e.g. implementation='auto'")
         check_bool("per_layer", per_layer)
         check_int("chunk_size", chunk_size, minimum=1, optional=True)
+        # one wording for the engine options: the engine's own validation
+        NtkConfig(projection=projection, projection_seed=projection_seed)
+        check_int(
+            "max_memory",
+            max_memory,
+            minimum=1,
+            optional=True,
+            fix="bytes, e.g. 2**30; None: no limit",
+        )
         self.model = model
+        #: The requested kind (``"auto"`` or a kind); the measured one is in
+        #: :attr:`kernel_config` once started.
         self.kind = kind
         self.implementation = implementation
+        self.projection = projection
+        self.projection_seed = projection_seed
+        self.max_memory = max_memory
+        self._kernel_config: Optional[dict[str, Any]] = None
         self.per_layer = per_layer
         self.output_fn = output_fn
         self.chunk_size = chunk_size
@@ -285,29 +377,26 @@ class KernelTracker:
                 stacklevel=2,
             )
         self.num_outputs = f.shape[1]
-        size = self.probe_size * (1 if kind == "trace" else self.num_outputs)
-        self._matrix_size = size
-        if size > MAX_SPECTRUM_SIZE:
-            warnings.warn(
-                f"the kernel matrix is {size}×{size} (N={self.probe_size}, O={self.num_outputs}, "
-                f"kind={kind!r}); its float64 eigendecomposition at every measure() costs "
-                f"O({size}³) time and {8 * size * size / 2**20:.0f} MiB. Use a smaller probe or "
-                "kind='trace' if measurements are too slow.",
-                stacklevel=2,
-            )
+        if kind != "auto":
+            self._warn_spectrum_size(kind, self.projection, stacklevel=3)
 
         self.targets, self.classification = self._check_targets(targets)
-        self.topk = self._check_topk(topk)
-        # Validate implementation / kind / output_fn against the engine on one example, now
-        # rather than at the first measurement mid-training. Bounded: the outputs are projected
-        # on one random direction (the same code paths -- structured plan, vmap or its loop
-        # fallback, forward AD for ntvp -- at the cost of O = 1, not of a 1000-class head).
+        self._topk = check_int("topk", topk, minimum=1, optional=True)
+        # the largest kernel matrix the configuration can give (before "auto" is resolved)
+        self._check_topk(kind if kind != "auto" else "full", self.projection)
+        # Validate implementation / output_fn / projection against the engine on one example,
+        # now rather than at the first measurement mid-training. Bounded: one output (the same
+        # code paths -- structured plan, vmap or its loop fallback, forward AD for ntvp -- at
+        # the cost of O = 1, not of a 1000-class head).
         one = F.slice_batch(self._probe_on_model_device(), slice(0, 1))
         empirical_ntk(
             self.model,
             one,
             params=self._current_params(),
-            **{**self._engine_options(), "kind": "trace", "projection": 1},
+            kind="trace",
+            implementation=implementation,
+            output_fn=output_fn,
+            projection="sum" if projection is None else projection,
         )
         self._names = self._build_names()
         self.lazy_thresholds = self._check_thresholds(lazy_thresholds)
@@ -346,21 +435,47 @@ class KernelTracker:
     def _check_targets(self, targets: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
         if targets is None:
             return None, False
+        # only an explicit trace kernel accepts regression targets of another width than O
+        # ("auto" may resolve to "full")
         outputs = None if self.kind == "trace" else self.num_outputs
         return M.alignment_targets(targets, self.probe_size, self.num_outputs, outputs)
 
-    def _check_topk(self, topk: Optional[int]) -> int:
-        m = self._matrix_size
+    def _kernel_outputs(self, kind: str, projection: Union[None, int, str]) -> int:
+        """Outputs per example of the kernel matrix: 1 for trace, else O or the projected k."""
+        if kind == "trace":
+            return 1
+        if projection is None:
+            return self.num_outputs
+        return 1 if projection == "sum" else int(projection)
+
+    def _check_topk(self, kind: str, projection: Union[None, int, str]) -> int:
+        """``topk`` for a kernel of this kind/projection (the default, or the given one if it is
+        at most the kernel matrix size ``M``)."""
+        o = self._kernel_outputs(kind, projection)
+        m = self.probe_size * o
+        topk = self._topk
         if topk is None:
-            o = 1 if self.kind == "trace" else self.num_outputs
             return min(m, o * math.ceil(10 / o))
-        check_int("topk", topk, minimum=1, optional=True)
         if topk > m:
+            what = "" if o == 1 else f", {o} outputs per example"
             raise ValueError(
-                f"topk={topk} exceeds the kernel matrix size {m} (N={self.probe_size}"
-                f"{'' if self.kind == 'trace' else f', O={self.num_outputs}'}); pass topk <= {m}"
+                f"topk={topk} exceeds the kernel matrix size {m} (N={self.probe_size}{what}, "
+                f"kind={kind!r}); pass topk <= {m}"
             )
         return topk
+
+    def _warn_spectrum_size(
+        self, kind: str, projection: Union[None, int, str], stacklevel: int
+    ) -> None:
+        size = self.probe_size * self._kernel_outputs(kind, projection)
+        if size > MAX_SPECTRUM_SIZE:
+            warnings.warn(
+                f"the kernel matrix is {size}×{size} (N={self.probe_size}, O={self.num_outputs}, "
+                f"kind={kind!r}); its float64 eigendecomposition at every measure() costs "
+                f"O({size}³) time and {8 * size * size / 2**20:.0f} MiB. Use a smaller probe or "
+                "kind='trace' if measurements are too slow.",
+                stacklevel=stacklevel,
+            )
 
     def _check_thresholds(self, thresholds: Optional[Mapping[str, float]]) -> dict[str, float]:
         if thresholds is None:
@@ -438,6 +553,21 @@ class KernelTracker:
         return self._last.last_eigenvalues
 
     @property
+    def kernel_config(self) -> Optional[dict[str, Any]]:
+        """The kernel this tracker measures (None before :meth:`start`/:meth:`load_state_dict`):
+        ``{"kind", "projection", "projection_seed", "implementation", "max_memory" (the
+        engine's factor budget in bytes), "requested" ({"kind", "projection", "max_memory"} as
+        passed), "estimated_bytes", "estimated_seconds", "estimate" (the estimator's dict),
+        "reason" (why ``"auto"`` did not keep the full kernel; empty otherwise)}``. Plain
+        Python values (log it as hparams; it is saved in :meth:`state_dict`)."""
+        return None if self._kernel_config is None else dict(self._kernel_config)
+
+    @property
+    def topk(self) -> Optional[int]:
+        """``k`` of ``ntk/eig_overlap`` for the measured kernel (None before it is resolved)."""
+        return self._topk_resolved
+
+    @property
     def last_step(self) -> Optional[int]:
         """The step of the last :meth:`start`/:meth:`measure` call."""
         return self._last.last_step
@@ -454,6 +584,9 @@ class KernelTracker:
 
     def _reset(self) -> None:
         self._lin: Optional[Linearization] = None
+        self._kernel_config = None
+        self._topk_resolved: Optional[int] = None
+        self._kernel_targets: Optional[Tensor] = None
         self._reference.reset()
         self._last.reset()
         self._catapult.reset()
@@ -511,22 +644,8 @@ class KernelTracker:
         if self.sharding is not None and self.sharding.active:
             kernel, layers = self._sharded_kernel()
             return kernel.to(dev), {k: v.to(dev) for k, v in layers.items()}
-        try:
-            result = self._engine_call()
-        except RuntimeError as err:
-            # Data-dependent control flow defeats the structured plan; every implementation
-            # computes the same kernel, so K₀ stays valid after switching.
-            if self.implementation != "auto" or "implementation='jacobian'" not in str(err):
-                raise
-            warnings.warn(
-                f"the structured kernel failed on the probe ({err}); KernelTracker switches to "
-                "implementation='jacobian' for this and later measurements. Pass "
-                "implementation='jacobian' to silence this warning.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            self.implementation = "jacobian"
-            result = self._engine_call()
+        # (data-dependent control flow: implementation="auto" falls back inside the engine)
+        result = self._engine_call()
         if not self.per_layer:
             return result.to(dev), {}
         kernel, blocks = result
@@ -552,8 +671,13 @@ class KernelTracker:
             self._param_costs = estimate_param_costs(
                 self.model, x, params=params, output_fn=self.output_fn
             )
-        n, o = self.probe_size, self.num_outputs
-        shape = {"full": (n, n, o, o), "trace": (n, n), "diagonal": (n, n, o)}[self.kind]
+        cfg = self._kernel_config
+        assert cfg is not None, "the kernel configuration is resolved at start()"
+        projection = cfg["projection"]
+        # the kernel's outputs: O, or k projected directions (one for the pseudo-NTK "sum")
+        n = self.probe_size
+        o = self.num_outputs if projection is None else 1 if projection == "sum" else projection
+        shape = {"full": (n, n, o, o), "trace": (n, n), "diagonal": (n, n, o)}[cfg["kind"]]
         dtype = F.compute_dtype(params, x)
         template = torch.zeros(shape, dtype=dtype, device=self._model_device())
         layers = self._layers if self.per_layer else {}
@@ -586,6 +710,7 @@ class KernelTracker:
                         stacklevel=4,
                     )
                 self.implementation = "jacobian"
+                cfg["implementation"] = "jacobian"  # what _engine_options passes on
                 continue
             if errors:
                 raise errors[0]
@@ -605,15 +730,128 @@ class KernelTracker:
         )
 
     def _engine_options(self) -> dict[str, Any]:
-        """The engine settings, in one place: a new engine option (``projection``,
-        ``max_memory``, a ``kernel_config`` dict) is added here (and to :meth:`_config` if it
-        shapes the stored kernels)."""
+        """The engine settings, in one place (the resolved :attr:`kernel_config`)."""
+        cfg = self._kernel_config
+        assert cfg is not None, "the kernel configuration is resolved at start()"
         return {
-            "kind": self.kind,
-            "implementation": self.implementation,
+            "kind": cfg["kind"],
+            "implementation": cfg["implementation"],
+            "projection": cfg["projection"],
+            "projection_seed": cfg["projection_seed"],
+            "max_memory": cfg["max_memory"],
             "output_fn": self.output_fn,
             "chunk_size": self.chunk_size,
         }
+
+    # ------------------------------------------------------------------ kernel configuration
+    def _resolve_kernel_config(self) -> dict[str, Any]:
+        """Resolve ``kind="auto"`` (or check a forced kind/projection) against ``max_memory``
+        with the engine's estimator; warn when the full kernel is not kept, raise when a forced
+        configuration (or even the cheapest one) does not fit."""
+        budget = self.max_memory
+        common: dict[str, Any] = {
+            "per_layer": self.per_layer,
+            "output_fn": self.output_fn,
+            "params": self._current_params(),
+            "kernel_copies": KERNEL_COPIES,
+        }
+        x = self._probe_on_model_device()
+        factor_budget = None if budget is None else max(1, budget // 2)
+        if self.kind == "auto":
+            res = resolve_kernel_config(
+                self.model,
+                x,
+                max_memory=budget,
+                max_seconds=MAX_SECONDS,
+                projection=self.projection,
+                projection_seed=self.projection_seed,
+                **common,
+            )
+            kind, projection, est, reason = (
+                res["kind"],
+                res["projection"],
+                res["estimate"],
+                res["reason"],
+            )
+        else:
+            kind, projection, reason = self.kind, self.projection, ""
+            est = estimate_ntk_cost(
+                self.model, x, kind=kind, projection=projection, max_memory=factor_budget, **common
+            )
+        if budget is not None and est["bytes"] > budget:
+            forced = self.kind != "auto" or self.projection is not None
+            raise ValueError(
+                f"the kernel kind={kind!r}, projection={projection!r} is estimated at "
+                f"{est['bytes'] / 2**30:.3g} GiB per measurement (N={est['n']}, O={est['o_raw']}, "
+                f"P={est['p']}: kernel and {est['blocks']} blocks x{KERNEL_COPIES} "
+                f"{est['kernel_bytes'] / 2**30:.3g} GiB, factors "
+                f"{est['factor_bytes'] / 2**30:.3g} GiB, eigendecomposition "
+                f"{est['eig_bytes'] / 2**30:.3g} GiB), more than max_memory="
+                f"{budget / 2**30:.3g} GiB; "
+                + (
+                    "use kind='auto' (and no projection) to let the tracker choose, "
+                    if forced
+                    else ""
+                )
+                + "raise max_memory, use a smaller probe, or per_layer=False"
+            )
+        cfg = {
+            "kind": kind,
+            "projection": projection,
+            "projection_seed": self.projection_seed,
+            "implementation": str(self.implementation),
+            "max_memory": factor_budget,
+            "requested": {
+                "kind": self.kind,
+                "projection": self.projection,
+                "max_memory": budget,
+            },
+            "estimated_bytes": int(est["bytes"]),
+            "estimated_seconds": float(est["seconds"]),
+            "estimate": {k: v for k, v in est.items() if isinstance(v, (int, float))},
+            "reason": reason,
+        }
+        if reason:
+            warnings.warn(
+                f"KernelTracker(kind='auto'): {reason}. Pass kind='full' (and max_memory) to "
+                "force the full kernel; see tracker.kernel_config",
+                UserWarning,
+                stacklevel=4,
+            )
+        return cfg
+
+    def _apply_kernel_config(self, cfg: dict[str, Any], warn: bool) -> None:
+        """Adopt a resolved (or restored) kernel configuration: ``topk`` and the alignment
+        targets follow the kernel's outputs."""
+        kind, projection = cfg["kind"], cfg["projection"]
+        self._topk_resolved = self._check_topk(kind, projection)
+        if warn and self.kind == "auto":
+            self._warn_spectrum_size(kind, projection, stacklevel=5)
+        self._kernel_targets = self._project_targets(kind, projection, cfg["projection_seed"])
+        self._kernel_config = cfg
+
+    def _project_targets(
+        self, kind: str, projection: Union[None, int, str], seed: int
+    ) -> Optional[Tensor]:
+        """The targets in the kernel's output space: as given, except for a projected
+        full/diagonal kernel, whose outputs are ``Rᵀ f / √k`` (or ``Σ f / √O``): the targets are
+        projected the same way (class indices one-hot over the ``O`` outputs first)."""
+        t = self.targets
+        if t is None or projection is None or kind == "trace":
+            return t
+        n, o = self.probe_size, self.num_outputs
+        if self.classification:
+            y = (
+                torch.nn.functional.one_hot(t, o).to(torch.float64)
+                if o > 1
+                else t.to(torch.float64).reshape(n, 1)
+            )
+        else:
+            y = t.to(torch.float64).reshape(n, -1)
+        if projection == "sum":
+            return y.sum(1, keepdim=True) / math.sqrt(o)
+        k = int(projection)
+        return y @ projection_matrix(o, k, seed) / math.sqrt(k)
 
     def _current_params(self) -> dict[str, Tensor]:
         """θ of the tracked parameters (those trainable at :meth:`start`), whatever their
@@ -707,10 +945,16 @@ class KernelTracker:
         The parameters trainable now are the tracked ones for every later :meth:`measure`
         (the per-layer metric names follow them).
 
+        Resolves :attr:`kernel_config` first (``kind="auto"``: warns when it is not the full
+        kernel).
+
         Raises:
             ValueError: the model has no trainable parameter, couples the examples of a batch
-                in eval mode (its output on a probe example depends on the others), or a
-                per-layer threshold names a layer without trainable parameters.
+                in eval mode (its output on a probe example depends on the others), a
+                per-layer threshold names a layer without trainable parameters, the kernel's
+                memory estimate exceeds ``max_memory`` (a forced ``kind``/``projection``, or
+                even the cheapest ``"auto"`` choice; the message has the estimate and the
+                fix), or ``topk`` exceeds the resolved kernel matrix size.
         """
         step = self._check_step(step, first=True)
         lr = self._check_lr(lr)
@@ -718,6 +962,7 @@ class KernelTracker:
         self._set_param_names(list(F.resolve_params(self.model)))
         lin = self._new_linearization()
         self._check_batch_independent(lin)
+        self._apply_kernel_config(self._resolve_kernel_config(), warn=True)
         kernel, layer_kernels = self._kernel()
         f0, grams0 = self._forward()
         f0 = f0.to(self._metric_device())
@@ -815,7 +1060,7 @@ class KernelTracker:
             params0=self._params0(),
             last=self._last,
             step=step,
-            targets=self.targets,
+            targets=self._kernel_targets,
             classification=self.classification,
             topk=self.topk,
             layers=self._layers if self.per_layer else {},
@@ -875,8 +1120,10 @@ class KernelTracker:
         return state
 
     def _config(self) -> dict[str, Any]:
+        cfg = self._kernel_config
         return {
-            "kind": self.kind,
+            "kind": self.kind if cfg is None else cfg["kind"],
+            "kernel_config": None if cfg is None else dict(cfg),
             "per_layer": self.per_layer,
             "topk": self.topk,
             "num_examples": self.probe_size,
@@ -887,6 +1134,40 @@ class KernelTracker:
             "feature_modules": list(self._feature_modules),
         }
 
+    def _saved_kernel_config(self, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """The kernel configuration a state was measured with (states written before
+        ``kernel_config`` existed: their ``kind``, no projection); raises if it contradicts what
+        this tracker forces (an explicit ``kind``, ``projection`` or its seed)."""
+        cfg = saved.get("kernel_config")
+        if cfg is None:
+            kind = saved.get("kind", "full")
+            cfg = {
+                "kind": kind,
+                "projection": None,
+                "projection_seed": self.projection_seed,
+                "implementation": str(self.implementation),
+                "max_memory": None,
+                "requested": {"kind": kind, "projection": None, "max_memory": None},
+                "estimated_bytes": None,  # not estimated by the version that saved the state
+                "estimated_seconds": None,
+                "estimate": {},
+                "reason": "",
+            }
+        cfg = dict(cfg)
+        forced = {"kind": self.kind if self.kind != "auto" else None}
+        if self.projection is not None:
+            forced.update(projection=self.projection, projection_seed=self.projection_seed)
+        for key, value in forced.items():
+            if value is not None and cfg.get(key) != value:
+                raise ValueError(
+                    f"the state was saved with {key}={cfg.get(key)!r} but this tracker has "
+                    f"{key}={value!r}; build the tracker with the same settings and model (or "
+                    "kind='auto' without a projection to adopt the saved kernel configuration)"
+                )
+        # the implementation computes the same kernel: this tracker's choice is used
+        cfg["implementation"] = str(self.implementation)
+        return cfg
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict`; later :meth:`measure` calls give the
         same metrics as the saved tracker would have.
@@ -896,7 +1177,12 @@ class KernelTracker:
                 (kind, per_layer, topk, probe, targets, model parameters).
         """
         check_schema(state, "KernelTracker", required=("format", "config", "started"))
-        saved, mine = state["config"], self._config()
+        saved = state["config"]
+        kernel_config = self._saved_kernel_config(saved) if state["started"] else None
+        mine = self._config()
+        if kernel_config is not None:  # compare with what this tracker will measure
+            mine["kind"] = kernel_config["kind"]
+            mine["topk"] = self._check_topk(kernel_config["kind"], kernel_config["projection"])
         for key in ("kind", "per_layer", "topk", "num_examples", "num_outputs"):
             if saved.get(key) != mine[key]:
                 raise ValueError(
@@ -940,6 +1226,8 @@ class KernelTracker:
         if not state["started"]:
             return
         self._set_param_names(names)
+        assert kernel_config is not None
+        self._apply_kernel_config(kernel_config, warn=False)
         lin = self._new_linearization()
         lin.load_state_dict(state["linearization"])
         dev = self._metric_device()

@@ -277,7 +277,7 @@ def test_measure_works_inside_no_grad_and_inference_mode():
         (
             {"kind": "diag"},
             ValueError,
-            "kind must be one of 'full', 'trace', 'diagonal', got 'diag'",
+            "kind must be one of 'auto', 'full', 'trace', 'diagonal', got 'diag'",
         ),
         ({"kind": 4}, TypeError, "kind must be one of"),
         ({"per_layer": "false"}, TypeError, "per_layer must be True or False, got 'false'"),
@@ -396,7 +396,7 @@ def test_tuple_probe_and_root_level_parameter():
 def test_large_spectrum_warns_at_construction_and_trace_kind_does_not():
     x = torch.randn(700, 5)  # full: M = 700 · 3 = 2100 > 2048
     with pytest.warns(UserWarning, match=r"2100×2100.*kind='trace'"):
-        KernelTracker(_net(width=4), x)
+        KernelTracker(_net(width=4), x, kind="full")
     import warnings
 
     with warnings.catch_warnings():

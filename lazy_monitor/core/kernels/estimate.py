@@ -12,14 +12,21 @@ of one example, B parameter blocks):
   tensors with per-parameter blocks (``per_layer``);
 * factors: the engine holds at most its factor budget (``max_memory`` of the call, default
   1 GiB) of per-example factors, or ``N·O·P`` elements if that is smaller;
-* eigendecompositions (metrics of a ``full`` kernel): ``3·(N·O)²`` elements of workspace;
+* eigendecompositions (the metrics' float64 ``eigh`` of the kernel matrix): ``3·M²`` float64
+  elements (matrix, eigenvectors, workspace), ``M = N·O`` (full, diagonal) or ``N`` (trace);
 * FLOPs: ``O·N·3F`` for the output-gradients (O backward passes, backward ≈ 2 forwards) plus
   the contraction ``2·N²·O²·P`` (full) or ``2·N²·O·P`` (trace/diagonal) — the Jacobian
   contraction's bound; the structured path is usually cheaper.
+* seconds: ``O·N`` rows at the *measured* time of one row (a forward and one backward of one
+  example; at least ``3F`` FLOPs at the assumed rate) plus the contraction FLOPs at the assumed
+  rate. Measuring the row catches the per-op overhead of small models with large ``O`` (a tiny
+  GPT-2 with ``O = T·V`` outputs) that a FLOP count misses.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
@@ -46,8 +53,9 @@ __all__ = [
     "resolve_kernel_config",
 ]
 
-# Default budget of kind="auto": safe on a laptop next to a training run.
-DEFAULT_MAX_MEMORY = 2 * 2**30
+# Default budget of kind="auto" (kernels, per-parameter blocks, their copies, factors and
+# eigendecompositions): safe on a laptop next to a training run.
+DEFAULT_MAX_MEMORY = 2**30
 
 # Sustained FLOP/s assumed for the time estimate. The FLOP count is the Jacobian contraction's
 # upper bound; the structured path does far fewer on Linear/Conv layers, so this effective rate
@@ -71,6 +79,20 @@ def _forward_flops(
     return int(out.shape[1]), int(counter.get_total_flops())
 
 
+def _row_seconds(fm: FunctionalModel, params: Mapping[str, Tensor], x: InputBatch) -> float:
+    """Measured wall time of one Jacobian row (forward + one backward of one example's summed
+    output; the faster of two runs, the first warms up): the per-row overhead of small models
+    (many small ops) that a FLOP count misses."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    best = math.inf
+    for _ in range(2):
+        start = time.perf_counter()
+        out = fm(leaves, x)
+        torch.autograd.grad(out.sum(), list(leaves.values()), allow_unused=True)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def estimate_ntk_cost(
     model: nn.Module,
     x: InputBatch,
@@ -82,6 +104,7 @@ def estimate_ntk_cost(
     params: Optional[Mapping[str, Tensor]] = None,
     max_memory: Optional[int] = None,
     flops_per_second: float = DEFAULT_FLOPS_PER_SECOND,
+    kernel_copies: int = 1,
 ) -> dict[str, Any]:
     """Estimated memory and time of ``empirical_ntk(model, x, kind=kind, projection=...)``.
 
@@ -94,11 +117,12 @@ def estimate_ntk_cost(
         projection (``o_raw`` before), ``p`` the differentiated parameter count, ``blocks``
         the number of per-parameter blocks kept (0 unless ``per_layer``), ``bytes`` the peak
         estimate (kernel tensors + factors + eigendecomposition workspace for ``full``),
-        ``seconds = flops / flops_per_second``.
+        ``seconds = flops / flops_per_second``. ``kernel_copies``: copies of the kernel and
+        its blocks the caller holds at once (counted in ``kernel_bytes``).
     """
     cfg = NtkConfig(kind=kind, projection=projection, max_memory=max_memory)
     measured = _measure(model, x, output_fn, params)
-    return _cost(measured, cfg, per_layer, flops_per_second)
+    return _cost(measured, cfg, per_layer, flops_per_second, kernel_copies)
 
 
 def _measure(
@@ -115,8 +139,10 @@ def _measure(
         fm = FunctionalModel(model, output_fn, dtype)
         one = fm.cast_inputs(slice_batch(x, slice(0, 1)))
         o_raw, fwd = _forward_flops(fm, fm.cast_params(named), one)
+        row_seconds = _row_seconds(fm, fm.cast_params(named), one)
     p = sum(v.numel() for v in named.values())
     return {
+        "row_seconds": row_seconds,
         "n": n,
         "o_raw": o_raw,
         "p": p,
@@ -128,7 +154,11 @@ def _measure(
 
 
 def _cost(
-    m: dict[str, int], cfg: NtkConfig, per_layer: bool, flops_per_second: float
+    m: dict[str, int],
+    cfg: NtkConfig,
+    per_layer: bool,
+    flops_per_second: float,
+    kernel_copies: int = 1,
 ) -> dict[str, Any]:
     n, o_raw, p, fwd, itemsize = m["n"], m["o_raw"], m["p"], m["fwd"], m["itemsize"]
     if cfg.projection is None:
@@ -139,12 +169,18 @@ def _cost(
         o = int(cfg.projection)
     per_pair = {"full": o * o, "diagonal": o, "trace": 1}[cfg.kind]
     blocks = m["n_params"] if per_layer else 0
-    kernel_bytes = n * n * per_pair * itemsize * (1 + blocks)
+    kernel_bytes = n * n * per_pair * itemsize * (1 + blocks) * kernel_copies
     budget = cfg.max_memory if cfg.max_memory is not None else DEFAULT_FACTOR_BUDGET
     factor_bytes = min(budget, n * o * p * itemsize)
-    eig_bytes = 3 * (n * o) ** 2 * itemsize if cfg.kind == "full" else 3 * n * n * itemsize
+    # the metrics decompose in float64 whatever the kernel's dtype; a diagonal kernel's
+    # eigenvectors are returned embedded in the (N·O)² matrix
+    eig_bytes = 3 * (n * o) ** 2 * 8 if cfg.kind != "trace" else 3 * n * n * 8
     contraction = 2 * n * n * p * (o * o if cfg.kind == "full" else o)
     flops = float(o * n * 3 * fwd + contraction)
+    # one row (output, example) costs at least the measured forward + backward of one example;
+    # batched rows (vmap) are cheaper, so this bounds the slow per-row case from above
+    row_seconds = max(m["row_seconds"], 3 * fwd / flops_per_second)
+    seconds = o * n * row_seconds + contraction / flops_per_second
     return {
         "n": n,
         "o": o,
@@ -157,7 +193,8 @@ def _cost(
         "bytes": kernel_bytes + factor_bytes + eig_bytes,
         "forward_flops": fwd,
         "flops": flops,
-        "seconds": flops / flops_per_second,
+        "row_seconds": row_seconds,
+        "seconds": seconds,
     }
 
 
@@ -173,32 +210,41 @@ def resolve_kernel_config(  # noqa: PLR0913
     projection_k: int = 16,
     projection_seed: int = 0,
     flops_per_second: float = DEFAULT_FLOPS_PER_SECOND,
+    projection: Union[None, int, str] = None,
+    kernel_copies: int = 1,
 ) -> dict[str, Any]:
     """Resolve ``kind="auto"``: the first of ``full``, ``trace``, ``trace`` + projection
     ``k = projection_k`` (only when ``projection_k < O``) whose estimate fits ``max_memory``
     bytes (and ``max_seconds`` if given); ``trace`` + projection if none does (the cheapest).
 
+    ``projection`` (forced by the caller, an int ``k`` or ``"sum"``): the candidates are
+    ``full`` and ``trace`` of that projection only. ``kernel_copies``: how many copies of the
+    kernel and its blocks the caller holds at once (a tracker keeps the reference, the last
+    and the current kernel: 3); counted in ``kernel_bytes``.
+
     Returns:
         ``{"kind", "projection", "projection_seed", "implementation": "auto", "max_memory",
-        "estimate", "reason"}`` — pass ``kind``, ``projection``, ``projection_seed``,
+        "estimate", "reason", "fits"}`` — pass ``kind``, ``projection``, ``projection_seed``,
         ``implementation`` and ``max_memory`` (the engine's factor budget: half of the
         budget, the rest is for kernels and eigendecompositions) to ``empirical_ntk``;
         ``estimate`` is :func:`estimate_ntk_cost`'s dict for the choice, ``reason`` a one-line
-        explanation (empty when ``full`` was kept).
+        explanation (empty when ``full`` was kept), ``fits`` whether the choice's estimate is
+        within both budgets (False only when no candidate is).
     """
     if isinstance(projection_k, bool) or not isinstance(projection_k, int) or projection_k < 1:
         raise ValueError(f"`projection_k` must be a positive int, got {projection_k!r}")
+    NtkConfig(projection=projection)  # validates a forced projection
     measured = _measure(model, x, output_fn, params)
 
     # Half of the budget for the engine's per-example factors, the rest for kernels and
     # eigendecompositions.
     factor_budget = None if max_memory is None else max(1, max_memory // 2)
 
-    def estimate(kind: str, projection: Optional[int] = None) -> dict[str, Any]:
-        cfg = NtkConfig(kind=kind, projection=projection, max_memory=factor_budget)
-        return _cost(measured, cfg, per_layer, flops_per_second)
+    def estimate(kind: str, proj: Union[None, int, str] = None) -> dict[str, Any]:
+        cfg = NtkConfig(kind=kind, projection=proj, max_memory=factor_budget)
+        return _cost(measured, cfg, per_layer, flops_per_second, kernel_copies)
 
-    full = estimate("full")
+    full = estimate("full", projection)
 
     def fits(est: dict[str, Any]) -> bool:
         ok = max_memory is None or est["bytes"] <= max_memory
@@ -207,22 +253,23 @@ def resolve_kernel_config(  # noqa: PLR0913
     def gib(b: float) -> str:
         return f"{b / 2**30:.3g} GiB"
 
-    candidates: list[tuple[str, Optional[int], dict[str, Any]]] = [("full", None, full)]
-    trace = estimate("trace")
-    candidates.append(("trace", None, trace))
-    if projection_k < full["o"]:
-        proj = estimate("trace", projection_k)
-        candidates.append(("trace", projection_k, proj))
-    kind, proj_k, est = next((c for c in candidates if fits(c[2])), candidates[-1])
+    candidates: list[tuple[str, Union[None, int, str], dict[str, Any]]] = [
+        ("full", projection, full)
+    ]
+    candidates.append(("trace", projection, estimate("trace", projection)))
+    if projection is None and projection_k < full["o"]:
+        candidates.append(("trace", projection_k, estimate("trace", projection_k)))
+    choice = next((c for c in candidates if fits(c[2])), None)
+    kind, proj_k, est = choice if choice is not None else candidates[-1]
     reason = ""
-    if (kind, proj_k) != ("full", None):
+    if (kind, proj_k) != ("full", projection):
         reason = (
             f"full kernel estimated at {gib(full['bytes'])} and {full['seconds']:.3g} s "
             f"(N={full['n']}, O={full['o']}, P={full['p']}) does not fit max_memory="
             f"{'None' if max_memory is None else gib(max_memory)}"
             + ("" if max_seconds is None else f", max_seconds={max_seconds:g}")
             + "; using kind='trace'"
-            + ("" if proj_k is None else f" with projection={proj_k}")
+            + ("" if proj_k is None else f" with projection={proj_k!r}")
             + f" (estimated {gib(est['bytes'])}, {est['seconds']:.3g} s)"
         )
     return {
@@ -233,4 +280,5 @@ def resolve_kernel_config(  # noqa: PLR0913
         "max_memory": factor_budget,
         "estimate": est,
         "reason": reason,
+        "fits": choice is not None,
     }

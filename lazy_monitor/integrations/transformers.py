@@ -25,10 +25,11 @@ too late). The monitor therefore holds the Trainer it is attached to.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
@@ -71,6 +72,28 @@ def last_token_logits(output: Any) -> Tensor:
     if logits is None:
         logits = output if isinstance(output, Tensor) else output[0]
     return logits[:, -1] if logits.dim() == 3 else logits
+
+
+@contextlib.contextmanager
+def _eager_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Measure with eager attention, then restore the model's attention implementation.
+
+    PyTorch's fused SDPA kernels have no forward-mode AD (the linearization's ``jvp``) and no
+    ``vmap`` batching rule (the kernel engine); eager attention computes the same function.
+    """
+    configs = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        impl = getattr(config, "_attn_implementation", None)
+        if impl is not None and impl != "eager":
+            configs[id(config)] = (config, impl)
+    try:
+        for config, _ in configs.values():
+            config._attn_implementation = "eager"
+        yield
+    finally:
+        for config, impl in configs.values():
+            config._attn_implementation = impl
 
 
 class _TrainerView:
@@ -169,7 +192,9 @@ class KernelRegimeCallback(_KernelRegimeMonitorBase, TrainerCallback):
     ``(N, N)`` kernel :math:`\sum_v \nabla_\theta f_v(x)\cdot\nabla_\theta f_v(x')` on those
     logits. Pass ``output_fn`` (e.g. ``lambda out: out.logits`` for all positions, costlier by
     ``T``) to measure something else. ``implementation="jacobian"`` by default (the structured
-    engine does not handle sequence embeddings yet).
+    engine does not handle sequence embeddings yet). Measurements run with eager attention
+    (the model's ``config._attn_implementation`` is switched for the measurement and restored):
+    PyTorch's SDPA kernels support neither forward-mode AD nor ``vmap``.
 
     Probe: ``probe`` (a dict of tensors is passed as keyword arguments, e.g.
     ``{"input_ids": ..., "attention_mask": ...}``), or ``probe_size`` examples drawn from
@@ -281,7 +306,8 @@ class KernelRegimeCallback(_KernelRegimeMonitorBase, TrainerCallback):
             loader = SimpleNamespace(
                 dataset=trainer.train_dataset, collate_fn=self._collate_for(trainer)
             )
-        self.on_train_start(_TrainerView(trainer, args, state, control, loader), model)
+        with _eager_attention(network):
+            self.on_train_start(_TrainerView(trainer, args, state, control, loader), model)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -292,17 +318,18 @@ class KernelRegimeCallback(_KernelRegimeMonitorBase, TrainerCallback):
         # measure at the last step too, while the reporting integrations are still open
         due = self._schedule.is_due(step, self._last_step) or control.should_training_stop
         if due and step != self._last_step:
-            view = _TrainerView(self._trainer, args, state, control)
-            self._measure(view, kwargs.get("model") or self._trainer.model, step, final=False)
+            model = kwargs.get("model") or self._trainer.model
+            with _eager_attention(model):
+                self._measure(_TrainerView(self._trainer, args, state, control), model, step, False)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self._trainer is not None:
-            view = _TrainerView(self._trainer, args, state, control)
-            _KernelRegimeMonitorBase.on_train_end(
-                self, view, kwargs.get("model") or view.trainer.model
-            )
+            model = kwargs.get("model") or self._trainer.model
+            with _eager_attention(model):
+                view = _TrainerView(self._trainer, args, state, control)
+                _KernelRegimeMonitorBase.on_train_end(self, view, model)
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

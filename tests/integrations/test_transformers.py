@@ -36,7 +36,18 @@ class Tokens(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i].clone(), "text": "unused"}
+        ids = self.ids[i]
+        mask = torch.ones_like(ids)
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone(), "text": "unused"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models: several intra-op threads only spin-wait on a shared CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _model() -> GPT2LMHeadModel:
@@ -49,13 +60,14 @@ def _model() -> GPT2LMHeadModel:
         n_head=2,
         bos_token_id=0,
         eos_token_id=0,
-        attn_implementation="eager",  # torch SDPA has no forward-mode AD (lin/*) nor vmap rule
     )
     return GPT2LMHeadModel(config)
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([it[k] for it in items]) for k in ("input_ids", "labels")}
+    return {
+        k: torch.stack([it[k] for it in items]) for k in ("input_ids", "attention_mask", "labels")
+    }
 
 
 def _trainer(tmp: Path, max_steps: int, callbacks: list[Any], save_steps: int = 0) -> Trainer:
@@ -102,8 +114,11 @@ def _scalars(tmp: Path, tag: str = TAG) -> dict[int, float]:
 
 def test_metrics_land_in_the_trainers_tensorboard_at_global_steps(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, max_steps=5, callbacks=[])
-    _monitor(every_n_steps=2).attach(trainer)
+    monitor = _monitor(every_n_steps=2).attach(trainer)
     trainer.train()
+    x, y = monitor._current_probe  # drawn: the forward's inputs only, sequence labels dropped
+    assert set(x) == {"input_ids", "attention_mask"} and y is None
+    assert x["input_ids"].shape == (4, SEQ)
     scalars = _scalars(tmp_path)
     assert sorted(scalars) == [0, 2, 4, 5]  # start, schedule, last step
     assert scalars[0] == 0.0 and all(scalars[s] > 0 for s in (2, 4, 5))

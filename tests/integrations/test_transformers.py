@@ -18,6 +18,7 @@ from lazy_monitor.integrations.transformers import (  # noqa: E402
     MONITOR_STATE_FILE,
     KernelDriftError,
     KernelDriftGateCallback,
+    KernelDriftWarning,
     KernelRegimeCallback,
 )
 
@@ -194,3 +195,13 @@ def test_resume_from_a_trainer_checkpoint_keeps_theta0(tmp_path: Path) -> None:
     assert sorted(after) == [4, 6]  # no new reference at the resumed step
     for step, value in after.items():
         assert value == pytest.approx(expected[step], rel=1e-6, abs=1e-9)
+
+
+def test_gate_warn_warns_once_and_training_continues(tmp_path: Path) -> None:
+    gate = KernelDriftGateCallback({"ntk/rel_change": 1e-9}, action="warn")
+    trainer = _trainer(tmp_path, max_steps=3, callbacks=[gate])
+    _monitor(every_n_steps=1).attach(trainer)
+    with pytest.warns(KernelDriftWarning) as caught:
+        trainer.train()
+    assert trainer.state.global_step == 3 and gate.trip_step == 1
+    assert len([w for w in caught if issubclass(w.category, KernelDriftWarning)]) == 1

@@ -142,6 +142,17 @@ def _gated_sweep(tmp: Path, capsys) -> None:
     assert "configurations that stayed lazy:" in capsys.readouterr().out
 
 
+def _hf_trainer(tmp: Path, capsys) -> None:
+    pytest.importorskip("transformers")
+    out = _load("hf_trainer").main(
+        ["--steps", "6", "--every-n-steps", "3", "--max-drift", "1e-9", "--output-dir", str(tmp)]
+    )
+    assert out["stopped"] and out["steps"] == 3  # the gate stops at the first measurement
+    assert [e["step"] for e in out["history"]] == [0, 3]
+    assert _events(tmp / "runs")
+    assert "tensorboard --logdir" in capsys.readouterr().out
+
+
 CASES: dict[str, Callable[[Path, Any], None]] = {
     "lightning_quickstart": _quickstart,
     "lightning_cli[lightning]": _lightning_cli("lightning", "lightning_cli.yaml"),
@@ -151,6 +162,7 @@ CASES: dict[str, Callable[[Path, Any], None]] = {
     "linearized_vs_real": _linearized_vs_real,
     "plain_pytorch_loop": _plain_loop,
     "gated_sweep": _gated_sweep,
+    "hf_trainer": _hf_trainer,
 }
 
 

@@ -187,14 +187,15 @@ class KernelRegimeCallback(_KernelRegimeMonitorBase, TrainerCallback):
     reacting in ``on_log`` stay in step across processes.
 
     What, by default, on a language model: ``output_fn=last_token_logits`` takes the next-token
-    logits at the last position of each probe sequence, ``(N, V)``, and ``kind="trace"`` sums the
-    kernel over the ``V`` vocabulary outputs: ``ntk/rel_change`` is the relative change of the
-    ``(N, N)`` kernel :math:`\sum_v \nabla_\theta f_v(x)\cdot\nabla_\theta f_v(x')` on those
-    logits. Pass ``output_fn`` (e.g. ``lambda out: out.logits`` for all positions, costlier by
-    ``T``) to measure something else. ``implementation="jacobian"`` by default (the structured
-    engine does not handle sequence embeddings yet). Measurements run with eager attention
-    (the model's ``config._attn_implementation`` is switched for the measurement and restored):
-    PyTorch's SDPA kernels support neither forward-mode AD nor ``vmap``.
+    logits at the last position of each probe sequence, ``(N, V)``; ``kind="auto"`` (as for
+    ``KernelRegimeMonitor``) then resolves at train begin, under ``max_memory``, to the full
+    kernel, the exact trace over the ``V`` outputs, or a projected trace (``projection=16``) --
+    ``KernelTracker.kernel_config`` says which, and the choice is kept across a resume. Pass
+    ``output_fn`` (e.g. ``lambda out: out.logits`` for all positions, ``O = T·V``) to measure
+    something else. Measurements run with eager attention (the model's
+    ``config._attn_implementation`` is switched for the measurement and restored): PyTorch's
+    fused SDPA kernels have no forward-mode AD rule, and eager attention computes the same
+    function without the engine's slower fallbacks.
 
     Probe: ``probe`` (a dict of tensors is passed as keyword arguments, e.g.
     ``{"input_ids": ..., "attention_mask": ...}``), or ``probe_size`` examples drawn from
@@ -215,7 +216,8 @@ class KernelRegimeCallback(_KernelRegimeMonitorBase, TrainerCallback):
     Args:
         probe, probe_size, every_n_steps: as for ``KernelRegimeMonitor``; ``probe_size``
             defaults to 8 here.
-        kind, implementation, output_fn: engine settings (defaults above).
+        kind, implementation, output_fn: engine settings (``output_fn`` default above; ``kind``
+            and ``implementation`` default to ``"auto"`` as for ``KernelRegimeMonitor``).
         **monitor_kwargs: every other ``KernelRegimeMonitor`` argument.
 
     Raises:
@@ -230,8 +232,8 @@ class KernelRegimeCallback(_KernelRegimeMonitorBase, TrainerCallback):
         probe_size: Optional[int] = None,
         every_n_steps: int = DEFAULT_EVERY_N_STEPS,
         *,
-        kind: str = "trace",
-        implementation: str = "jacobian",
+        kind: str = "auto",
+        implementation: str = "auto",
         output_fn: Optional[Callable[[Any], Tensor]] = last_token_logits,
         **monitor_kwargs: Any,
     ) -> None:

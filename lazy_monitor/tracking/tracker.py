@@ -33,6 +33,7 @@ from lazy_monitor.core.kernels import empirical_ntk
 from lazy_monitor.core.linearization import Linearization
 from lazy_monitor.thresholds import Threshold
 from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint, same_fingerprint
+from lazy_monitor.tracking.layers import group_layers
 from lazy_monitor.tracking.regime import Measurement, lazy_decision, regime_metrics
 
 __all__ = ["KernelTracker", "DEFAULT_LAZY_THRESHOLDS", "LOWER_BOUND_METRICS", "MAX_SPECTRUM_SIZE"]
@@ -140,6 +141,9 @@ class KernelTracker:
             there for each measurement).
         chunk_size: examples per block in the kernel engine (``None``: chosen by a memory
             budget).
+        layer_groups: with ``per_layer``, at most this many layer groups (module hierarchy,
+            normalization layers folded into their block:
+            :func:`lazy_monitor.tracking.layers.group_layers`); ``None``: one per module.
 
     Raises:
         TypeError: an argument of the wrong type (``model`` not an ``nn.Module``,
@@ -189,6 +193,7 @@ class KernelTracker:
         topk: Optional[int] = None,
         snapshot_device: Union[str, torch.device, None] = None,
         chunk_size: Optional[int] = None,
+        layer_groups: Optional[int] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -197,6 +202,9 @@ class KernelTracker:
         check_str("implementation", implementation, fix="e.g. implementation='auto'")
         check_bool("per_layer", per_layer)
         check_int("chunk_size", chunk_size, minimum=1, optional=True)
+        check_int("layer_groups", layer_groups, minimum=1, optional=True, fix="None: per module")
+        #: at most this many per-layer groups (tracking/layers.py); None: one per module
+        self.layer_groups = layer_groups
         self.model = model
         self.kind = kind
         self.implementation = implementation
@@ -210,7 +218,7 @@ class KernelTracker:
         self.probe_size = F.batch_size(probe)
         self._probe_cache: Optional[tuple[torch.device, InputBatch]] = None
         self._param_names = list(F.resolve_params(model))
-        self._layers = M.group_by_layer(self._param_names)
+        self._layers = self._group_layers()
 
         # One side-effect-free forward: checks the model runs on the probe and gives O.
         f = self._forward()
@@ -452,12 +460,17 @@ class KernelTracker:
             )
         return None
 
-    def _set_param_names(self, names: list[str]) -> None:
+    def _group_layers(self) -> dict[str, list[str]]:
+        if self.layer_groups is None:
+            return M.group_by_layer(self._param_names)
+        return group_layers(self.model, self._param_names, self.layer_groups)
+
+    def _set_param_names(self, names: list[str], regroup: bool = False) -> None:
         """Fix the tracked parameter set (and the per-layer metric names that follow from it)."""
-        if names == self._param_names:
+        if names == self._param_names and not regroup:
             return
         self._param_names = list(names)
-        self._layers = M.group_by_layer(self._param_names)
+        self._layers = self._group_layers()
         self._names = self._build_names()
         self.lazy_thresholds = self._check_thresholds(self.lazy_thresholds)
 
@@ -664,6 +677,7 @@ class KernelTracker:
             "num_examples": self.probe_size,
             "num_outputs": self.num_outputs,
             "param_names": list(self._param_names),
+            "layer_groups": self.layer_groups,
             "probe": self._probe_fingerprint,
             "targets": None if self.targets is None else fingerprint(self.targets),
         }
@@ -701,7 +715,10 @@ class KernelTracker:
         self._reset()
         if not state["started"]:
             return
-        self._set_param_names(names)
+        # the saved per-layer K₀ fixes the grouping (states before layer_groups: per module)
+        regroup = saved.get("layer_groups") != self.layer_groups
+        self.layer_groups = saved.get("layer_groups")
+        self._set_param_names(names, regroup=regroup)
         lin = self._new_linearization()
         lin.load_state_dict(state["linearization"])
         dev = self._metric_device()

@@ -160,6 +160,8 @@ def test_custom_layout_has_the_four_categories_and_only_logged_tags():
     ]
     layout = custom_layout(names)
     assert list(layout) == ["kernel drift", "linearization", "spectrum", "parameters"]
+    with_log10 = custom_layout([*names, "drift/log10_ntk_rel_change"])
+    assert list(with_log10)[0] == "drift (log10)"
     assert "kernel-target alignment" not in layout["kernel drift"]
     (per_layer,) = layout["kernel drift"]["relative change per layer"][1]
     assert re.search(per_layer, "ntk_layer/net.0/rel_change")

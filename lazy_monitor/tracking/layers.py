@@ -4,10 +4,12 @@ One metric per module is unreadable on a real network (a 24-block MLP with Batch
 parametrised modules, a ResNet or a transformer hundreds). :func:`group_layers` merges the
 modules into at most ``max_groups`` groups that follow the network's own structure:
 
-1. normalization layers (BatchNorm, LayerNorm, GroupNorm, RMSNorm, ...) fold into the module
-   before them (their block), the first one into the module after it;
-2. modules are grouped by their dotted name cut at one depth: the deepest depth that gives at
-   most ``max_groups`` groups (``layer1``, ``layer2`` of a ResNet at depth 1 or ``layer1.0``,
+1. normalization layers (BatchNorm, LayerNorm, GroupNorm, RMSNorm, ...) fold into the
+   neighbouring module of their block: the one after them in a pre-norm block
+   (``blocks.3.norm`` -> ``blocks.3.fc``), else the one before (``net.1`` BatchNorm ->
+   ``net.0`` Linear);
+2. modules are grouped by their dotted name cut at one depth: the shallowest depth with the
+   most groups not above ``max_groups`` (``layer1``, ``layer2`` of a ResNet at depth 1 or ``layer1.0``,
    ``layer1.1``, ... at depth 2; ``transformer.h.0`` ... of GPT-2 at depth 3);
 3. when that depth gives fewer than 4 groups while the next one gives more than ``max_groups``
    (e.g. ``net`` vs ``net.0`` ... ``net.46`` of a deep ``nn.Sequential``), the finer groups are
@@ -59,6 +61,16 @@ def _prefix(layer: str, depth: int) -> str:
     return ".".join(layer.split(".")[:depth])
 
 
+def _shared(a: str, b: str) -> int:
+    """Number of leading dotted components ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _chunk(groups: dict[str, list[str]], n: int) -> dict[str, list[str]]:
     """``groups`` merged into ``n`` consecutive runs of (nearly) equal length."""
     keys = list(groups)
@@ -87,27 +99,40 @@ def group_layers(
     if max_groups < 1:
         raise ValueError(f"max_groups must be >= 1, got {max_groups!r}")
     modules = dict(model.named_modules())
-    units: list[tuple[str, list[str]]] = []
-    leading: list[str] = []  # norms before the first other module
-    for layer, names in group_by_layer(param_names).items():
-        if _is_norm(modules.get(layer)) and (units or len(group_by_layer(param_names)) > 1):
-            if units:
-                units[-1][1].extend(names)
-            else:
-                leading.extend(names)
+    by_module = group_by_layer(param_names)
+    layers = list(by_module)
+    norm = [_is_norm(modules.get(layer)) for layer in layers]
+    if all(norm):  # nothing to fold into
+        norm = [False] * len(layers)
+    home = {layer: layer for layer, is_norm in zip(layers, norm) if not is_norm}
+    for i, layer in enumerate(layers):
+        if not norm[i]:
             continue
-        units.append((layer, leading + names))
-        leading = []
-    if leading:  # only norms
-        units.append((param_names[0].rpartition(".")[0] or param_names[0], leading))
+        # the neighbouring module in the same block: pre-norm blocks (LayerNorm before the
+        # attention) fold into the next module, post-norm ones (Linear, BatchNorm) into the
+        # previous one; the closer relative by dotted name wins, the previous one on a tie
+        prev = next((layers[j] for j in range(i - 1, -1, -1) if not norm[j]), None)
+        after = next((layers[j] for j in range(i + 1, len(layers)) if not norm[j]), None)
+        home[layer] = prev or after  # type: ignore[assignment]
+        if prev is not None and after is not None and _shared(layer, after) > _shared(layer, prev):
+            home[layer] = after
+    units: dict[str, list[str]] = {}
+    for layer in layers:
+        if not norm[layers.index(layer)]:
+            units[layer] = []
+    for layer, names in by_module.items():
+        units[home[layer]].extend(names)
+    # keep parameter order inside each unit
+    order = {name: i for i, name in enumerate(param_names)}
+    unit_list = [(layer, sorted(names, key=order.__getitem__)) for layer, names in units.items()]
 
     def at_depth(depth: int) -> dict[str, list[str]]:
         groups: dict[str, list[str]] = {}
-        for layer, names in units:
+        for layer, names in unit_list:
             groups.setdefault(_prefix(layer, depth), []).extend(names)
         return groups
 
-    max_depth = max(len(layer.split(".")) for layer, _ in units)
+    max_depth = max(len(layer.split(".")) for layer, _ in unit_list)
     best: dict[str, list[str]] = {}
     for depth in range(1, max_depth + 1):
         groups = at_depth(depth)
@@ -115,5 +140,6 @@ def group_layers(
             if len(best) < min(4, max_groups):  # too coarse: split the finer level evenly
                 return _chunk(groups, max_groups)
             break
-        best = groups
+        if len(groups) > len(best):  # a deeper cut that splits nothing keeps the shorter names
+            best = groups
     return best

@@ -269,7 +269,7 @@ class _KernelRegimeMonitorBase:
         self._layout_written: set[int] = set()
         # TensorBoard extras of the current fit (rank 0): heatmap history, texts written
         self._layer_history: list[tuple[int, dict[str, float]]] = []
-        self._layer_images = 0
+        self._layer_images = self._layer_drawn = self._layer_log_step = 0
         self._texts = 0
         self._transitions = 0
         self._maxima: dict[str, float] = {}
@@ -336,7 +336,7 @@ class _KernelRegimeMonitorBase:
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         network = _resolve_submodule(pl_module, self.submodule)
-        self._layer_history, self._layer_images, self._texts = [], 0, 0
+        self._layer_history, self._layer_images, self._layer_drawn, self._texts = [], 0, 0, 0
         self._transitions, self._maxima, self._health_logged = 0, {}, set()
         device = _device_of(network)
         restored, self._restored = self._restored, None
@@ -391,6 +391,8 @@ class _KernelRegimeMonitorBase:
             # the last scheduled measurement is also the final one: listeners already saw it
             self._notify(trainer, step, self._last_metrics, final=True, repeat=True)
         if trainer.is_global_zero:
+            if self._layer_drawn != len(self._layer_history):  # last measurement was scheduled
+                self._draw_layers(trainer)
             self._write_summary(trainer, step)
 
     def state_dict(self) -> dict[str, Any]:
@@ -586,21 +588,24 @@ class _KernelRegimeMonitorBase:
         if not layers:
             return
         self._layer_history.append((step, layers))
+        self._layer_log_step = log_step
         count = len(self._layer_history)
         due = count >= 2 and count & (count - 1) == 0 and self._layer_images < tb.MAX_TEXTS - 1
-        if not (due or final):
-            return
+        if due or final:
+            self._draw_layers(trainer)
+
+    def _draw_layers(self, trainer: Any) -> None:
         writers = [w for w in tb.tensorboard_writers(trainer.loggers) if hasattr(w, "add_figure")]
-        if not writers:
+        if not writers or not self._layer_history:
             return
-        names = list(layers)
+        names = list(self._layer_history[-1][1])
         steps = [s for s, _ in self._layer_history]
         values = [[row.get(n, float("nan")) for n in names] for _, row in self._layer_history]
         for writer in writers:
-            writer.add_figure(
-                tb.LAYER_IMAGE_TAG, tb.layer_drift_figure(steps, names, values), log_step
-            )
+            figure = tb.layer_drift_figure(steps, names, values)
+            writer.add_figure(tb.LAYER_IMAGE_TAG, figure, self._layer_log_step)
         self._layer_images += 1
+        self._layer_drawn = len(self._layer_history)
 
     def _write_summary(self, trainer: Any, step: int) -> None:
         """The markdown run summary (TEXT tab) at train end."""

@@ -54,6 +54,8 @@ HISTOGRAM_TAG = "ntk/eigenvalues"
 IMAGE_TAG = "ntk/kernel"
 #: Per-layer drift heatmap (layer groups × measurements, log colour).
 LAYER_IMAGE_TAG = "drift_layer/heatmap"
+#: Colour range of the heatmap: 1e-4 (0.01 %, and the reference column) to 10 (1000 %).
+HEATMAP_RANGE = (1e-4, 10.0)
 #: Text events: regime transitions / health alarms, and the markdown summary at train end.
 VERDICT_TAG = "lazy_monitor/verdicts"
 SUMMARY_TAG = "lazy_monitor/summary"
@@ -241,8 +243,8 @@ def layer_drift_figure(
         values: ``ntk_layer/<layer>/rel_change`` as ``(T, L)`` (NaN where not measured).
 
     Returns:
-        A matplotlib ``Figure`` (log colour scale floored at
-        :data:`lazy_monitor.catalogue.LOG10_FLOOR`, colour bar, labelled axes) for
+        A matplotlib ``Figure`` (log colour scale over the fixed :data:`HEATMAP_RANGE`, the
+        same in every run and image so runs compare by colour; colour bar, labelled axes) for
         ``SummaryWriter.add_figure``, which closes it.
     """
     import matplotlib
@@ -251,16 +253,16 @@ def layer_drift_figure(
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    data = torch.tensor(values, dtype=torch.float64).T  # (L, T)
-    data = data.clamp_min(catalogue.LOG10_FLOOR).numpy()
-    finite = data[~torch.isnan(torch.from_numpy(data)).numpy()]
-    hi = float(finite.max()) if finite.size else 1.0
-    lo = max(float(finite.min()) if finite.size else hi / 10, hi * 1e-6)
-    lo = min(lo, hi / 10)
+    data = torch.tensor(values, dtype=torch.float64).T.numpy()  # (L, T)
+    lo, hi = HEATMAP_RANGE
     height = 1.6 + 0.28 * len(layers)
     fig, ax = plt.subplots(figsize=(6.4, min(height, 12.0)))
     image = ax.imshow(
-        data, aspect="auto", interpolation="nearest", cmap="viridis", norm=LogNorm(lo, hi)
+        data.clip(lo, hi),
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        norm=LogNorm(lo, hi),
     )
     ax.set_yticks(range(len(layers)), labels=list(layers), fontsize=7)
     ticks = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 6))})
@@ -268,7 +270,7 @@ def layer_drift_figure(
     ax.set_xlabel("step (one column per measurement)")
     ax.set_ylabel("layer group")
     ax.set_title("relative kernel change per layer group |K_l-K_l0|/|K_l0|", fontsize=9)
-    fig.colorbar(image, ax=ax, label="rel. change (log)")
+    fig.colorbar(image, ax=ax, label="rel. change (log)", extend="both")
     fig.tight_layout()
     return fig
 

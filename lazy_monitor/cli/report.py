@@ -223,6 +223,7 @@ def plot_runs(runs: list[Run], path: str | Path, title: Optional[str] = None) ->
             # Drift spans decades across widths; step 0 (exactly 0) is simply not drawn.
             ax.set_yscale("log", nonpositive="mask")
         ax.set_xscale("symlog", linthresh=1.0)  # early steps, where kernels move fastest
+        ax.set_xlim(left=0)
         ax.set_title(metric)
         ax.set_xlabel("optimizer step")
         ax.grid(True, which="both", alpha=0.3)

@@ -91,7 +91,13 @@ def main(args: Optional[list[str]] = None, namespace: str = "lightning") -> Any:
         model_class = ClassifierPytorchLightning
     else:
         raise ValueError(f"namespace must be 'lightning' or 'pytorch_lightning', got {namespace!r}")
-    return LightningCLI(model_class, args=args, save_config_kwargs={"overwrite": True})
+    return LightningCLI(
+        model_class,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        # a progress bar only on a terminal: redirected, it is hundreds of KB of updates
+        trainer_defaults={"enable_progress_bar": sys.stdout.isatty()},
+    )
 
 
 if __name__ == "__main__":

@@ -23,18 +23,22 @@ Torch-free: the CLI imports it without importing torch.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 __all__ = [
     "CATALOGUE",
     "LAYER",
+    "LOG10_COMPANIONS",
+    "LOG10_FLOOR",
     "MetricInfo",
     "direction_of",
     "hparams_metrics",
     "is_known",
+    "log10_companions",
     "lookup",
     "markdown_table",
     "report_metrics",
@@ -113,8 +117,18 @@ class MetricInfo:
 
 _DRIFT, _LIN, _SPEC, _PARAMS = "kernel drift", "linearization", "spectrum", "parameters"
 _STAB, _FEAT, _COST = "stability", "features", "monitor cost"
+_LOG10, _HEALTH = "drift (log10)", "health"
 #: Order of the categories in the TensorBoard custom-scalars layout.
-CHART_CATEGORIES = (_DRIFT, _LIN, _SPEC, _PARAMS, _STAB, _FEAT, _COST)
+CHART_CATEGORIES = (_LOG10, _DRIFT, _LIN, _SPEC, _PARAMS, _STAB, _FEAT, _COST, _HEALTH)
+#: Floor of the ``drift/log10_*`` companions (a change below it reads as "no change").
+LOG10_FLOOR = 1e-8
+#: The ``drift/`` log10 companions: companion name -> the metric it is the log10 of.
+LOG10_COMPANIONS = {
+    "drift/log10_ntk_rel_change": "ntk/rel_change",
+    "drift/log10_lin_rel_error": "lin/rel_error",
+    "drift/log10_params_rel_change": "params/rel_change",
+    "drift_layer/<layer>/log10_rel_change": "ntk_layer/<layer>/rel_change",
+}
 
 #: Every metric, in the order :meth:`KernelTracker.metric_names` returns them.
 CATALOGUE: tuple[MetricInfo, ...] = (
@@ -149,8 +163,14 @@ CATALOGUE: tuple[MetricInfo, ...] = (
                "exp(−Σ pᵢ log pᵢ), pᵢ = λᵢ/Σλ", "number of effectively used directions",
                "Roy & Vetterli 2007"),
     MetricInfo("ntk/cond", None, (_SPEC, "condition number"),
-               "λmax / λmin (inf if λmin ≤ 0)",
-               "conditioning of kernel regression on the probe"),
+               "λmax / max(λmin, ε·λmax), ε = M·eps(kernel dtype)",
+               "conditioning of kernel regression on the probe; at most 1/ε (= singular to "
+               "working precision, see `ntk/rank`), never inf"),
+    MetricInfo("ntk/log10_cond", None, (_SPEC, "log10 condition number"),
+               "log10 ntk/cond", "the same on a readable scale (TensorBoard has no log axis)"),
+    MetricInfo("ntk/rank", None, (_SPEC, "numerical rank"),
+               "#{λᵢ > ε·λmax}, ε = M·eps(kernel dtype)",
+               "kernel directions above round-off; below M = the probe over-determines the net"),
     MetricInfo("ntk/eig_overlap", "min", (_SPEC, "top-k eigenspace overlap with K0"),
                "‖U₀ᵀ U‖² / k, top-k eigenvectors", "1 = the leading eigenspace is unchanged"),
     MetricInfo("params/rel_change", "max", (_PARAMS, "relative change |theta-theta0|/|theta0|"),
@@ -181,9 +201,26 @@ CATALOGUE: tuple[MetricInfo, ...] = (
                "1 if every lazy threshold holds, else 0",
                "the verdict; default thresholds `ntk/rel_change ≤ 0.1`, `lin/rel_error ≤ 0.1` "
                "(heuristic)"),
-    MetricInfo("health/nonfinite", None, (_DRIFT, "non-finite values"),
+    MetricInfo("health/nonfinite", None, (_HEALTH, "non-finite values"),
                "1 if kernel, outputs or parameters hold NaN/inf",
                "the other metrics are NaN at that step"),
+    # ---- log10 companions (the callbacks log them; `drift/` sorts first in TensorBoard, whose
+    # charts have no log axis settable from the logs). Not at step 0, where the change is 0.
+    MetricInfo("drift/log10_ntk_rel_change", "max", (_LOG10, "log10 |K-K0|/|K0|"),
+               "log10 max(ntk/rel_change, 1e-8)",
+               "kernel drift on a log scale: −1 = 10 %, −3 = 0.1 %; one unit per decade",
+               source="monitor"),
+    MetricInfo("drift/log10_lin_rel_error", "max", (_LOG10, "log10 |f-f_lin|/|f-f0|"),
+               "log10 max(lin/rel_error, 1e-8)", "linearization error on a log scale",
+               source="monitor"),
+    MetricInfo("drift/log10_params_rel_change", "max", (_LOG10, "log10 |theta-theta0|/|theta0|"),
+               "log10 max(params/rel_change, 1e-8)", "weight movement on a log scale",
+               source="monitor"),
+    MetricInfo("drift_layer/<layer>/log10_rel_change", "max",
+               (_LOG10, "log10 relative kernel change per layer group"),
+               "log10 max(ntk_layer/<layer>/rel_change, 1e-8)",
+               "which layer group's kernel moves, on a log scale", source="monitor",
+               requires="per_layer"),
     # ---- stability and features (issue 10); tracker metrics after the verdict
     MetricInfo("opt/lr", None, (_STAB, "learning rate"), "η of the first param group",
                "the learning rate the optimizer used at this step (NaN if not given)"),
@@ -200,7 +237,7 @@ CATALOGUE: tuple[MetricInfo, ...] = (
                "CKA(Φ_l, Φ_l,₀) = ⟨HΦΦᵀH, HΦ₀Φ₀ᵀH⟩ / (‖HΦΦᵀH‖ ‖HΦ₀Φ₀ᵀH‖), linear",
                "1 = the layer's probe features are unchanged up to rotation and scale",
                "Kornblith et al. 2019", requires="features"),
-    # ---- planned (other issues): accepted by thresholds and documented, not computed yet
+    # ---- the monitor's own cost (logged with max_overhead)
     MetricInfo("monitor/seconds", None, (_COST, "seconds per measurement"),
                "wall time of the last measurement (with max_overhead)", "what monitoring costs",
                source="monitor"),
@@ -291,6 +328,28 @@ def tracker_metric_names(
         if info.source == "tracker" and not info.planned and enabled[info.requires]:
             names += info.expand(feature_layers if info.requires == "features" else layers)
     return names
+
+
+def log10_companions(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The ``drift/`` log10 companions of the logged ``metrics`` (:data:`LOG10_COMPANIONS`):
+    ``log10(max(value, LOG10_FLOOR))``; NaN stays NaN. Call it for changes measured after
+    step 0 (at the reference every change is 0 by definition, a floor value there would only
+    stretch the axis).
+
+    >>> log10_companions({"ntk/rel_change": 0.01, "ntk_layer/fc/rel_change": 0.0})
+    {'drift/log10_ntk_rel_change': -2.0, 'drift_layer/fc/log10_rel_change': -8.0}
+    """
+    out: dict[str, float] = {}
+    for companion, source in LOG10_COMPANIONS.items():
+        info = _BY_NAME[source]
+        for name, value in metrics.items():
+            if not re.match(info.regex(), name):
+                continue
+            layer = name[len(source.partition(LAYER)[0]) :].rpartition("/")[0]
+            key = companion.replace(LAYER, layer) if LAYER in companion else companion
+            v = float(value)
+            out[key] = v if math.isnan(v) else math.log10(max(v, LOG10_FLOOR))
+    return out
 
 
 def lazy_threshold_names(metric_names: Iterable[str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -76,12 +77,39 @@ def test_layout_hparams_and_report_come_from_the_catalogue():
 
     names = catalogue.tracker_metric_names(["fc"], targets=True, classification=True)
     layout = catalogue.tensorboard_layout(names)
-    assert list(layout) == ["kernel drift", "linearization", "spectrum", "parameters", "stability"]
+    assert list(layout) == ["kernel drift", "linearization", "spectrum", "parameters", "health"]
+    # with the callbacks' log10 companions, they come first
+    logged = names + list(catalogue.log10_companions(dict.fromkeys(names, 0.5)))
+    assert list(catalogue.tensorboard_layout(logged))[:2] == ["drift (log10)", "kernel drift"]
     charted = {p for charts in layout.values() for _, tags in charts.values() for p in tags}
     assert all(any(re.search(p, n) for p in charted) for n in names)
     assert catalogue.hparams_metrics(names) == [n for n in names if "_layer/" not in n]
     assert report.KEY_METRICS == ("ntk/rel_change", "params/rel_change", "lin/rel_error")
     assert {report.VERDICT_METRIC, report.HEALTH_METRIC} <= {m.name for m in catalogue.CATALOGUE}
+
+
+def test_log10_companions_floor_nan_and_layers():
+    got = catalogue.log10_companions(
+        {
+            "ntk/rel_change": 1e-3,
+            "lin/rel_error": 0.0,
+            "params/rel_change": float("nan"),
+            "ntk_layer/blocks.0/rel_change": 0.1,
+            "params_layer/blocks.0/rel_change": 0.1,  # no companion
+            "ntk/eig_max": 3.0,
+        }
+    )
+    assert set(got) == {
+        "drift/log10_ntk_rel_change",
+        "drift/log10_lin_rel_error",
+        "drift/log10_params_rel_change",
+        "drift_layer/blocks.0/log10_rel_change",
+    }
+    assert got["drift/log10_ntk_rel_change"] == pytest.approx(-3.0)
+    assert got["drift/log10_lin_rel_error"] == math.log10(catalogue.LOG10_FLOOR)
+    assert math.isnan(got["drift/log10_params_rel_change"])
+    assert got["drift_layer/blocks.0/log10_rel_change"] == pytest.approx(-1.0)
+    assert all(catalogue.lookup(name) is not None for name in got)
 
 
 def test_threshold_direction_comes_from_the_catalogue_unless_given():

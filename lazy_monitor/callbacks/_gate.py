@@ -8,11 +8,10 @@ decision across ranks (one rank tripping trips all) and acts on every rank.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
-from lazy_monitor import catalogue
+from lazy_monitor import _warnings, catalogue
 from lazy_monitor._state import check_schema, stamp
 from lazy_monitor.callbacks._monitor import _KernelRegimeMonitorBase
 from lazy_monitor.thresholds import ThresholdSpec
@@ -187,7 +186,8 @@ class _KernelDriftGateBase:
             trainer.should_stop = True
             message += "; stopping training"
         if trainer.is_global_zero:
-            warnings.warn(message, KernelDriftWarning, stacklevel=2)
+            # at the user's trainer.fit line, not at this hook inside Lightning's loop
+            _warnings.warn(message, KernelDriftWarning)
 
 
 def _first_reason(trainer: Any, local: Optional[str]) -> str:

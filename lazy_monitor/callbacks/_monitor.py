@@ -37,6 +37,7 @@ from lazy_monitor.core._functional import as_device, map_batch, side_effect_guar
 from lazy_monitor.core.kernels import DEFAULT_MAX_MEMORY, NtkConfig, NtkImplementation
 from lazy_monitor.core.stability import current_lr
 from lazy_monitor.tracking.distributed import KernelSharding, check_strategy
+from lazy_monitor.tracking.layers import DEFAULT_LAYER_GROUPS
 from lazy_monitor.tracking.network import device_of as _device_of
 from lazy_monitor.tracking.network import resolve_submodule as _resolve_submodule
 from lazy_monitor.tracking.probe import (
@@ -123,10 +124,13 @@ class _KernelRegimeMonitorBase:
     ``k`` optimizer steps is at ``x = k``, where the loss computed at the same weights is; and
     ``trainer.callback_metrics`` as tensors (every rank) so ``EarlyStopping(monitor=
     "ntk/rel_change")`` and ``ModelCheckpoint`` can use them. With a TensorBoard logger also: a
-    custom-scalars layout (categories "kernel drift", "linearization", "spectrum",
-    "parameters", "stability", "features", from :mod:`lazy_monitor.catalogue`), a histogram of the kernel's eigenvalues per measurement (``ntk/eigenvalues``),
-    optionally the kernel as an image (``ntk/kernel``), and at train end an HParams entry with the
-    monitor's settings and its metrics.
+    custom-scalars layout (categories "drift (log10)", "kernel drift", "linearization" open;
+    the others -- "spectrum", "parameters", "stability", "features", "health" -- collapsed), the ``drift/log10_*`` companions (what the
+    Time Series tab shows first, one unit per decade; not at step 0), ``health/*`` only once it
+    is non-zero, a histogram of the kernel's eigenvalues per measurement (``ntk/eigenvalues``),
+    optionally the kernel as an image (``ntk/kernel``), a per-layer drift heatmap, texts (TEXT
+    tab) at regime transitions and a markdown run summary at train end, and an HParams entry
+    written at fit start (see ``log_hparams``).
 
     Learning rate and stability: at every measurement the monitor reads the current learning
     rate of the first param group of the first optimizer (``trainer.optimizers[0]``, after any
@@ -204,7 +208,12 @@ class _KernelRegimeMonitorBase:
         projection_seed: seed of the projection (the same ``R`` for ``K₀`` and every ``K``).
         max_memory: bytes one measurement may hold (default 1 GiB; ``None``: no limit).
         implementation: kernel implementation passed to the tracker (``"auto"`` picks by cost).
-        per_layer: also log ``ntk_layer/<layer>/rel_change`` and ``params_layer/<layer>/rel_change``.
+        per_layer: also log ``ntk_layer/<layer>/rel_change`` and ``params_layer/<layer>/rel_change``
+            (and ``drift_layer/<layer>/log10_rel_change``, a heatmap ``drift_layer/heatmap``).
+        layer_groups: at most this many per-layer groups: the network's module hierarchy cut
+            at one depth, normalization layers folded into their block
+            (:func:`lazy_monitor.tracking.layers.group_layers`; e.g. ``transformer.h.0`` ...
+            for GPT-2). ``None``: one group per module (hundreds of tags on a deep net).
         output_fn: maps the network output to a tensor (e.g. ``lambda out: out.logits``).
         lazy_thresholds: thresholds of ``regime/lazy`` passed to the tracker (its defaults if None).
         topk: number of leading eigenvectors for ``ntk/eig_overlap`` (tracker default if None).
@@ -213,7 +222,13 @@ class _KernelRegimeMonitorBase:
             save accelerator memory; None: the model's device).
         log_eigenvalues: TensorBoard histogram ``ntk/eigenvalues`` at every measurement.
         log_kernel_image: TensorBoard image ``ntk/kernel`` (grey: 0.5 = 0) at every measurement.
-        log_hparams: TensorBoard HParams entry (monitor settings + its metrics) at train end.
+        log_hparams: TensorBoard HParams entry at fit start (before Lightning's own, which
+            TensorBoard then ignores): the LightningModule's (and datamodule's)
+            ``save_hyperparameters`` values, marked as the columns that differ between runs,
+            the monitor's ``lazy_monitor/*`` settings and the metrics
+            (:data:`~lazy_monitor.callbacks._tensorboard.HPARAMS_METRICS`).
+        log_layer_image: with ``per_layer``, a heatmap image of the per-layer kernel change
+            (layer groups × measurements, log colour) at log-spaced measurements and at the end.
         feature_modules: modules of the network whose probe features are tracked
             (``features/<name>/cka``): ``True`` (default) the modules owning trainable parameters
             (those that cannot be tracked are skipped with a warning), a list of names from
@@ -263,6 +278,7 @@ class _KernelRegimeMonitorBase:
         kind: Literal["auto", "full", "trace", "diagonal"] = "auto",
         implementation: str = "auto",
         per_layer: bool = True,
+        layer_groups: Optional[int] = DEFAULT_LAYER_GROUPS,
         output_fn: Optional[Callable[[Any], Tensor]] = None,
         lazy_thresholds: Optional[dict[str, float]] = None,
         topk: Optional[int] = None,
@@ -277,6 +293,7 @@ class _KernelRegimeMonitorBase:
         projection: Optional[Any] = None,
         projection_seed: int = 0,
         max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
+        log_layer_image: bool = True,
     ) -> None:
         if probe is not None and probe_size is not None:
             raise ValueError(
@@ -325,6 +342,10 @@ class _KernelRegimeMonitorBase:
         self.snapshot_device = snapshot_device
         self.use_targets = check_bool("use_targets", use_targets)
         self.per_layer = check_bool("per_layer", per_layer)
+        self.layer_groups = check_int(
+            "layer_groups", layer_groups, minimum=1, optional=True, fix="None: one per module"
+        )
+        self.log_layer_image = check_bool("log_layer_image", log_layer_image)
         self.log_eigenvalues = check_bool("log_eigenvalues", log_eigenvalues)
         self.log_kernel_image = check_bool("log_kernel_image", log_kernel_image)
         self.log_hparams = check_bool("log_hparams", log_hparams)
@@ -344,6 +365,13 @@ class _KernelRegimeMonitorBase:
         self._listeners: list[Any] = []
         self._layout_written: set[int] = set()
         self._warned_failure = False
+        # TensorBoard extras of the current fit (rank 0): heatmap history, texts written
+        self._layer_history: list[tuple[int, dict[str, float]]] = []
+        self._layer_images = self._layer_drawn = self._layer_log_step = 0
+        self._texts = 0
+        self._transitions = 0
+        self._maxima: dict[str, float] = {}
+        self._health_logged: set[str] = set()
         #: Wall-clock seconds spent measuring in this process (for overhead reports).
         self.measure_seconds = 0.0
         self.num_measurements = 0
@@ -401,8 +429,18 @@ class _KernelRegimeMonitorBase:
         check_strategy(trainer.strategy)
         self._layout_written = set()  # one custom-scalar layout per writer and fit
 
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # Before Lightning's own hparams write (trainer._log_hyperparams): the first one in an
+        # event file is the one TensorBoard shows.
+        # Under fast_dev_run Lightning swaps the loggers for ones that write no file (and logs
+        # no hparams itself): there is nothing to write into.
+        if self.log_hparams and trainer.is_global_zero and not getattr(trainer, "fast_dev_run", 0):
+            self._write_hparams(trainer, pl_module)
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         network = _resolve_submodule(pl_module, self.submodule)
+        self._layer_history, self._layer_images, self._layer_drawn, self._texts = [], 0, 0, 0
+        self._transitions, self._maxima, self._health_logged = 0, {}, set()
         device = _device_of(network)
         restored, self._restored = self._restored, None
         if self._budget is not None:
@@ -448,7 +486,7 @@ class _KernelRegimeMonitorBase:
                 cfg["estimated_seconds"],
                 f": {cfg['reason']}" if cfg["reason"] else "",
             )
-        self._record(trainer, _global_step(trainer), metrics, final=False)
+        self._record(trainer, _global_step(trainer), metrics, final=False, reference=True)
 
     def _continues(self, network: nn.Module, trainer: Any) -> bool:
         """Whether this train start continues the previous fit of this monitor: the tracker is
@@ -491,11 +529,10 @@ class _KernelRegimeMonitorBase:
         else:
             # the last scheduled measurement is also the final one: listeners already saw it
             self._notify(trainer, step, self._last_metrics, final=True, repeat=True)
-        # RELIABILITY GUARD (issue 13, minimal for the hparams rewrite to merge over): under
-        # fast_dev_run Lightning swaps the loggers for ones that write no file, and the HParams
-        # writer then fails on a missing file writer. Lightning logs no hparams there either.
-        if self.log_hparams and trainer.is_global_zero and not getattr(trainer, "fast_dev_run", 0):
-            self._write_hparams(trainer)
+        if trainer.is_global_zero:
+            if self._layer_drawn != len(self._layer_history):  # last measurement was scheduled
+                self._draw_layers(trainer)
+            self._write_summary(trainer, step)
 
     def _is_due(self, trainer: Any, step: int) -> bool:
         budget = self._budget
@@ -558,6 +595,7 @@ class _KernelRegimeMonitorBase:
             feature_modules=self.feature_modules,
             projection_seed=self.projection_seed,
             max_memory=self.max_memory,
+            layer_groups=self.layer_groups if self.per_layer else None,
             **{k: v for k, v in optional.items() if v is not None},
         )
         return tracker
@@ -634,8 +672,10 @@ class _KernelRegimeMonitorBase:
         metrics: Mapping[str, float],
         final: bool,
         log_step: Optional[int] = None,
+        reference: bool = False,
     ) -> None:
         metrics = {k: float(v) for k, v in metrics.items()}
+        previous = self._last_metrics
         self._last_step = step
         self._last_metrics = metrics
         callback_metrics = trainer.callback_metrics
@@ -643,16 +683,36 @@ class _KernelRegimeMonitorBase:
             callback_metrics[name] = torch.tensor(value)
         if trainer.is_global_zero:
             log_step = _log_step(trainer) if log_step is None else log_step
+            logged = self._logged_values(metrics, reference)
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=log_step)
+                logger.log_metrics(logged, step=log_step)
             self._write_tensorboard(trainer, log_step, list(metrics))
+            self._write_texts(trainer, step, log_step, metrics, previous)
+            self._update_layers(trainer, step, log_step, metrics, final)
         self._notify(trainer, step, metrics, final)
+
+    def _logged_values(self, metrics: Mapping[str, float], reference: bool) -> dict[str, float]:
+        """What goes to the loggers: the metrics, their ``drift/`` log10 companions after the
+        reference measurement, ``health/*`` only from its first non-zero value on."""
+        out: dict[str, float] = {}
+        for name, value in metrics.items():
+            if name.startswith("health/") and name not in self._health_logged:
+                if value == 0:
+                    continue
+                self._health_logged.add(name)
+            out[name] = value
+            if value == value:  # not NaN
+                self._maxima[name] = max(self._maxima.get(name, value), value)
+        if not reference:  # every change is 0 at the reference: no floor value on the axis
+            out.update(catalogue.log10_companions(metrics))
+        return out
 
     def _write_tensorboard(self, trainer: Any, step: int, names: list[str]) -> None:
         writers = tb.tensorboard_writers(trainer.loggers)
         for writer in writers:
             if id(writer) not in self._layout_written:
-                writer.add_custom_scalars(tb.custom_layout(names))
+                charted = names + list(catalogue.log10_companions(dict.fromkeys(names, 1.0)))
+                tb.write_layout(writer, charted)
                 self._layout_written.add(id(writer))
             eigenvalues = getattr(self._tracker, "last_eigenvalues", None)
             if self.log_eigenvalues and isinstance(eigenvalues, Tensor) and eigenvalues.numel():
@@ -690,15 +750,112 @@ class _KernelRegimeMonitorBase:
             "lazy_monitor/projection_seed": int(cfg["projection_seed"]),
         }
 
-    def _write_hparams(self, trainer: Any) -> None:
-        names = catalogue.hparams_metrics(self._last_metrics)
-        for logger in trainer.loggers:
-            writers = tb.tensorboard_writers([logger])
-            if not writers:
-                continue
-            existing = getattr(logger, "hparams", None)
-            existing = existing if isinstance(existing, Mapping) else None
-            tb.log_hparams(writers[0], self._hparams(), names, _log_step(trainer), existing)
+    def _write_hparams(self, trainer: Any, pl_module: Any) -> None:
+        model: dict[str, Any] = {}
+        datamodule = getattr(trainer, "datamodule", None)
+        for owner in (pl_module, datamodule):
+            values = getattr(owner, "hparams_initial", None)
+            if isinstance(values, Mapping):
+                model.update(values)
+        for writer in tb.tensorboard_writers(trainer.loggers):
+            tb.log_hparams(writer, self._hparams(), tb.HPARAMS_METRICS, 0, model_hparams=model)
+
+    def _text(self, trainer: Any, tag: str, text: str, log_step: int) -> None:
+        for writer in tb.tensorboard_writers(trainer.loggers):
+            if callable(getattr(writer, "add_text", None)):
+                writer.add_text(tag, text, global_step=log_step)
+
+    def _write_texts(
+        self,
+        trainer: Any,
+        step: int,
+        log_step: int,
+        metrics: Mapping[str, float],
+        previous: Mapping[str, float],
+    ) -> None:
+        """Binary verdicts as text events (smoothing would draw a 0/1 series as a slow decay):
+        regime transitions and the first non-finite measurement, at most ``MAX_TEXTS``."""
+        events = []
+        lazy, was = metrics.get("regime/lazy"), previous.get("regime/lazy")
+        if lazy is not None and was is not None and lazy != was:
+            self._transitions += 1
+            if lazy == 1.0:
+                events.append(f"step {step}: back in the lazy regime")
+            else:
+                _, reason = self._tracker.regime_decision(metrics)
+                events.append(f"step {step}: left the lazy regime: {reason}")
+        for name, value in metrics.items():
+            if name.startswith("health/") and value != 0 and previous.get(name, 0.0) == 0:
+                info = catalogue.lookup(name)
+                what = info.formula if info is not None else name
+                events.append(f"step {step}: `{name}` = {value:g} ({what})")
+        for event in events:
+            if self._texts >= tb.MAX_TEXTS:
+                return
+            if self._texts == tb.MAX_TEXTS - 1:
+                event = f"step {step}: further events omitted (see `{tb.SUMMARY_TAG}`)"
+            self._texts += 1
+            self._text(trainer, tb.VERDICT_TAG, event, log_step)
+
+    def _update_layers(
+        self, trainer: Any, step: int, log_step: int, metrics: Mapping[str, float], final: bool
+    ) -> None:
+        """Keep the per-layer drift history; draw the heatmap at measurements 2, 4, 8, ... (at
+        most ``MAX_TEXTS - 1`` of them) and at the end."""
+        if not (self.per_layer and self.log_layer_image):
+            return
+        prefix, suffix = "ntk_layer/", "/rel_change"
+        layers = {
+            k[len(prefix) : -len(suffix)]: v
+            for k, v in metrics.items()
+            if k.startswith(prefix) and k.endswith(suffix)
+        }
+        if not layers:
+            return
+        self._layer_history.append((step, layers))
+        self._layer_log_step = log_step
+        count = len(self._layer_history)
+        due = count >= 2 and count & (count - 1) == 0 and self._layer_images < tb.MAX_TEXTS - 1
+        if due or final:
+            self._draw_layers(trainer)
+
+    def _draw_layers(self, trainer: Any) -> None:
+        writers = [w for w in tb.tensorboard_writers(trainer.loggers) if hasattr(w, "add_figure")]
+        if not writers or not self._layer_history:
+            return
+        names = list(self._layer_history[-1][1])
+        steps = [s for s, _ in self._layer_history]
+        values = [[row.get(n, float("nan")) for n in names] for _, row in self._layer_history]
+        for writer in writers:
+            figure = tb.layer_drift_figure(steps, names, values)
+            writer.add_figure(tb.LAYER_IMAGE_TAG, figure, self._layer_log_step)
+        self._layer_images += 1
+        self._layer_drawn = len(self._layer_history)
+
+    def _write_summary(self, trainer: Any, step: int) -> None:
+        """The markdown run summary (TEXT tab) at train end."""
+        metrics = self._last_metrics
+        if not metrics or self._tracker is None:
+            return
+        lazy, reason = self._tracker.regime_decision(metrics)
+        thresholds = [
+            f"{name} {'≥' if catalogue.direction_of(name) == 'min' else '≤'} {value:g}"
+            for name, value in self._tracker.lazy_thresholds.items()
+        ]
+        keys = [n for n in tb.HPARAMS_METRICS if n in metrics]
+        keys += [n for n in ("ntk/cond", "ntk/rank", "lin/agreement") if n in metrics]
+        text = tb.run_summary(
+            step=step,
+            lazy=lazy,
+            reason=reason,
+            thresholds=thresholds,
+            final={n: metrics[n] for n in keys},
+            maxima=self._maxima,
+            transitions=self._transitions,
+            measurements=self.num_measurements,
+            seconds=self.measure_seconds,
+        )
+        self._text(trainer, tb.SUMMARY_TAG, text, _log_step(trainer))
 
     def _notify_start(self, trainer: Any) -> None:
         for listener in self._listeners:

@@ -1,4 +1,19 @@
-"""TensorBoard extras: custom scalar layout, eigenvalue histograms, kernel heatmaps, hparams.
+"""TensorBoard extras: custom scalar layout, eigenvalue histograms, kernel heatmaps, hparams,
+verdict texts and the per-layer drift heatmap.
+
+What TensorBoard (2.21) lets a log decide, and what follows here (measured, see issue 12):
+
+* Time Series groups tags by the prefix before the first ``/`` in natural order and expands the
+  first two groups: the ``drift/`` and ``drift_layer/`` log10 companions
+  (:data:`lazy_monitor.catalogue.LOG10_COMPANIONS`) sort before Lightning's ``epoch`` and are
+  what a person sees first. A log y-axis cannot be set from the logs, hence log10 values.
+* Smoothing is global and cannot be switched off per tag: binary verdicts are texts (TEXT tab,
+  markdown), at most :data:`MAX_TEXTS` per tag and run.
+* HParams: the first hparams write of a run wins and the first run's experiment defines the
+  columns, so the monitor writes one entry at fit start (before Lightning's own) with the
+  module's hyperparameters (``differs=True``: the UI shows them first) and a fixed metric list.
+* Custom scalars: ``Category.closed`` is honoured; torch's ``add_custom_scalars`` cannot set it,
+  so the layout proto is built here.
 
 Loggers are detected by duck typing on the writer (``logger.experiment`` with
 ``add_custom_scalars`` and ``add_histogram``), so ``TensorBoardLogger`` from both
@@ -18,16 +33,48 @@ from torch import Tensor
 from lazy_monitor import catalogue
 
 __all__ = [
+    "CLOSED_CATEGORIES",
     "HISTOGRAM_TAG",
+    "HPARAMS_METRICS",
     "IMAGE_TAG",
+    "LAYER_IMAGE_TAG",
+    "MAX_TEXTS",
+    "SUMMARY_TAG",
+    "VERDICT_TAG",
     "custom_layout",
     "kernel_image",
+    "layer_drift_figure",
     "log_hparams",
+    "run_summary",
     "tensorboard_writers",
+    "write_layout",
 ]
 
 HISTOGRAM_TAG = "ntk/eigenvalues"
 IMAGE_TAG = "ntk/kernel"
+#: Per-layer drift heatmap (layer groups × measurements, log colour).
+LAYER_IMAGE_TAG = "drift_layer/heatmap"
+#: Colour range of the heatmap: 1e-4 (0.01 %, and the reference column) to 10 (1000 %).
+HEATMAP_RANGE = (1e-4, 10.0)
+#: Text events: regime transitions / health alarms, and the markdown summary at train end.
+VERDICT_TAG = "lazy_monitor/verdicts"
+SUMMARY_TAG = "lazy_monitor/summary"
+#: TensorBoard keeps 10 text entries per tag by default: never write more.
+MAX_TEXTS = 10
+#: Custom-scalars categories that start collapsed (the drift categories stay open).
+CLOSED_CATEGORIES = frozenset({"spectrum", "parameters", "health", "stability", "monitor cost"})
+#: The HParams metrics: one fixed list for every run (the first run's experiment defines the
+#: columns of the whole table), read by TensorBoard from the scalar series of the same tags.
+HPARAMS_METRICS = (
+    "ntk/rel_change",
+    "lin/rel_error",
+    "params/rel_change",
+    "drift/log10_ntk_rel_change",
+    "ntk/distance",
+    "ntk/eff_rank",
+    "ntk/log10_cond",
+    "regime/lazy",
+)
 
 
 def tensorboard_writers(loggers: Iterable[Any]) -> list[Any]:
@@ -74,6 +121,43 @@ def kernel_image(kernel: Tensor, min_pixels: int = 256) -> Tensor:
     return img.to(torch.float32)
 
 
+def _file_writer(writer: Any) -> Any:
+    get = getattr(writer, "_get_file_writer", None)
+    return get() if callable(get) else None
+
+
+def write_layout(writer: Any, metric_names: Sequence[str]) -> None:
+    """Write the custom-scalars layout of ``metric_names`` (categories in
+    :data:`CLOSED_CATEGORIES` collapsed). Writers without a torch file writer (tensorboardX)
+    get ``add_custom_scalars`` (all categories open)."""
+    layout = custom_layout(metric_names)
+    fw = _file_writer(writer)
+    if fw is None:
+        writer.add_custom_scalars(layout)
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    categories = []
+    for title, charts in layout.items():
+        chart_pbs = [
+            layout_pb2.Chart(title=name, multiline=layout_pb2.MultilineChartContent(tag=tags))
+            for name, (_, tags) in charts.items()
+        ]
+        categories.append(
+            layout_pb2.Category(title=title, chart=chart_pbs, closed=title in CLOSED_CATEGORIES)
+        )
+    proto = layout_pb2.Layout(category=categories)
+    tensor = TensorProto(
+        dtype="DT_STRING", string_val=[proto.SerializeToString()], tensor_shape=TensorShapeProto()
+    )
+    meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="custom_scalars"))
+    value = Summary.Value(tag="custom_scalars__config__", tensor=tensor, metadata=meta)
+    fw.add_summary(Summary(value=[value]))
+
+
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in params.items():
@@ -92,27 +176,135 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def log_hparams(
     writer: Any,
     params: Mapping[str, Any],
-    metric_names: Sequence[str],
-    step: int,
-    existing: Optional[Mapping[str, Any]] = None,
+    metric_names: Sequence[str] = HPARAMS_METRICS,
+    step: int = 0,
+    model_hparams: Optional[Mapping[str, Any]] = None,
 ) -> bool:
-    """Write an hparams session (HParams dashboard) whose metrics are the monitor's scalar tags.
+    """Write one HParams entry: the model's hyperparameters and the monitor's settings.
 
-    The HParams plugin reads each metric's value from the scalar series of the same tag, so the
-    final values appear without logging any extra scalar point. ``existing`` hparams (e.g. the
-    LightningModule's, already in this event file) are merged in so they stay visible.
+    ``model_hparams`` (the LightningModule's ``hparams_initial``, nested mappings flattened with
+    ``/``) are marked ``differs=True`` -- the HParams table lists those columns first, so a sweep
+    sorts by width or learning rate at once; ``params`` (the monitor's ``lazy_monitor/*``
+    settings) follow. Each metric's value is read by TensorBoard from the scalar series of that
+    tag, so no extra scalar is written. Call it once per run, before any other hparams write
+    (the first one in an event file wins).
 
     Returns:
         False if the writer exposes no file writer to write the summaries to.
     """
-    file_writer = getattr(writer, "_get_file_writer", None)
-    if not callable(file_writer):
+    fw = _file_writer(writer)
+    if fw is None:
         return False
-    from torch.utils.tensorboard.summary import hparams
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-    merged = {**_flatten(existing or {}), **_flatten(params)}
-    exp, ssi, sei = hparams(merged, {name: 0.0 for name in metric_names})
-    fw = file_writer()
-    for summary in (exp, ssi, sei):
-        fw.add_summary(summary, step)
+    model = _flatten(model_hparams or {})
+    merged = {**model, **_flatten(params)}
+    start = plugin_data_pb2.SessionStartInfo()
+    infos = []
+    for name, value in merged.items():
+        if isinstance(value, bool):
+            start.hparams[name].bool_value = value
+            dtype = api_pb2.DATA_TYPE_BOOL
+        elif isinstance(value, (int, float)):
+            start.hparams[name].number_value = float(value)
+            dtype = api_pb2.DATA_TYPE_FLOAT64
+        else:
+            start.hparams[name].string_value = str(value)
+            dtype = api_pb2.DATA_TYPE_STRING
+        infos.append(api_pb2.HParamInfo(name=name, type=dtype, differs=name in model))
+    experiment = api_pb2.Experiment(
+        hparam_infos=infos,
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in metric_names],
+    )
+
+    def summary(tag: str, **content: Any) -> Any:
+        data = plugin_data_pb2.HParamsPluginData(version=0, **content)
+        meta = SummaryMetadata(
+            plugin_data=SummaryMetadata.PluginData(
+                plugin_name="hparams", content=data.SerializeToString()
+            )
+        )
+        return Summary(value=[Summary.Value(tag=tag, metadata=meta)])
+
+    fw.add_summary(summary("_hparams_/experiment", experiment=experiment), step)
+    fw.add_summary(summary("_hparams_/session_start_info", session_start_info=start), step)
     return True
+
+
+def layer_drift_figure(
+    steps: Sequence[int], layers: Sequence[str], values: Sequence[Sequence[float]]
+) -> Any:
+    """Heatmap of the per-layer kernel change: layer groups (rows) × measurements (columns).
+
+    Args:
+        steps: the measured steps, ``(T,)``.
+        layers: the layer group names, ``(L,)``.
+        values: ``ntk_layer/<layer>/rel_change`` as ``(T, L)`` (NaN where not measured).
+
+    Returns:
+        A matplotlib ``Figure`` (log colour scale over the fixed :data:`HEATMAP_RANGE`, the
+        same in every run and image so runs compare by colour; colour bar, labelled axes) for
+        ``SummaryWriter.add_figure``, which closes it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    data = torch.tensor(values, dtype=torch.float64).T.numpy()  # (L, T)
+    lo, hi = HEATMAP_RANGE
+    height = 1.6 + 0.28 * len(layers)
+    fig, ax = plt.subplots(figsize=(6.4, min(height, 12.0)))
+    image = ax.imshow(
+        data.clip(lo, hi),
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        norm=LogNorm(lo, hi),
+    )
+    ax.set_yticks(range(len(layers)), labels=list(layers), fontsize=7)
+    ticks = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 6))})
+    ax.set_xticks(ticks, labels=[str(steps[t]) for t in ticks], fontsize=7)
+    ax.set_xlabel("step (one column per measurement)")
+    ax.set_ylabel("layer group")
+    ax.set_title("relative kernel change per layer group |K_l-K_l0|/|K_l0|", fontsize=9)
+    fig.colorbar(image, ax=ax, label="rel. change (log)", extend="both")
+    fig.tight_layout()
+    return fig
+
+
+def _fmt(value: Optional[float]) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4g}" if math.isfinite(value) else str(value)
+
+
+def run_summary(
+    *,
+    step: int,
+    lazy: bool,
+    reason: str,
+    thresholds: Sequence[str],
+    final: Mapping[str, float],
+    maxima: Mapping[str, float],
+    transitions: int,
+    measurements: int,
+    seconds: float,
+) -> str:
+    """The markdown run summary written at train end (TEXT tab): verdict, thresholds, final and
+    maximum of the key metrics."""
+    verdict = "**lazy**" if lazy else f"**not lazy** ({reason})"
+    lines = [
+        f"### lazy_monitor: {verdict} at step {step}",
+        "",
+        f"thresholds: {', '.join(f'`{t}`' for t in thresholds) or 'none'}; "
+        f"{measurements} measurements ({seconds:.1f} s), {transitions} regime transitions",
+        "",
+        "| metric | final | max |",
+        "|---|---|---|",
+    ]
+    for name, value in final.items():
+        lines.append(f"| `{name}` | {_fmt(value)} | {_fmt(maxima.get(name))} |")
+    return "\n".join(lines)

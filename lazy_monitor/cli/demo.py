@@ -37,6 +37,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -260,8 +261,10 @@ def _train(
             return x, y
 
     class _Classifier(pl.LightningModule):
-        def __init__(self, net: torch.nn.Module, lr: float) -> None:
+        def __init__(self, net: torch.nn.Module, width: int, lr: float, alpha: float) -> None:
             super().__init__()
+            # the sweep's variables: the monitor puts them in TensorBoard's HParams table
+            self.save_hyperparameters({"width": width, "lr": lr, "alpha": alpha})
             self.net = net
             self.lr = lr
 
@@ -279,7 +282,7 @@ def _train(
             return torch.optim.SGD(self.parameters(), lr=self.lr)
 
     net = mlp(2, spec.width, 1, depth=1, output_scale=spec.alpha, seed=seed)
-    module = _Classifier(net, spec.lr)
+    module = _Classifier(net, spec.width, spec.lr, spec.alpha)
     logger = TensorBoardLogger(save_dir=str(out_dir), name=spec.name, default_hp_metric=False)
     monitor = KernelRegimeMonitor(
         probe=probe,
@@ -296,6 +299,8 @@ def _train(
         callbacks=[monitor],
         enable_checkpointing=False,
         enable_model_summary=False,
+        # a progress bar redirected to a file is hundreds of KB of carriage returns
+        enable_progress_bar=sys.stdout.isatty(),
         log_every_n_steps=max(1, steps // _MEASUREMENTS),
         num_sanity_val_steps=0,
         deterministic=True,

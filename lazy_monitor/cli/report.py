@@ -11,7 +11,8 @@ and the maximum over all logged steps of
 and the verdict: ``lazy`` / ``non-lazy`` from the last logged ``regime/lazy`` (the tracker's
 thresholds), ``non-finite`` if ``health/nonfinite`` was ever raised, ``unknown`` if the run
 logged no ``regime/lazy``. ``--json`` gives every tag (final, min, max and their steps);
-``--plot FILE.png`` draws the drift curves (needs matplotlib: ``pip install 'lazy-monitor[viz]'``).
+``--plot FILE.png`` draws the drift curves (log axes; one colour per configuration, the
+line style is the verdict).
 A ``phase.png`` in LOGDIR (the phase diagram ``lazy-monitor demo --phase --out LOGDIR`` writes)
 is named in the output (``"phase_image"`` in ``--json``), also when LOGDIR holds no runs.
 """
@@ -21,13 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 from typing import Optional, TextIO
 
 from lazy_monitor import catalogue
 from lazy_monitor.cli._events import Run, load_runs
 
-__all__ = ["KEY_METRICS", "PLOT_METRICS", "verdict", "format_table", "plot_runs", "add_parser"]
+__all__ = [
+    "KEY_METRICS",
+    "PLOT_METRICS",
+    "verdict",
+    "format_table",
+    "plot_runs",
+    "run_group",
+    "add_parser",
+]
 
 #: Table columns (final and maximum per run) and plot panels: the catalogue entries marked
 #: ``report=True`` / ``plot=True``.
@@ -116,8 +126,56 @@ def _run_json(run: Run) -> dict:
     }
 
 
+_REPEAT = re.compile(r"(^|[_/.-])(init|seed|version|rep|run)[_=-]?\d+(?=$|[_/.-])")
+_WIDTH = re.compile(r"(?:^|[_/.-])(?:w|width)[_=-]?0*(\d+)(?=$|[_/.-])")
+
+
+def run_group(name: str) -> str:
+    """The group a run belongs to: its name without repeat markers (``init0``, ``seed3``,
+    ``version_1``), so the initialisations of one configuration share a colour.
+
+    >>> run_group("lazy_w00064_init2/version_0")
+    'lazy_w00064'
+    """
+    return _REPEAT.sub("", name).strip("_/.-") or name
+
+
+def _width(group: str) -> Optional[int]:
+    match = _WIDTH.search(group)
+    return int(match.group(1)) if match else None
+
+
+#: Line style per verdict: lazy solid, non-lazy dashed, everything else dotted.
+LINESTYLES = {"lazy": "-", "non-lazy": "--", "non-finite": ":", "unknown": ":"}
+
+
+def line_styles(runs: list[Run]) -> tuple[dict[str, tuple], dict[str, tuple[tuple, str]]]:
+    """Colours and line styles of :func:`plot_runs`: ``({group: colour}, {run name: (colour,
+    linestyle)})``, groups ordered by width (then name)."""
+    import matplotlib
+
+    groups = sorted(
+        {run_group(r.name) for r in runs},
+        key=lambda g: (_width(g) is None, _width(g) or 0, g),
+    )
+    many = len(groups) > 10  # tab10 repeats after ten: a sequential map, distinct and ordered
+    cmap = matplotlib.colormaps["viridis" if many else "tab10"]
+    colours = {
+        g: tuple(cmap(0.9 * i / max(1, len(groups) - 1) if many else i))
+        for i, g in enumerate(groups)
+    }
+    styles = {r.name: (colours[run_group(r.name)], LINESTYLES.get(verdict(r), ":")) for r in runs}
+    return colours, styles
+
+
 def plot_runs(runs: list[Run], path: str | Path, title: Optional[str] = None) -> Path:
     """Save the drift curves of ``runs`` (one panel per metric, one line per run) as an image.
+
+    Runs are grouped by :func:`run_group` (the initialisations of one configuration): one colour
+    per group, ordered by the width in the name (``w64``, ``width_256``) where there is one, from
+    a sequential colour map (distinct however many groups there are); the line style is the
+    verdict (lazy solid, non-lazy dashed, non-finite/unknown dotted). Both axes are
+    logarithmic (step 0, where every change is 0, is not drawn; the x-axis is linear up to 1).
 
     Args:
         runs: runs to draw.
@@ -136,50 +194,57 @@ def plot_runs(runs: list[Run], path: str | Path, title: Optional[str] = None) ->
 
         matplotlib.use("Agg")  # headless: never open a window from a CLI
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
     except ImportError as exc:
         raise ImportError(
-            "--plot needs matplotlib, which is an optional extra: pip install 'lazy-monitor[viz]' "
-            "(or pip install matplotlib)"
+            "--plot needs matplotlib (a dependency of lazy-monitor): pip install matplotlib"
         ) from exc
 
     metrics = [m for m in PLOT_METRICS if any(m in r.curves for r in runs)]
     if not metrics:
         raise ValueError("nothing to plot: no run logged any of " + ", ".join(PLOT_METRICS))
     path = Path(path)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    groups, styles = line_styles(runs)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         positive = True
         for run in runs:
             curve = run.curves.get(metric)
             if curve is None:
                 continue
-            ax.plot(curve.steps, curve.values, label=run.name, linewidth=1.4)
+            ax.plot(
+                curve.steps,
+                curve.values,
+                color=styles[run.name][0],
+                linestyle=styles[run.name][1],
+                linewidth=1.4,
+                alpha=0.85,
+            )
             positive &= any(v > 0 for v in curve.values if math.isfinite(v))
         if positive:
             # Drift spans decades across widths; step 0 (exactly 0) is simply not drawn.
             ax.set_yscale("log", nonpositive="mask")
+        ax.set_xscale("symlog", linthresh=1.0)  # early steps, where kernels move fastest
+        ax.set_xlim(left=0)
         ax.set_title(metric)
         ax.set_xlabel("optimizer step")
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:
-        h, lab = ax.get_legend_handles_labels()
-        for hh, ll in zip(h, lab):
-            if ll not in labels:
-                handles.append(hh)
-                labels.append(ll)
-    fig.legend(
-        handles,
-        labels,
-        loc="lower center",
-        ncol=min(len(labels), 4),
-        fontsize="small",
-        frameon=False,
-    )
+    verdicts = {r.name: verdict(r) for r in runs}
+    handles = [Line2D([], [], color=colour, linewidth=2) for colour in groups.values()]
+    labels = list(groups)
+    for name, style in (("lazy", "-"), ("non-lazy", "--")):
+        if name in verdicts.values():
+            handles.append(Line2D([], [], color="grey", linestyle=style))
+            labels.append(f"verdict: {name}")
+    if any(v not in ("lazy", "non-lazy") for v in verdicts.values()):
+        handles.append(Line2D([], [], color="grey", linestyle=":"))
+        labels.append("verdict: other")
+    ncol = min(len(labels), 4)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize="small", frameon=False)
     if title:
         fig.suptitle(title)
-    rows = math.ceil(len(labels) / 4)
-    fig.tight_layout(rect=(0, 0.06 * rows + 0.02, 1, 1))
+    rows = math.ceil(len(labels) / ncol)
+    fig.tight_layout(rect=(0, min(0.5, 0.06 * rows + 0.02), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

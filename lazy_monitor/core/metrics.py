@@ -47,6 +47,8 @@ __all__ = [
     "argmax_agreement",
     "check_targets",
     "condition_number",
+    "numerical_rank",
+    "spectral_rtol",
     "effective_rank",
     "eigenspace_overlap",
     "group_by_layer",
@@ -174,9 +176,11 @@ def kernel_rel_change(kernel: Tensor, kernel0: Tensor) -> Tensor:
 
     .. math:: \Delta K = \|K - K_0\|_F / \|K_0\|_F
 
-    Under NTK parameterization it decays like ``width^{-1/2}`` during training (Lee et al. 2019,
-    "Wide Neural Networks of Any Depth Evolve as Linear Models Under Gradient Descent"). A scaled
-    kernel ``c K_0`` has ``ΔK = |c - 1|``.
+    Under NTK parameterization it is bounded by ``O(width^{-1/2})`` during training (Lee et al.
+    2019, "Wide Neural Networks of Any Depth Evolve as Linear Models Under Gradient Descent");
+    the measured decay is faster, a log-log slope of about −0.7 to −1 against width (the leading
+    change is ``O(1/width)``, Dyer & Gur-Ari 2020; README "Reading the demo",
+    ``benchmarks/RESULTS.md``). A scaled kernel ``c K_0`` has ``ΔK = |c - 1|``.
 
     Args:
         kernel: current kernel, any kind (see module docstring).
@@ -500,50 +504,105 @@ def effective_rank(eigenvalues: Tensor) -> Tensor:
     return torch.exp(-(p * p.log()).sum())
 
 
-def condition_number(eigenvalues: Tensor) -> Tensor:
-    r"""Condition number ``λ_max / λ_min`` of a PSD spectrum.
+def spectral_rtol(size: int, dtype: torch.dtype) -> float:
+    """Relative tolerance below which an eigenvalue of a PSD kernel is zero to working precision.
+
+    ``size · eps(dtype)`` (NumPy's ``matrix_rank`` rule), with ``dtype`` the precision the kernel
+    was *computed* in: a float32 kernel decomposed in float64 still carries float32 round-off.
+    """
+    return float(size) * float(torch.finfo(dtype).eps)
+
+
+def numerical_rank(eigenvalues: Tensor, rtol: Optional[float] = None) -> Tensor:
+    r"""Number of eigenvalues above ``rtol · λ_max`` (the numerical rank of a PSD kernel).
 
     Args:
         eigenvalues: ``(M,)``.
+        rtol: relative tolerance; default :func:`spectral_rtol` of ``M`` and the eigenvalues'
+            dtype (pass the kernel's dtype when a float32 kernel was decomposed in float64).
 
     Returns:
-        0-dim float64 tensor; ``+inf`` when ``λ_min ≤ 0`` (singular to working precision, which a
-        float32 kernel with ``N·O`` close to or above the parameter count will be); NaN on
-        non-finite input.
+        0-dim float64 tensor (an integer value, 0 for an all-zero spectrum); NaN on non-finite
+        input.
+
+    >>> numerical_rank(torch.tensor([1e-9, 0.5, 2.0])).item()  # float32: rtol = 3 · 1.2e-7
+    2.0
     """
     if not _finite(eigenvalues):
         return _nan(eigenvalues)
     lam = eigenvalues.detach().to(torch.float64)
+    rtol = spectral_rtol(lam.numel(), eigenvalues.dtype) if rtol is None else float(rtol)
+    hi = lam.max()
+    if hi <= 0:
+        return torch.zeros((), dtype=torch.float64, device=lam.device)
+    return (lam > rtol * hi).sum().to(torch.float64)
+
+
+def condition_number(eigenvalues: Tensor, rtol: Optional[float] = None) -> Tensor:
+    r"""Condition number ``λ_max / max(λ_min, rtol · λ_max)`` of a PSD spectrum.
+
+    Eigenvalues below ``rtol · λ_max`` are zero to working precision (a float32 kernel with
+    ``N·O`` close to or above the parameter count has some, of either sign): their ratio is
+    round-off, not a property of the kernel, so the result is capped at ``1 / rtol`` instead of
+    being ``inf`` or jumping by orders of magnitude between measurements. A capped value means
+    "singular to working precision"; :func:`numerical_rank` says how singular.
+
+    Args:
+        eigenvalues: ``(M,)``.
+        rtol: relative tolerance; default :func:`spectral_rtol` of ``M`` and the eigenvalues'
+            dtype.
+
+    Returns:
+        0-dim float64 tensor in ``[1, 1/rtol]``; NaN for an all-zero spectrum or non-finite
+        input.
+
+    >>> condition_number(torch.tensor([-4e-7, 1.0, 100.0]), rtol=1e-5).item()
+    100000.0
+    """
+    if not _finite(eigenvalues):
+        return _nan(eigenvalues)
+    lam = eigenvalues.detach().to(torch.float64)
+    rtol = spectral_rtol(lam.numel(), eigenvalues.dtype) if rtol is None else float(rtol)
     lo, hi = lam.min(), lam.max()
-    if lo <= 0:
-        return torch.full((), math.inf, dtype=torch.float64, device=lam.device)
-    return hi / lo
+    if hi <= 0:
+        return _nan(lam)
+    return hi / torch.clamp(lo, min=rtol * float(hi))
 
 
-def spectrum_stats(eigenvalues: Tensor) -> dict[str, Tensor]:
+def spectrum_stats(eigenvalues: Tensor, rtol: Optional[float] = None) -> dict[str, Tensor]:
     """Summary of a kernel spectrum.
 
     Args:
         eigenvalues: ``(M,)``, e.g. from :func:`kernel_spectrum`.
+        rtol: relative tolerance of "zero" for ``cond``/``rank``/``log10_cond`` (default
+            :func:`spectral_rtol` of ``M`` and the eigenvalues' dtype; pass
+            ``spectral_rtol(M, kernel.dtype)`` for a float32 kernel decomposed in float64).
 
     Returns:
-        ``{"eig_max", "eig_min", "trace", "eff_rank", "cond"}``, 0-dim float64 tensors:
-        largest and smallest eigenvalue (``eig_min`` is reported unclamped, so rounding may make it
-        slightly negative), their sum (= the kernel matrix trace), :func:`effective_rank` and
-        :func:`condition_number`. All NaN on non-finite input.
+        ``{"eig_max", "eig_min", "trace", "eff_rank", "cond", "log10_cond", "rank"}``, 0-dim
+        float64 tensors: largest and smallest eigenvalue (``eig_min`` is reported unclamped, so
+        rounding may make it slightly negative), their sum (= the kernel matrix trace),
+        :func:`effective_rank`, :func:`condition_number` (finite, at most ``1/rtol``), its
+        ``log10`` and :func:`numerical_rank`. All NaN on non-finite input.
     """
+    keys = ("eig_max", "eig_min", "trace", "eff_rank", "cond", "log10_cond", "rank")
     if eigenvalues.numel() == 0:
         raise ValueError("eigenvalues is empty; pass the spectrum of a non-empty kernel")
     if not _finite(eigenvalues):
         nan = _nan(eigenvalues)
-        return {k: nan.clone() for k in ("eig_max", "eig_min", "trace", "eff_rank", "cond")}
+        return {k: nan.clone() for k in keys}
     lam = eigenvalues.detach().to(torch.float64)
+    if rtol is None:
+        rtol = spectral_rtol(lam.numel(), eigenvalues.dtype)
+    cond = condition_number(lam, rtol)
     return {
         "eig_max": lam.max(),
         "eig_min": lam.min(),
         "trace": lam.sum(),
         "eff_rank": effective_rank(lam),
-        "cond": condition_number(lam),
+        "cond": cond,
+        "log10_cond": torch.log10(cond),
+        "rank": numerical_rank(lam, rtol),
     }
 
 

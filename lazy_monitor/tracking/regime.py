@@ -101,8 +101,10 @@ def regime_metrics(
         values["ntk/velocity"] = distance / (step - last.last_step)
     if targets is not None:
         values["ntk/alignment"] = M.kernel_alignment(kernel, targets.to(kernel.device))
-    stats = M.spectrum_stats(vals)
-    for key in ("eig_max", "eig_min", "trace", "eff_rank", "cond"):
+    # "zero" eigenvalues at the precision the kernel was computed in (float32 kernels are
+    # decomposed in float64, which would otherwise turn float32 round-off into a huge cond)
+    stats = M.spectrum_stats(vals, M.spectral_rtol(vals.numel(), kernel.dtype))
+    for key in ("eig_max", "eig_min", "trace", "eff_rank", "cond", "log10_cond", "rank"):
         values[f"ntk/{key}"] = stats[key]
     values["ntk/eig_overlap"] = M.eigenspace_overlap(reference.eigvecs0, vecs[:, -topk:])
     distance, rel_change, by_layer = M.param_changes(current.params, params0, layers)

@@ -44,6 +44,7 @@ from lazy_monitor.core.stability import CatapultDetector
 from lazy_monitor.thresholds import Threshold
 from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint, same_fingerprint
 from lazy_monitor.tracking.distributed import KernelSharding, sharded_kernel
+from lazy_monitor.tracking.layers import group_layers
 from lazy_monitor.tracking.regime import Measurement, lazy_decision, regime_metrics
 
 __all__ = [
@@ -247,6 +248,9 @@ class KernelTracker:
             computes the blocks of its share of the parameters and one sum-reduction completes
             the kernels; every process must call :meth:`start`/:meth:`measure` together and
             gets the same metrics. ``None``: this process computes everything.
+        layer_groups: with ``per_layer``, at most this many layer groups (module hierarchy,
+            normalization layers folded into their block:
+            :func:`lazy_monitor.tracking.layers.group_layers`); ``None``: one per module.
 
     Raises:
         TypeError: an argument of the wrong type (``model`` not an ``nn.Module``,
@@ -301,6 +305,7 @@ class KernelTracker:
         projection: Union[None, int, str] = None,
         projection_seed: int = 0,
         max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
+        layer_groups: Optional[int] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -318,6 +323,9 @@ class KernelTracker:
             optional=True,
             fix="bytes, e.g. 2**30; None: no limit",
         )
+        check_int("layer_groups", layer_groups, minimum=1, optional=True, fix="None: per module")
+        #: at most this many per-layer groups (tracking/layers.py); None: one per module
+        self.layer_groups = layer_groups
         self.model = model
         #: The requested kind (``"auto"`` or a kind); the measured one is in
         #: :attr:`kernel_config` once started.
@@ -344,7 +352,7 @@ class KernelTracker:
         self.probe_size = F.batch_size(probe)
         self._probe_cache: Optional[tuple[torch.device, InputBatch]] = None
         self._param_names = list(F.resolve_params(model))
-        self._layers = M.group_by_layer(self._param_names)
+        self._layers = self._group_layers()
 
         bad = []
         F.map_batch(
@@ -880,12 +888,17 @@ class KernelTracker:
             )
         return None
 
-    def _set_param_names(self, names: list[str]) -> None:
+    def _group_layers(self) -> dict[str, list[str]]:
+        if self.layer_groups is None:
+            return M.group_by_layer(self._param_names)
+        return group_layers(self.model, self._param_names, self.layer_groups)
+
+    def _set_param_names(self, names: list[str], regroup: bool = False) -> None:
         """Fix the tracked parameter set (and the per-layer metric names that follow from it)."""
-        if names == self._param_names:
+        if names == self._param_names and not regroup:
             return
         self._param_names = list(names)
-        self._layers = M.group_by_layer(self._param_names)
+        self._layers = self._group_layers()
         self._names = self._build_names()
         self.lazy_thresholds = self._check_thresholds(self.lazy_thresholds)
 
@@ -1129,6 +1142,7 @@ class KernelTracker:
             "num_examples": self.probe_size,
             "num_outputs": self.num_outputs,
             "param_names": list(self._param_names),
+            "layer_groups": self.layer_groups,
             "probe": self._probe_fingerprint,
             "targets": None if self.targets is None else fingerprint(self.targets),
             "feature_modules": list(self._feature_modules),
@@ -1225,7 +1239,10 @@ class KernelTracker:
         self._reset()
         if not state["started"]:
             return
-        self._set_param_names(names)
+        # the saved per-layer K₀ fixes the grouping (states before layer_groups: per module)
+        regroup = saved.get("layer_groups") != self.layer_groups
+        self.layer_groups = saved.get("layer_groups")
+        self._set_param_names(names, regroup=regroup)
         assert kernel_config is not None
         self._apply_kernel_config(kernel_config, warn=False)
         lin = self._new_linearization()

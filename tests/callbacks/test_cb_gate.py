@@ -148,3 +148,13 @@ def test_new_fit_without_checkpoint_starts_the_gate_afresh(tmp_path):
     messages = [str(w.message) for w in rec if w.category is KernelDriftWarning]
     assert not any("restored tripped state" in m for m in messages), messages
     assert trainer.global_step == 2 and tripped.tripped and tripped.trip_step == 2
+
+
+def test_warning_points_at_the_users_fit_call_not_at_library_internals(tmp_path):
+    gate = KernelDriftGate({"ntk/rel_change": TINY}, action="warn")
+    with pytest.warns(KernelDriftWarning) as rec:
+        _fit(tmp_path, gate, max_steps=4)
+    (warning,) = [w for w in rec if w.category is KernelDriftWarning]
+    # _fit's trainer.fit(...) line in this file: the first frame outside lazy_monitor/Lightning
+    assert warning.filename == __file__
+    assert "trainer.fit(" in open(__file__).read().splitlines()[warning.lineno - 1]

@@ -38,7 +38,10 @@ def run(tmp_path_factory):
 
 def test_scalars_are_logged_under_the_tracker_names(run):
     trainer, monitor, acc = run
-    assert set(monitor.metric_names()) <= set(acc.Tags()["scalars"])
+    tags = set(acc.Tags()["scalars"])
+    # health/* only once something is wrong (never here); everything else under its name
+    assert {n for n in monitor.metric_names() if not n.startswith("health/")} <= tags
+    assert "health/nonfinite" not in tags and "health/nonfinite" in monitor.metric_names()
     assert {
         "ntk/rel_change",
         "lin/rel_error",
@@ -67,13 +70,13 @@ def test_custom_layout_histogram_and_image_per_measurement(run):
     config = acc.Tensors("custom_scalars__config__")
     assert len(config) == 1
     layout = layout_pb2.Layout.FromString(config[0].tensor_proto.string_val[0])
-    assert [c.title for c in layout.category] == [
-        "kernel drift",
-        "linearization",
-        "spectrum",
-        "parameters",
-        "stability",
-        "features",
+    assert [(c.title, c.closed) for c in layout.category] == [
+        ("drift (log10)", False),
+        ("kernel drift", False),
+        ("linearization", False),
+        ("spectrum", True),
+        ("parameters", True),
+        ("health", True),
     ]
     hist = acc.Histograms("ntk/eigenvalues")
     assert [h.step for h in hist] == [0, 1, 2, 5, 10, 12]
@@ -81,16 +84,45 @@ def test_custom_layout_histogram_and_image_per_measurement(run):
     assert [i.step for i in acc.Images("ntk/kernel")] == [0, 1, 2, 5, 10, 12]
 
 
-def test_hparams_session_lists_the_monitor_settings_and_metrics(run):
+def test_hparams_session_lists_the_module_hparams_first_and_the_monitor_settings(run):
     from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from lazy_monitor.callbacks._tensorboard import HPARAMS_METRICS
 
     _, _, acc = run
     content = acc.PluginTagToContent("hparams")
     exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-    metric_tags = {m.name.tag for m in exp.experiment.metric_infos}
-    hparam_names = {h.name for h in exp.experiment.hparam_infos}
-    assert {"ntk/rel_change", "lin/rel_error"} <= metric_tags
-    assert {"lazy_monitor/every_n_steps", "lazy_monitor/probe_size", "lr"} <= hparam_names
+    assert [m.name.tag for m in exp.experiment.metric_infos] == list(HPARAMS_METRICS)
+    differs = {h.name: h.differs for h in exp.experiment.hparam_infos}
+    # the module's save_hyperparameters values are the columns that differ between runs
+    assert differs["lr"] and differs["batch_size"]
+    assert not differs["lazy_monitor/every_n_steps"] and "lazy_monitor/probe_size" in differs
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["lr"].number_value > 0
+    # every metric of the table is a logged scalar series (TensorBoard reads the values there)
+    assert set(HPARAMS_METRICS) <= set(acc.Tags()["scalars"])
+
+
+def test_log10_companions_skip_the_reference_and_match_the_metric(run):
+    import math
+
+    _, _, acc = run
+    rel = scalars(acc, "ntk/rel_change")
+    log = scalars(acc, "drift/log10_ntk_rel_change")
+    assert sorted(log) == [1, 2, 5, 10, 12]  # no step 0, where the change is 0 by definition
+    for step, value in log.items():
+        assert value == pytest.approx(math.log10(max(rel[step], 1e-8)), abs=1e-6)
+    assert "drift_layer/net.0/log10_rel_change" in acc.Tags()["scalars"]
+
+
+def test_run_summary_text_and_layer_heatmap(run):
+    _, _, acc = run
+    (summary,) = acc.Tensors("lazy_monitor/summary/text_summary")
+    text = summary.tensor_proto.string_val[0].decode()
+    assert text.startswith("### lazy_monitor: ") and "| `ntk/rel_change` |" in text
+    assert "ntk/rel_change ≤ 0.1" in text
+    # heatmap at measurements 2, 4 and at the end (6 measurements)
+    assert [i.step for i in acc.Images("drift_layer/heatmap")] == [1, 5, 12]
 
 
 def test_callback_metrics_hold_the_last_measurement_as_tensors(run):

@@ -160,6 +160,8 @@ def test_custom_layout_has_the_four_categories_and_only_logged_tags():
     ]
     layout = custom_layout(names)
     assert list(layout) == ["kernel drift", "linearization", "spectrum", "parameters"]
+    with_log10 = custom_layout([*names, "drift/log10_ntk_rel_change"])
+    assert list(with_log10)[0] == "drift (log10)"
     assert "kernel-target alignment" not in layout["kernel drift"]
     (per_layer,) = layout["kernel drift"]["relative change per layer"][1]
     assert re.search(per_layer, "ntk_layer/net.0/rel_change")
@@ -172,3 +174,54 @@ def test_kernel_image_maps_zero_to_grey_and_extremes_to_black_white():
     img = kernel_image(k, min_pixels=4)
     assert img.shape == (4, 4) and img.dtype == torch.float32
     assert img[0, 0] == 1.0 and img[3, 3] == 0.0 and img[0, 1] == 0.5
+
+
+class _Writer:
+    def __init__(self):
+        self.texts = []
+
+    def add_custom_scalars(self, layout):
+        pass
+
+    def add_histogram(self, *args, **kwargs):
+        pass
+
+    def add_text(self, tag, text, global_step=None):
+        self.texts.append((tag, text, global_step))
+
+
+def test_verdict_texts_at_transitions_health_alarm_and_cap():
+    from types import SimpleNamespace
+
+    from lazy_monitor.callbacks._tensorboard import MAX_TEXTS, VERDICT_TAG
+    from lazy_monitor.callbacks.lightning import KernelRegimeMonitor
+
+    writer = _Writer()
+    trainer = SimpleNamespace(loggers=[SimpleNamespace(experiment=writer)])
+    monitor = KernelRegimeMonitor(probe_size=4)
+    monitor._tracker = SimpleNamespace(
+        regime_decision=lambda m: (False, f"ntk/rel_change = {m['ntk/rel_change']:.4g} > 0.1")
+    )
+
+    def metrics(lazy, rel=0.05, nonfinite=0.0):
+        return {"regime/lazy": lazy, "ntk/rel_change": rel, "health/nonfinite": nonfinite}
+
+    monitor._write_texts(trainer, 0, 0, metrics(1.0), {})  # reference: nothing to say
+    monitor._write_texts(trainer, 120, 120, metrics(0.0, 0.13), metrics(1.0))
+    monitor._write_texts(trainer, 130, 130, metrics(0.0, 0.2), metrics(0.0, 0.13))  # no change
+    monitor._write_texts(trainer, 140, 140, metrics(1.0), metrics(0.0, 0.2))
+    monitor._write_texts(trainer, 150, 150, metrics(1.0, nonfinite=1.0), metrics(1.0))
+    assert [(t[0], t[1]) for t in writer.texts] == [
+        (VERDICT_TAG, "step 120: left the lazy regime: ntk/rel_change = 0.13 > 0.1"),
+        (VERDICT_TAG, "step 140: back in the lazy regime"),
+        (
+            VERDICT_TAG,
+            "step 150: `health/nonfinite` = 1 (1 if kernel, outputs or parameters hold NaN/inf)",
+        ),
+    ]
+    for step in range(200, 240, 2):  # oscillating: capped, the last entry says so
+        monitor._write_texts(trainer, step, step, metrics(0.0, 0.2), metrics(1.0))
+        monitor._write_texts(trainer, step + 1, step + 1, metrics(1.0), metrics(0.0, 0.2))
+    assert len(writer.texts) == MAX_TEXTS
+    assert "further events omitted" in writer.texts[-1][1]
+    assert monitor._transitions == 42

@@ -187,3 +187,28 @@ def test_tensorboard_serves_the_demo_metric_tags(demo):
             proc.kill()
             proc.wait(timeout=15)
         proc.stderr.close()
+
+
+def test_redirected_demo_prints_no_progress_bar(demo):
+    _, text, _ = demo
+    # a Lightning progress bar redirected to a file writes hundreds of KB of "\r" updates
+    assert "\r" not in text and len(text.encode()) < 5_000
+
+
+def test_demo_hparams_table_has_the_sweep_variables_first(demo):
+    from tensorboard.backend.event_processing import event_accumulator as ea
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    out_dir: Path = demo[2]
+    for run in LOGGED:
+        (events,) = (out_dir / run).rglob("events.out.tfevents.*")
+        acc = ea.EventAccumulator(str(events))
+        acc.Reload()
+        content = acc.PluginTagToContent("hparams")
+        exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+        differs = sorted(h.name for h in exp.experiment.hparam_infos if h.differs)
+        assert differs == ["alpha", "lr", "width"]
+        start = plugin_data_pb2.HParamsPluginData.FromString(
+            content["_hparams_/session_start_info"]
+        )
+        assert start.session_start_info.hparams["width"].number_value == int(run[6:11])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from _cli_events import lazy_curves, write_run
@@ -92,7 +93,7 @@ def test_plot_writes_a_png(logdir, tmp_path, capsys):
 def test_plot_without_matplotlib_is_a_clear_error(logdir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert main(["report", str(logdir), "--plot", str(tmp_path / "x.png")]) == 2
-    assert "pip install 'lazy-monitor[viz]'" in capsys.readouterr().err
+    assert "pip install matplotlib" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 
@@ -101,3 +102,21 @@ def test_empty_or_missing_logdir_exit_2(tmp_path, capsys):
     assert "no runs" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_plot_styles_one_colour_per_configuration_and_the_verdict_as_line_style():
+    from lazy_monitor.cli._events import Curve, Run
+    from lazy_monitor.cli.report import line_styles, run_group
+
+    def run(name, lazy):
+        return Run(name, Path(name), {"regime/lazy": Curve((0, 5), (1.0, float(lazy)))})
+
+    runs = [run(f"lazy_w{w:05d}_init{i}/version_0", True) for w in range(1, 13) for i in (0, 1)]
+    runs.append(run("nonlazy_w00001_alpha0.1/version_0", False))
+    groups, styles = line_styles(runs)
+    assert list(groups)[:3] == ["lazy_w00001", "nonlazy_w00001_alpha0.1", "lazy_w00002"]
+    assert len(set(groups.values())) == 13  # 13 configurations, 13 colours (no reuse after 10)
+    assert styles["lazy_w00003_init0/version_0"] == styles["lazy_w00003_init1/version_0"]
+    assert styles["lazy_w00001_init0/version_0"][1] == "-"
+    assert styles["nonlazy_w00001_alpha0.1/version_0"][1] == "--"
+    assert run_group("sweep/width_256/seed3") == "sweep/width_256"

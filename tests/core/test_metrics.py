@@ -163,7 +163,41 @@ def test_rank_one_spectrum():
     assert stats["eff_rank"].item() == pytest.approx(1.0, abs=1e-6)
     assert stats["eig_max"].item() == pytest.approx(v.square().sum().item())
     assert stats["trace"].item() == pytest.approx(v.square().sum().item())
-    assert stats["cond"].item() == math.inf  # singular
+    # singular: capped at 1/rtol (rtol = M·eps), rank 1, never inf
+    rtol = M.spectral_rtol(4, torch.float64)
+    assert stats["cond"].item() == pytest.approx(1 / rtol)
+    assert stats["log10_cond"].item() == pytest.approx(math.log10(1 / rtol))
+    assert stats["rank"].item() == 1.0
+
+
+def test_condition_number_ignores_round_off_of_a_float32_kernel():
+    # A float32 kernel of rank 3 in 6 dims, decomposed in float64 (as the tracker does): the
+    # zero eigenvalues come out as float32 round-off of either sign. cond/rank must read them
+    # as zero at float32 precision, the same for every seed (no inf, no 1e8-vs-1e5 jumps).
+    conds = set()
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        j = torch.randn(6, 3, generator=g)
+        k32 = j @ j.T  # float32
+        vals = torch.linalg.eigvalsh(k32.to(torch.float64))
+        assert vals.min() != 0.0  # round-off, as in practice
+        rtol = M.spectral_rtol(6, torch.float32)
+        stats = M.spectrum_stats(vals, rtol)
+        assert stats["rank"].item() == 3.0
+        assert math.isfinite(stats["cond"].item())
+        conds.add(round(stats["log10_cond"].item(), 6))
+        # full-rank part: the real condition number of the nonsingular block
+        ok = M.spectrum_stats(torch.linalg.eigvalsh((j.T @ j).to(torch.float64)), rtol)
+        want = torch.linalg.eigvalsh((j.T @ j).double())
+        assert ok["cond"].item() == pytest.approx((want.max() / want.min()).item(), rel=1e-9)
+        assert ok["rank"].item() == 3.0
+    assert conds == {round(math.log10(1 / M.spectral_rtol(6, torch.float32)), 6)}
+
+
+def test_condition_number_all_zero_and_nonfinite():
+    assert math.isnan(M.condition_number(torch.zeros(3)).item())
+    assert M.numerical_rank(torch.zeros(3)).item() == 0.0
+    assert math.isnan(M.numerical_rank(torch.tensor([1.0, float("nan")])).item())
 
 
 def test_identity_spectrum_stats():

@@ -13,7 +13,8 @@ from lazy_monitor.demo.models import mlp
 
 FIXED_NAMES = [
     "ntk/rel_change", "ntk/distance", "ntk/velocity", "ntk/alignment", "ntk/eig_max",
-    "ntk/eig_min", "ntk/trace", "ntk/eff_rank", "ntk/cond", "ntk/eig_overlap",
+    "ntk/eig_min", "ntk/trace", "ntk/eff_rank", "ntk/cond", "ntk/log10_cond", "ntk/rank",
+    "ntk/eig_overlap",
     "params/rel_change", "params/distance", "lin/rel_error", "lin/rmse", "lin/agreement",
 ]  # fmt: skip
 CHANGES = ["ntk/rel_change", "ntk/distance", "ntk/velocity", "params/rel_change",

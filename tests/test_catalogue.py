@@ -77,7 +77,14 @@ def test_layout_hparams_and_report_come_from_the_catalogue():
 
     names = catalogue.tracker_metric_names(["fc"], targets=True, classification=True)
     layout = catalogue.tensorboard_layout(names)
-    assert list(layout) == ["kernel drift", "linearization", "spectrum", "parameters", "health"]
+    assert list(layout) == [
+        "kernel drift",
+        "linearization",
+        "spectrum",
+        "parameters",
+        "stability",
+        "health",
+    ]
     # with the callbacks' log10 companions, they come first
     logged = names + list(catalogue.log10_companions(dict.fromkeys(names, 0.5)))
     assert list(catalogue.tensorboard_layout(logged))[:2] == ["drift (log10)", "kernel drift"]

@@ -641,10 +641,14 @@ class KernelTracker:
         """Whether λmax of the measured kernel matrix is that of the ``(N·O) × (N·O)`` NTK
         (what ``ntk/lr_eig_max`` is defined with): a full kernel, or a trace/diagonal kernel of a
         single output (then the same matrix). Any other kind (e.g. a projected kernel) is not.
-        With a kind resolved at start (``"auto"``), this must test the resolved kind."""
-        if self.kind == "full":
+        Tests the kind resolved at start (``"auto"`` is resolved there)."""
+        cfg = self._kernel_config
+        kind = self.kind if cfg is None else cfg["kind"]
+        if cfg is not None and cfg["projection"] is not None:
+            return False  # the kernel of projected outputs, not the NTK's spectrum
+        if kind == "full":
             return True
-        return self.kind in ("trace", "diagonal") and self.num_outputs == 1
+        return kind in ("trace", "diagonal") and self.num_outputs == 1
 
     def _kernel(self) -> tuple[Tensor, dict[str, Tensor]]:
         """Total kernel and per-layer kernels (one engine call), on the metric device."""

@@ -76,6 +76,8 @@ def test_custom_layout_histogram_and_image_per_measurement(run):
         ("linearization", False),
         ("spectrum", True),
         ("parameters", True),
+        ("stability", True),
+        ("features", False),
         ("health", True),
     ]
     hist = acc.Histograms("ntk/eigenvalues")

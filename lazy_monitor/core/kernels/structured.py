@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
@@ -192,6 +193,110 @@ def _use_rows_ok(use: _Use, n: int) -> bool:
         and use.out.shape[0] == n
         and (use.op == "norm" or (use.inp.dim() >= 1 and use.inp.shape[0] == n))
     )
+
+
+# Verdicts of :func:`_verify_batch_mapping` per module, for repeated calls on the same probe
+# (the tracker measures the same probe examples every time): the key is everything the batch
+# mapping can depend on except the parameter values (see :func:`_mapping_key`).
+_MAPPING_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MAPPING_CACHE_SIZE = 8
+
+
+def _mapping_key(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    probe_x: InputBatch,
+    out: Tensor,
+    cap: _Capture,
+) -> tuple:
+    """What the verification of a probe pass depends on: the output function (by identity),
+    parameter names/shapes/dtypes/devices, the probe's structure and *values*, the output
+    shape, and the traced structure -- every captured use (op, names, input/output shapes,
+    static arguments) and the parameters already flagged. Parameter values are left out (they
+    change every training step; a model whose example mixing depends on its parameter values
+    but not on its traced structure would defeat the cache)."""
+    leaves, spec = tree_flatten(probe_x)
+    probe = tuple(
+        ("T", tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else ("V", repr(t))
+        for t in leaves
+    )
+    uses = tuple(
+        (
+            u.op,
+            u.weight,
+            u.bias,
+            tuple(u.inp.shape),
+            tuple(u.out.shape),
+            tuple(sorted((k, repr(v)) for k, v in u.meta.items() if not isinstance(v, Tensor))),
+        )
+        for u in cap.uses
+    )
+    shapes = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items())
+    return (
+        str(spec),
+        probe,
+        shapes,
+        tuple(out.shape),
+        out.dtype,
+        uses,
+        frozenset(cap.other),
+        _module_state(fm.model),
+    )
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _module_state(model: torch.nn.Module) -> tuple:
+    """Every submodule's type and plain Python attributes (flags such as ``batch_first``, a
+    layout switch set after construction), and any instance-level ``forward`` override: state
+    that can change how examples flow through the model without changing its parameters."""
+    state = []
+    for name, m in model.named_modules():
+        attrs = tuple(
+            sorted(
+                (k, v)
+                for k, v in vars(m).items()
+                if isinstance(v, _PLAIN)
+                or (isinstance(v, tuple) and all(isinstance(e, _PLAIN) for e in v))
+            )
+        )
+        fwd = vars(m).get("forward")
+        state.append((name, type(m), attrs, None if fwd is None else id(fwd)))
+    return tuple(state)
+
+
+def _cached_verification(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    probe_x: InputBatch,
+    out: Tensor,
+    cap: _Capture,
+) -> None:
+    """:func:`_verify_batch_mapping`, reusing the verdict of an earlier call whose
+    :func:`_mapping_key` and probe values are identical (same module and output function)."""
+    key = _mapping_key(fm, params, probe_x, out, cap)
+    leaves = [t for t in tree_flatten(probe_x)[0] if isinstance(t, Tensor)]
+    try:
+        entries = _MAPPING_CACHE.setdefault(fm.model, [])
+    except TypeError:  # a module that cannot be weakly referenced: no cache
+        entries = None
+    for entry in entries or ():
+        e_key, e_fn, e_leaves, e_bad = entry
+        if (
+            e_key == key
+            and e_fn is fm.output_fn
+            and all(torch.equal(a, b) for a, b in zip(leaves, e_leaves))
+        ):
+            cap.other.update(e_bad)
+            return
+    before = set(cap.other)
+    _verify_batch_mapping(out, cap)
+    if entries is not None:
+        if len(entries) >= _MAPPING_CACHE_SIZE:
+            entries.pop(0)
+        stored = [t.detach().clone() for t in leaves]
+        entries.append((key, fm.output_fn, stored, frozenset(cap.other - before)))
 
 
 def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:
@@ -675,7 +780,7 @@ def structured_ntk(
     if x2 is not None:
         with torch.no_grad():
             check_same_outputs(o, fm(params, slice_batch(x2, slice(0, 1))).shape[1])
-    _verify_batch_mapping(out, cap)
+    _cached_verification(fm, params, probe_x, out, cap)
     del out
     n_max = max(n1, n2 or 0)
     plan = _make_plan(params, cap, n_max, o, keep_blocks)

@@ -2,7 +2,9 @@
 
 For a weight used as ``y = a Wᵀ (+ b)`` -- ``F.linear`` with any leading dims, ``F.conv1d`` /
 ``F.conv2d`` after unfolding the input (stride, padding incl. ``"same"``, dilation, groups),
-``F.embedding`` with a one-hot input -- the Jacobian of example ``n``, output ``a`` is
+``F.embedding`` with a one-hot input, ``a @ W (+ b)`` with the parameter as right operand
+(``torch.addmm``/``mm``/``matmul``: HF ``Conv1D``, treated as a Linear with weight ``Wᵀ``) --
+the Jacobian of example ``n``, output ``a`` is
 
     ∂f_a(x_n)/∂W = Σ_t G[n, a, t]ᵀ A[n, t]          G = ∂f_a/∂y (N, O, T, d_out), A (N, T, d_in)
 
@@ -19,15 +21,19 @@ from ``(G, A)``), with matmuls and bounded memory.
 Every captured use is verified to be per-example before its rule is trusted (a probe pass on
 two examples, :func:`_verify_batch_mapping`): dim 0 of the use's output and input must be the
 probe's batch, and the gradient of example 0's outputs must vanish on every other row of the
-use's output. Inputs shared by the batch (position ids ``(1, T)``), sequence-first layouts
-(``nn.MultiheadAttention``, ``batch_first=False`` encoders, even when ``T == N``) and flattened
-``(N·T, d)`` rows fail the check, and exactly those parameters go to the fallback.
+use's output. A Linear-type use may instead hold ``N·r`` rows on dim 0 (positions flattened,
+``x.view(-1, d)``) if example 0's gradient lives only in the first ``r`` rows (contiguous per
+example). Inputs shared by the batch (position ids ``(1, T)``), sequence-first layouts
+(``nn.MultiheadAttention``, ``batch_first=False`` encoders, even when ``T == N``) and
+position-major ``(T·N, d)`` rows fail the check, and exactly those parameters go to the
+fallback. The verdict is cached per module for an identical traced structure, probe and module
+state (:func:`_cached_verification`), so repeated calls on one probe skip the check's backward.
 
 Uses are found with a :class:`torch.overrides.TorchFunctionMode` that sees every torch call on
 the parameter tensors passed to ``functional_call``: a parameter gets the structured rule only
 if *all* its uses are supported ops in the same role (several uses of one Linear/Conv weight,
 e.g. a module applied twice, are concatenated along positions). A parameter used any other way
-(matmul, ``.T``, a custom op, a tied weight shared by an Embedding and a Linear, an
+(left matmul operand, ``.T``, a custom op, a tied weight shared by an Embedding and a Linear, an
 Embedding with ``max_norm``/``scale_grad_by_freq``) falls back to the Jacobian
 contraction in the same call. Outputs of supported ops that the model later modifies in place
 (``ReLU(inplace=True)``) are detected through their version counter and the pass is redone with
@@ -94,6 +100,47 @@ _NORMS = {
 }
 
 
+# ``y = a @ W (+ b)`` with the parameter ``W (d_in, d_out)`` as the right operand: HF
+# ``Conv1D`` (GPT-2: ``torch.addmm(bias, x.view(-1, d), W)``), ``x @ W``. These are Linear uses
+# with a transposed weight; the kernel does not depend on how a weight's entries are ordered,
+# so the factors are built for ``Wᵀ (d_out, d_in)``.
+_MATMULS = {
+    torch.addmm: "addmm",
+    Tensor.addmm: "addmm",
+    torch.mm: "mm",
+    Tensor.mm: "mm",
+    torch.matmul: "mm",
+    Tensor.matmul: "mm",
+    Tensor.__matmul__: "mm",
+}
+
+
+def _bind_matmul(kind: str, args: tuple, kwargs: dict) -> Optional[dict]:
+    """``{"input", "weight", "bias"}`` of a matmul-family call, or None if it is not
+    ``a @ W (+ b)`` with a 2-D right operand, a 1-D bias and ``alpha = beta = 1``."""
+    if kind == "addmm":
+        names = ("bias", "input", "weight", "beta", "alpha")
+    else:
+        names = ("input", "weight")
+    bound = dict(zip(names, args))
+    bound.update(
+        {("input" if k == "mat1" else "weight" if k == "mat2" else k): v for k, v in kwargs.items()}
+    )
+    if "other" in bound:
+        bound["weight"] = bound.pop("other")
+    bias, a, w = bound.get("bias"), bound.get("input"), bound.get("weight")
+    if kind == "addmm" and (
+        bound.get("beta", 1) != 1
+        or bound.get("alpha", 1) != 1
+        or not isinstance(bias, Tensor)
+        or bias.dim() != 1
+    ):
+        return None
+    if not (isinstance(a, Tensor) and isinstance(w, Tensor) and w.dim() == 2 and a.dim() >= 2):
+        return None
+    return {"input": a, "weight": w, "bias": bias}
+
+
 def _affine_norm(func: Any, layout: str, bound: dict) -> tuple[Tensor, Tensor]:
     """``(x̂, y)`` for a normalisation call: the op without its affine, then the affine."""
     weight, bias = bound.get("weight"), bound.get("bias")
@@ -129,6 +176,7 @@ class _Capture(torch.overrides.TorchFunctionMode):
         self.copy_outputs = copy_outputs
         self.uses: list[_Use] = []
         self.other: set[str] = set()
+        self.n = 0  # examples in the pass (dim 0 of the output), set by _forward
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -159,9 +207,15 @@ class _Capture(torch.overrides.TorchFunctionMode):
             )
             return handle.clone() if self.copy_outputs else handle
         op = _OPS.get(func)
+        bound = None
         if op is not None:
             bound = dict(zip(_SIGNATURES[op], args))
             bound.update(kwargs)
+        elif func in _MATMULS:
+            bound = _bind_matmul(_MATMULS[func], args, kwargs)
+            op = None if bound is None else "linear"
+        if bound is not None and op is not None:
+            transposed = func in _MATMULS
             w = self.by_id.get(id(bound.get("weight")))
             b = self.by_id.get(id(bound.get("bias"))) if op != "embedding" else None
             if op == "embedding" and (
@@ -174,7 +228,13 @@ class _Capture(torch.overrides.TorchFunctionMode):
                 handle = out
                 if self.copy_outputs:
                     out = out.clone()
-                meta = {k: v for k, v in bound.items() if k not in ("input", "weight", "bias")}
+                meta = {
+                    k: v
+                    for k, v in bound.items()
+                    if k not in ("input", "weight", "bias", "beta", "alpha")
+                }
+                if transposed:
+                    meta["transposed"] = True
                 self.uses.append(
                     _Use(op, w, b, bound["input"].detach(), handle, handle._version, meta)
                 )
@@ -187,12 +247,36 @@ class _Capture(torch.overrides.TorchFunctionMode):
 
 
 def _use_rows_ok(use: _Use, n: int) -> bool:
-    """The use's output (and, except for norms, its input) has the ``n`` examples on dim 0."""
-    return (
-        use.out.dim() >= 1
-        and use.out.shape[0] == n
-        and (use.op == "norm" or (use.inp.dim() >= 1 and use.inp.shape[0] == n))
-    )
+    """The use's output (and, except for norms, its input) has the ``n`` examples on dim 0 --
+    or, for a Linear-type use, ``n·r`` rows (positions flattened into dim 0, ``(N·T, d)``);
+    :func:`_verify_batch_mapping` then checks that the rows are contiguous per example."""
+    if use.out.dim() < 1:
+        return False
+    rows = use.out.shape[0]
+    if use.op == "norm":
+        return rows == n
+    if use.inp.dim() < 1 or use.inp.shape[0] != rows:
+        return False
+    return rows == n or (use.op == "linear" and use.out.dim() == 2 and rows % n == 0)
+
+
+def _rows_per_example(use: _Use, n: int) -> int:
+    """``r``: dim 0 of the use holds ``n·r`` rows, example ``k`` in rows ``k·r .. k·r + r``."""
+    return use.out.shape[0] // n
+
+
+def _per_example(t: Tensor, n: int) -> Tensor:
+    """``(n·r, ...)`` rows contiguous per example -> ``(n, r, ...)``; ``(n, ...)`` unchanged."""
+    if t.shape[0] == n:
+        return t
+    return t.reshape(n, t.shape[0] // n, *t.shape[1:])
+
+
+def _weight_shape(use: _Use, weight: Tensor) -> tuple[int, ...]:
+    """``(d_out, d_in, *kernel)`` of the use's rule: ``Wᵀ`` for a right matmul operand."""
+    if use.meta.get("transposed", False):
+        return (weight.shape[1], weight.shape[0])
+    return tuple(weight.shape)
 
 
 # Verdicts of :func:`_verify_batch_mapping` per module, for repeated calls on the same probe
@@ -305,10 +389,13 @@ def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:
     The structured rules need, for every use ``y = op(a, W)``, that row ``n`` of ``y`` and
     ``a`` belong to example ``n`` and that ``f(x_n)`` depends on no other row of ``y``; then
     ``∂f(x_n)/∂W = G[n]ᵀ A[n]`` exactly. This is checked, not guessed from shapes: dim 0 of
-    the use's output and input must be the probe's batch size (catches inputs shared by the
-    batch such as position ids ``(1, T)``, sequence-first layouts, flattened ``(N·T, d)``
-    rows), and the gradient of a random cotangent on example 0's outputs must vanish on every
-    other row of the use's output (catches a layout whose dim 0 happens to equal N).
+    the use's output and input must be the probe's batch size, or for a Linear-type use a
+    multiple ``N·r`` of it (catches inputs shared by the batch such as position ids ``(1, T)``,
+    sequence-first layouts), and the gradient of a random cotangent on example 0's outputs
+    must vanish on every row of the use's output after its first ``r`` (catches a layout whose
+    dim 0 happens to equal N, and flattened rows that are not contiguous per example, e.g.
+    ``(T·N, d)``). Example 0's rows then are ``0..r`` and, the rows being independent of
+    example 0 beyond them, the two probe examples split dim 0 into two contiguous halves.
     """
     n = out.shape[0]
     bad: set[str] = set()
@@ -327,7 +414,7 @@ def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:
         by_handle = {id(h): g for h, g in zip(handles, grads)}
         for use in checked:
             g = by_handle.get(id(use.out))
-            if g is not None and bool((g[1:] != 0).any()):
+            if g is not None and bool((g[_rows_per_example(use, n) :] != 0).any()):
                 bad.update(k for k in (use.weight, use.bias) if k is not None)
     cap.other.update(bad)
 
@@ -341,6 +428,7 @@ def _forward(
         cap = _Capture(wrt, copy_outputs)
         with cap:
             out = fm(full, x)
+        cap.n = out.shape[0]
         if all(u.out._version == u.version for u in cap.uses):
             return out, cap
     return out, cap
@@ -416,12 +504,14 @@ class _Factors:
 def _weight_factors(
     uses: list[_Use], grads: list[Tensor], weight: Tensor, fold_bias: bool
 ) -> _Factors:
-    """``grads[k]``: ``(N, O, *y.shape[1:])`` output-gradients of use ``k``."""
+    """``grads[k]``: ``(N, O, *per-example y shape)`` output-gradients of use ``k``."""
     g_parts = []
+    shape = _weight_shape(uses[0], weight)
+    n = grads[0].shape[0]
     for use, grad in zip(uses, grads):
         n, o = grad.shape[:2]
         if use.op == "linear":
-            g_parts.append(grad.reshape(n, o, 1, -1, weight.shape[0]).transpose(3, 4))
+            g_parts.append(grad.reshape(n, o, 1, -1, shape[0]).transpose(3, 4))
         elif use.op == "conv":
             groups = int(use.meta.get("groups", 1))
             g_parts.append(grad.reshape(n, o, groups, weight.shape[0] // groups, -1))
@@ -434,8 +524,8 @@ def _weight_factors(
                 g = g * (idx != pad).reshape(n, 1, 1, 1, -1).to(g.dtype)
             g_parts.append(g)
     g = torch.cat(g_parts, dim=4) if len(g_parts) > 1 else g_parts[0]
-    inputs = [(u.op, u.inp, u.meta) for u in uses]
-    return _Factors(inputs, g, uses[0].op == "embedding", fold_bias, tuple(weight.shape))
+    inputs = [(u.op, _per_example(u.inp, n), u.meta) for u in uses]
+    return _Factors(inputs, g, uses[0].op == "embedding", fold_bias, shape)
 
 
 def _row_grad(use: _Use, grad: Tensor, name: str, numel: int) -> Tensor:
@@ -555,6 +645,7 @@ class _Plan:
     folded: dict[str, str] = dataclasses.field(default_factory=dict)
     shared: dict[str, str] = dataclasses.field(default_factory=dict)
     use_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    row_ratios: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
 def _make_plan(
@@ -576,12 +667,18 @@ def _make_plan(
         if name in cap.other:
             continue
         kinds = {
-            (role, use.op, use.meta.get("groups", 1), use.meta.get("padding_idx"))
+            (
+                role,
+                use.op,
+                use.meta.get("groups", 1),
+                use.meta.get("padding_idx"),
+                use.meta.get("transposed", False),
+            )
             for role, use in roles
         }
         if len(kinds) != 1:
             continue  # mixed roles/ops (e.g. tied Embedding + Linear): Jacobian fallback
-        role, op, groups, _ = kinds.pop()
+        role, op, groups, _, _ = kinds.pop()
         if role == "bias" or op == "norm":
             biases.append(name)
             continue
@@ -590,19 +687,23 @@ def _make_plan(
             t = sum(use.inp[0].numel() for _, use in roles)
             weights[name] = choose_strategy(n, o, t, 1, w.shape[1], dense_input=False)
         else:
-            t = sum(use.out[0].numel() // w.shape[0] for _, use in roles)
-            d_in = w[0].numel() + 1  # + the folded bias column
+            shape = _weight_shape(roles[0][1], w)
+            t = sum(use.out.numel() // cap.n // shape[0] for _, use in roles)
+            d_in = w.numel() // shape[0] + 1  # + the folded bias column
             strategy = choose_strategy(
-                n, o, t, d_in, w.shape[0] // int(groups), int(groups), builds=builds
+                n, o, t, d_in, shape[0] // int(groups), int(groups), builds=builds
             )
-            factor_size = sum(o * u.out[0].numel() + u.inp[0].numel() for _, u in roles)
-            if strategy == "per_example" and o * (w.numel() + w.shape[0]) <= factor_size:
+            factor_size = sum((o * u.out.numel() + u.inp.numel()) // cap.n for _, u in roles)
+            if strategy == "per_example" and o * (w.numel() + shape[0]) <= factor_size:
                 # Per-example gradients are no larger than the factors they are built from:
                 # build them once per block instead of once per contraction.
                 strategy = "stored"
             weights[name] = strategy
     plan = _Plan(weights, biases, [k for k in params if k not in set(weights) | set(biases)])
     plan.use_counts = {k: len(v) for k, v in by_name.items()}
+    plan.row_ratios = {
+        k: tuple(_rows_per_example(u, cap.n) for _, u in v) for k, v in by_name.items()
+    }
     for w, strategy in weights.items():
         uses_w = [id(u) for role, u in by_name[w]]
         paired = {u.bias for _, u in by_name[w]}
@@ -681,14 +782,14 @@ def _factors(
     out, cap = _forward(fm, const, wrt, x)
     n, o = out.shape
     changed = cap.other & set(wrt)
-    counts: dict[str, int] = {}
+    ratios: dict[str, tuple[int, ...]] = {}
     for use in cap.uses:
         for k in (use.weight, use.bias):
             if k in wrt:
-                counts[k] = counts.get(k, 0) + 1
+                ratios[k] = (*ratios.get(k, ()), _rows_per_example(use, n))
                 if not _use_rows_ok(use, n):
                     changed.add(k)
-    changed.update(k for k in wrt if counts.get(k, 0) != plan.use_counts.get(k, 0))
+    changed.update(k for k in wrt if ratios.get(k, ()) != plan.row_ratios.get(k, ()))
     if changed:  # the plan was made on the probe examples; its uses must hold for every example
         raise StructuredPlanError(
             f"parameters {sorted(changed)} were used differently on these examples than on the "
@@ -701,11 +802,11 @@ def _factors(
     # O plain backward passes (one per output, all examples at once; cheaper and more robust
     # than vmapping the backward): weight uses keep G in (N, O, ...) buffers, bias and norm
     # rows are reduced right away.
-    grads = {id(u): u.out.new_zeros((n, o, *u.out.shape[1:])) for u in weight_uses}
+    grads = {id(u): u.out.new_zeros((n, o, *_per_example(u.out, n).shape[1:])) for u in weight_uses}
     rows = {name: out.new_zeros((n, o, params[name].numel())) for name in plan.biases}
     handles = list({id(u): u for u in [*weight_uses, *(u for _, u in row_uses)]}.values())
     for a, ga in _output_gradients(out, [u.out for u in handles]):
-        by_use = {id(u): g for u, g in zip(handles, ga) if g is not None}
+        by_use = {id(u): _per_example(g, n) for u, g in zip(handles, ga) if g is not None}
         for u in weight_uses:
             if id(u) in by_use:
                 grads[id(u)][:, a] = by_use[id(u)]
@@ -735,9 +836,10 @@ def _factor_bytes_per_example(
     total = 0
     for use in cap.uses:
         if use.weight in plan.weights:
-            total += o * use.out[0].numel() * use.out.element_size()  # G (also while building)
+            # G (also while building), per example (dim 0 may hold N·r rows)
+            total += o * use.out.numel() // cap.n * use.out.element_size()
             if plan.weights[use.weight] != "stored":
-                total += use.inp[0].numel() * use.inp.element_size()
+                total += use.inp.numel() // cap.n * use.inp.element_size()
     for name, strategy in plan.weights.items():
         if strategy == "stored":
             total += o * params[name].numel() * params[name].element_size()

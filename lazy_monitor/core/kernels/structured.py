@@ -118,16 +118,16 @@ _MATMULS = {
 def _bind_matmul(kind: str, args: tuple, kwargs: dict) -> Optional[dict]:
     """``{"input", "weight", "bias"}`` of a matmul-family call, or None if it is not
     ``a @ W (+ b)`` with a 2-D right operand, a 1-D bias and ``alpha = beta = 1``."""
-    if kind == "addmm":
+    if kind == "addmm":  # torch.addmm(input=bias, mat1, mat2, *, beta, alpha)
         names = ("bias", "input", "weight", "beta", "alpha")
-    else:
+        rename = {"input": "bias", "self": "bias", "mat1": "input", "mat2": "weight"}
+    else:  # torch.mm(input, mat2), torch.matmul(input, other)
         names = ("input", "weight")
+        rename = {"self": "input", "mat2": "weight", "other": "weight"}
+    if "out" in kwargs:
+        return None
     bound = dict(zip(names, args))
-    bound.update(
-        {("input" if k == "mat1" else "weight" if k == "mat2" else k): v for k, v in kwargs.items()}
-    )
-    if "other" in bound:
-        bound["weight"] = bound.pop("other")
+    bound.update({rename.get(k, k): v for k, v in kwargs.items()})
     bias, a, w = bound.get("bias"), bound.get("input"), bound.get("weight")
     if kind == "addmm" and (
         bound.get("beta", 1) != 1

@@ -106,6 +106,7 @@ class _FlatRows(nn.Module):
     style), in a layout chosen by ``mode``:
 
     * ``"addmm"``: ``torch.addmm(b, x.view(-1, d), W)`` -- rows contiguous per example;
+    * ``"addmm_kw"``: the same with keyword arguments (``input=`` is the bias);
     * ``"matmul"``: ``x @ W + b`` on ``(N, T, d)`` (the ``+ b`` is an elementwise use: ``b``
       falls back) and ``torch.mm`` on ``(N·T, d)``;
     * ``"seq_rows"``: ``(T·N, d)`` rows (position-major): dim 0 is not contiguous per example;
@@ -127,6 +128,9 @@ class _FlatRows(nn.Module):
             y = torch.addmm(self.b1, rows, self.w1).view(t, n, -1).transpose(0, 1)
         elif self.mode == "scaled":
             y = torch.addmm(self.b1, x.reshape(-1, d), self.w1, beta=0.5).view(n, t, -1)
+        elif self.mode == "addmm_kw":
+            rows = x.reshape(-1, d)
+            y = torch.addmm(input=self.b1, mat1=rows, mat2=self.w1).view(n, t, -1)
         elif self.mode == "matmul":
             y = x @ self.w1 + self.b1
         else:
@@ -152,7 +156,7 @@ def _fallbacks(monkeypatch: pytest.MonkeyPatch, model: nn.Module, x, **kwargs) -
     return sorted(set(seen))
 
 
-@pytest.mark.parametrize("mode", ["addmm", "matmul"])
+@pytest.mark.parametrize("mode", ["addmm", "addmm_kw", "matmul"])
 def test_right_matmul_operand_on_flattened_rows_is_factorised(
     monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:

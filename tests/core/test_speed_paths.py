@@ -186,3 +186,16 @@ def test_gpt2_conv1d_weights_are_factorised(monkeypatch: pytest.MonkeyPatch) -> 
     case = build("gpt2")
     names = _fallbacks(monkeypatch, case.model, case.x, output_fn=case.output_fn)
     assert names == ["transformer.wpe.weight", "transformer.wte.weight"]
+
+
+def test_cache_does_not_keep_the_model_alive() -> None:
+    import gc
+    import weakref
+
+    model = _Mixer().double()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    empirical_ntk(model, x, output_fn=lambda out, m=model: out)  # closes over the model
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

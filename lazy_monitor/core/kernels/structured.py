@@ -369,7 +369,7 @@ def _cached_verification(
         e_key, e_fn, e_leaves, e_bad = entry
         if (
             e_key == key
-            and e_fn is fm.output_fn
+            and e_fn() is fm.output_fn
             and all(torch.equal(a, b) for a, b in zip(leaves, e_leaves))
         ):
             cap.other.update(e_bad)
@@ -380,7 +380,14 @@ def _cached_verification(
         if len(entries) >= _MAPPING_CACHE_SIZE:
             entries.pop(0)
         stored = [t.detach().clone() for t in leaves]
-        entries.append((key, fm.output_fn, stored, frozenset(cap.other - before)))
+        # The output function by weak reference: an entry must not keep the module alive
+        # (an output_fn closing over the model would, through the weak-keyed cache).
+        fn = fm.output_fn
+        try:
+            fn_ref = weakref.ref(fn) if fn is not None else (lambda: None)
+        except TypeError:  # not weakly referenceable: never reused
+            fn_ref = lambda: object()  # noqa: E731
+        entries.append((key, fn_ref, stored, frozenset(cap.other - before)))
 
 
 def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:

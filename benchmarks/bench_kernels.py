@@ -257,6 +257,36 @@ def run_one(model_name: str, n: int, method: str, repeats: int) -> dict:
     }
 
 
+def run_defaults(model_name: str, n: int) -> dict:
+    """What ``kind="auto"`` does at start: resolve the configuration under the default budget
+    (per-layer blocks on), then K₀ and one K with per-parameter blocks; the process peak RSS."""
+    from lazy_monitor.core.kernels import empirical_ntk, resolve_kernel_config
+
+    torch.manual_seed(0)
+    make, shape = MODELS[model_name]
+    model = make().eval()
+    if shape[0] == "tokens":
+        x = torch.randint(0, shape[1], (n, shape[2]))
+    else:
+        x = torch.randn(n, *shape)
+    t0 = time.perf_counter()
+    cfg = resolve_kernel_config(model, x, per_layer=True)
+    t1 = time.perf_counter()
+    keys = ("kind", "projection", "projection_seed", "implementation", "max_memory")
+    opts = {k: cfg[k] for k in keys}
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        empirical_ntk(model, x, return_blocks=True, **opts)
+        times.append(time.perf_counter() - t)
+    return {
+        "config": {k: opts[k] for k in ("kind", "projection")},
+        "resolve_s": t1 - t0,
+        "kernel_s": times,
+        "peak_rss_gib": _rss_bytes() / GIB,
+    }
+
+
 def _subprocess(
     model_name: str, n: int, method: str, repeats: int, timeout: float, threads: Optional[int]
 ) -> dict:
@@ -298,6 +328,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         "--threads", type=int, default=None, help="torch threads per run (default: torch's)"
     )
     parser.add_argument("--methods", default=None, help="e.g. tutorial,auto (default: all)")
+    parser.add_argument(
+        "--defaults",
+        default=None,
+        help="e.g. lm:16 -- resolve kind='auto' under the default budget, K0 + one K, peak RSS",
+    )
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -305,6 +340,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.worker:
         model_name, n, method, repeats = args.worker
         print(json.dumps(run_one(model_name, int(n), method, int(repeats))))
+        return
+    if args.defaults:
+        name, n = args.defaults.split(":")
+        print(json.dumps(run_defaults(name, int(n))))
         return
     repeats = args.repeats or (3 if args.quick else 5)
     cases = CASES

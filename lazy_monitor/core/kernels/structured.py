@@ -2,7 +2,9 @@
 
 For a weight used as ``y = a Wᵀ (+ b)`` -- ``F.linear`` with any leading dims, ``F.conv1d`` /
 ``F.conv2d`` after unfolding the input (stride, padding incl. ``"same"``, dilation, groups),
-``F.embedding`` with a one-hot input -- the Jacobian of example ``n``, output ``a`` is
+``F.embedding`` with a one-hot input, ``a @ W (+ b)`` with the parameter as right operand
+(``torch.addmm``/``mm``/``matmul``: HF ``Conv1D``, treated as a Linear with weight ``Wᵀ``) --
+the Jacobian of example ``n``, output ``a`` is
 
     ∂f_a(x_n)/∂W = Σ_t G[n, a, t]ᵀ A[n, t]          G = ∂f_a/∂y (N, O, T, d_out), A (N, T, d_in)
 
@@ -19,15 +21,19 @@ from ``(G, A)``), with matmuls and bounded memory.
 Every captured use is verified to be per-example before its rule is trusted (a probe pass on
 two examples, :func:`_verify_batch_mapping`): dim 0 of the use's output and input must be the
 probe's batch, and the gradient of example 0's outputs must vanish on every other row of the
-use's output. Inputs shared by the batch (position ids ``(1, T)``), sequence-first layouts
-(``nn.MultiheadAttention``, ``batch_first=False`` encoders, even when ``T == N``) and flattened
-``(N·T, d)`` rows fail the check, and exactly those parameters go to the fallback.
+use's output. A Linear-type use may instead hold ``N·r`` rows on dim 0 (positions flattened,
+``x.view(-1, d)``) if example 0's gradient lives only in the first ``r`` rows (contiguous per
+example). Inputs shared by the batch (position ids ``(1, T)``), sequence-first layouts
+(``nn.MultiheadAttention``, ``batch_first=False`` encoders, even when ``T == N``) and
+position-major ``(T·N, d)`` rows fail the check, and exactly those parameters go to the
+fallback. The verdict is cached per module for an identical traced structure, probe and module
+state (:func:`_cached_verification`), so repeated calls on one probe skip the check's backward.
 
 Uses are found with a :class:`torch.overrides.TorchFunctionMode` that sees every torch call on
 the parameter tensors passed to ``functional_call``: a parameter gets the structured rule only
 if *all* its uses are supported ops in the same role (several uses of one Linear/Conv weight,
 e.g. a module applied twice, are concatenated along positions). A parameter used any other way
-(matmul, ``.T``, a custom op, a tied weight shared by an Embedding and a Linear, an
+(left matmul operand, ``.T``, a custom op, a tied weight shared by an Embedding and a Linear, an
 Embedding with ``max_norm``/``scale_grad_by_freq``) falls back to the Jacobian
 contraction in the same call. Outputs of supported ops that the model later modifies in place
 (``ReLU(inplace=True)``) are detected through their version counter and the pass is redone with
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
@@ -93,6 +100,47 @@ _NORMS = {
 }
 
 
+# ``y = a @ W (+ b)`` with the parameter ``W (d_in, d_out)`` as the right operand: HF
+# ``Conv1D`` (GPT-2: ``torch.addmm(bias, x.view(-1, d), W)``), ``x @ W``. These are Linear uses
+# with a transposed weight; the kernel does not depend on how a weight's entries are ordered,
+# so the factors are built for ``Wᵀ (d_out, d_in)``.
+_MATMULS = {
+    torch.addmm: "addmm",
+    Tensor.addmm: "addmm",
+    torch.mm: "mm",
+    Tensor.mm: "mm",
+    torch.matmul: "mm",
+    Tensor.matmul: "mm",
+    Tensor.__matmul__: "mm",
+}
+
+
+def _bind_matmul(kind: str, args: tuple, kwargs: dict) -> Optional[dict]:
+    """``{"input", "weight", "bias"}`` of a matmul-family call, or None if it is not
+    ``a @ W (+ b)`` with a 2-D right operand, a 1-D bias and ``alpha = beta = 1``."""
+    if kind == "addmm":  # torch.addmm(input=bias, mat1, mat2, *, beta, alpha)
+        names = ("bias", "input", "weight", "beta", "alpha")
+        rename = {"input": "bias", "self": "bias", "mat1": "input", "mat2": "weight"}
+    else:  # torch.mm(input, mat2), torch.matmul(input, other)
+        names = ("input", "weight")
+        rename = {"self": "input", "mat2": "weight", "other": "weight"}
+    if "out" in kwargs:
+        return None
+    bound = dict(zip(names, args))
+    bound.update({rename.get(k, k): v for k, v in kwargs.items()})
+    bias, a, w = bound.get("bias"), bound.get("input"), bound.get("weight")
+    if kind == "addmm" and (
+        bound.get("beta", 1) != 1
+        or bound.get("alpha", 1) != 1
+        or not isinstance(bias, Tensor)
+        or bias.dim() != 1
+    ):
+        return None
+    if not (isinstance(a, Tensor) and isinstance(w, Tensor) and w.dim() == 2 and a.dim() >= 2):
+        return None
+    return {"input": a, "weight": w, "bias": bias}
+
+
 def _affine_norm(func: Any, layout: str, bound: dict) -> tuple[Tensor, Tensor]:
     """``(x̂, y)`` for a normalisation call: the op without its affine, then the affine."""
     weight, bias = bound.get("weight"), bound.get("bias")
@@ -128,6 +176,7 @@ class _Capture(torch.overrides.TorchFunctionMode):
         self.copy_outputs = copy_outputs
         self.uses: list[_Use] = []
         self.other: set[str] = set()
+        self.n = 0  # examples in the pass (dim 0 of the output), set by _forward
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -158,9 +207,15 @@ class _Capture(torch.overrides.TorchFunctionMode):
             )
             return handle.clone() if self.copy_outputs else handle
         op = _OPS.get(func)
+        bound = None
         if op is not None:
             bound = dict(zip(_SIGNATURES[op], args))
             bound.update(kwargs)
+        elif func in _MATMULS:
+            bound = _bind_matmul(_MATMULS[func], args, kwargs)
+            op = None if bound is None else "linear"
+        if bound is not None and op is not None:
+            transposed = func in _MATMULS
             w = self.by_id.get(id(bound.get("weight")))
             b = self.by_id.get(id(bound.get("bias"))) if op != "embedding" else None
             if op == "embedding" and (
@@ -173,7 +228,13 @@ class _Capture(torch.overrides.TorchFunctionMode):
                 handle = out
                 if self.copy_outputs:
                     out = out.clone()
-                meta = {k: v for k, v in bound.items() if k not in ("input", "weight", "bias")}
+                meta = {
+                    k: v
+                    for k, v in bound.items()
+                    if k not in ("input", "weight", "bias", "beta", "alpha")
+                }
+                if transposed:
+                    meta["transposed"] = True
                 self.uses.append(
                     _Use(op, w, b, bound["input"].detach(), handle, handle._version, meta)
                 )
@@ -186,12 +247,147 @@ class _Capture(torch.overrides.TorchFunctionMode):
 
 
 def _use_rows_ok(use: _Use, n: int) -> bool:
-    """The use's output (and, except for norms, its input) has the ``n`` examples on dim 0."""
-    return (
-        use.out.dim() >= 1
-        and use.out.shape[0] == n
-        and (use.op == "norm" or (use.inp.dim() >= 1 and use.inp.shape[0] == n))
+    """The use's output (and, except for norms, its input) has the ``n`` examples on dim 0 --
+    or, for a Linear-type use, ``n·r`` rows (positions flattened into dim 0, ``(N·T, d)``);
+    :func:`_verify_batch_mapping` then checks that the rows are contiguous per example."""
+    if use.out.dim() < 1:
+        return False
+    rows = use.out.shape[0]
+    if use.op == "norm":
+        return rows == n
+    if use.inp.dim() < 1 or use.inp.shape[0] != rows:
+        return False
+    return rows == n or (use.op == "linear" and use.out.dim() == 2 and rows % n == 0)
+
+
+def _rows_per_example(use: _Use, n: int) -> int:
+    """``r``: dim 0 of the use holds ``n·r`` rows, example ``k`` in rows ``k·r .. k·r + r``."""
+    return use.out.shape[0] // n
+
+
+def _per_example(t: Tensor, n: int) -> Tensor:
+    """``(n·r, ...)`` rows contiguous per example -> ``(n, r, ...)``; ``(n, ...)`` unchanged."""
+    if t.shape[0] == n:
+        return t
+    return t.reshape(n, t.shape[0] // n, *t.shape[1:])
+
+
+def _weight_shape(use: _Use, weight: Tensor) -> tuple[int, ...]:
+    """``(d_out, d_in, *kernel)`` of the use's rule: ``Wᵀ`` for a right matmul operand."""
+    if use.meta.get("transposed", False):
+        return (weight.shape[1], weight.shape[0])
+    return tuple(weight.shape)
+
+
+# Verdicts of :func:`_verify_batch_mapping` per module, for repeated calls on the same probe
+# (the tracker measures the same probe examples every time): the key is everything the batch
+# mapping can depend on except the parameter values (see :func:`_mapping_key`).
+_MAPPING_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MAPPING_CACHE_SIZE = 8
+
+
+def _mapping_key(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    probe_x: InputBatch,
+    out: Tensor,
+    cap: _Capture,
+) -> tuple:
+    """What the verification of a probe pass depends on: the output function (by identity),
+    parameter names/shapes/dtypes/devices, the probe's structure and *values*, the output
+    shape, and the traced structure -- every captured use (op, names, input/output shapes,
+    static arguments) and the parameters already flagged. Parameter values are left out (they
+    change every training step; a model whose example mixing depends on its parameter values
+    but not on its traced structure would defeat the cache)."""
+    leaves, spec = tree_flatten(probe_x)
+    probe = tuple(
+        ("T", tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else ("V", repr(t))
+        for t in leaves
     )
+    uses = tuple(
+        (
+            u.op,
+            u.weight,
+            u.bias,
+            tuple(u.inp.shape),
+            tuple(u.out.shape),
+            tuple(sorted((k, repr(v)) for k, v in u.meta.items() if not isinstance(v, Tensor))),
+        )
+        for u in cap.uses
+    )
+    shapes = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items())
+    return (
+        str(spec),
+        probe,
+        shapes,
+        tuple(out.shape),
+        out.dtype,
+        uses,
+        frozenset(cap.other),
+        _module_state(fm.model),
+    )
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _module_state(model: torch.nn.Module) -> tuple:
+    """Every submodule's type and plain Python attributes (flags such as ``batch_first``, a
+    layout switch set after construction), and any instance-level ``forward`` override: state
+    that can change how examples flow through the model without changing its parameters."""
+    state = []
+    for name, m in model.named_modules():
+        attrs = tuple(
+            sorted(
+                (k, v)
+                for k, v in vars(m).items()
+                if isinstance(v, _PLAIN)
+                or (isinstance(v, tuple) and all(isinstance(e, _PLAIN) for e in v))
+            )
+        )
+        fwd = vars(m).get("forward")
+        state.append((name, type(m), attrs, None if fwd is None else id(fwd)))
+    return tuple(state)
+
+
+def _cached_verification(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    probe_x: InputBatch,
+    out: Tensor,
+    cap: _Capture,
+) -> None:
+    """:func:`_verify_batch_mapping`, reusing the verdict of an earlier call whose
+    :func:`_mapping_key` and probe values are identical (same module and output function)."""
+    key = _mapping_key(fm, params, probe_x, out, cap)
+    leaves = [t for t in tree_flatten(probe_x)[0] if isinstance(t, Tensor)]
+    try:
+        entries = _MAPPING_CACHE.setdefault(fm.model, [])
+    except TypeError:  # a module that cannot be weakly referenced: no cache
+        entries = None
+    for entry in entries or ():
+        e_key, e_fn, e_leaves, e_bad = entry
+        if (
+            e_key == key
+            and e_fn() is fm.output_fn
+            and all(torch.equal(a, b) for a, b in zip(leaves, e_leaves))
+        ):
+            cap.other.update(e_bad)
+            return
+    before = set(cap.other)
+    _verify_batch_mapping(out, cap)
+    if entries is not None:
+        if len(entries) >= _MAPPING_CACHE_SIZE:
+            entries.pop(0)
+        stored = [t.detach().clone() for t in leaves]
+        # The output function by weak reference: an entry must not keep the module alive
+        # (an output_fn closing over the model would, through the weak-keyed cache).
+        fn = fm.output_fn
+        try:
+            fn_ref = weakref.ref(fn) if fn is not None else (lambda: None)
+        except TypeError:  # not weakly referenceable: never reused
+            fn_ref = lambda: object()  # noqa: E731
+        entries.append((key, fn_ref, stored, frozenset(cap.other - before)))
 
 
 def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:
@@ -200,10 +396,13 @@ def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:
     The structured rules need, for every use ``y = op(a, W)``, that row ``n`` of ``y`` and
     ``a`` belong to example ``n`` and that ``f(x_n)`` depends on no other row of ``y``; then
     ``∂f(x_n)/∂W = G[n]ᵀ A[n]`` exactly. This is checked, not guessed from shapes: dim 0 of
-    the use's output and input must be the probe's batch size (catches inputs shared by the
-    batch such as position ids ``(1, T)``, sequence-first layouts, flattened ``(N·T, d)``
-    rows), and the gradient of a random cotangent on example 0's outputs must vanish on every
-    other row of the use's output (catches a layout whose dim 0 happens to equal N).
+    the use's output and input must be the probe's batch size, or for a Linear-type use a
+    multiple ``N·r`` of it (catches inputs shared by the batch such as position ids ``(1, T)``,
+    sequence-first layouts), and the gradient of a random cotangent on example 0's outputs
+    must vanish on every row of the use's output after its first ``r`` (catches a layout whose
+    dim 0 happens to equal N, and flattened rows that are not contiguous per example, e.g.
+    ``(T·N, d)``). Example 0's rows then are ``0..r`` and, the rows being independent of
+    example 0 beyond them, the two probe examples split dim 0 into two contiguous halves.
     """
     n = out.shape[0]
     bad: set[str] = set()
@@ -222,7 +421,7 @@ def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:
         by_handle = {id(h): g for h, g in zip(handles, grads)}
         for use in checked:
             g = by_handle.get(id(use.out))
-            if g is not None and bool((g[1:] != 0).any()):
+            if g is not None and bool((g[_rows_per_example(use, n) :] != 0).any()):
                 bad.update(k for k in (use.weight, use.bias) if k is not None)
     cap.other.update(bad)
 
@@ -236,6 +435,7 @@ def _forward(
         cap = _Capture(wrt, copy_outputs)
         with cap:
             out = fm(full, x)
+        cap.n = out.shape[0]
         if all(u.out._version == u.version for u in cap.uses):
             return out, cap
     return out, cap
@@ -311,12 +511,14 @@ class _Factors:
 def _weight_factors(
     uses: list[_Use], grads: list[Tensor], weight: Tensor, fold_bias: bool
 ) -> _Factors:
-    """``grads[k]``: ``(N, O, *y.shape[1:])`` output-gradients of use ``k``."""
+    """``grads[k]``: ``(N, O, *per-example y shape)`` output-gradients of use ``k``."""
     g_parts = []
+    shape = _weight_shape(uses[0], weight)
+    n = grads[0].shape[0]
     for use, grad in zip(uses, grads):
         n, o = grad.shape[:2]
         if use.op == "linear":
-            g_parts.append(grad.reshape(n, o, 1, -1, weight.shape[0]).transpose(3, 4))
+            g_parts.append(grad.reshape(n, o, 1, -1, shape[0]).transpose(3, 4))
         elif use.op == "conv":
             groups = int(use.meta.get("groups", 1))
             g_parts.append(grad.reshape(n, o, groups, weight.shape[0] // groups, -1))
@@ -329,8 +531,8 @@ def _weight_factors(
                 g = g * (idx != pad).reshape(n, 1, 1, 1, -1).to(g.dtype)
             g_parts.append(g)
     g = torch.cat(g_parts, dim=4) if len(g_parts) > 1 else g_parts[0]
-    inputs = [(u.op, u.inp, u.meta) for u in uses]
-    return _Factors(inputs, g, uses[0].op == "embedding", fold_bias, tuple(weight.shape))
+    inputs = [(u.op, _per_example(u.inp, n), u.meta) for u in uses]
+    return _Factors(inputs, g, uses[0].op == "embedding", fold_bias, shape)
 
 
 def _row_grad(use: _Use, grad: Tensor, name: str, numel: int) -> Tensor:
@@ -450,6 +652,7 @@ class _Plan:
     folded: dict[str, str] = dataclasses.field(default_factory=dict)
     shared: dict[str, str] = dataclasses.field(default_factory=dict)
     use_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    row_ratios: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
 def _make_plan(
@@ -471,12 +674,18 @@ def _make_plan(
         if name in cap.other:
             continue
         kinds = {
-            (role, use.op, use.meta.get("groups", 1), use.meta.get("padding_idx"))
+            (
+                role,
+                use.op,
+                use.meta.get("groups", 1),
+                use.meta.get("padding_idx"),
+                use.meta.get("transposed", False),
+            )
             for role, use in roles
         }
         if len(kinds) != 1:
             continue  # mixed roles/ops (e.g. tied Embedding + Linear): Jacobian fallback
-        role, op, groups, _ = kinds.pop()
+        role, op, groups, _, _ = kinds.pop()
         if role == "bias" or op == "norm":
             biases.append(name)
             continue
@@ -485,19 +694,23 @@ def _make_plan(
             t = sum(use.inp[0].numel() for _, use in roles)
             weights[name] = choose_strategy(n, o, t, 1, w.shape[1], dense_input=False)
         else:
-            t = sum(use.out[0].numel() // w.shape[0] for _, use in roles)
-            d_in = w[0].numel() + 1  # + the folded bias column
+            shape = _weight_shape(roles[0][1], w)
+            t = sum(use.out.numel() // cap.n // shape[0] for _, use in roles)
+            d_in = w.numel() // shape[0] + 1  # + the folded bias column
             strategy = choose_strategy(
-                n, o, t, d_in, w.shape[0] // int(groups), int(groups), builds=builds
+                n, o, t, d_in, shape[0] // int(groups), int(groups), builds=builds
             )
-            factor_size = sum(o * u.out[0].numel() + u.inp[0].numel() for _, u in roles)
-            if strategy == "per_example" and o * (w.numel() + w.shape[0]) <= factor_size:
+            factor_size = sum((o * u.out.numel() + u.inp.numel()) // cap.n for _, u in roles)
+            if strategy == "per_example" and o * (w.numel() + shape[0]) <= factor_size:
                 # Per-example gradients are no larger than the factors they are built from:
                 # build them once per block instead of once per contraction.
                 strategy = "stored"
             weights[name] = strategy
     plan = _Plan(weights, biases, [k for k in params if k not in set(weights) | set(biases)])
     plan.use_counts = {k: len(v) for k, v in by_name.items()}
+    plan.row_ratios = {
+        k: tuple(_rows_per_example(u, cap.n) for _, u in v) for k, v in by_name.items()
+    }
     for w, strategy in weights.items():
         uses_w = [id(u) for role, u in by_name[w]]
         paired = {u.bias for _, u in by_name[w]}
@@ -576,14 +789,14 @@ def _factors(
     out, cap = _forward(fm, const, wrt, x)
     n, o = out.shape
     changed = cap.other & set(wrt)
-    counts: dict[str, int] = {}
+    ratios: dict[str, tuple[int, ...]] = {}
     for use in cap.uses:
         for k in (use.weight, use.bias):
             if k in wrt:
-                counts[k] = counts.get(k, 0) + 1
+                ratios[k] = (*ratios.get(k, ()), _rows_per_example(use, n))
                 if not _use_rows_ok(use, n):
                     changed.add(k)
-    changed.update(k for k in wrt if counts.get(k, 0) != plan.use_counts.get(k, 0))
+    changed.update(k for k in wrt if ratios.get(k, ()) != plan.row_ratios.get(k, ()))
     if changed:  # the plan was made on the probe examples; its uses must hold for every example
         raise StructuredPlanError(
             f"parameters {sorted(changed)} were used differently on these examples than on the "
@@ -596,11 +809,11 @@ def _factors(
     # O plain backward passes (one per output, all examples at once; cheaper and more robust
     # than vmapping the backward): weight uses keep G in (N, O, ...) buffers, bias and norm
     # rows are reduced right away.
-    grads = {id(u): u.out.new_zeros((n, o, *u.out.shape[1:])) for u in weight_uses}
+    grads = {id(u): u.out.new_zeros((n, o, *_per_example(u.out, n).shape[1:])) for u in weight_uses}
     rows = {name: out.new_zeros((n, o, params[name].numel())) for name in plan.biases}
     handles = list({id(u): u for u in [*weight_uses, *(u for _, u in row_uses)]}.values())
     for a, ga in _output_gradients(out, [u.out for u in handles]):
-        by_use = {id(u): g for u, g in zip(handles, ga) if g is not None}
+        by_use = {id(u): _per_example(g, n) for u, g in zip(handles, ga) if g is not None}
         for u in weight_uses:
             if id(u) in by_use:
                 grads[id(u)][:, a] = by_use[id(u)]
@@ -630,9 +843,10 @@ def _factor_bytes_per_example(
     total = 0
     for use in cap.uses:
         if use.weight in plan.weights:
-            total += o * use.out[0].numel() * use.out.element_size()  # G (also while building)
+            # G (also while building), per example (dim 0 may hold N·r rows)
+            total += o * use.out.numel() // cap.n * use.out.element_size()
             if plan.weights[use.weight] != "stored":
-                total += use.inp[0].numel() * use.inp.element_size()
+                total += use.inp.numel() // cap.n * use.inp.element_size()
     for name, strategy in plan.weights.items():
         if strategy == "stored":
             total += o * params[name].numel() * params[name].element_size()
@@ -675,7 +889,7 @@ def structured_ntk(
     if x2 is not None:
         with torch.no_grad():
             check_same_outputs(o, fm(params, slice_batch(x2, slice(0, 1))).shape[1])
-    _verify_batch_mapping(out, cap)
+    _cached_verification(fm, params, probe_x, out, cap)
     del out
     n_max = max(n1, n2 or 0)
     plan = _make_plan(params, cap, n_max, o, keep_blocks)

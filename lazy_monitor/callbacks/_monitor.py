@@ -835,8 +835,8 @@ class _KernelRegimeMonitorBase:
     def _write_summary(self, trainer: Any, step: int) -> None:
         """The markdown run summary (TEXT tab) at train end."""
         metrics = self._last_metrics
-        if not metrics or self._tracker is None:
-            return
+        if not metrics or self._tracker is None or not tb.tensorboard_writers(trainer.loggers):
+            return  # nowhere to write it (no TensorBoard logger; the HF adapter has no loggers)
         lazy, reason = self._tracker.regime_decision(metrics)
         thresholds = [
             f"{name} {'≥' if catalogue.direction_of(name) == 'min' else '≤'} {value:g}"

@@ -346,10 +346,13 @@ class KernelRegimeCallback(_KernelRegimeMonitorBase, TrainerCallback):
         metrics: Mapping[str, float],
         final: bool,
         log_step: Optional[int] = None,
+        reference: bool = False,
     ) -> None:
         metrics = {k: float(v) for k, v in metrics.items()}
         self._last_step, self._last_metrics = step, metrics
-        trainer.trainer.log(dict(metrics))  # at state.global_step, to every report_to integration
+        # at state.global_step, to every report_to integration: the same values the Lightning
+        # monitor logs (drift/ log10 companions after the reference, health/* once non-zero)
+        trainer.trainer.log(self._logged_values(metrics, reference))
         self._notify(trainer, step, metrics, final)
 
     def _connect(self, callbacks: list[Any]) -> None:

@@ -22,7 +22,7 @@ A group is named by its module prefix, so the metric names stay ``ntk_layer/<gro
 >>> {g: len(p) for g, p in group_layers(net, [n for n, _ in net.named_parameters()], 8).items()}
 {'0': 4, '2': 4, '4': 4}
 >>> list(group_layers(net, [n for n, _ in net.named_parameters()], 2))
-['0..2', '4']
+['0', '2..4']
 """
 
 from __future__ import annotations

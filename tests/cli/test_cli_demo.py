@@ -35,6 +35,11 @@ def demo(tmp_path_factory):
     return code, stdout.getvalue(), out_dir
 
 
+def _width(run: str) -> int:
+    """The width in a run directory name (``lazy_w00016_init0``, ``nonlazy_w00064_...``)."""
+    return int(re.search(r"_w(\d+)", run).group(1))
+
+
 def _table(text: str) -> dict[str, list[str]]:
     return {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(RUNS)}
 
@@ -211,4 +216,4 @@ def test_demo_hparams_table_has_the_sweep_variables_first(demo):
         start = plugin_data_pb2.HParamsPluginData.FromString(
             content["_hparams_/session_start_info"]
         )
-        assert start.session_start_info.hparams["width"].number_value == int(run[6:11])
+        assert start.session_start_info.hparams["width"].number_value == _width(run)

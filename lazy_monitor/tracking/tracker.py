@@ -29,7 +29,6 @@ from lazy_monitor._validation import (
 from lazy_monitor.core import _functional as F
 from lazy_monitor.core import metrics as M
 from lazy_monitor.core._functional import InputBatch, OutputFn
-from lazy_monitor.core.features import centered_gram, default_feature_modules, feature_hooks
 from lazy_monitor.core.kernels import (
     DEFAULT_MAX_MEMORY,
     NtkConfig,
@@ -42,6 +41,7 @@ from lazy_monitor.thresholds import Threshold
 from lazy_monitor.tracking import kernel_config as kc
 from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint, same_fingerprint
 from lazy_monitor.tracking.distributed import KernelSharding, sharded_kernel
+from lazy_monitor.tracking.features import check_feature_modules, gram_hooks
 from lazy_monitor.tracking.kernel_config import (  # noqa: F401 - re-exported
     KERNEL_COPIES,
     MAX_SPECTRUM_SIZE,
@@ -362,7 +362,7 @@ class KernelTracker:
             )
         # One side-effect-free forward: checks the model runs on the probe, gives O and which
         # feature modules can be tracked.
-        candidates, strict = self._check_feature_modules(feature_modules)
+        candidates, strict = check_feature_modules(model, feature_modules)
         self._features_default = feature_modules is True
         self._feature_modules = candidates
         try:
@@ -415,31 +415,6 @@ class KernelTracker:
         self._reset()
 
     # ------------------------------------------------------------------ validation
-    def _check_feature_modules(
-        self, modules: Union[Sequence[str], bool, None]
-    ) -> tuple[list[str], bool]:
-        """``(candidate module names, strict)``: the default set is filtered, a given one must
-        be trackable as a whole."""
-        if modules is None or modules is False:
-            return [], True
-        if modules is True:
-            try:
-                return default_feature_modules(self.model), False
-            except ValueError:  # no submodule owns a parameter: nothing to track by default
-                return [], False
-        if isinstance(modules, str) or not isinstance(modules, Sequence):
-            raise TypeError(
-                f"feature_modules must be True, False/None or a list of module names, got "
-                f"{modules!r}; e.g. feature_modules=['fc1', 'readout']"
-            )
-        names = [check_str(f"feature_modules[{i}]", m) for i, m in enumerate(modules)]
-        if len(set(names)) != len(names) or not names:
-            raise ValueError(
-                f"feature_modules must list distinct module names, got {modules!r}; pass False "
-                "for no feature metrics"
-            )
-        return names, True
-
     def _check_targets(self, targets: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
         if targets is None:
             return None, False
@@ -600,11 +575,8 @@ class KernelTracker:
 
     def _hooks(self, strict: bool = True) -> Any:
         """Forward hooks recording the centred Gram ``(N, N)`` of each tracked module's output
-        (computed in the hook: a wide layer's ``N·D`` features are not kept)."""
-        return feature_hooks(
-            self.model, self._feature_modules, self.probe_size, strict=strict,
-            transform=centered_gram,
-        )  # fmt: skip
+        (see :func:`lazy_monitor.tracking.features.gram_hooks`)."""
+        return gram_hooks(self.model, self._feature_modules, self.probe_size, strict=strict)
 
     def _on_metric_device(self, grams: Mapping[str, Tensor]) -> dict[str, Tensor]:
         dev = self._metric_device()

@@ -4,6 +4,9 @@ Everything a training-framework adapter (the Lightning callbacks, a Hugging Face
 ``TrainerCallback``) needs without importing the framework:
 
 * :class:`KernelTracker` -- the reference (θ₀, ``f₀``, ``K₀``) and ``start``/``measure``;
+* :mod:`~lazy_monitor.tracking.kernel_config` -- which kernel it measures (``kind="auto"``
+  under ``max_memory``, a saved configuration, ``topk``); :mod:`~lazy_monitor.tracking.features`
+  -- which modules' features it tracks and their hooks;
 * :mod:`~lazy_monitor.tracking.schedule` -- when to measure (:class:`MeasurementSchedule`);
 * :mod:`~lazy_monitor.tracking.probe` -- probe validation, deterministic draws from a dataset,
   building a tracker that drops unusable drawn targets (:func:`build_tracker`);

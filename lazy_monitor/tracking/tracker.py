@@ -29,21 +29,23 @@ from lazy_monitor._validation import (
 from lazy_monitor.core import _functional as F
 from lazy_monitor.core import metrics as M
 from lazy_monitor.core._functional import InputBatch, OutputFn
-from lazy_monitor.core.features import centered_gram, default_feature_modules, feature_hooks
 from lazy_monitor.core.kernels import (
     DEFAULT_MAX_MEMORY,
     NtkConfig,
     empirical_ntk,
-    estimate_ntk_cost,
-    projection_matrix,
-    resolve_kernel_config,
 )
 from lazy_monitor.core.kernels.plan import estimate_param_costs
 from lazy_monitor.core.linearization import Linearization
 from lazy_monitor.core.stability import CatapultDetector
 from lazy_monitor.thresholds import Threshold
+from lazy_monitor.tracking import kernel_config as kc
 from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint, same_fingerprint
 from lazy_monitor.tracking.distributed import KernelSharding, sharded_kernel
+from lazy_monitor.tracking.features import check_feature_modules, gram_hooks
+from lazy_monitor.tracking.kernel_config import (  # noqa: F401 - re-exported
+    KERNEL_COPIES,
+    MAX_SPECTRUM_SIZE,
+)
 from lazy_monitor.tracking.layers import group_layers
 from lazy_monitor.tracking.regime import Measurement, lazy_decision, regime_metrics
 
@@ -59,10 +61,6 @@ __all__ = [
 KINDS = ("full", "trace", "diagonal")
 #: What ``kind=`` accepts: a kind, or ``"auto"`` (resolved at :meth:`KernelTracker.start`).
 REQUESTED_KINDS = ("auto", *KINDS)
-#: Copies of the kernel and its per-parameter blocks a measurement holds at once (the engine's
-#: result, the reference ``K₀`` and per-layer ``K₀``, the last kernel): what the memory
-#: estimate of ``kind="auto"`` counts.
-KERNEL_COPIES = 3
 #: Time budget of ``kind="auto"``: estimated seconds of one kernel above which the tracker
 #: takes the next cheaper kernel (full -> trace -> projected trace).
 MAX_SECONDS = 60.0
@@ -72,10 +70,6 @@ MAX_SECONDS = 60.0
 #: function's movement on the probe are comfortably met by wide NTK-parameterised MLPs trained with
 #: small learning rates and clearly violated once features learn.
 DEFAULT_LAZY_THRESHOLDS: dict[str, float] = {"ntk/rel_change": 0.1, "lin/rel_error": 0.1}
-
-#: Kernel matrix size (``N·O`` for full/diagonal, ``N`` for trace) above which the tracker warns
-#: that the per-measurement float64 eigendecomposition (``O(M³)``) becomes the dominant cost.
-MAX_SPECTRUM_SIZE = 2048
 
 #: Metrics whose lazy threshold is a lower bound (lazy means close to 1); every other
 #: thresholded metric is bounded from above. Derived from :mod:`lazy_monitor.catalogue`.
@@ -368,7 +362,7 @@ class KernelTracker:
             )
         # One side-effect-free forward: checks the model runs on the probe, gives O and which
         # feature modules can be tracked.
-        candidates, strict = self._check_feature_modules(feature_modules)
+        candidates, strict = check_feature_modules(model, feature_modules)
         self._features_default = feature_modules is True
         self._feature_modules = candidates
         try:
@@ -386,7 +380,13 @@ class KernelTracker:
             )
         self.num_outputs = f.shape[1]
         if kind != "auto":
-            self._warn_spectrum_size(kind, self.projection, stacklevel=3)
+            kc.warn_spectrum_size(
+                kind,
+                self.projection,
+                probe_size=self.probe_size,
+                num_outputs=self.num_outputs,
+                stacklevel=3,
+            )
 
         self.targets, self.classification = self._check_targets(targets)
         self._topk = check_int("topk", topk, minimum=1, optional=True)
@@ -415,31 +415,6 @@ class KernelTracker:
         self._reset()
 
     # ------------------------------------------------------------------ validation
-    def _check_feature_modules(
-        self, modules: Union[Sequence[str], bool, None]
-    ) -> tuple[list[str], bool]:
-        """``(candidate module names, strict)``: the default set is filtered, a given one must
-        be trackable as a whole."""
-        if modules is None or modules is False:
-            return [], True
-        if modules is True:
-            try:
-                return default_feature_modules(self.model), False
-            except ValueError:  # no submodule owns a parameter: nothing to track by default
-                return [], False
-        if isinstance(modules, str) or not isinstance(modules, Sequence):
-            raise TypeError(
-                f"feature_modules must be True, False/None or a list of module names, got "
-                f"{modules!r}; e.g. feature_modules=['fc1', 'readout']"
-            )
-        names = [check_str(f"feature_modules[{i}]", m) for i, m in enumerate(modules)]
-        if len(set(names)) != len(names) or not names:
-            raise ValueError(
-                f"feature_modules must list distinct module names, got {modules!r}; pass False "
-                "for no feature metrics"
-            )
-        return names, True
-
     def _check_targets(self, targets: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
         if targets is None:
             return None, False
@@ -448,42 +423,15 @@ class KernelTracker:
         outputs = None if self.kind == "trace" else self.num_outputs
         return M.alignment_targets(targets, self.probe_size, self.num_outputs, outputs)
 
-    def _kernel_outputs(self, kind: str, projection: Union[None, int, str]) -> int:
-        """Outputs per example of the kernel matrix: 1 for trace, else O or the projected k."""
-        if kind == "trace":
-            return 1
-        if projection is None:
-            return self.num_outputs
-        return 1 if projection == "sum" else int(projection)
-
     def _check_topk(self, kind: str, projection: Union[None, int, str]) -> int:
-        """``topk`` for a kernel of this kind/projection (the default, or the given one if it is
-        at most the kernel matrix size ``M``)."""
-        o = self._kernel_outputs(kind, projection)
-        m = self.probe_size * o
-        topk = self._topk
-        if topk is None:
-            return min(m, o * math.ceil(10 / o))
-        if topk > m:
-            what = "" if o == 1 else f", {o} outputs per example"
-            raise ValueError(
-                f"topk={topk} exceeds the kernel matrix size {m} (N={self.probe_size}{what}, "
-                f"kind={kind!r}); pass topk <= {m}"
-            )
-        return topk
-
-    def _warn_spectrum_size(
-        self, kind: str, projection: Union[None, int, str], stacklevel: int
-    ) -> None:
-        size = self.probe_size * self._kernel_outputs(kind, projection)
-        if size > MAX_SPECTRUM_SIZE:
-            warnings.warn(
-                f"the kernel matrix is {size}×{size} (N={self.probe_size}, O={self.num_outputs}, "
-                f"kind={kind!r}); its float64 eigendecomposition at every measure() costs "
-                f"O({size}³) time and {8 * size * size / 2**20:.0f} MiB. Use a smaller probe or "
-                "kind='trace' if measurements are too slow.",
-                stacklevel=stacklevel,
-            )
+        """``topk`` for a kernel of this kind/projection (see :func:`kc.check_topk`)."""
+        return kc.check_topk(
+            self._topk,
+            kind,
+            projection,
+            probe_size=self.probe_size,
+            num_outputs=self.num_outputs,
+        )
 
     def _check_thresholds(self, thresholds: Optional[Mapping[str, float]]) -> dict[str, float]:
         if thresholds is None:
@@ -627,11 +575,8 @@ class KernelTracker:
 
     def _hooks(self, strict: bool = True) -> Any:
         """Forward hooks recording the centred Gram ``(N, N)`` of each tracked module's output
-        (computed in the hook: a wide layer's ``N·D`` features are not kept)."""
-        return feature_hooks(
-            self.model, self._feature_modules, self.probe_size, strict=strict,
-            transform=centered_gram,
-        )  # fmt: skip
+        (see :func:`lazy_monitor.tracking.features.gram_hooks`)."""
+        return gram_hooks(self.model, self._feature_modules, self.probe_size, strict=strict)
 
     def _on_metric_device(self, grams: Mapping[str, Tensor]) -> dict[str, Tensor]:
         dev = self._metric_device()
@@ -757,113 +702,35 @@ class KernelTracker:
 
     # ------------------------------------------------------------------ kernel configuration
     def _resolve_kernel_config(self) -> dict[str, Any]:
-        """Resolve ``kind="auto"`` (or check a forced kind/projection) against ``max_memory``
-        with the engine's estimator; warn when the full kernel is not kept, raise when a forced
-        configuration (or even the cheapest one) does not fit."""
-        budget = self.max_memory
-        common: dict[str, Any] = {
-            "per_layer": self.per_layer,
-            "output_fn": self.output_fn,
-            "params": self._current_params(),
-            "kernel_copies": KERNEL_COPIES,
-        }
-        x = self._probe_on_model_device()
-        factor_budget = None if budget is None else max(1, budget // 2)
-        if self.kind == "auto":
-            res = resolve_kernel_config(
-                self.model,
-                x,
-                max_memory=budget,
-                max_seconds=MAX_SECONDS,
-                projection=self.projection,
-                projection_seed=self.projection_seed,
-                **common,
-            )
-            kind, projection, est, reason = (
-                res["kind"],
-                res["projection"],
-                res["estimate"],
-                res["reason"],
-            )
-        else:
-            kind, projection, reason = self.kind, self.projection, ""
-            est = estimate_ntk_cost(
-                self.model, x, kind=kind, projection=projection, max_memory=factor_budget, **common
-            )
-        if budget is not None and est["bytes"] > budget:
-            forced = self.kind != "auto" or self.projection is not None
-            raise ValueError(
-                f"the kernel kind={kind!r}, projection={projection!r} is estimated at "
-                f"{est['bytes'] / 2**30:.3g} GiB per measurement (N={est['n']}, O={est['o_raw']}, "
-                f"P={est['p']}: kernel and {est['blocks']} blocks x{KERNEL_COPIES} "
-                f"{est['kernel_bytes'] / 2**30:.3g} GiB, factors "
-                f"{est['factor_bytes'] / 2**30:.3g} GiB, eigendecomposition "
-                f"{est['eig_bytes'] / 2**30:.3g} GiB), more than max_memory="
-                f"{budget / 2**30:.3g} GiB; "
-                + (
-                    "use kind='auto' (and no projection) to let the tracker choose, "
-                    if forced
-                    else ""
-                )
-                + "raise max_memory, use a smaller probe, or per_layer=False"
-            )
-        cfg = {
-            "kind": kind,
-            "projection": projection,
-            "projection_seed": self.projection_seed,
-            "implementation": str(self.implementation),
-            "max_memory": factor_budget,
-            "requested": {
-                "kind": self.kind,
-                "projection": self.projection,
-                "max_memory": budget,
-            },
-            "estimated_bytes": int(est["bytes"]),
-            "estimated_seconds": float(est["seconds"]),
-            "estimate": {k: v for k, v in est.items() if isinstance(v, (int, float))},
-            "reason": reason,
-        }
-        if reason:
-            warnings.warn(
-                f"KernelTracker(kind='auto'): {reason}. Pass kind='full' (and max_memory) to "
-                "force the full kernel; see tracker.kernel_config",
-                UserWarning,
-                stacklevel=4,
-            )
-        return cfg
+        """Resolve ``kind="auto"`` (or check a forced kind/projection) against ``max_memory``:
+        see :func:`lazy_monitor.tracking.kernel_config.resolve`."""
+        return kc.resolve(
+            self.model,
+            self._probe_on_model_device(),
+            self._current_params(),
+            kind=self.kind,
+            projection=self.projection,
+            projection_seed=self.projection_seed,
+            implementation=self.implementation,
+            max_memory=self.max_memory,
+            per_layer=self.per_layer,
+            output_fn=self.output_fn,
+            max_seconds=MAX_SECONDS,  # read here: tests patch this module's constant
+            stacklevel=5,  # the same frame as before the move (kc.resolve is one deeper)
+        )
 
     def _apply_kernel_config(self, cfg: dict[str, Any], warn: bool) -> None:
         """Adopt a resolved (or restored) kernel configuration: ``topk`` and the alignment
         targets follow the kernel's outputs."""
         kind, projection = cfg["kind"], cfg["projection"]
         self._topk_resolved = self._check_topk(kind, projection)
+        shape = {"probe_size": self.probe_size, "num_outputs": self.num_outputs}
         if warn and self.kind == "auto":
-            self._warn_spectrum_size(kind, projection, stacklevel=5)
-        self._kernel_targets = self._project_targets(kind, projection, cfg["projection_seed"])
+            kc.warn_spectrum_size(kind, projection, stacklevel=5, **shape)
+        self._kernel_targets = kc.project_targets(
+            self.targets, self.classification, kind, projection, cfg["projection_seed"], **shape
+        )
         self._kernel_config = cfg
-
-    def _project_targets(
-        self, kind: str, projection: Union[None, int, str], seed: int
-    ) -> Optional[Tensor]:
-        """The targets in the kernel's output space: as given, except for a projected
-        full/diagonal kernel, whose outputs are ``Rᵀ f / √k`` (or ``Σ f / √O``): the targets are
-        projected the same way (class indices one-hot over the ``O`` outputs first)."""
-        t = self.targets
-        if t is None or projection is None or kind == "trace":
-            return t
-        n, o = self.probe_size, self.num_outputs
-        if self.classification:
-            y = (
-                torch.nn.functional.one_hot(t, o).to(torch.float64)
-                if o > 1
-                else t.to(torch.float64).reshape(n, 1)
-            )
-        else:
-            y = t.to(torch.float64).reshape(n, -1)
-        if projection == "sum":
-            return y.sum(1, keepdim=True) / math.sqrt(o)
-        k = int(projection)
-        return y @ projection_matrix(o, k, seed) / math.sqrt(k)
 
     def _current_params(self) -> dict[str, Tensor]:
         """θ of the tracked parameters (those trainable at :meth:`start`), whatever their
@@ -1152,40 +1019,6 @@ class KernelTracker:
             "feature_modules": list(self._feature_modules),
         }
 
-    def _saved_kernel_config(self, saved: Mapping[str, Any]) -> dict[str, Any]:
-        """The kernel configuration a state was measured with (states written before
-        ``kernel_config`` existed: their ``kind``, no projection); raises if it contradicts what
-        this tracker forces (an explicit ``kind``, ``projection`` or its seed)."""
-        cfg = saved.get("kernel_config")
-        if cfg is None:
-            kind = saved.get("kind", "full")
-            cfg = {
-                "kind": kind,
-                "projection": None,
-                "projection_seed": self.projection_seed,
-                "implementation": str(self.implementation),
-                "max_memory": None,
-                "requested": {"kind": kind, "projection": None, "max_memory": None},
-                "estimated_bytes": None,  # not estimated by the version that saved the state
-                "estimated_seconds": None,
-                "estimate": {},
-                "reason": "",
-            }
-        cfg = dict(cfg)
-        forced = {"kind": self.kind if self.kind != "auto" else None}
-        if self.projection is not None:
-            forced.update(projection=self.projection, projection_seed=self.projection_seed)
-        for key, value in forced.items():
-            if value is not None and cfg.get(key) != value:
-                raise ValueError(
-                    f"the state was saved with {key}={cfg.get(key)!r} but this tracker has "
-                    f"{key}={value!r}; build the tracker with the same settings and model (or "
-                    "kind='auto' without a projection to adopt the saved kernel configuration)"
-                )
-        # the implementation computes the same kernel: this tracker's choice is used
-        cfg["implementation"] = str(self.implementation)
-        return cfg
-
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict`; later :meth:`measure` calls give the
         same metrics as the saved tracker would have.
@@ -1196,7 +1029,17 @@ class KernelTracker:
         """
         check_schema(state, "KernelTracker", required=("format", "config", "started"))
         saved = state["config"]
-        kernel_config = self._saved_kernel_config(saved) if state["started"] else None
+        kernel_config = (
+            kc.saved_kernel_config(
+                saved,
+                kind=self.kind,
+                projection=self.projection,
+                projection_seed=self.projection_seed,
+                implementation=self.implementation,
+            )
+            if state["started"]
+            else None
+        )
         mine = self._config()
         if kernel_config is not None:  # compare with what this tracker will measure
             mine["kind"] = kernel_config["kind"]

@@ -1,0 +1,250 @@
+"""Which kernel a :class:`~lazy_monitor.tracking.tracker.KernelTracker` measures.
+
+Plain functions of explicit arguments (no tracker state): resolve ``kind="auto"`` under
+``max_memory`` (or check a forced kind/projection against the estimate), read the kernel
+configuration of a saved state (old states included), the kernel matrix's outputs per example,
+the ``topk`` check against it, the spectrum-size warning, and the alignment targets projected
+into the kernel's output space.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from lazy_monitor.core._functional import InputBatch, OutputFn
+from lazy_monitor.core.kernels import estimate_ntk_cost, projection_matrix, resolve_kernel_config
+
+__all__ = [
+    "KERNEL_COPIES",
+    "MAX_SPECTRUM_SIZE",
+    "check_topk",
+    "kernel_outputs",
+    "project_targets",
+    "resolve",
+    "saved_kernel_config",
+    "warn_spectrum_size",
+]
+
+Projection = Union[None, int, str]
+
+#: Copies of the kernel and its per-parameter blocks a measurement holds at once (the engine's
+#: result, the reference ``K₀`` and per-layer ``K₀``, the last kernel): what the memory
+#: estimate of ``kind="auto"`` counts.
+KERNEL_COPIES = 3
+
+#: Kernel matrix size (``N·O`` for full/diagonal, ``N`` for trace) above which the tracker warns
+#: that the per-measurement float64 eigendecomposition (``O(M³)``) becomes the dominant cost.
+MAX_SPECTRUM_SIZE = 2048
+
+
+def kernel_outputs(kind: str, projection: Projection, num_outputs: int) -> int:
+    """Outputs per example of the kernel matrix: 1 for trace, else O or the projected k."""
+    if kind == "trace":
+        return 1
+    if projection is None:
+        return num_outputs
+    return 1 if projection == "sum" else int(projection)
+
+
+def check_topk(
+    topk: Optional[int], kind: str, projection: Projection, *, probe_size: int, num_outputs: int
+) -> int:
+    """``topk`` for a kernel of this kind/projection (the default, or the given one if it is
+    at most the kernel matrix size ``M``)."""
+    o = kernel_outputs(kind, projection, num_outputs)
+    m = probe_size * o
+    if topk is None:
+        return min(m, o * math.ceil(10 / o))
+    if topk > m:
+        what = "" if o == 1 else f", {o} outputs per example"
+        raise ValueError(
+            f"topk={topk} exceeds the kernel matrix size {m} (N={probe_size}{what}, "
+            f"kind={kind!r}); pass topk <= {m}"
+        )
+    return topk
+
+
+def warn_spectrum_size(
+    kind: str, projection: Projection, *, probe_size: int, num_outputs: int, stacklevel: int
+) -> None:
+    """Warn when the kernel matrix exceeds :data:`MAX_SPECTRUM_SIZE` (``stacklevel`` counts
+    from this function)."""
+    size = probe_size * kernel_outputs(kind, projection, num_outputs)
+    if size > MAX_SPECTRUM_SIZE:
+        warnings.warn(
+            f"the kernel matrix is {size}×{size} (N={probe_size}, O={num_outputs}, "
+            f"kind={kind!r}); its float64 eigendecomposition at every measure() costs "
+            f"O({size}³) time and {8 * size * size / 2**20:.0f} MiB. Use a smaller probe or "
+            "kind='trace' if measurements are too slow.",
+            stacklevel=stacklevel,
+        )
+
+
+def project_targets(
+    targets: Optional[Tensor],
+    classification: bool,
+    kind: str,
+    projection: Projection,
+    seed: int,
+    *,
+    probe_size: int,
+    num_outputs: int,
+) -> Optional[Tensor]:
+    """The targets in the kernel's output space: as given, except for a projected
+    full/diagonal kernel, whose outputs are ``Rᵀ f / √k`` (or ``Σ f / √O``): the targets are
+    projected the same way (class indices one-hot over the ``O`` outputs first), float64
+    ``(N, k)`` (``(N, 1)`` for ``"sum"``)."""
+    t = targets
+    if t is None or projection is None or kind == "trace":
+        return t
+    n, o = probe_size, num_outputs
+    if classification:
+        y = (
+            torch.nn.functional.one_hot(t, o).to(torch.float64)
+            if o > 1
+            else t.to(torch.float64).reshape(n, 1)
+        )
+    else:
+        y = t.to(torch.float64).reshape(n, -1)
+    if projection == "sum":
+        return y.sum(1, keepdim=True) / math.sqrt(o)
+    k = int(projection)
+    return y @ projection_matrix(o, k, seed) / math.sqrt(k)
+
+
+def resolve(
+    model: nn.Module,
+    x: InputBatch,
+    params: dict[str, Tensor],
+    *,
+    kind: str,
+    projection: Projection,
+    projection_seed: int,
+    implementation: str,
+    max_memory: Optional[int],
+    per_layer: bool,
+    output_fn: Optional[OutputFn],
+    max_seconds: Optional[float],
+    stacklevel: int,
+) -> dict[str, Any]:
+    """The kernel configuration (:attr:`KernelTracker.kernel_config`) for the requested
+    ``kind``/``projection``: ``kind="auto"`` resolved against ``max_memory`` and
+    ``max_seconds`` with the engine's estimator, a forced kind/projection checked against
+    ``max_memory``. Warns (``stacklevel`` counts from this function) when ``"auto"`` does not
+    keep the full kernel; raises when a forced configuration (or even the cheapest one) does not
+    fit."""
+    budget = max_memory
+    common: dict[str, Any] = {
+        "per_layer": per_layer,
+        "output_fn": output_fn,
+        "params": params,
+        "kernel_copies": KERNEL_COPIES,
+    }
+    factor_budget = None if budget is None else max(1, budget // 2)
+    if kind == "auto":
+        res = resolve_kernel_config(
+            model,
+            x,
+            max_memory=budget,
+            max_seconds=max_seconds,
+            projection=projection,
+            projection_seed=projection_seed,
+            **common,
+        )
+        kernel_kind, kernel_projection, est, reason = (
+            res["kind"],
+            res["projection"],
+            res["estimate"],
+            res["reason"],
+        )
+    else:
+        kernel_kind, kernel_projection, reason = kind, projection, ""
+        est = estimate_ntk_cost(
+            model, x, kind=kind, projection=projection, max_memory=factor_budget, **common
+        )
+    if budget is not None and est["bytes"] > budget:
+        forced = kind != "auto" or projection is not None
+        raise ValueError(
+            f"the kernel kind={kernel_kind!r}, projection={kernel_projection!r} is estimated at "
+            f"{est['bytes'] / 2**30:.3g} GiB per measurement (N={est['n']}, O={est['o_raw']}, "
+            f"P={est['p']}: kernel and {est['blocks']} blocks x{KERNEL_COPIES} "
+            f"{est['kernel_bytes'] / 2**30:.3g} GiB, factors "
+            f"{est['factor_bytes'] / 2**30:.3g} GiB, eigendecomposition "
+            f"{est['eig_bytes'] / 2**30:.3g} GiB), more than max_memory="
+            f"{budget / 2**30:.3g} GiB; "
+            + ("use kind='auto' (and no projection) to let the tracker choose, " if forced else "")
+            + "raise max_memory, use a smaller probe, or per_layer=False"
+        )
+    cfg = {
+        "kind": kernel_kind,
+        "projection": kernel_projection,
+        "projection_seed": projection_seed,
+        "implementation": str(implementation),
+        "max_memory": factor_budget,
+        "requested": {
+            "kind": kind,
+            "projection": projection,
+            "max_memory": budget,
+        },
+        "estimated_bytes": int(est["bytes"]),
+        "estimated_seconds": float(est["seconds"]),
+        "estimate": {k: v for k, v in est.items() if isinstance(v, (int, float))},
+        "reason": reason,
+    }
+    if reason:
+        warnings.warn(
+            f"KernelTracker(kind='auto'): {reason}. Pass kind='full' (and max_memory) to "
+            "force the full kernel; see tracker.kernel_config",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    return cfg
+
+
+def saved_kernel_config(
+    saved: Mapping[str, Any],
+    *,
+    kind: str,
+    projection: Projection,
+    projection_seed: int,
+    implementation: str,
+) -> dict[str, Any]:
+    """The kernel configuration a state was measured with, from its saved ``config`` (states
+    written before ``kernel_config`` existed: their ``kind``, no projection); raises if it
+    contradicts what the tracker forces (an explicit ``kind``, ``projection`` or its seed).
+    The tracker's ``implementation`` replaces the saved one (the same kernel)."""
+    cfg = saved.get("kernel_config")
+    if cfg is None:
+        old_kind = saved.get("kind", "full")
+        cfg = {
+            "kind": old_kind,
+            "projection": None,
+            "projection_seed": projection_seed,
+            "implementation": str(implementation),
+            "max_memory": None,
+            "requested": {"kind": old_kind, "projection": None, "max_memory": None},
+            "estimated_bytes": None,  # not estimated by the version that saved the state
+            "estimated_seconds": None,
+            "estimate": {},
+            "reason": "",
+        }
+    cfg = dict(cfg)
+    forced = {"kind": kind if kind != "auto" else None}
+    if projection is not None:
+        forced.update(projection=projection, projection_seed=projection_seed)
+    for key, value in forced.items():
+        if value is not None and cfg.get(key) != value:
+            raise ValueError(
+                f"the state was saved with {key}={cfg.get(key)!r} but this tracker has "
+                f"{key}={value!r}; build the tracker with the same settings and model (or "
+                "kind='auto' without a projection to adopt the saved kernel configuration)"
+            )
+    # the implementation computes the same kernel: the tracker's choice is used
+    cfg["implementation"] = str(implementation)
+    return cfg

@@ -630,11 +630,9 @@ class KernelTracker:
             )
         cfg = self._kernel_config
         assert cfg is not None, "the kernel configuration is resolved at start()"
-        projection = cfg["projection"]
-        # the kernel's outputs: O, or k projected directions (one for the pseudo-NTK "sum")
-        n = self.probe_size
-        o = self.num_outputs if projection is None else 1 if projection == "sum" else projection
-        shape = {"full": (n, n, o, o), "trace": (n, n), "diagonal": (n, n, o)}[cfg["kind"]]
+        n, kind = self.probe_size, cfg["kind"]
+        o = kc.kernel_outputs(kind, cfg["projection"], self.num_outputs)
+        shape = {"full": (n, n, o, o), "trace": (n, n), "diagonal": (n, n, o)}[kind]
         dtype = F.compute_dtype(params, x)
         template = torch.zeros(shape, dtype=dtype, device=self._model_device())
         layers = self._layers if self.per_layer else {}

@@ -678,6 +678,22 @@ class _KernelRegimeMonitorBase:
         previous = self._last_metrics
         self._last_step = step
         self._last_metrics = metrics
+        self._publish(trainer, step, metrics, previous, final, log_step, reference)
+        self._notify(trainer, step, metrics, final)
+
+    def _publish(
+        self,
+        trainer: Any,
+        step: int,
+        metrics: dict[str, float],
+        previous: Mapping[str, float],
+        final: bool,
+        log_step: Optional[int],
+        reference: bool,
+    ) -> None:
+        """Where a measurement goes (the framework-specific part of :meth:`_record`): Lightning's
+        ``callback_metrics`` on every rank; loggers, TensorBoard extras, texts and the per-layer
+        heatmap on rank 0."""
         callback_metrics = trainer.callback_metrics
         for name, value in metrics.items():
             callback_metrics[name] = torch.tensor(value)
@@ -689,7 +705,6 @@ class _KernelRegimeMonitorBase:
             self._write_tensorboard(trainer, log_step, list(metrics))
             self._write_texts(trainer, step, log_step, metrics, previous)
             self._update_layers(trainer, step, log_step, metrics, final)
-        self._notify(trainer, step, metrics, final)
 
     def _logged_values(self, metrics: Mapping[str, float], reference: bool) -> dict[str, float]:
         """What goes to the loggers: the metrics, their ``drift/`` log10 companions after the

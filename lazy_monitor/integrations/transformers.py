@@ -339,21 +339,19 @@ class KernelRegimeCallback(_KernelRegimeMonitorBase, TrainerCallback):
         _save_file(args, state, MONITOR_STATE_FILE, self.state_dict() if self._tracker else {})
 
     # ------------------------------------------------------------------ internals
-    def _record(
+    def _publish(
         self,
         trainer: Any,
         step: int,
-        metrics: Mapping[str, float],
+        metrics: dict[str, float],
+        previous: Mapping[str, float],
         final: bool,
-        log_step: Optional[int] = None,
-        reference: bool = False,
+        log_step: Optional[int],
+        reference: bool,
     ) -> None:
-        metrics = {k: float(v) for k, v in metrics.items()}
-        self._last_step, self._last_metrics = step, metrics
-        # at state.global_step, to every report_to integration: the same values the Lightning
-        # monitor logs (drift/ log10 companions after the reference, health/* once non-zero)
+        # At state.global_step, to every report_to integration: the same values the Lightning
+        # monitor logs (drift/ log10 companions after the reference, health/* once non-zero).
         trainer.trainer.log(self._logged_values(metrics, reference))
-        self._notify(trainer, step, metrics, final)
 
     def _connect(self, callbacks: list[Any]) -> None:
         monitors = [cb for cb in callbacks if isinstance(cb, KernelRegimeCallback)]

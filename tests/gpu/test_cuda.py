@@ -17,7 +17,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 from _reference import reference_ntk
-from lightning.pytorch.loggers import Logger
+from callbacks._cb_helpers import RecordingLogger  # tests/ is on sys.path (conftest)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -239,32 +239,10 @@ class _Lit(L.LightningModule):
         return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
 
 
-class _Recorder(Logger):
-    """In-memory logger: every ``log_metrics`` call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[Any, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recorder"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: Any = None) -> None:
-        self.calls.append((step, dict(metrics)))
-
-
 def _fit(tmp_path: Any, precision: str, monitor: KernelRegimeMonitor | None):
     L.seed_everything(123, workers=True)
     module = _Lit()
-    logger = _Recorder()
+    logger = RecordingLogger()
     trainer = L.Trainer(
         accelerator="gpu",
         devices=1,

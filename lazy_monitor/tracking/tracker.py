@@ -348,16 +348,16 @@ class KernelTracker:
         self._param_names = list(F.resolve_params(model))
         self._layers = self._group_layers()
 
-        bad = []
-        F.map_batch(
-            probe,
-            lambda t: bad.append(t) if t.is_floating_point() and not t.isfinite().all() else t,
-        )
+        bad = [
+            where
+            for where, t in F._leaves(probe)
+            if t.is_floating_point() and not t.isfinite().all()
+        ]
         if bad:
             # A non-finite probe makes every metric NaN for the whole run: refuse it now
             # (non-finite *weights* are a training outcome and give NaN metrics instead).
             raise ValueError(
-                "the probe contains NaN or inf; pass finite probe inputs (e.g. "
+                f"the probe contains NaN or inf (in {', '.join(bad)}); pass finite probe inputs (e.g. "
                 "torch.nan_to_num(x) or other examples)"
             )
         # One side-effect-free forward: checks the model runs on the probe, gives O and which

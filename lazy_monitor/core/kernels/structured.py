@@ -593,15 +593,19 @@ def _contract_gram(fr: _Factors, fc: _Factors, kind: str) -> Tensor:
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             r = r1 - r0
-            # aa[m, (n, t), s] = A[n, t]·A[m, s]: one GEMM, then one bmm per column example.
+            # aat[m, s, (n, t)] = A[m, s]·A[n, t]: one GEMM whose rows are already grouped by
+            # column example, so Z = aatᵀ G_m is one bmm over m without a copy.
             if fr.onehot:
-                aa = (a_r[r0:r1].reshape(1, r * t, 1) == a_c.reshape(m, 1, s)).to(gc.dtype)
+                aat = (a_c.reshape(m, s, 1) == a_r[r0:r1].reshape(1, 1, r * t)).to(gc.dtype)
             else:
                 ar = a_r[r0:r1, gi].transpose(1, 2).reshape(r * t, -1)
-                aa = (ar @ ac.t()).view(r * t, m, s).transpose(0, 1)
-            z = torch.bmm(aa, gc).view(m, r, t * d_out, o)  # Z[m, n, (t, j), b]
+                aat = (ac @ ar.t()).view(m, s, r * t)
+            z = torch.bmm(aat.transpose(1, 2), gc).view(m, r, t * d_out, o)  # Z[m, n, (t, j), b]
             gr = fr.g[r0:r1, :, gi].transpose(2, 3).reshape(r, o, t * d_out)
-            out[r0:r1] += torch.einsum("naf,mnfb->nmab", gr, z)
+            # K[n, :, m, :] = G_n Z[m, n]: one bmm over the row examples per column example
+            # (an einsum over both would first copy Z into (n, f, m, b) order: 1.4-2x slower)
+            for j in range(m):
+                out[r0:r1, j] += torch.bmm(gr, z[j])
     return reduce_full(out.permute(0, 2, 1, 3), kind)
 
 
@@ -806,53 +810,165 @@ def _factors(
     uses = [u for u in cap.uses if (u.weight in wrt) or (u.bias in wrt)]
     weight_uses = [u for u in uses if u.weight in plan.weights]
     row_uses = [(name, u) for name in plan.biases for u in uses if name in (u.bias, u.weight)]
+    stored = [name for name, strategy in plan.weights.items() if strategy == "stored"]
+    by_weight = {name: [u for u in weight_uses if u.weight == name] for name in plan.weights}
     # O plain backward passes (one per output, all examples at once; cheaper and more robust
     # than vmapping the backward): weight uses keep G in (N, O, ...) buffers, bias and norm
-    # rows are reduced right away.
-    grads = {id(u): u.out.new_zeros((n, o, *_per_example(u.out, n).shape[1:])) for u in weight_uses}
+    # rows are reduced right away, and ``stored`` weights turn each output's G into that
+    # output's per-example gradients at once, so their G is never held for all O outputs.
+    grads = {
+        id(u): u.out.new_zeros((n, o, *_per_example(u.out, n).shape[1:]))
+        for u in weight_uses
+        if u.weight not in stored
+    }
     rows = {name: out.new_zeros((n, o, params[name].numel())) for name in plan.biases}
+    result: dict[str, Any] = dict(rows)
+    for name in stored:
+        result[name] = out.new_empty(
+            (n, o, params[name].numel() + _folded_numel(plan, name, params))
+        )
     handles = list({id(u): u for u in [*weight_uses, *(u for _, u in row_uses)]}.values())
     for a, ga in _output_gradients(out, [u.out for u in handles]):
         by_use = {id(u): _per_example(g, n) for u, g in zip(handles, ga) if g is not None}
         for u in weight_uses:
-            if id(u) in by_use:
+            if id(u) in by_use and id(u) in grads:
                 grads[id(u)][:, a] = by_use[id(u)]
+        for name in stored:
+            sel = by_weight[name]
+            g_a = [
+                (by_use[id(u)] if id(u) in by_use else _per_example(u.out, n).detach() * 0)[:, None]
+                for u in sel
+            ]
+            f = _weight_factors(sel, g_a, params[name], name in plan.folded)
+            result[name][:, a] = _per_example_grads(f.g, f.columns(), 0, f.g.shape[3])[:, 0]
+            del f, g_a
         for name, u in row_uses:
             if id(u) in by_use:
                 rows[name][:, a] += _row_grad(u, by_use[id(u)], name, params[name].numel())
         del ga, by_use
     del out, cap
-    result: dict[str, Any] = dict(rows)
     for name, strategy in plan.weights.items():
-        sel = [u for u in weight_uses if u.weight == name]
-        f = _weight_factors(sel, [grads[id(u)] for u in sel], params[name], name in plan.folded)
         if strategy == "stored":
-            f = _per_example_grads(f.g, f.columns(), 0, f.g.shape[3])  # (N, O, P)
-        result[name] = f
+            continue
+        sel = by_weight[name]
+        result[name] = _weight_factors(
+            sel, [grads[id(u)] for u in sel], params[name], name in plan.folded
+        )
         for u in sel:
             del grads[id(u)]
     return result
 
 
+def _folded_numel(plan: _Plan, name: str, params: Mapping[str, Tensor]) -> int:
+    """Entries of the bias folded into weight ``name``'s per-example gradient rows."""
+    return params[plan.folded[name]].numel() if name in plan.folded else 0
+
+
+def _name_bytes(cap: _Capture, plan: _Plan, params: Mapping[str, Tensor], o: int) -> dict[str, int]:
+    """Bytes of factors per example of each planned parameter, from the probe pass:
+    ``O·|y| + |x|`` per structured weight use (output-gradients and layer input), plus
+    ``O·numel`` for per-example gradient rows (biases, norms, ``stored`` weights, which are
+    built one output at a time). Folded and shared biases ride with their weight."""
+    sizes = {name: 0 for name in (*plan.weights, *plan.biases)}
+    for use in cap.uses:
+        if use.weight in plan.weights and plan.weights[use.weight] != "stored":
+            # G and the layer input, per example (dim 0 may hold N·r rows)
+            sizes[use.weight] += o * use.out.numel() // cap.n * use.out.element_size()
+            sizes[use.weight] += use.inp.numel() // cap.n * use.inp.element_size()
+    for name, strategy in plan.weights.items():
+        if strategy == "stored":
+            sizes[name] += o * params[name].numel() * params[name].element_size()
+    for name in plan.biases:
+        sizes[name] += o * params[name].numel() * params[name].element_size()
+    return sizes
+
+
+def _empty_rows(value: Any, n: int) -> Any:
+    """Uninitialised factors like ``value`` (one pass's rows) for ``n`` examples."""
+    if isinstance(value, Tensor):
+        return value.new_empty((n, *value.shape[1:]))
+    inputs = [(op, inp.new_empty((n, *inp.shape[1:])), meta) for op, inp, meta in value.inputs]
+    g = value.g.new_empty((n, *value.g.shape[1:]))
+    return _Factors(inputs, g, value.onehot, value.fold_bias, value.weight_shape)
+
+
+def _copy_rows(dst: Any, src: Any, rows: slice) -> None:
+    if isinstance(dst, Tensor):
+        dst[rows].copy_(src)
+        return
+    for (_, d, _), (_, s, _) in zip(dst.inputs, src.inputs):
+        d[rows].copy_(s)
+    dst.g[rows].copy_(src.g)
+
+
+def _factors_in_passes(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    plan: _Plan,
+    x: InputBatch,
+    n: int,
+    pass_rows: int,
+) -> dict[str, Any]:
+    """:func:`_factors` of ``n`` examples, ``pass_rows`` examples per forward/backward pass
+    (activation memory), written into preallocated factors for all ``n``."""
+    if pass_rows >= n:
+        return _factors(fm, params, plan, x)
+    out: dict[str, Any] = {}
+    for r0 in range(0, n, pass_rows):
+        rows = slice(r0, min(n, r0 + pass_rows))
+        part = _factors(fm, params, plan, slice_batch(x, rows))
+        for name, value in part.items():
+            if name not in out:
+                out[name] = _empty_rows(value, n)
+            _copy_rows(out[name], value, rows)
+        del part
+    return out
+
+
 def _factor_bytes_per_example(
     cap: _Capture, plan: _Plan, params: Mapping[str, Tensor], o: int
 ) -> int:
-    """Bytes of factors that one example needs, from the probe pass: ``O·|y| + |x|`` per
-    structured weight use (output-gradients and layer input), ``O·numel`` for per-example
-    gradient rows (biases, norms, ``stored`` weights)."""
-    total = 0
-    for use in cap.uses:
-        if use.weight in plan.weights:
-            # G (also while building), per example (dim 0 may hold N·r rows)
-            total += o * use.out.numel() // cap.n * use.out.element_size()
-            if plan.weights[use.weight] != "stored":
-                total += use.inp.numel() // cap.n * use.inp.element_size()
-    for name, strategy in plan.weights.items():
-        if strategy == "stored":
-            total += o * params[name].numel() * params[name].element_size()
-    for name in plan.biases:
-        total += o * params[name].numel() * params[name].element_size()
-    return max(1, total)
+    """Bytes of factors that one example needs (:func:`_name_bytes`, summed)."""
+    return max(1, sum(_name_bytes(cap, plan, params, o).values()))
+
+
+def _activation_bytes_per_example(cap: _Capture) -> int:
+    """Rough bytes of forward activations per example: inputs and outputs of every captured
+    use, twice over for what autograd keeps besides them (nonlinearities, residual sums)."""
+    total = sum(
+        u.out.numel() * u.out.element_size() + u.inp.numel() * u.inp.element_size()
+        for u in cap.uses
+    )
+    return max(1, 2 * total // cap.n)
+
+
+def _sub_plan(plan: _Plan, names: list[str]) -> _Plan:
+    """The part of ``plan`` that covers ``names`` (weights with their folded/shared biases)."""
+    keep = set(names)
+    sub = _Plan(
+        {k: v for k, v in plan.weights.items() if k in keep},
+        [b for b in plan.biases if b in keep],
+        [],
+        {w: b for w, b in plan.folded.items() if w in keep},
+        {w: b for w, b in plan.shared.items() if w in keep},
+    )
+    sub.use_counts, sub.row_ratios = plan.use_counts, plan.row_ratios
+    return sub
+
+
+def _layer_groups(sizes: Mapping[str, int], capacity: int) -> list[list[str]]:
+    """Consecutive (forward-order) groups of parameters whose factors for all rows fit
+    ``capacity`` bytes per example; a parameter larger than that is a group of its own."""
+    groups: list[list[str]] = []
+    load = 0
+    for name, size in sizes.items():
+        if groups and load + size <= capacity:
+            groups[-1].append(name)
+            load += size
+        else:
+            groups.append([name])
+            load = size
+    return groups
 
 
 def structured_ntk(
@@ -893,14 +1009,8 @@ def structured_ntk(
     del out
     n_max = max(n1, n2 or 0)
     plan = _make_plan(params, cap, n_max, o, keep_blocks)
-    per_example_bytes = _factor_bytes_per_example(cap, plan, params, o)
-    row_block, col_block = _block_sizes(n1, n2, chunk_size, per_example_bytes)
-    if row_block < n1:
-        # Blocked: a row block's per-example gradients are rebuilt for every column block.
-        n_cols = n1 if n2 is None else n2
-        col_blocks = -(-n_cols // col_block) / (2.0 if n2 is None else 1.0)
-        plan = _make_plan(params, cap, n_max, o, keep_blocks, builds=1.0 + col_blocks)
-        per_example_bytes = _factor_bytes_per_example(cap, plan, params, o)
+    work = _work_plan(params, cap, plan, n1, n2, o, keep_blocks, chunk_size)
+    act_bytes = _activation_bytes_per_example(cap)
     del cap, wrt
     sink = _BlockSink(
         kind,
@@ -910,11 +1020,74 @@ def structured_ntk(
         keep_blocks,
         symmetric=x2 is None,
     )
-    if plan.weights or plan.biases:
-        _structured_blocks(fm, params, plan, x1, x2, n1, n2, o, sink, chunk_size, per_example_bytes)
+    for part, part_bytes in work:
+        if part.weights or part.biases:
+            _structured_blocks(
+                fm, params, part, x1, x2, n1, n2, o, sink, chunk_size, part_bytes, act_bytes
+            )
     if plan.fallback:
         jacobian_ntk(fm, params, plan.fallback, x1, x2, n1, n2, o, sink, chunk_size, rows_fn)
     return sink
+
+
+def _work_plan(
+    params: Mapping[str, Tensor],
+    cap: _Capture,
+    plan: _Plan,
+    n1: int,
+    n2: Optional[int],
+    o: int,
+    keep_blocks: bool,
+    chunk_size: Optional[int],
+) -> list[tuple[_Plan, int]]:
+    """``(plan, factor bytes per example)`` pieces processed one after the other.
+
+    When the factors of every parameter for all rows fit the budget: one piece. Otherwise the
+    parameters are split into consecutive groups whose factors for all rows fit: each group costs one forward and a
+    backward down to its first layer for all examples, and its per-example gradients are
+    built once. Blocking the *examples* instead rebuilds every factor for every pair of
+    example blocks (ResNet-18, N = 128: each per-example gradient ~9 times). Only a parameter
+    whose factors alone do not fit is processed in example blocks, with the strategy re-chosen
+    for the rebuilds. An explicit ``chunk_size`` keeps example blocks for everything.
+    """
+    n_max = max(n1, n2 or 0)
+    # forward order (first use), so that a group's backward stops at its first layer: the
+    # groups of late layers are cheap to differentiate
+    first: dict[str, int] = {}
+    for i, use in enumerate(cap.uses):
+        for k in (use.weight, use.bias):
+            if k is not None:
+                first.setdefault(k, i)
+    sizes = dict(
+        sorted(
+            _name_bytes(cap, plan, params, o).items(),
+            key=lambda kv: first.get(kv[0], len(cap.uses)),
+        )
+    )
+    total = max(1, sum(sizes.values()))
+    row_block, _ = _block_sizes(n1, n2, chunk_size, total)
+    if row_block >= n1:
+        return [(plan, total)]
+    n_cols = n1 if n2 is None else n2
+
+    def blocked(sub: _Plan, size: int) -> tuple[_Plan, int]:
+        _, col_block = _block_sizes(n1, n2, chunk_size, size)
+        col_blocks = -(-n_cols // col_block) / (2.0 if n2 is None else 1.0)
+        full = _make_plan(params, cap, n_max, o, keep_blocks, builds=1.0 + col_blocks)
+        sub = _sub_plan(full, [*sub.weights, *sub.biases])
+        return sub, max(1, sum(_name_bytes(cap, sub, params, o).values()))
+
+    if chunk_size is not None:
+        return [blocked(plan, total)]
+    # a symmetric kernel's groups are one block each (all the budget); otherwise a quarter
+    # of it is left for the column examples that stream past the rows
+    capacity = int(factor_budget() if n2 is None else 0.75 * factor_budget()) // n1
+    work = []
+    for names in _layer_groups(sizes, capacity):
+        sub = _sub_plan(plan, names)
+        size = max(1, sum(sizes[k] for k in names))
+        work.append((sub, size) if size <= capacity else blocked(sub, size))
+    return work
 
 
 def _block_sizes(
@@ -923,6 +1096,8 @@ def _block_sizes(
     """Examples per row block (factors kept) and per column block (factors streamed)."""
     if chunk_size is not None:
         return chunk_size, chunk_size
+    if n2 is None and n1 * per_example_bytes <= factor_budget():
+        return n1, n1  # one symmetric block: no column factors stream past the rows
     n_cols = n1 if n2 is None else n2
     row_block = max(1, int(0.75 * factor_budget() // per_example_bytes))
     col_block = max(1, int(0.25 * factor_budget() // per_example_bytes))
@@ -943,11 +1118,16 @@ def _structured_blocks(
     sink: _BlockSink,
     chunk_size: Optional[int],
     per_example_bytes: int,
+    activation_bytes: int = 1,
 ) -> None:
     kind = sink.kind
+    # Examples per forward/backward pass while factors are built: activations of half the
+    # budget (the factors' own budget is separate).
+    pass_rows = max(1, int(0.5 * factor_budget()) // max(1, activation_bytes))
 
     def factors(side: int, rows: slice) -> dict[str, Any]:
-        return _factors(fm, params, plan, slice_batch(x1 if side == 1 else x2, rows))
+        x = slice_batch(x1 if side == 1 else x2, rows)
+        return _factors_in_passes(fm, params, plan, x, rows.stop - rows.start, pass_rows)
 
     def contract(fr: dict, fc: dict, rows: slice, cols: slice, same: bool) -> None:
         n = rows.stop - rows.start

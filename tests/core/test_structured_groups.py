@@ -47,7 +47,7 @@ def _spy(
     """Record the work plans and the rows of every forward/backward pass (tiny budgets would
     also split the passes by activation memory: off unless asked for)."""
     if not passes_by_activations:
-        monkeypatch.setattr(st, "_activation_bytes_per_example", lambda cap: 1)
+        monkeypatch.setattr(st, "_activation_bytes_per_example", lambda cap, plan, o: 1)
     seen: dict[str, list[Any]] = {"work": [], "passes": []}
     work_plan, factors = st._work_plan, st._factors
 
@@ -133,7 +133,7 @@ def test_forward_backward_passes_split_by_activation_memory(
     model = _cnn()
     x = torch.randn(12, 3, 8, 8, dtype=torch.float64)
     # half the 4 GiB budget holds the activations of 2 examples; factors fit in one piece
-    monkeypatch.setattr(st, "_activation_bytes_per_example", lambda cap: 2**30)
+    monkeypatch.setattr(st, "_activation_bytes_per_example", lambda cap, plan, o: 2**30)
     seen = _spy(monkeypatch, passes_by_activations=True)
     k = empirical_ntk(model, x, max_memory=4 * 2**30)
     ref, _ = reference_ntk(model, x)
@@ -142,7 +142,7 @@ def test_forward_backward_passes_split_by_activation_memory(
     assert seen["passes"] == [2] * 6
 
 
-def test_stored_weights_are_built_one_output_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stored_weights_give_the_exact_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     # early conv with many positions and a small weight: per-example gradients are smaller
     # than their factors, so the plan stores them
     torch.manual_seed(1)

@@ -810,58 +810,33 @@ def _factors(
     uses = [u for u in cap.uses if (u.weight in wrt) or (u.bias in wrt)]
     weight_uses = [u for u in uses if u.weight in plan.weights]
     row_uses = [(name, u) for name in plan.biases for u in uses if name in (u.bias, u.weight)]
-    stored = [name for name, strategy in plan.weights.items() if strategy == "stored"]
-    by_weight = {name: [u for u in weight_uses if u.weight == name] for name in plan.weights}
     # O plain backward passes (one per output, all examples at once; cheaper and more robust
     # than vmapping the backward): weight uses keep G in (N, O, ...) buffers, bias and norm
-    # rows are reduced right away, and ``stored`` weights turn each output's G into that
-    # output's per-example gradients at once, so their G is never held for all O outputs.
-    grads = {
-        id(u): u.out.new_zeros((n, o, *_per_example(u.out, n).shape[1:]))
-        for u in weight_uses
-        if u.weight not in stored
-    }
+    # rows are reduced right away. A ``stored`` weight's G lives only for this pass: its
+    # per-example gradients are built from it below (one unfold, one bmm for all outputs).
+    grads = {id(u): u.out.new_zeros((n, o, *_per_example(u.out, n).shape[1:])) for u in weight_uses}
     rows = {name: out.new_zeros((n, o, params[name].numel())) for name in plan.biases}
-    result: dict[str, Any] = dict(rows)
-    for name in stored:
-        result[name] = out.new_empty(
-            (n, o, params[name].numel() + _folded_numel(plan, name, params))
-        )
     handles = list({id(u): u for u in [*weight_uses, *(u for _, u in row_uses)]}.values())
     for a, ga in _output_gradients(out, [u.out for u in handles]):
         by_use = {id(u): _per_example(g, n) for u, g in zip(handles, ga) if g is not None}
         for u in weight_uses:
-            if id(u) in by_use and id(u) in grads:
+            if id(u) in by_use:
                 grads[id(u)][:, a] = by_use[id(u)]
-        for name in stored:
-            sel = by_weight[name]
-            g_a = [
-                (by_use[id(u)] if id(u) in by_use else _per_example(u.out, n).detach() * 0)[:, None]
-                for u in sel
-            ]
-            f = _weight_factors(sel, g_a, params[name], name in plan.folded)
-            result[name][:, a] = _per_example_grads(f.g, f.columns(), 0, f.g.shape[3])[:, 0]
-            del f, g_a
         for name, u in row_uses:
             if id(u) in by_use:
                 rows[name][:, a] += _row_grad(u, by_use[id(u)], name, params[name].numel())
         del ga, by_use
     del out, cap
+    result: dict[str, Any] = dict(rows)
     for name, strategy in plan.weights.items():
+        sel = [u for u in weight_uses if u.weight == name]
+        f = _weight_factors(sel, [grads[id(u)] for u in sel], params[name], name in plan.folded)
         if strategy == "stored":
-            continue
-        sel = by_weight[name]
-        result[name] = _weight_factors(
-            sel, [grads[id(u)] for u in sel], params[name], name in plan.folded
-        )
+            f = _per_example_grads(f.g, f.columns(), 0, f.g.shape[3])  # (N, O, P)
+        result[name] = f
         for u in sel:
             del grads[id(u)]
     return result
-
-
-def _folded_numel(plan: _Plan, name: str, params: Mapping[str, Tensor]) -> int:
-    """Entries of the bias folded into weight ``name``'s per-example gradient rows."""
-    return params[plan.folded[name]].numel() if name in plan.folded else 0
 
 
 def _name_bytes(cap: _Capture, plan: _Plan, params: Mapping[str, Tensor], o: int) -> dict[str, int]:
@@ -932,14 +907,21 @@ def _factor_bytes_per_example(
     return max(1, sum(_name_bytes(cap, plan, params, o).values()))
 
 
-def _activation_bytes_per_example(cap: _Capture) -> int:
-    """Rough bytes of forward activations per example: inputs and outputs of every captured
-    use, twice over for what autograd keeps besides them (nonlinearities, residual sums)."""
+def _activation_bytes_per_example(cap: _Capture, plan: _Plan, o: int) -> int:
+    """Rough bytes per example of one forward/backward pass: inputs and outputs of every
+    captured use, twice over for what autograd keeps besides them (nonlinearities, residual
+    sums), plus the output-gradients ``O·|y|`` of ``stored`` weights, which live only for the
+    pass that builds their per-example gradients."""
     total = sum(
-        u.out.numel() * u.out.element_size() + u.inp.numel() * u.inp.element_size()
+        2 * (u.out.numel() * u.out.element_size() + u.inp.numel() * u.inp.element_size())
+        + (
+            o * u.out.numel() * u.out.element_size()
+            if plan.weights.get(u.weight) == "stored"
+            else 0
+        )
         for u in cap.uses
     )
-    return max(1, 2 * total // cap.n)
+    return max(1, total // cap.n)
 
 
 def _sub_plan(plan: _Plan, names: list[str]) -> _Plan:
@@ -1009,8 +991,10 @@ def structured_ntk(
     del out
     n_max = max(n1, n2 or 0)
     plan = _make_plan(params, cap, n_max, o, keep_blocks)
-    work = _work_plan(params, cap, plan, n1, n2, o, keep_blocks, chunk_size)
-    act_bytes = _activation_bytes_per_example(cap)
+    work = [
+        (part, size, _activation_bytes_per_example(cap, part, o))
+        for part, size in _work_plan(params, cap, plan, n1, n2, o, keep_blocks, chunk_size)
+    ]
     del cap, wrt
     sink = _BlockSink(
         kind,
@@ -1020,7 +1004,7 @@ def structured_ntk(
         keep_blocks,
         symmetric=x2 is None,
     )
-    for part, part_bytes in work:
+    for part, part_bytes, act_bytes in work:
         if part.weights or part.biases:
             _structured_blocks(
                 fm, params, part, x1, x2, n1, n2, o, sink, chunk_size, part_bytes, act_bytes

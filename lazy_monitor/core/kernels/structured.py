@@ -627,7 +627,8 @@ def _contract_per_example(fr: _Factors, fc: _Factors, kind: str, same: bool) -> 
     a_r = fr.columns()
     a_c = a_r if same else fc.columns()
     d_in = a_r.shape[2]
-    step = max(1, _WORK_ELEMENTS // max(1, (n + m) * o * groups * d_in))
+    rows = n if same else n + m  # a symmetric block builds one side only
+    step = max(1, _WORK_ELEMENTS // max(1, rows * o * groups * d_in))
     total: Optional[Tensor] = None
     for j0 in range(0, d_out, step):
         j1 = min(d_out, j0 + step)

@@ -33,6 +33,7 @@ from lazy_monitor._validation import (
     message,
 )
 from lazy_monitor.callbacks import _tensorboard as tb
+from lazy_monitor.callbacks._identity import _Identified, check_unique
 from lazy_monitor.core._functional import as_device, map_batch, side_effect_guard
 from lazy_monitor.core.kernels import DEFAULT_MAX_MEMORY, NtkConfig, NtkImplementation
 from lazy_monitor.core.stability import current_lr
@@ -99,7 +100,7 @@ def _check_feature_modules(value: Any) -> Union[list[str], bool, None]:
     )
 
 
-class _KernelRegimeMonitorBase:
+class _KernelRegimeMonitorBase(_Identified):
     r"""Track the empirical NTK during ``fit`` and log whether training stays lazy.
 
     A thin Lightning wrapper around :class:`lazy_monitor.KernelTracker`: at train start it fixes a
@@ -393,18 +394,23 @@ class _KernelRegimeMonitorBase:
         """The :class:`KernelTracker` of the current fit (None before train start)."""
         return self._tracker
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(  # type: ignore[attr-defined]
-            probe="given" if self._probe is not None else "drawn",
+    def _identity(self) -> dict[str, Any]:
+        """The settings in ``state_key`` (see :mod:`lazy_monitor.callbacks._identity`)."""
+        probe = "given" if self._probe is not None else "drawn"
+        return dict(
+            probe=probe,
             probe_size=self.probe_size,
             seed=self.seed,
             submodule=self.submodule,
-            # "auto" shares the key of "full" (the previous default): checkpoints of monitors
-            # with default arguments keep loading; the tracker restores the saved kernel
-            kind="full" if self.kind == "auto" else self.kind,
+            kind=self.kind,
             per_layer=self.per_layer,
         )
+
+    def _base_state_key(self) -> str:
+        # "auto" shares the key of "full" (the previous default): checkpoints of monitors
+        # with default arguments keep loading; the tracker restores the saved kernel
+        kind = "full" if self.kind == "auto" else self.kind
+        return self._generate_state_key(**{**self._identity(), "kind": kind})  # type: ignore[attr-defined]
 
     def batch_to_probe(self, batch: Any) -> Any:
         """Map a collated training batch to ``x`` or ``(x, y)`` (override or pass the argument)."""
@@ -424,6 +430,8 @@ class _KernelRegimeMonitorBase:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        check_one_monitor(trainer.callbacks)  # the project's message, not Lightning's
+        self._claim()
         # fail before training on a wrong submodule path or a strategy that shards parameters
         _resolve_submodule(pl_module, self.submodule)
         check_strategy(trainer.strategy)
@@ -886,3 +894,19 @@ class _KernelRegimeMonitorBase:
     ) -> None:
         for listener in self._listeners:
             listener._on_measurement(trainer, self, step, metrics, final, repeat=repeat)
+
+
+def check_one_monitor(callbacks: Sequence[Any]) -> None:
+    """Refuse two monitors in one Trainer (at ``setup``, before training) with the settings of
+    each: their values would go to the same tags, whatever their submodule or kind."""
+    check_unique(
+        callbacks,
+        _KernelRegimeMonitorBase,
+        "KernelRegimeMonitor",
+        equal_only=False,
+        why="one monitor per Trainer: every monitor logs the same tags (ntk/rel_change, "
+        "lin/rel_error, ...) to the same loggers and callback_metrics, whatever its submodule "
+        "or kind, so a second one overwrites the first one's values",
+        fix="remove all but one (per_layer=True logs the drift of parts of the network as "
+        "ntk_layer/<layer>/rel_change)",
+    )

@@ -77,8 +77,8 @@ class _KernelDriftGateBase(_Identified):
 
     Raises:
         ValueError: invalid thresholds/patience/action/min_check_from_step (at construction), no
-            or several monitors in the trainer (at setup), a threshold on a metric the monitor does
-            not log (at train start).
+            or several monitors or a gate with equal thresholds and action in the trainer (at
+            setup), a threshold on a metric the monitor does not log (at train start).
         KernelDriftError: with ``action="raise"`` when a threshold trips.
 
     Example::

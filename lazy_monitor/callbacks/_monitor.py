@@ -251,7 +251,8 @@ class _KernelRegimeMonitorBase(_Identified):
 
     Raises:
         ValueError: at construction for invalid values (each message names the value and the
-            fix); at setup for an unknown ``submodule``; at train start for a probe that cannot be
+            fix); at setup for an unknown ``submodule`` or a second monitor in the Trainer
+            (both would log the same tags); at train start for a probe that cannot be
             drawn (e.g. ``probe_size`` larger than the dataset) or targets of an explicit
             ``probe=(x, y)`` that do not fit the model's outputs.
         TypeError: at construction for an argument of the wrong type (e.g.
@@ -430,7 +431,7 @@ class _KernelRegimeMonitorBase(_Identified):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        check_one_monitor(trainer.callbacks)  # the project's message, not Lightning's
+        check_one_monitor(getattr(trainer, "callbacks", ()))  # ours, not Lightning's message
         self._claim()
         # fail before training on a wrong submodule path or a strategy that shards parameters
         _resolve_submodule(pl_module, self.submodule)

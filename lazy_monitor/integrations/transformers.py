@@ -419,7 +419,8 @@ class KernelDriftGateCallback(_KernelDriftGateBase, TrainerCallback):
     * ``"raise"``: :class:`KernelDriftError` from ``trainer.train()``.
 
     Needs exactly one :class:`KernelRegimeCallback` attached to the same Trainer (order does not
-    matter). The decision is reduced across processes (one tripping trips all). Its state
+    matter) and is the only gate there: its state is one file per checkpoint (a second gate is
+    refused at train begin; put all thresholds into one gate). The decision is reduced across processes (one tripping trips all). Its state
     (tripped, reason, counts) goes into each checkpoint folder as ``lazy_monitor_gate.pt`` and is
     restored on resume; a restored tripped gate acts again at train begin.
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import socket
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -145,9 +145,13 @@ def test_model_parallel_fsdp2_metrics_equal_a_single_process_run(tmp_path):
     from lazy_monitor import KernelTracker
     from lazy_monitor.tracking.layers import DEFAULT_LAYER_GROUPS
 
-    t0 = time.perf_counter()
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
-    print("spawn seconds", time.perf_counter() - t0)
+    # forkserver: the heavy imports happen once in the server, not in each process
+    multiprocessing.set_forkserver_preload(
+        ["lightning.pytorch", "lazy_monitor.callbacks.lightning"]
+    )
+    mp.start_processes(
+        _worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="forkserver"
+    )
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert [r["sharded"] for r in ranks] == [True, True]
     assert [r["world"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [STEPS] * 2

@@ -9,6 +9,7 @@ gathered *by the test* only, to build that reference).
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import socket
 import sys
@@ -72,14 +73,17 @@ MODELS = {
 }
 
 
-def _shard(model: nn.Module, units: list[str]) -> nn.Module:
+def _shard(model: nn.Module, units: list[str], partial: bool = False) -> nn.Module:
+    """``fully_shard`` every unit and the root (``partial``: all units but the last, no root,
+    so the last unit's parameters stay plain replicated tensors)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    for name in units:
+    for name in units[:-1] if partial else units:
         fully_shard(model.get_submodule(name), mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if not partial:
+        fully_shard(model, mesh=mesh)
     return model
 
 
@@ -112,9 +116,6 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    import time
-
-    t0 = time.perf_counter()
     try:
         build, make_x, units = MODELS[name]
         g = torch.Generator().manual_seed(1)
@@ -125,7 +126,7 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
             torch.manual_seed(0)
             model = build().double()
             init = {k: v.clone() for k, v in model.state_dict().items()}
-            _shard(model, units)
+            _shard(model, units, partial=cfg.pop("partial", False))
             recompute = cfg.pop("recompute_j0", False)
             tracker = KernelTracker(model, probe, **cfg)
             assert isinstance(tracker, ShardedKernelTracker)
@@ -141,13 +142,15 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
             model.zero_grad()
             measured = tracker.measure(3)
             results.append((cfg, init, _full_state(model), start, measured))
-            assert max(p.to_local().numel() for p in model.parameters()) < max(
-                v.numel() for v in init.values()
-            ), "the parameters must be sharded"
+            local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())
+            assert max(t.numel() for t in local) < max(v.numel() for v in init.values()), (
+                "the parameters must be sharded"
+            )
         if name == "mlp":
             results.append(("identical", _bit_identical(build, units, probe, train_x)))
+            results.append(("roundtrip", _round_trip(build, units, probe, train_x)))
+            results.append(("refused", _replicated_is_refused(build, probe)))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        print("worker seconds", time.perf_counter() - t0, flush=True)
     finally:
         dist.destroy_process_group()
 
@@ -179,6 +182,35 @@ def _bit_identical(build, units, probe, train_x) -> bool:
     return all(torch.equal(a, b) for a, b in zip(*finals))
 
 
+def _round_trip(build, units, probe, train_x) -> bool:
+    """A tracker loaded from a rank's own state measures what the saved one measures."""
+    from lazy_monitor import KernelTracker
+
+    torch.manual_seed(0)
+    model = _shard(build().double(), units)
+    tracker = KernelTracker(model, probe, kind="full")
+    tracker.start()
+    _train(model, train_x, 2)
+    fresh = KernelTracker(model, probe, kind="full")
+    fresh.load_state_dict(tracker.state_dict())
+    return _close(fresh.measure(2), tracker.measure(2)) == []
+
+
+def _replicated_is_refused(build, probe) -> str:
+    """Replicated DTensors (not FSDP2's Shard(0)) are refused at construction."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_module
+
+    from lazy_monitor import KernelTracker
+
+    model = distribute_module(build().double(), init_device_mesh("cpu", (WORLD,)))
+    try:
+        KernelTracker(model, probe)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
 def _reference(name: str, cfg: dict, init: dict, final: dict, probe: torch.Tensor):
     from lazy_monitor import KernelTracker
 
@@ -205,7 +237,14 @@ def _close(got: dict, want: dict) -> list:
 def _run(tmp_path, name: str, configs: list) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(_free_port(), name, configs, str(tmp_path)), nprocs=WORLD)
+    # forkserver: the imports happen once in the server, not in each process
+    multiprocessing.set_forkserver_preload(["lazy_monitor", "torch.distributed.fsdp"])
+    mp.start_processes(
+        _worker,
+        args=(_free_port(), name, configs, str(tmp_path)),
+        nprocs=WORLD,
+        start_method="forkserver",
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     g = torch.Generator().manual_seed(1)
     probe = MODELS[name][1](g).double()
@@ -214,8 +253,14 @@ def _run(tmp_path, name: str, configs: list) -> None:
             if entry[0] == "identical":
                 assert entry[1], "training with the sharded monitor diverged from training without"
                 continue
+            if entry[0] == "roundtrip":
+                assert entry[1], "a tracker loaded from the rank's state measured differently"
+                continue
+            if entry[0] == "refused":
+                assert "placements (Replicate(),)" in entry[1] and "fully_shard" in entry[1]
+                continue
             cfg, init, final, start, measured = entry
-            cfg = {k: v for k, v in cfg.items() if k != "max_memory"}
+            cfg = {k: v for k, v in cfg.items() if k not in ("max_memory", "partial")}
             want_start, want = _reference(name, cfg, init, final, probe)
             assert _close(start, want_start) == [], cfg
             assert _close(measured, want) == [], cfg
@@ -239,7 +284,8 @@ def test_sharded_mlp_equals_single_process_full_trace_projected_and_is_side_effe
 
 
 def test_sharded_cnn_equals_single_process(tmp_path):
-    _run(tmp_path, "cnn", [{"kind": "full"}, {"kind": "diagonal"}])
+    # partial: the head is not sharded (a plain tensor on every rank, counted once)
+    _run(tmp_path, "cnn", [{"kind": "full"}, {"kind": "diagonal", "partial": True}])
 
 
 def test_sharded_transformer_block_equals_single_process(tmp_path):

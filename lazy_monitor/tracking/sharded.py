@@ -270,6 +270,28 @@ class _ShardSnapshot:
                     buffers[n].copy_(b)
 
 
+def _check_gradient_sync(model: nn.Module) -> None:
+    """Raise before any backward if an FSDP2 unit does not reduce-scatter its gradients now
+    (``set_requires_gradient_sync(False)``, an accumulation window) or holds accumulated
+    unsharded gradients: the measurement's rows would be added to them. Reads FSDP2's
+    internal state defensively (an attribute missing in another torch version: no check)."""
+    for module in _fsdp_modules(model):
+        state = getattr(module, "_get_fsdp_state", lambda: None)()
+        for group in getattr(state, "_fsdp_param_groups", None) or []:
+            pending = any(
+                getattr(fp, "unsharded_accumulated_grad", None) is not None
+                for fp in getattr(group, "fsdp_params", [])
+            )
+            if getattr(group, "reduce_grads", True) is False or pending:
+                raise RuntimeError(
+                    "an FSDP2 unit has gradient synchronisation off or accumulated unsharded "
+                    "gradients (set_requires_gradient_sync(False), inside a gradient "
+                    "accumulation window): the sharded kernel's backward passes would add to "
+                    "them. Measure after the optimizer step (KernelRegimeMonitor does), or "
+                    "with gradient sync on"
+                )
+
+
 def _reshard(model: nn.Module) -> None:
     for m in _fsdp_modules(model):
         m.reshard()
@@ -566,6 +588,7 @@ class ShardedKernelTracker(KernelTracker):
         x = self._probe_on_model_device()
         live = dict(self.model.named_parameters())
         n = self.probe_size
+        _check_gradient_sync(self.model)
         with self._guard(grads=True):
             out = self._call(x)
             if directions is not None:

@@ -183,7 +183,8 @@ def _bit_identical(build, units, probe, train_x) -> bool:
 
 
 def _round_trip(build, units, probe, train_x) -> bool:
-    """A tracker loaded from a rank's own state measures what the saved one measures."""
+    """A tracker loaded from a rank's own state measures what the saved one measures; no
+    measurement with gradient sync off."""
     from lazy_monitor import KernelTracker
 
     torch.manual_seed(0)
@@ -193,7 +194,17 @@ def _round_trip(build, units, probe, train_x) -> bool:
     _train(model, train_x, 2)
     fresh = KernelTracker(model, probe, kind="full")
     fresh.load_state_dict(tracker.state_dict())
-    return _close(fresh.measure(2), tracker.measure(2)) == []
+    same = _close(fresh.measure(2), tracker.measure(2)) == []
+    # inside an accumulation window (no gradient sync) a measurement refuses before any backward
+    model.set_requires_gradient_sync(False)
+    try:
+        tracker.measure(3)
+    except RuntimeError as err:
+        refused = "set_requires_gradient_sync(False)" in str(err)
+    else:
+        refused = False
+    model.set_requires_gradient_sync(True)
+    return same and refused
 
 
 def _replicated_is_refused(build, probe) -> str:

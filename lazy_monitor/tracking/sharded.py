@@ -215,32 +215,48 @@ class _ShardSnapshot:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore this rank's own θ₀ shards. Collective: every rank of the mesh calls it, and
+        all of them raise if the state of any of them does not fit (e.g. every rank was given
+        rank 0's state, which is what a Lightning checkpoint holds for a callback)."""
         sharding = self.tracker.sharding
         assert sharding is not None
-        if not state.get("sharded"):
+        problem = self._state_problem(state, sharding)
+        failed = sharding.sum(torch.tensor([0.0 if problem is None else 1.0], dtype=torch.float64))
+        if float(failed[0]) > 0:
             raise ValueError(
-                "the state holds an unsharded θ₀ (a KernelTracker of an unsharded model); a "
-                "tracker of an FSDP2-sharded model loads the per-rank state of a sharded tracker"
-            )
-        where = (state.get("rank"), state.get("world_size"))
-        if where != (sharding.rank, sharding.world_size):
-            raise ValueError(
-                f"the state holds the θ₀ shards of rank {where[0]} of {where[1]}, but this is "
-                f"rank {sharding.rank} of {sharding.world_size}; a sharded tracker's state is "
-                "per rank: save tracker.state_dict() on every rank and load each rank's own"
-            )
-        mine = {n: tuple(t.shape) for n, t in self.params0.items()}
-        saved = {n: tuple(t.shape) for n, t in state["params0"].items()}
-        if mine != saved or state.get("shapes") != self.shapes:
-            raise ValueError(
-                "the state's θ₀ shards do not match this model's parameters (names or shapes); "
-                "build the tracker with the same model and sharding"
+                (problem or "another rank of the mesh was given a state that is not its own")
+                + "; a sharded tracker's state is per rank: save tracker.state_dict() on every "
+                "rank and load each rank's own on the same mesh. A Lightning checkpoint keeps "
+                "rank 0's callback state only, so KernelRegimeMonitor cannot resume its "
+                "reference under ModelParallelStrategy: resume with a new monitor (a new "
+                "reference at the resumed step) instead"
             )
         dev = lambda d, ref: {k: v.to(ref[k].device) for k, v in d.items()}  # noqa: E731
         self.params0 = dev(state["params0"], self.params0)
         self.constants0 = dev(state["constants0"], self.constants0)
         self.buffers0 = dev(state["buffers0"], self.buffers0)
         self.j0, self.norms0 = None, None
+
+    def _state_problem(self, state: Mapping[str, Any], sharding: KernelSharding) -> Optional[str]:
+        if not state.get("sharded"):
+            return (
+                "the state holds an unsharded θ₀ (a KernelTracker of an unsharded model), not "
+                "the per-rank state of a sharded tracker"
+            )
+        where = (state.get("rank"), state.get("world_size"))
+        if where != (sharding.rank, sharding.world_size):
+            return (
+                f"the state holds the θ₀ shards of rank {where[0]} of {where[1]}, but this is "
+                f"rank {sharding.rank} of {sharding.world_size}"
+            )
+        mine = {n: tuple(t.shape) for n, t in self.params0.items()}
+        saved = {n: tuple(t.shape) for n, t in state["params0"].items()}
+        if mine != saved or state.get("shapes") != self.shapes:
+            return (
+                "the state's θ₀ shards do not match this model's parameters (names or shapes); "
+                "build the tracker with the same model and sharding"
+            )
+        return None
 
     # helpers -------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -241,7 +241,10 @@ class KernelTracker:
             (:class:`~lazy_monitor.tracking.distributed.KernelSharding`): every process
             computes the blocks of its share of the parameters and one sum-reduction completes
             the kernels; every process must call :meth:`start`/:meth:`measure` together and
-            gets the same metrics. ``None``: this process computes everything.
+            gets the same metrics. ``None``: this process computes everything. A model whose
+            trainable parameters are DTensors (FSDP2 ``fully_shard``) gets a
+            :class:`~lazy_monitor.tracking.sharded.ShardedKernelTracker`, which measures with
+            each process's shards and sums over the parameters' mesh (default ``sharding``).
         layer_groups: with ``per_layer``, at most this many layer groups (module hierarchy,
             normalization layers folded into their block:
             :func:`lazy_monitor.tracking.layers.group_layers`); ``None``: one per module.

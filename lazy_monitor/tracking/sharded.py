@@ -308,6 +308,22 @@ def _check_gradient_sync(model: nn.Module) -> None:
                 )
 
 
+def _grad_scales(model: nn.Module, world_size: int) -> dict[int, float]:
+    """``{id(sharded parameter): s}`` with ``s · p.grad`` the gradient of the backward: FSDP2
+    reduces the identical per-rank gradients to ``Σ_ranks g / d`` with ``d`` the world size
+    (default) or ``set_gradient_divide_factor(d)``."""
+    scales: dict[int, float] = {}
+    for module in _fsdp_modules(model):
+        state = getattr(module, "_get_fsdp_state", lambda: None)()
+        for group in getattr(state, "_fsdp_param_groups", None) or []:
+            factor = getattr(group, "gradient_divide_factor", None)
+            if factor is None or float(factor) == world_size:
+                continue
+            for fp in getattr(group, "fsdp_params", []):
+                scales[id(fp.sharded_param)] = float(factor) / world_size
+    return scales
+
+
 def _reshard(model: nn.Module) -> None:
     for m in _fsdp_modules(model):
         m.reshard()
@@ -605,6 +621,9 @@ class ShardedKernelTracker(KernelTracker):
         live = dict(self.model.named_parameters())
         n = self.probe_size
         _check_gradient_sync(self.model)
+        world = self.sharding.world_size  # type: ignore[union-attr]
+        scales = _grad_scales(self.model, world)
+        undo = {name: scales.get(id(live[name]), 1.0) for name in self._param_names}
         with self._guard(grads=True):
             out = self._call(x)
             if directions is not None:
@@ -632,6 +651,9 @@ class ShardedKernelTracker(KernelTracker):
                             "that keep requires_grad=True"
                         )
                     rows[name][i, a] = _local(g).reshape(-1)
+            for name, factor in undo.items():
+                if factor != 1.0:
+                    rows[name].mul_(factor)
             del out
         return rows
 

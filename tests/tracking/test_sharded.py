@@ -147,7 +147,7 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
                 "the parameters must be sharded"
             )
         if name == "mlp":
-            results.append(("identical", _bit_identical(build, units, probe, train_x)))
+            results.append(("identical", _bit_identical(probe, train_x)))
             results.append(("roundtrip", _round_trip(build, units, probe, train_x)))
             results.append(("refused", _replicated_is_refused(build, probe)))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -155,15 +155,19 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
-def _bit_identical(build, units, probe, train_x) -> bool:
-    """Training with and without measurements (mid-accumulation grads included) ends with
-    bit-identical local shards."""
+def _bit_identical(probe, train_x) -> bool:
+    """Training with and without measurements ends with bit-identical local shards: an MLP with
+    dropout (the measurement must restore train mode and the RNG), and a half-accumulated
+    gradient at each measurement that must survive it untouched."""
     from lazy_monitor import KernelTracker
+
+    def build() -> nn.Module:
+        return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Dropout(0.3), nn.Linear(7, 3))
 
     finals = []
     for monitored in (False, True):
         torch.manual_seed(0)
-        model = _shard(build().double(), units)
+        model = _shard(build().double(), ["0", "3"])
         tracker = KernelTracker(model, probe, kind="full") if monitored else None
         if tracker is not None:
             tracker.start()

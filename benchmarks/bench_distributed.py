@@ -95,7 +95,8 @@ def _mlp(width: int) -> torch.nn.Module:
 
 def _sharded_worker(rank: int, port: int, width: int, probe_size: int, out_dir: str) -> None:
     """One rank: the MLP under fully_shard (every Linear and the root), a KernelTracker on it,
-    start + 3 timed measurements after SGD steps; what the rank holds, written as JSON."""
+    start + 6 timed measurements after SGD steps, alternately with and without the row
+    exchange; what the rank holds, written as JSON."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -116,14 +117,17 @@ def _sharded_worker(rank: int, port: int, width: int, probe_size: int, out_dir: 
     tracker.start()
     start_s = time.perf_counter() - start
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    times = []
-    for step in range(1, 4):
+    times: dict[str, list[float]] = {"exchange": [], "each": []}
+    for step in range(1, 7):
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
+        # alternate: row exchange (W rows per backward) / every rank every row
+        arm = "exchange" if step % 2 else "each"
+        tracker.exchange_rows = arm == "exchange"
         t = time.perf_counter()
         metrics = tracker.measure(step)
-        times.append(time.perf_counter() - t)
+        times[arm].append(time.perf_counter() - t)
     local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     snap = tracker._lin
     theta0 = sum(t.numel() * t.element_size() for t in snap.params0.values())
@@ -172,21 +176,26 @@ def sharded(width: int, probe_size: int) -> dict[str, float]:
         tracker.measure(step)
         single.append(time.perf_counter() - t)
     full = sum(p.numel() * p.element_size() for p in model.parameters())
-    slowest = statistics.median(max(pair) for pair in zip(ranks[0]["times"], ranks[1]["times"]))
+    slowest, each = (
+        statistics.median(max(pair) for pair in zip(ranks[0]["times"][a], ranks[1]["times"][a]))
+        for a in ("exchange", "each")
+    )
     out = {
         "full_param_mib": full / 2**20,
         "rank_param_mib": max(r["local_param_bytes"] for r in ranks) / 2**20,
         "rank_theta0_mib": max(r["theta0_bytes"] for r in ranks) / 2**20,
         "rank_j0_mib": max(r["j0_bytes"] for r in ranks) / 2**20,
         "sharded_s": slowest,
+        "sharded_each_s": each,
         "single_s": statistics.median(single),
     }
     print(
         f"sharded MLP 784-{width}-{width}-10 (P={full // 4}), N={probe_size}, kind='trace': "
         f"parameters per rank {out['rank_param_mib']:.2f} MiB (unsharded "
         f"{out['full_param_mib']:.2f} MiB), θ₀ snapshot per rank {out['rank_theta0_mib']:.2f} "
-        f"MiB, J(θ₀) local rows {out['rank_j0_mib']:.2f} MiB; seconds per measurement: "
-        f"sharded (slowest rank, median) {slowest:.2f} s, one process unsharded (engine) "
+        f"MiB, J(θ₀) local rows {out['rank_j0_mib']:.2f} MiB; seconds per measurement "
+        f"(slowest rank, median of 3): sharded with the row exchange {slowest:.2f} s, "
+        f"sharded every rank every row {each:.2f} s, one process unsharded (engine) "
         f"{out['single_s']:.2f} s"
     )
     return out

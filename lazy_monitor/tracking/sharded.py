@@ -324,6 +324,74 @@ def _grad_scales(model: nn.Module, world_size: int) -> dict[int, float]:
     return scales
 
 
+def _row_exchange_layout(
+    model: nn.Module, names: Sequence[str], world_size: int
+) -> Optional[list[tuple[Any, list[tuple[str, int, tuple[int, ...], int]]]]]:
+    """The FSDP2 parameter groups holding the tracked parameters, each with its parameters'
+    places in one rank's chunk of the reduce-scatter input: ``[(group, [(name, offset,
+    local shape, padded numel)])]``. None when the exchange cannot be used (one process, a
+    tracked parameter FSDP2 does not manage, or FSDP2 internals this version lacks): every
+    process decides the same from the model's structure."""
+    if world_size < 2:
+        return None
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    wanted = set(names)
+    layout = []
+    covered: set[str] = set()
+    for module in _fsdp_modules(model):
+        state = getattr(module, "_get_fsdp_state", lambda: None)()
+        for group in getattr(state, "_fsdp_param_groups", None) or []:
+            if not (hasattr(group, "_reduce_scatter_comm") and hasattr(group, "fsdp_params")):
+                return None
+            entries, offset = [], 0
+            for fp in group.fsdp_params:
+                p = getattr(fp, "sharded_param", None)
+                if p is None or not _is_dtensor(p) or p.dim() == 0:
+                    return None
+                if not p.requires_grad:  # no gradient: not in the reduce-scatter input
+                    continue
+                rows = -(-p.shape[0] // world_size)  # FSDP2 pads dim 0 to a multiple of W
+                padded = rows * math.prod(p.shape[1:])
+                name = by_id.get(id(p))
+                if name is None:
+                    return None
+                entries.append((name, offset, tuple(p.to_local().shape), padded))
+                offset += padded
+            layout.append((group, entries))
+            covered.update(n for n, *_ in entries)
+    if not wanted <= covered:
+        return None
+    return layout
+
+
+class _RowExchange:
+    """A reduce-scatter replacement for one FSDP2 parameter group during a measurement:
+    each rank back-propagates a different Jacobian row, and an ``all_to_all`` hands every rank
+    its shard of every rank's row (one backward pass yields ``W`` rows instead of one). What
+    FSDP2 writes into ``.grad`` is zeros (the gradients are restored after the measurement)."""
+
+    def __init__(self) -> None:
+        self.received: list[Tensor] = []
+
+    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.empty(size, dtype=dtype, device=device)
+
+    def __call__(
+        self,
+        output_tensor: Tensor,
+        input_tensor: Tensor,
+        group: Any,
+        op: Any = None,
+        async_op: bool = False,
+    ) -> None:
+        import torch.distributed as dist
+
+        received = torch.empty_like(input_tensor)
+        dist.all_to_all_single(received, input_tensor, group=group)
+        self.received.append(received)
+        output_tensor.zero_()
+
+
 def _reshard(model: nn.Module) -> None:
     for m in _fsdp_modules(model):
         m.reshard()
@@ -360,7 +428,10 @@ class ShardedKernelTracker(KernelTracker):
                 f"parameters are sharded on, got {sharding!r}; pass sharding=None (the mesh's "
                 "process group) or mesh_sharding(model)"
             )
-        self._j0_rows: Optional[bool] = None
+        #: one backward pass per ``W`` rows (each rank its own rows, an ``all_to_all``
+        #: instead of FSDP2's reduce-scatter) when the model allows it; False: every rank
+        #: back-propagates every row through FSDP2's own reduce-scatter
+        self.exchange_rows = True
         self._pending: Optional[_ShardSnapshot] = None
         super().__init__(model, probe, sharding=sharding, **kwargs)
 
@@ -616,11 +687,94 @@ class ShardedKernelTracker(KernelTracker):
 
     def _rows(self, directions: Optional[tuple[Tensor, float]]) -> dict[str, Tensor]:
         """Local Jacobian rows ``{name: (N, R, P_local)}`` of the probe outputs (``R = O``)
-        or of the projected outputs, one backward each through the model's own graph."""
+        or of the projected outputs, through the model's own graph: ``⌈N·R/W⌉`` backward
+        passes with the row exchange (:class:`_RowExchange`), else ``N·R``."""
+        _check_gradient_sync(self.model)
+        world = self.sharding.world_size  # type: ignore[union-attr]
+        layout = _row_exchange_layout(self.model, self._param_names, world)
+        if layout is not None and self.exchange_rows:
+            return self._rows_exchanged(directions, layout)
+        return self._rows_each(directions)
+
+    def _rows_exchanged(
+        self, directions: Optional[tuple[Tensor, float]], layout: list
+    ) -> dict[str, Tensor]:
+        """Rank ``r`` back-propagates rows ``r, r + W, ...``; each FSDP2 group's reduce-scatter
+        is replaced by an ``all_to_all`` of the (undivided) unsharded gradients, so every rank
+        receives its shard of the ``W`` rows of the pass."""
         x = self._probe_on_model_device()
         live = dict(self.model.named_parameters())
         n = self.probe_size
-        _check_gradient_sync(self.model)
+        sharding = self.sharding
+        assert sharding is not None
+        world, rank = sharding.world_size, sharding.rank
+        saved = [(g, g._reduce_scatter_comm, g.gradient_divide_factor) for g, _ in layout]
+        exchanges = [_RowExchange() for _ in layout]
+        try:
+            for (group, _), exchange in zip(layout, exchanges):
+                group._reduce_scatter_comm = exchange
+                group.gradient_divide_factor = 1.0  # no pre-division of the unsharded grads
+            with self._guard(grads=True):
+                out = self._call(x)
+                if directions is not None:
+                    r, scale = directions
+                    out = (out @ r.to(out)) * scale
+                count = out.shape[1]
+                total = n * count
+                rows = {
+                    name: torch.zeros(
+                        n, count, _local(live[name]).numel(), dtype=out.dtype, device=out.device
+                    )
+                    for name in self._param_names
+                }
+                passes = -(-total // world)
+                for t in range(passes):
+                    mine = t * world + rank
+                    for p in live.values():
+                        p.grad = None
+                    # a rank without a row left back-propagates zeros (lockstep collectives)
+                    target = out[divmod(mine, count)] if mine < total else out[0, 0] * 0.0
+                    target.backward(retain_graph=t + 1 < passes)
+                    for (_, entries), exchange in zip(layout, exchanges):
+                        if len(exchange.received) != 1:
+                            raise RuntimeError(
+                                "an FSDP2 group reduce-scattered "
+                                f"{len(exchange.received)} times in one backward pass; the "
+                                "sharded row exchange needs exactly one"
+                            )
+                        received = exchange.received.pop()
+                        chunks = received.reshape(world, -1)
+                        used = sum(padded for *_, padded in entries)
+                        if chunks.shape[1] != used:
+                            raise RuntimeError(
+                                "the FSDP2 reduce-scatter layout is not the expected one (a "
+                                "tracked parameter without gradient?); measure with "
+                                "ShardedKernelTracker.exchange_rows = False"
+                            )
+                        for source in range(world):
+                            index = t * world + source
+                            if index >= total:
+                                break
+                            i, a = divmod(index, count)
+                            for name, offset, shape, padded in entries:
+                                if name not in rows:
+                                    continue
+                                local = chunks[source, offset : offset + padded]
+                                local = local[: math.prod(shape)]
+                                rows[name][i, a] = local.to(rows[name].dtype)
+                del out
+        finally:
+            for group, comm, factor in saved:
+                group._reduce_scatter_comm = comm
+                group.gradient_divide_factor = factor
+        return rows
+
+    def _rows_each(self, directions: Optional[tuple[Tensor, float]]) -> dict[str, Tensor]:
+        """One backward per row, every rank the same row, through FSDP2's own reduce-scatter
+        (``p.grad`` is the local shard of the row's gradient)."""
+        x = self._probe_on_model_device()
+        live = dict(self.model.named_parameters())
+        n = self.probe_size
         world = self.sharding.world_size  # type: ignore[union-attr]
         scales = _grad_scales(self.model, world)
         undo = {name: scales.get(id(live[name]), 1.0) for name in self._param_names}

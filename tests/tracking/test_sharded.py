@@ -111,7 +111,7 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
     import torch.distributed as dist
 
     from lazy_monitor import KernelTracker
-    from lazy_monitor.tracking.sharded import ShardedKernelTracker
+    from lazy_monitor.tracking.sharded import ShardedKernelTracker, _row_exchange_layout
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -126,8 +126,10 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
             torch.manual_seed(0)
             model = build().double()
             init = {k: v.clone() for k, v in model.state_dict().items()}
-            _shard(model, units, partial=cfg.pop("partial", False))
+            partial = cfg.pop("partial", False)
+            _shard(model, units, partial=partial)
             recompute = cfg.pop("recompute_j0", False)
+            exchange = cfg.pop("exchange_rows", True)
             tracker = KernelTracker(model, probe, **cfg)
             assert isinstance(tracker, ShardedKernelTracker)
             if recompute:  # a max_memory that holds the kernel's rows but not J(θ₀)'s
@@ -135,6 +137,10 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
                 est = tracker.kernel_config["estimate"]
                 cfg["max_memory"] = est["bytes"] - est["j0_bytes"]
                 tracker = KernelTracker(model, probe, **cfg)
+            tracker.exchange_rows = exchange  # False: every rank every row (FSDP2's reduce)
+            # the row exchange applies when FSDP2 manages every tracked parameter
+            layout = _row_exchange_layout(model, tracker._param_names, WORLD)
+            assert (layout is not None) == (not partial)
             start = tracker.start()
             stored = tracker.kernel_config["estimate"]["store_j0"]
             assert stored == (not recompute) and (tracker._lin.j0 is None) == recompute
@@ -208,6 +214,7 @@ def _round_trip(build, units, probe, train_x) -> bool:
     for unit in units:  # not recursive
         unit.set_gradient_divide_factor(1.0)
     summed = KernelTracker(model, probe, kind="full")
+    summed.exchange_rows = False  # FSDP2's own reduce-scatter, divided by the custom factor
     summed.load_state_dict(saved)
     same = same and _close(summed.measure(2), loaded) == []
     for unit in units:
@@ -297,7 +304,8 @@ def _run(tmp_path, name: str, configs: list) -> None:
                 assert "placements (Replicate(),)" in entry[1] and "fully_shard" in entry[1]
                 continue
             cfg, init, final, start, measured = entry
-            cfg = {k: v for k, v in cfg.items() if k not in ("max_memory", "partial")}
+            drop = ("max_memory", "partial", "exchange_rows")
+            cfg = {k: v for k, v in cfg.items() if k not in drop}
             want_start, want = _reference(name, cfg, init, final, probe)
             assert _close(start, want_start) == [], cfg
             assert _close(measured, want) == [], cfg
@@ -314,7 +322,7 @@ def test_sharded_mlp_equals_single_process_full_trace_projected_and_is_side_effe
         "mlp",
         [
             {"kind": "full", "targets": torch.tensor([0, 1, 2, 0, 1])},
-            {"kind": "trace", "projection": 2, "per_layer": False},
+            {"kind": "trace", "projection": 2, "per_layer": False, "exchange_rows": False},
             {"kind": "diagonal", "projection": "sum", "recompute_j0": True},
         ],
     )

@@ -15,6 +15,14 @@ measures through the model's own forward/backward instead:
   probe: FSDP2's average of identical per-rank gradients is that gradient). The rows of the
   probe are independent examples (checked at :meth:`start`), so the gradient of ``f_a(x_i)``
   with the whole probe in the batch is the per-example gradient.
+* **Row exchange** (default when FSDP2 manages every tracked parameter, ``W > 1``): rank ``r``
+  back-propagates rows ``r, r + W, ...`` instead of all of them, and for the measurement each
+  FSDP2 group's reduce-scatter is replaced (``_reduce_scatter_comm``, divide factor 1) by an
+  ``all_to_all`` of the unsharded gradients: every rank receives its shard of the ``W`` rows of
+  the pass, so a kernel costs ``⌈N·R/W⌉`` backward passes per rank instead of ``N·R``. The
+  FSDP2 internals it uses are checked; without them (or ``exchange_rows = False``) every rank
+  back-propagates every row through FSDP2's own reduce-scatter (a custom
+  ``set_gradient_divide_factor`` is undone).
 * **Kernel.** ``K = Σ_p J_p J_pᵀ`` is a sum over parameters, hence over shards: each process
   forms the Gram matrices of its local rows (per layer) and one ``all_reduce(SUM)`` gives
   every process the complete kernel and per-layer kernels (the same decomposition as
@@ -34,9 +42,9 @@ measures through the model's own forward/backward instead:
 Side-effect free like the unsharded tracker: every parameter's ``.grad`` (a training step may
 be mid-accumulation), the modules' train/eval flags, the buffers and the RNG states are
 restored; every process runs the same loop in lockstep (the collectives of FSDP2 and of the
-reduction). Cost per measurement: ``N·R`` backward passes (``R = O``, or ``k`` with a
-projection), each with FSDP2's all-gather/reduce-scatter per unit, plus ``N·O`` more when
-``J(θ₀)`` does not fit ``max_memory``.
+reduction). Cost per measurement: ``⌈N·R/W⌉`` backward passes per rank (``R = O``, or ``k``
+with a projection; ``N·R`` without the row exchange), each with FSDP2's per-unit all-gather and
+the exchange, plus as many again at θ₀ when ``J(θ₀)``'s rows do not fit ``max_memory``.
 
 Replicated (plain-tensor) parameters of a partly sharded model are counted once (on rank 0).
 Tensor parallelism (``Shard(1)``, ``Replicate`` placements, meshes of more than one dimension)
@@ -408,7 +416,8 @@ class ShardedKernelTracker(KernelTracker):
     processes of the parameters' mesh (default: :func:`mesh_sharding`, ``torch.distributed``
     on the mesh's process group); ``implementation`` and ``chunk_size`` are not used (the rows
     come from the model's own backward). ``max_memory`` bounds the local Jacobian rows, the
-    kernels and the eigendecomposition.
+    kernels and the eigendecomposition. Attribute ``exchange_rows`` (default True): use the
+    row exchange when the model allows it (see the module docs).
 
     Raises (besides the :class:`KernelTracker` errors):
         ValueError: tensor-parallel DTensor layouts, parameters on several meshes, or a

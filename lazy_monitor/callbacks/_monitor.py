@@ -53,6 +53,7 @@ from lazy_monitor.tracking.probe import (
     probe_size as _probe_size,
 )
 from lazy_monitor.tracking.schedule import MeasurementSchedule, OverheadBudget
+from lazy_monitor.tracking.sharded import has_sharded_params, mesh_sharding
 from lazy_monitor.tracking.tracker import REQUESTED_KINDS
 
 _log = logging.getLogger("lazy_monitor")
@@ -168,8 +169,11 @@ class _KernelRegimeMonitorBase(_Identified):
     the rank's shard, so it is the same everywhere) and only rank 0 logs. With
     ``split_across_ranks=True`` (default) each rank computes the kernel blocks of its share of the
     parameters and the strategy's ``reduce(..., "sum")`` completes them; the metrics are rank 0's
-    on every rank. Strategies that shard parameters (FSDP, ``ModelParallelStrategy``, DeepSpeed)
-    are rejected at ``setup`` with the alternatives.
+    on every rank. Under ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in
+    ``configure_model``) the kernel is measured with each rank's parameter shards and summed
+    over the mesh (:mod:`lazy_monitor.tracking.sharded`; ``N·O`` backward passes per kernel).
+    ``FSDPStrategy`` (FSDP1 flat parameters) and DeepSpeed are rejected at ``setup`` with the
+    alternatives.
 
     Args:
         probe: the probe batch: inputs ``x`` (a tensor, or a dict of tensors passed as keyword
@@ -584,7 +588,7 @@ class _KernelRegimeMonitorBase(_Identified):
         self, network: nn.Module, probe: Probe, device: torch.device, trainer: Any = None
     ) -> Any:
         optional = {
-            "sharding": self._sharding(trainer),
+            "sharding": self._sharding(trainer, network),
             "lazy_thresholds": self.lazy_thresholds,
             "output_fn": self.output_fn,
             "topk": self.topk,
@@ -609,8 +613,19 @@ class _KernelRegimeMonitorBase(_Identified):
         )
         return tracker
 
-    def _sharding(self, trainer: Any) -> Optional[KernelSharding]:
+    def _sharding(
+        self, trainer: Any, network: Optional[nn.Module] = None
+    ) -> Optional[KernelSharding]:
         """Split the kernel over the ranks with the strategy's own collective."""
+        # --- sharded parameters (FSDP2 under ModelParallelStrategy; tracking/sharded.py): the
+        # kernel is always summed over the parameters' mesh, with the strategy's reduce on the
+        # mesh's process group, whatever split_across_ranks says.
+        if trainer is not None and network is not None and has_sharded_params(network):
+            strategy = trainer.strategy
+            return mesh_sharding(
+                network, lambda t, group: strategy.reduce(t, group=group, reduce_op="sum")
+            )
+        # ---
         world = int(getattr(trainer, "world_size", 1) or 1)
         if not self.split_across_ranks or world <= 1:
             return None

@@ -13,7 +13,8 @@ from typing import Any, Literal, Optional
 
 from lazy_monitor import _warnings, catalogue
 from lazy_monitor._state import check_schema, stamp
-from lazy_monitor.callbacks._monitor import _KernelRegimeMonitorBase
+from lazy_monitor.callbacks._identity import _Identified, check_unique
+from lazy_monitor.callbacks._monitor import _KernelRegimeMonitorBase, check_one_monitor
 from lazy_monitor.thresholds import ThresholdSpec
 from lazy_monitor.tracking.gate import DriftGate
 
@@ -28,7 +29,7 @@ class KernelDriftWarning(UserWarning):
     """Emitted by :class:`KernelDriftGate` when a threshold trips (every action warns)."""
 
 
-class _KernelDriftGateBase:
+class _KernelDriftGateBase(_Identified):
     """Stop, fail or flag a run whose kernel metrics cross thresholds.
 
     Reads the measurements of the :class:`KernelRegimeMonitor` in the same ``Trainer`` (exactly
@@ -76,8 +77,8 @@ class _KernelDriftGateBase:
 
     Raises:
         ValueError: invalid thresholds/patience/action/min_check_from_step (at construction), no
-            or several monitors in the trainer (at setup), a threshold on a metric the monitor does
-            not log (at train start).
+            or several monitors or a gate with equal thresholds and action in the trainer (at
+            setup), a threshold on a metric the monitor does not log (at train start).
         KernelDriftError: with ``action="raise"`` when a threshold trips.
 
     Example::
@@ -109,24 +110,31 @@ class _KernelDriftGateBase:
     reason = property(lambda self: self._gate.reason, doc="Why it tripped (None if not).")
     trip_step = property(lambda self: self._gate.trip_step, doc="Step of the trip.")
 
-    @property
-    def state_key(self) -> str:
+    def _identity(self) -> dict[str, Any]:
+        """The settings in ``state_key`` (see :mod:`lazy_monitor.callbacks._identity`)."""
         spec = [(t.metric, t.direction, t.value) for t in self.thresholds]
-        return self._generate_state_key(thresholds=spec, action=self.action)  # type: ignore[attr-defined]
+        return {"thresholds": spec, "action": self.action}
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        # the project's messages, not Lightning's "more than one stateful callback"
+        check_one_monitor(trainer.callbacks)
+        check_unique(
+            trainer.callbacks,
+            _KernelDriftGateBase,
+            "KernelDriftGate",
+            equal_only=True,
+            why="they would act twice on every trip and share one checkpoint entry",
+            fix="remove one, or make them differ in thresholds or action (patience, "
+            "min_check_from_step and check_finite are not part of a gate's checkpoint key)",
+        )
+        self._claim()
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, _KernelRegimeMonitorBase)]
-        if len(monitors) != 1:
-            fix = (
-                "add KernelRegimeMonitor(...) next to the gate"
-                if not monitors
-                else ("keep one monitor per Trainer")
-            )
+        if not monitors:
             raise ValueError(
                 "KernelDriftGate needs exactly one KernelRegimeMonitor in Trainer(callbacks=...), "
-                f"found {len(monitors)}; {fix}"
+                "found 0; add KernelRegimeMonitor(...) next to the gate"
             )
         monitors[0]._add_listener(self)
         # A new fit starts untripped; Lightning restores a checkpoint's gate state after setup.

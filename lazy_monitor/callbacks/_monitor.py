@@ -33,6 +33,7 @@ from lazy_monitor._validation import (
     message,
 )
 from lazy_monitor.callbacks import _tensorboard as tb
+from lazy_monitor.callbacks._identity import _Identified, check_unique
 from lazy_monitor.core._functional import as_device, map_batch, side_effect_guard
 from lazy_monitor.core.kernels import DEFAULT_MAX_MEMORY, NtkConfig, NtkImplementation
 from lazy_monitor.core.stability import current_lr
@@ -52,6 +53,7 @@ from lazy_monitor.tracking.probe import (
     probe_size as _probe_size,
 )
 from lazy_monitor.tracking.schedule import MeasurementSchedule, OverheadBudget
+from lazy_monitor.tracking.sharded import has_sharded_params, mesh_sharding
 from lazy_monitor.tracking.tracker import REQUESTED_KINDS
 
 _log = logging.getLogger("lazy_monitor")
@@ -99,7 +101,7 @@ def _check_feature_modules(value: Any) -> Union[list[str], bool, None]:
     )
 
 
-class _KernelRegimeMonitorBase:
+class _KernelRegimeMonitorBase(_Identified):
     r"""Track the empirical NTK during ``fit`` and log whether training stays lazy.
 
     A thin Lightning wrapper around :class:`lazy_monitor.KernelTracker`: at train start it fixes a
@@ -167,8 +169,11 @@ class _KernelRegimeMonitorBase:
     the rank's shard, so it is the same everywhere) and only rank 0 logs. With
     ``split_across_ranks=True`` (default) each rank computes the kernel blocks of its share of the
     parameters and the strategy's ``reduce(..., "sum")`` completes them; the metrics are rank 0's
-    on every rank. Strategies that shard parameters (FSDP, ``ModelParallelStrategy``, DeepSpeed)
-    are rejected at ``setup`` with the alternatives.
+    on every rank. Under ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in
+    ``configure_model``) the kernel is measured with each rank's parameter shards and summed
+    over the mesh (:mod:`lazy_monitor.tracking.sharded`; ``N·O`` backward passes per kernel).
+    ``FSDPStrategy`` (FSDP1 flat parameters) and DeepSpeed are rejected at ``setup`` with the
+    alternatives.
 
     Args:
         probe: the probe batch: inputs ``x`` (a tensor, or a dict of tensors passed as keyword
@@ -250,7 +255,8 @@ class _KernelRegimeMonitorBase:
 
     Raises:
         ValueError: at construction for invalid values (each message names the value and the
-            fix); at setup for an unknown ``submodule``; at train start for a probe that cannot be
+            fix); at setup for an unknown ``submodule`` or a second monitor in the Trainer
+            (both would log the same tags); at train start for a probe that cannot be
             drawn (e.g. ``probe_size`` larger than the dataset) or targets of an explicit
             ``probe=(x, y)`` that do not fit the model's outputs.
         TypeError: at construction for an argument of the wrong type (e.g.
@@ -393,18 +399,23 @@ class _KernelRegimeMonitorBase:
         """The :class:`KernelTracker` of the current fit (None before train start)."""
         return self._tracker
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(  # type: ignore[attr-defined]
-            probe="given" if self._probe is not None else "drawn",
+    def _identity(self) -> dict[str, Any]:
+        """The settings in ``state_key`` (see :mod:`lazy_monitor.callbacks._identity`)."""
+        probe = "given" if self._probe is not None else "drawn"
+        return dict(
+            probe=probe,
             probe_size=self.probe_size,
             seed=self.seed,
             submodule=self.submodule,
-            # "auto" shares the key of "full" (the previous default): checkpoints of monitors
-            # with default arguments keep loading; the tracker restores the saved kernel
-            kind="full" if self.kind == "auto" else self.kind,
+            kind=self.kind,
             per_layer=self.per_layer,
         )
+
+    def _base_state_key(self) -> str:
+        # "auto" shares the key of "full" (the previous default): checkpoints of monitors
+        # with default arguments keep loading; the tracker restores the saved kernel
+        kind = "full" if self.kind == "auto" else self.kind
+        return self._generate_state_key(**{**self._identity(), "kind": kind})  # type: ignore[attr-defined]
 
     def batch_to_probe(self, batch: Any) -> Any:
         """Map a collated training batch to ``x`` or ``(x, y)`` (override or pass the argument)."""
@@ -424,6 +435,8 @@ class _KernelRegimeMonitorBase:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        check_one_monitor(getattr(trainer, "callbacks", ()))  # ours, not Lightning's message
+        self._claim()
         # fail before training on a wrong submodule path or a strategy that shards parameters
         _resolve_submodule(pl_module, self.submodule)
         check_strategy(trainer.strategy)
@@ -575,7 +588,7 @@ class _KernelRegimeMonitorBase:
         self, network: nn.Module, probe: Probe, device: torch.device, trainer: Any = None
     ) -> Any:
         optional = {
-            "sharding": self._sharding(trainer),
+            "sharding": self._sharding(trainer, network),
             "lazy_thresholds": self.lazy_thresholds,
             "output_fn": self.output_fn,
             "topk": self.topk,
@@ -600,8 +613,19 @@ class _KernelRegimeMonitorBase:
         )
         return tracker
 
-    def _sharding(self, trainer: Any) -> Optional[KernelSharding]:
+    def _sharding(
+        self, trainer: Any, network: Optional[nn.Module] = None
+    ) -> Optional[KernelSharding]:
         """Split the kernel over the ranks with the strategy's own collective."""
+        # --- sharded parameters (FSDP2 under ModelParallelStrategy; tracking/sharded.py): the
+        # kernel is always summed over the parameters' mesh, with the strategy's reduce on the
+        # mesh's process group, whatever split_across_ranks says.
+        if trainer is not None and network is not None and has_sharded_params(network):
+            strategy = trainer.strategy
+            return mesh_sharding(
+                network, lambda t, group: strategy.reduce(t, group=group, reduce_op="sum")
+            )
+        # ---
         world = int(getattr(trainer, "world_size", 1) or 1)
         if not self.split_across_ranks or world <= 1:
             return None
@@ -886,3 +910,19 @@ class _KernelRegimeMonitorBase:
     ) -> None:
         for listener in self._listeners:
             listener._on_measurement(trainer, self, step, metrics, final, repeat=repeat)
+
+
+def check_one_monitor(callbacks: Sequence[Any]) -> None:
+    """Refuse two monitors in one Trainer (at ``setup``, before training) with the settings of
+    each: their values would go to the same tags, whatever their submodule or kind."""
+    check_unique(
+        callbacks,
+        _KernelRegimeMonitorBase,
+        "KernelRegimeMonitor",
+        equal_only=False,
+        why="one monitor per Trainer: every monitor logs the same tags (ntk/rel_change, "
+        "lin/rel_error, ...) to the same loggers and callback_metrics, whatever its submodule "
+        "or kind, so a second one overwrites the first one's values",
+        fix="remove all but one (per_layer=True logs the drift of parts of the network as "
+        "ntk_layer/<layer>/rel_change)",
+    )

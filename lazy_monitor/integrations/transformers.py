@@ -39,6 +39,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lazy_monitor.callbacks._gate import KernelDriftError, KernelDriftWarning, _KernelDriftGateBase
+from lazy_monitor.callbacks._identity import check_unique
 from lazy_monitor.callbacks._monitor import DEFAULT_EVERY_N_STEPS, _KernelRegimeMonitorBase
 from lazy_monitor.tracking.network import resolve_submodule
 
@@ -354,11 +355,26 @@ class KernelRegimeCallback(_KernelRegimeMonitorBase, TrainerCallback):
         trainer.trainer.log(self._logged_values(metrics, reference))
 
     def _connect(self, callbacks: list[Any]) -> None:
-        monitors = [cb for cb in callbacks if isinstance(cb, KernelRegimeCallback)]
-        if len(monitors) != 1:
-            raise ValueError(
-                f"one KernelRegimeCallback per Trainer, found {len(monitors)}; remove the others"
-            )
+        # at train begin, before the first step; the messages of the Lightning callbacks
+        check_unique(
+            callbacks,
+            KernelRegimeCallback,
+            "KernelRegimeCallback",
+            equal_only=False,
+            why="one monitor per Trainer: every monitor logs the same names (ntk/rel_change, "
+            "lin/rel_error, ...) through Trainer.log, whatever its submodule or kind",
+            fix="attach only one (per_layer=True logs the drift of parts of the network as "
+            "ntk_layer/<layer>/rel_change)",
+        )
+        check_unique(
+            callbacks,
+            KernelDriftGateCallback,
+            "KernelDriftGateCallback",
+            equal_only=False,
+            why=f"every gate keeps its state in the one checkpoint file {GATE_STATE_FILE}, so a "
+            "resumed run would give each gate the state of the last one saved",
+            fix="one gate with all the thresholds",
+        )
         self._listeners = []
         for cb in callbacks:
             if isinstance(cb, KernelDriftGateCallback):
@@ -403,7 +419,8 @@ class KernelDriftGateCallback(_KernelDriftGateBase, TrainerCallback):
     * ``"raise"``: :class:`KernelDriftError` from ``trainer.train()``.
 
     Needs exactly one :class:`KernelRegimeCallback` attached to the same Trainer (order does not
-    matter). The decision is reduced across processes (one tripping trips all). Its state
+    matter) and is the only gate there: its state is one file per checkpoint (a second gate is
+    refused at train begin; put all thresholds into one gate). The decision is reduced across processes (one tripping trips all). Its state
     (tripped, reason, counts) goes into each checkpoint folder as ``lazy_monitor_gate.pt`` and is
     restored on resume; a restored tripped gate acts again at train begin.
 

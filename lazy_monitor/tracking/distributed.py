@@ -32,15 +32,17 @@ from lazy_monitor._validation import check_callable, check_int
 __all__ = ["KernelSharding", "SHARDED_STRATEGIES", "balance", "check_strategy"]
 
 
-#: Strategies that shard parameters across ranks (class names, matched along the MRO). The
-#: kernel engine evaluates the network with ``torch.func.functional_call`` on full parameter
-#: tensors, which sharded parameters (FSDP flat parameters, FSDP2 / tensor-parallel DTensors,
-#: DeepSpeed ZeRO-3 partitions) are not.
-SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+#: Strategies whose sharded parameters cannot be measured (class names, matched along the
+#: MRO): FSDP1's flat parameters (Lightning's ``FSDPStrategy``, which also requires a GPU) and
+#: DeepSpeed ZeRO partitions. FSDP2 (``ModelParallelStrategy`` with ``fully_shard``: DTensor
+#: parameters) is measured with the local shards by
+#: :class:`~lazy_monitor.tracking.sharded.ShardedKernelTracker`.
+SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 
 
 def check_strategy(strategy: Any) -> None:
-    """Raise if ``strategy`` (a training framework's strategy object) shards the parameters.
+    """Raise if ``strategy`` (a training framework's strategy object) shards the parameters in
+    a way the monitor cannot measure (:data:`SHARDED_STRATEGIES`).
 
     Raises:
         ValueError: naming the strategy and the alternatives.
@@ -51,9 +53,10 @@ def check_strategy(strategy: Any) -> None:
         return
     raise ValueError(
         f"KernelRegimeMonitor does not support {type(strategy).__name__} ({hit}): it shards the "
-        "parameters across ranks, and the kernel engine needs each measured parameter as one "
-        "full tensor on the rank that differentiates it. Alternatives: strategy='ddp' (or "
-        "'ddp_spawn') with KernelRegimeMonitor(split_across_ranks=True), which already splits "
+        "parameters into flat or partitioned buffers that the monitor cannot differentiate "
+        "shard by shard. Alternatives: ModelParallelStrategy with fully_shard (FSDP2) in "
+        "configure_model, measured with each rank's own parameter shards; strategy='ddp' (or "
+        "'ddp_spawn') with KernelRegimeMonitor(split_across_ranks=True), which splits "
         "the kernel work across ranks; monitor a submodule that is not sharded "
         "(KernelRegimeMonitor(submodule=...)); or measure offline with KernelTracker on a "
         "consolidated checkpoint"

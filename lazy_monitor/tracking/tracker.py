@@ -241,7 +241,10 @@ class KernelTracker:
             (:class:`~lazy_monitor.tracking.distributed.KernelSharding`): every process
             computes the blocks of its share of the parameters and one sum-reduction completes
             the kernels; every process must call :meth:`start`/:meth:`measure` together and
-            gets the same metrics. ``None``: this process computes everything.
+            gets the same metrics. ``None``: this process computes everything. A model whose
+            trainable parameters are DTensors (FSDP2 ``fully_shard``) gets a
+            :class:`~lazy_monitor.tracking.sharded.ShardedKernelTracker`, which measures with
+            each process's shards and sums over the parameters' mesh (default ``sharding``).
         layer_groups: with ``per_layer``, at most this many layer groups (module hierarchy,
             normalization layers folded into their block:
             :func:`lazy_monitor.tracking.layers.group_layers`); ``None``: one per module.
@@ -392,20 +395,7 @@ class KernelTracker:
         self._topk = check_int("topk", topk, minimum=1, optional=True)
         # the largest kernel matrix the configuration can give (before "auto" is resolved)
         self._check_topk(kind if kind != "auto" else "full", self.projection)
-        # Validate implementation / output_fn / projection against the engine on one example,
-        # now rather than at the first measurement mid-training. Bounded: one output (the same
-        # code paths -- structured plan, vmap or its loop fallback, forward AD for ntvp -- at
-        # the cost of O = 1, not of a 1000-class head).
-        one = F.slice_batch(self._probe_on_model_device(), slice(0, 1))
-        empirical_ntk(
-            self.model,
-            one,
-            params=self._current_params(),
-            kind="trace",
-            implementation=implementation,
-            output_fn=output_fn,
-            projection="sum" if projection is None else projection,
-        )
+        self._validate_engine()
         self._names = self._build_names()
         self.lazy_thresholds = self._check_thresholds(lazy_thresholds)
         self._probe_fingerprint = fingerprint(probe)
@@ -414,7 +404,34 @@ class KernelTracker:
         self._catapult = CatapultDetector()
         self._reset()
 
+    def __new__(cls, model: Any = None, *args: Any, **kwargs: Any) -> KernelTracker:
+        # --- sharded route (lazy_monitor/tracking/sharded.py): a model whose trainable
+        # parameters are DTensors (FSDP2 fully_shard) is measured through its own sharded
+        # forward/backward by the subclass; everything else is this class.
+        if cls is KernelTracker and isinstance(model, nn.Module):
+            from lazy_monitor.tracking.sharded import ShardedKernelTracker, has_sharded_params
+
+            if has_sharded_params(model):
+                cls = ShardedKernelTracker
+        return super().__new__(cls)
+
     # ------------------------------------------------------------------ validation
+    def _validate_engine(self) -> None:
+        """Validate implementation / output_fn / projection against the engine on one example,
+        now rather than at the first measurement mid-training. Bounded: one output (the same
+        code paths -- structured plan, vmap or its loop fallback, forward AD for ntvp -- at
+        the cost of O = 1, not of a 1000-class head)."""
+        one = F.slice_batch(self._probe_on_model_device(), slice(0, 1))
+        empirical_ntk(
+            self.model,
+            one,
+            params=self._current_params(),
+            kind="trace",
+            implementation=self.implementation,
+            output_fn=self.output_fn,
+            projection="sum" if self.projection is None else self.projection,
+        )
+
     def _check_targets(self, targets: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
         if targets is None:
             return None, False
@@ -899,7 +916,7 @@ class KernelTracker:
         # 0/0 of lin/rel_error is exact instead of rounding noise between forward and jvp.
         f0 = self._reference.f0
         f_lin = f0 + (f_lin.to(dev) - out0.to(dev)).to(f0.dtype)
-        params = {n: t.to(dev) for n, t in self._current_params().items()}
+        params = self._measured_params(dev)
         spectrum = M.kernel_spectrum(kernel)
         current = Measurement(kernel, layer_kernels, spectrum, f, f_lin, params, grams)
         return self._finish(step, current, lr)
@@ -912,6 +929,10 @@ class KernelTracker:
             output_fn=self.output_fn,
             device=self.snapshot_device,
         )
+
+    def _measured_params(self, dev: torch.device) -> dict[str, Tensor]:
+        """θ for the ``params/*`` metrics, on ``dev`` (compared with :meth:`_params0`)."""
+        return {n: t.to(dev) for n, t in self._current_params().items()}
 
     def _params0(self) -> dict[str, Tensor]:
         assert self._lin is not None

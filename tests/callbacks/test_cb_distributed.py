@@ -122,12 +122,14 @@ def test_max_overhead_and_split_are_validated_at_construction(bad, err):
         KernelRegimeMonitor(split_across_ranks="yes")
 
 
-@pytest.mark.parametrize("name", ["FSDPStrategy", "ModelParallelStrategy"])
+@pytest.mark.parametrize("name", ["FSDPStrategy"])
 def test_setup_rejects_strategies_that_shard_parameters(name):
     from lightning.pytorch import strategies
 
     strategy = getattr(strategies, name)()
     monitor = KernelRegimeMonitor(probe_size=4)
     trainer = SimpleNamespace(strategy=strategy)
-    with pytest.raises(ValueError, match=rf"does not support {name}.*strategy='ddp'"):
+    with pytest.raises(
+        ValueError, match=rf"does not support {name}.*ModelParallelStrategy with fully_shard"
+    ):
         monitor.setup(trainer, LitLightning(), "fit")

@@ -123,8 +123,12 @@ def empirical_ntk(
             ``Σ_o f_o(x) / √O``, ``(N1, N2)`` (``(N1, N2, 1, 1)`` for ``kind="full"``).
             Sequence outputs ``(N, T, V)`` are flattened to ``O = T·V`` first.
         projection_seed: seed of ``R`` (its own ``torch.Generator``; global RNG untouched).
-        max_memory: bytes of per-example factors held at once (default ~1 GiB); example
-            blocks are sized to fit it (``chunk_size`` overrides).
+        max_memory: bytes of per-example factors held at once (default ~1 GiB). When the
+            structured factors of all layers for all examples do not fit, consecutive groups
+            of layers whose factors fit are contracted one after the other (one forward and
+            backward per group); a layer too large on its own, and the other implementations,
+            work in example blocks sized to fit (``chunk_size`` forces example blocks).
+            Forward/backward passes are split so their activations take at most half of it.
 
     Returns:
         The kernel, detached, on the inputs' device, float32 (float64 if the parameters or

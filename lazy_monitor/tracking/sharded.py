@@ -493,22 +493,9 @@ class ShardedKernelTracker(KernelTracker):
                 return f"parameters {changed[:4]} changed shape (or sharding) since start()"
         return None
 
-    def _check_batch_independent(self, lin: Any) -> None:
-        if self.probe_size < 2:
-            return
-        x = self._probe_on_model_device()
-        both = self._plain_forward(F.slice_batch(x, slice(0, 2)))
-        alone = torch.cat([self._plain_forward(F.slice_batch(x, slice(i, i + 1))) for i in (0, 1)])
-        tol = 1e-10 if both.dtype == torch.float64 else 1e-4
-        diff = float(torch.linalg.vector_norm((both - alone).double()))
-        scale = float(torch.linalg.vector_norm(both.double()))
-        if not diff <= tol * max(scale, torch.finfo(both.dtype).tiny) and math.isfinite(scale):
-            raise ValueError(
-                "the model's output on a probe example depends on the other examples of the "
-                f"batch in eval mode (relative difference {diff / max(scale, 1e-300):.3g}); the "
-                "kernel of a batch-coupled model is not a per-example NTK; remove or replace "
-                "the batch-coupling layer"
-            )
+    def _eval_forward(self, lin: Any) -> Callable[[F.InputBatch], Tensor]:
+        # the model's own (sharded) forward: the functional one needs full parameters
+        return self._plain_forward
 
     def _resolve_kernel_config(self) -> dict[str, Any]:
         """``kind="auto"``: the full kernel if the local rows, ``J(θ₀)``'s rows and the kernels
@@ -724,18 +711,9 @@ class ShardedKernelTracker(KernelTracker):
                 group._reduce_scatter_comm = exchange
                 group.gradient_divide_factor = 1.0  # no pre-division of the unsharded grads
             with self._guard(grads=True):
-                out = self._call(x)
-                if directions is not None:
-                    r, scale = directions
-                    out = (out @ r.to(out)) * scale
+                out, rows = self._rows_buffers(x, directions, live)
                 count = out.shape[1]
                 total = n * count
-                rows = {
-                    name: torch.zeros(
-                        n, count, _local(live[name]).numel(), dtype=out.dtype, device=out.device
-                    )
-                    for name in self._param_names
-                }
                 passes = -(-total // world)
                 for t in range(passes):
                     mine = t * world + rank
@@ -788,17 +766,8 @@ class ShardedKernelTracker(KernelTracker):
         scales = _grad_scales(self.model, world)
         undo = {name: scales.get(id(live[name]), 1.0) for name in self._param_names}
         with self._guard(grads=True):
-            out = self._call(x)
-            if directions is not None:
-                r, scale = directions
-                out = (out @ r.to(out)) * scale
+            out, rows = self._rows_buffers(x, directions, live)
             count = out.shape[1]
-            rows = {
-                name: torch.zeros(
-                    n, count, _local(live[name]).numel(), dtype=out.dtype, device=out.device
-                )
-                for name in self._param_names
-            }
             total = n * count
             for index in range(total):
                 i, a = divmod(index, count)
@@ -838,6 +807,24 @@ class ShardedKernelTracker(KernelTracker):
             return chunks[0], {}
         per_layer = dict(zip(groups, chunks))
         return torch.stack(chunks).sum(0), per_layer
+
+    def _rows_buffers(
+        self, x: F.InputBatch, directions: Any, live: Mapping[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The (projected) probe output ``(N, R)`` with its graph, and zeroed local Jacobian
+        rows ``(N, R, P_local)`` per tracked parameter."""
+        out = self._call(x)
+        if directions is not None:
+            r, scale = directions
+            out = (out @ r.to(out)) * scale
+        n, count = out.shape[0], out.shape[1]
+        rows = {
+            name: torch.zeros(
+                n, count, _local(live[name]).numel(), dtype=out.dtype, device=out.device
+            )
+            for name in self._param_names
+        }
+        return out, rows
 
     def _plain_forward(self, x: F.InputBatch) -> Tensor:
         with self._guard(), torch.no_grad():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -794,8 +794,9 @@ class KernelTracker:
         if self.probe_size < 2:
             return
         x = self._probe_on_model_device()
-        both = lin.f0(F.slice_batch(x, slice(0, 2)))
-        alone = torch.cat([lin.f0(F.slice_batch(x, slice(i, i + 1))) for i in range(2)])
+        forward = self._eval_forward(lin)
+        both = forward(F.slice_batch(x, slice(0, 2)))
+        alone = torch.cat([forward(F.slice_batch(x, slice(i, i + 1))) for i in range(2)])
         tol = 1e-10 if both.dtype == torch.float64 else 1e-4
         diff = float(torch.linalg.vector_norm((both - alone).double()))
         scale = float(torch.linalg.vector_norm(both.double()))
@@ -809,6 +810,10 @@ class KernelTracker:
                 "NTK; remove or replace the batch-coupling layer (e.g. BatchNorm with "
                 "track_running_stats=True, LayerNorm)"
             )
+
+    def _eval_forward(self, lin: Linearization) -> Callable[[F.InputBatch], Tensor]:
+        """The side-effect-free eval-mode forward ``x -> f(x) (n, O)`` for the batch check."""
+        return lin.f0
 
     def _nan_metrics(self, problem: str) -> dict[str, float]:
         if not self._warned_params:

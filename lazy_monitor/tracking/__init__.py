@@ -13,11 +13,14 @@ Everything a training-framework adapter (the Lightning callbacks, a Hugging Face
 * :mod:`~lazy_monitor.tracking.gate` -- the drift gate's decision and state (:class:`DriftGate`);
 * :mod:`~lazy_monitor.tracking.network` -- unwrap DDP / ``torch.compile``, resolve a submodule;
 * :mod:`~lazy_monitor.tracking.distributed` -- split a measurement across processes
-  (:class:`KernelSharding`); :class:`OverheadBudget` -- keep measuring within a time budget.
+  (:class:`KernelSharding`); :class:`OverheadBudget` -- keep measuring within a time budget;
+* :mod:`~lazy_monitor.tracking.sharded` -- :class:`ShardedKernelTracker`, what
+  ``KernelTracker(model, ...)`` returns for FSDP2 (DTensor) parameters.
 """
 
 from lazy_monitor.tracking.distributed import KernelSharding
 from lazy_monitor.tracking.schedule import MeasurementSchedule, OverheadBudget
+from lazy_monitor.tracking.sharded import ShardedKernelTracker
 from lazy_monitor.tracking.tracker import (
     DEFAULT_LAZY_THRESHOLDS,
     LOWER_BOUND_METRICS,
@@ -31,4 +34,5 @@ __all__ = [
     "KernelTracker",
     "MeasurementSchedule",
     "OverheadBudget",
+    "ShardedKernelTracker",
 ]

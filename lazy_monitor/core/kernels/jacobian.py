@@ -57,13 +57,15 @@ def _group(params: Mapping[str, Tensor], names: Sequence[str], per_param: int) -
     return groups
 
 
-def _vmap_jacobian(
+def per_example_jacobian(
     fm: FunctionalModel,
     params: Mapping[str, Tensor],
     names: Sequence[str],
     x: InputBatch,
     vmap_chunk: Optional[int] = None,
 ) -> dict[str, Tensor]:
+    """``{name: (N, O, numel)}``: Jacobian rows of each example w.r.t. ``params[names]``
+    (``vmap(jacrev)``; raises where ``vmap`` cannot run the model, see :class:`JacobianRows`)."""
     fixed = {k: v.detach() for k, v in params.items() if k not in names}
     wrt = {k: params[k].detach() for k in names}
 
@@ -132,7 +134,7 @@ class JacobianRows:
             try:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*performance drop.*")
-                    return _vmap_jacobian(fm, params, names, x)
+                    return per_example_jacobian(fm, params, names, x)
             except Exception as err:  # noqa: BLE001 - any vmap failure: try the plain loop
                 result = loop_jacobian(fm, params, names, x)
                 self.use_loop = True
@@ -146,18 +148,6 @@ class JacobianRows:
                 )
                 return result
         return loop_jacobian(fm, params, names, x)
-
-
-def per_example_jacobian(
-    fm: FunctionalModel,
-    params: Mapping[str, Tensor],
-    names: Sequence[str],
-    x: InputBatch,
-    vmap_chunk: Optional[int] = None,
-) -> dict[str, Tensor]:
-    """``{name: (N, O, numel)}``: Jacobian rows of each example w.r.t. ``params[names]``
-    (``vmap(jacrev)``; raises where ``vmap`` cannot run the model, see :class:`JacobianRows`)."""
-    return _vmap_jacobian(fm, params, names, x, vmap_chunk)
 
 
 def jacobian_ntk(

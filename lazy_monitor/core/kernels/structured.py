@@ -1028,9 +1028,9 @@ def _work_plan(
     """``(plan, factor bytes per example)`` pieces processed one after the other.
 
     When the factors of every parameter for all rows fit the budget: one piece. Otherwise the
-    parameters are split into consecutive groups whose factors for all rows fit: each group costs one forward and a
-    backward down to its first layer for all examples, and its per-example gradients are
-    built once. Blocking the *examples* instead rebuilds every factor for every pair of
+    parameters are split into consecutive groups whose factors for all rows fit: each group
+    costs one forward and a backward down to its first layer for all examples, and its
+    per-example gradients are built once. Blocking the *examples* instead rebuilds every factor for every pair of
     example blocks (ResNet-18, N = 128: each per-example gradient ~9 times). Only a parameter
     whose factors alone do not fit is processed in example blocks, with the strategy re-chosen
     for the rebuilds. An explicit ``chunk_size`` keeps example blocks for everything.
@@ -1050,8 +1050,8 @@ def _work_plan(
         )
     )
     total = max(1, sum(sizes.values()))
-    row_block, _ = _block_sizes(n1, n2, chunk_size, total)
-    if row_block >= n1:
+    capacity = _row_capacity(n1, n2)
+    if (total <= capacity) if chunk_size is None else (chunk_size >= n1):
         return [(plan, total)]
     n_cols = n1 if n2 is None else n2
 
@@ -1060,13 +1060,10 @@ def _work_plan(
         col_blocks = -(-n_cols // col_block) / (2.0 if n2 is None else 1.0)
         full = _make_plan(params, cap, n_max, o, keep_blocks, builds=1.0 + col_blocks)
         sub = _sub_plan(full, [*sub.weights, *sub.biases])
-        return sub, max(1, sum(_name_bytes(cap, sub, params, o).values()))
+        return sub, _factor_bytes_per_example(cap, sub, params, o)
 
     if chunk_size is not None:
         return [blocked(plan, total)]
-    # a symmetric kernel's groups are one block each (all the budget); otherwise a quarter
-    # of it is left for the column examples that stream past the rows
-    capacity = int(factor_budget() if n2 is None else 0.75 * factor_budget()) // n1
     work = []
     for names in _layer_groups(sizes, capacity):
         sub = _sub_plan(plan, names)
@@ -1075,13 +1072,20 @@ def _work_plan(
     return work
 
 
+def _row_capacity(n1: int, n2: Optional[int]) -> int:
+    """Factor bytes per example with which all ``n1`` row examples fit one block: the whole
+    budget for a symmetric kernel (no column factors stream past the rows), three quarters
+    otherwise (a quarter is left for the streamed column blocks)."""
+    return int(factor_budget() if n2 is None else 0.75 * factor_budget()) // n1
+
+
 def _block_sizes(
     n1: int, n2: Optional[int], chunk_size: Optional[int], per_example_bytes: int
 ) -> tuple[int, int]:
     """Examples per row block (factors kept) and per column block (factors streamed)."""
     if chunk_size is not None:
         return chunk_size, chunk_size
-    if n2 is None and n1 * per_example_bytes <= factor_budget():
+    if n2 is None and per_example_bytes <= _row_capacity(n1, n2):
         return n1, n1  # one symmetric block: no column factors stream past the rows
     n_cols = n1 if n2 is None else n2
     row_block = max(1, int(0.75 * factor_budget() // per_example_bytes))

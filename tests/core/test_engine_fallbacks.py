@@ -17,20 +17,13 @@ from lazy_monitor.core.kernels import (
     empirical_ntk,
     empirical_ntk_fn,
 )
-from lazy_monitor.core.kernels import structured as structured_mod
 from tests._reference import reference_ntk
+from tests._spies import record_fallbacks
 from tests._zoo import build
 
 
 def _fallback_names(monkeypatch: pytest.MonkeyPatch, case) -> list[str]:  # noqa: ANN001
-    seen: list[str] = []
-    real = structured_mod.jacobian_ntk
-
-    def spy(fm, params, names, *args, **kwargs):  # noqa: ANN001, ANN202
-        seen.extend(names)
-        return real(fm, params, names, *args, **kwargs)
-
-    monkeypatch.setattr(structured_mod, "jacobian_ntk", spy)
+    seen = record_fallbacks(monkeypatch)
     k = empirical_ntk(case.model, case.x, implementation="structured", output_fn=case.output_fn)
     ref, _ = reference_ntk(case.model, case.x, output_fn=case.output_fn)
     torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)

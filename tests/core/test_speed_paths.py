@@ -11,6 +11,7 @@ from torch import nn
 from lazy_monitor.core.kernels import empirical_ntk
 from lazy_monitor.core.kernels import structured as structured_mod
 from tests._reference import reference_ntk
+from tests._spies import record_fallbacks
 
 
 class _Mixer(nn.Module):
@@ -79,14 +80,7 @@ def test_verdict_recomputed_when_probe_or_layout_changes(monkeypatch: pytest.Mon
     model.seq_first = True  # same uses and shapes, dim 0 of `inner` no longer the batch
     _check(model, x)
     assert len(calls) == 4
-    seen: list[str] = []
-    real = structured_mod.jacobian_ntk
-
-    def spy(fm, params, names, *args, **kwargs):  # noqa: ANN001, ANN202
-        seen.extend(names)
-        return real(fm, params, names, *args, **kwargs)
-
-    monkeypatch.setattr(structured_mod, "jacobian_ntk", spy)
+    seen = record_fallbacks(monkeypatch)
     _check(model, x)  # cached verdict for the seq-first layout: still falls back
     assert len(calls) == 4
     assert "inner.weight" in seen
@@ -141,14 +135,7 @@ class _FlatRows(nn.Module):
 
 
 def _fallbacks(monkeypatch: pytest.MonkeyPatch, model: nn.Module, x, **kwargs) -> list[str]:  # noqa: ANN001
-    seen: list[str] = []
-    real = structured_mod.jacobian_ntk
-
-    def spy(fm, params, names, *args, **kw):  # noqa: ANN001, ANN202
-        seen.extend(names)
-        return real(fm, params, names, *args, **kw)
-
-    monkeypatch.setattr(structured_mod, "jacobian_ntk", spy)
+    seen = record_fallbacks(monkeypatch)
     for kind in ("full", "trace", "diagonal"):
         k = empirical_ntk(model, x, implementation="structured", kind=kind, **kwargs)
         ref, _ = reference_ntk(model, x, kind=kind, output_fn=kwargs.get("output_fn"))

@@ -220,16 +220,20 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def run_one(model_name: str, n: int, method: str, repeats: int) -> dict:
-    from lazy_monitor.core.kernels import empirical_ntk
-
+def _model_and_inputs(model_name: str, n: int) -> tuple[nn.Module, torch.Tensor]:
+    """The case's model in eval mode and ``n`` generated inputs (seed 0)."""
     torch.manual_seed(0)
     make, shape = MODELS[model_name]
     model = make().eval()
     if shape[0] == "tokens":
-        x = torch.randint(0, shape[1], (n, shape[2]))
-    else:
-        x = torch.randn(n, *shape)
+        return model, torch.randint(0, shape[1], (n, shape[2]))
+    return model, torch.randn(n, *shape)
+
+
+def run_one(model_name: str, n: int, method: str, repeats: int) -> dict:
+    from lazy_monitor.core.kernels import empirical_ntk
+
+    model, x = _model_and_inputs(model_name, n)
     opts = OPTIONS.get(model_name, {})
     base = _rss_bytes()
     if method == "tutorial":
@@ -262,13 +266,7 @@ def run_defaults(model_name: str, n: int) -> dict:
     (per-layer blocks on), then K₀ and one K with per-parameter blocks; the process peak RSS."""
     from lazy_monitor.core.kernels import empirical_ntk, resolve_kernel_config
 
-    torch.manual_seed(0)
-    make, shape = MODELS[model_name]
-    model = make().eval()
-    if shape[0] == "tokens":
-        x = torch.randint(0, shape[1], (n, shape[2]))
-    else:
-        x = torch.randn(n, *shape)
+    model, x = _model_and_inputs(model_name, n)
     t0 = time.perf_counter()
     cfg = resolve_kernel_config(model, x, per_layer=True)
     t1 = time.perf_counter()

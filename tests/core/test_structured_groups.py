@@ -162,3 +162,30 @@ def test_stored_weights_give_the_exact_kernel(monkeypatch: pytest.MonkeyPatch) -
     assert plans[0].weights["0.weight"] == "stored"
     ref, _ = reference_ntk(model, x)
     torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gpt2",
+        "encoder_batch_first",
+        "class_token",
+        "depthwise_conv",
+        "norm_groupnorm",
+        "shared_index_embedding",
+    ],
+)
+def test_zoo_models_under_a_tiny_budget_are_exact(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # architectures the grouping was not written for: HF GPT-2 from a config (tied and
+    # batch-shared weights in the fallback), attention, an expanded class token, a depthwise
+    # conv, GroupNorm, an embedding indexed by a batch-shared table
+    from tests._zoo import build
+
+    case = build(name)
+    seen = _spy(monkeypatch)
+    k = empirical_ntk(case.model, case.x, output_fn=case.output_fn, max_memory=1024)
+    ref, _ = reference_ntk(case.model, case.x, output_fn=case.output_fn)
+    torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
+    assert len(seen["work"][0]) > 1

@@ -56,9 +56,9 @@ def _spy(
         seen["work"].append(out)
         return out
 
-    def spy_factors(fm: Any, params: Any, plan: Any, x: torch.Tensor) -> Any:
+    def spy_factors(fm: Any, params: Any, plan: Any, x: torch.Tensor, cuts: Any = None) -> Any:
         seen["passes"].append(x.shape[0])
-        return factors(fm, params, plan, x)
+        return factors(fm, params, plan, x, cuts)
 
     monkeypatch.setattr(st, "_work_plan", spy_work)
     monkeypatch.setattr(st, "_factors", spy_factors)
@@ -90,7 +90,7 @@ def test_groups_of_layers_give_the_exact_kernel(monkeypatch: pytest.MonkeyPatch,
     torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
     (work,) = seen["work"]
     assert len(work) > 1  # grouped, not one piece
-    covered = [n for part, _ in work for n in (*part.weights, *part.biases)]
+    covered = [n for part, *_ in work for n in (*part.weights, *part.biases)]
     assert sorted(covered) == sorted(sizes)  # every parameter exactly once
     # every group takes all 12 examples in one block (no per-pair rebuilds)
     assert all(rows == 12 for rows in seen["passes"])

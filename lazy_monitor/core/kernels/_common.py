@@ -96,13 +96,23 @@ def contract_rows(j1: Tensor, j2: Tensor, kind: str) -> Tensor:
     return k.sum(0) if kind == "trace" else k
 
 
+def _symmetric_piece(n: int) -> int:
+    return max(8, ceil_div(n, 8))
+
+
+def symmetric_fraction(n: int) -> float:
+    """Fraction of the ``n²`` example pairs that :func:`symmetric_blocks` contracts."""
+    p = ceil_div(n, _symmetric_piece(n))
+    return (p + 1) / (2 * p)
+
+
 def symmetric_blocks(
     n: int, kind: str, fn: Callable[[slice, slice], tuple[Tensor, ...]]
 ) -> tuple[Tensor, ...]:
     """The blocks ``fn(all, all)`` of symmetric kernels computed from their upper sub-blocks
-    only (``fn(i, j)``, ``i <= j``), mirroring the rest: about half the work for large ``n``."""
-    piece = max(8, ceil_div(n, 8))
-    parts = example_blocks(n, piece)
+    only (``fn(i, j)``, ``i <= j``), mirroring the rest: about half the work for large ``n``
+    (:func:`symmetric_fraction`)."""
+    parts = example_blocks(n, _symmetric_piece(n))
     if len(parts) == 1:
         return fn(parts[0], parts[0])
     outs: Optional[list[Tensor]] = None

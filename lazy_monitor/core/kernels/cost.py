@@ -14,15 +14,18 @@ strategy               time                                            extra mem
 ``per_example``        ``N·O·T·d_out·d_in + N²O²·d_out·d_in``          ``chunk·N·O·d_in``
 =====================  ==============================================  =======================
 
-``γ = 2`` (:data:`GRAM_INEFFICIENCY`) weights the products that build and consume
+``γ = 2.5`` (:data:`GRAM_INEFFICIENCY`) weights the products that build and consume
 ``Z = (A_n A_mᵀ) G_m``: their inner dimension is only ``T`` and ``Z`` (``N²·T·O·d_out``
-elements) is read only ``O`` times, so per multiply-add they run about 2x slower than the
-large GEMMs of the other strategies on the reference 2-core CPU, with ``Z`` formed one column
-example at a time so that it stays in cache (CNN 3->64->128->256 at N = 128, conv 3: Gram
-6.2-7.3 s, per-example gradients 6.3-7.9 s in the same runs, where a plain FLOP count favours
-Gram by 1.8x; at N = 32 Gram 0.54 s against 0.9 s; with ``Z`` formed for all columns at once
-and read back from memory it was ~4x, Gram 7.9 s against 6.0 s). The choice is therefore a
-time model, not a pure FLOP count.
+elements) is read only ``O`` times, so per multiply-add they run 2-3x slower than the large
+GEMMs of the other strategies on the reference 2-core CPU, with ``Z`` formed one column
+example at a time so that it stays in cache. Calibration (CNN 3->64->128->256, conv 3, the
+two strategies alternating in one process): N = 32, Gram 0.54 s against per-example 0.9 s
+(whole kernel 1.53 s vs 1.89 s); N = 128, Gram 7% slower for the whole kernel (11.1 s vs
+10.3 s, medians of 5) -- a plain FLOP count favours Gram by 1.8x at both sizes. The
+pairwise terms are scaled by the fraction of example pairs a symmetric kernel contracts
+(``pairs``; the per-example builds are not), which is what separates the two sizes. (With
+``Z`` formed for all columns at once and read back from memory, γ was ~4.) The choice is
+therefore a time model, not a pure FLOP count.
 
 ``gram`` is Novak et al.'s structured-derivatives contraction over positions
 (``K = Σ_{t,s} (G_t·G_s)(A_t·A_s)``, evaluated as ``G_nᵀ (A_n A_mᵀ) G_m``), ``per_example``
@@ -51,11 +54,18 @@ from __future__ import annotations
 
 __all__ = ["GRAM_INEFFICIENCY", "choose_strategy", "strategy_costs"]
 
-GRAM_INEFFICIENCY = 2.0
+GRAM_INEFFICIENCY = 2.5
 
 
 def strategy_costs(
-    n: int, o: int, t: int, d_in: int, d_out: int, groups: int = 1, builds: float = 1.0
+    n: int,
+    o: int,
+    t: int,
+    d_in: int,
+    d_out: int,
+    groups: int = 1,
+    builds: float = 1.0,
+    pairs: float = 1.0,
 ) -> dict:
     """Estimated cost (multiply-adds, Gram's ``Z`` products weighted by ``γ``) of each
     applicable strategy for one weight (see module docstring).
@@ -63,16 +73,21 @@ def strategy_costs(
     ``builds``: how many times each example's per-example gradients are built. 1 when all
     examples fit in one block; when examples are processed in blocks (memory budget), a row
     block's gradients are rebuilt for every column block that streams past it.
+    ``pairs``: the fraction of the ``N²`` example pairs actually contracted (a symmetric
+    kernel contracts only its upper sub-blocks: :func:`~._common.symmetric_fraction`); it
+    scales every pairwise term but not the per-example builds, so it favours Gram at small N.
     """
     costs = {
-        "gram": groups
+        "gram": pairs
+        * groups
         * n
         * n
         * (t * t * d_in + GRAM_INEFFICIENCY * (t * t * o * d_out + t * o * o * d_out)),
-        "per_example": groups * (builds * n * o * t * d_out * d_in + n * n * o * o * d_out * d_in),
+        "per_example": groups
+        * (builds * n * o * t * d_out * d_in + pairs * n * n * o * o * d_out * d_in),
     }
     if t == 1:
-        costs["outer"] = groups * (n * n * o * o * d_out + n * n * d_in)
+        costs["outer"] = pairs * groups * (n * n * o * o * d_out + n * n * d_in)
     return costs
 
 
@@ -85,10 +100,11 @@ def choose_strategy(
     groups: int = 1,
     dense_input: bool = True,
     builds: float = 1.0,
+    pairs: float = 1.0,
 ) -> str:
     """The cheapest exact strategy; ``dense_input=False`` (Embedding: ``A`` is one-hot, so
     per-example gradients would be ``vocab``-sized) restricts to ``outer``/``gram``."""
-    costs = strategy_costs(n, o, t, d_in, d_out, groups, builds)
+    costs = strategy_costs(n, o, t, d_in, d_out, groups, builds, pairs)
     if not dense_input:
         costs.pop("per_example")
     return min(costs, key=costs.__getitem__)

@@ -64,6 +64,7 @@ from ._common import (
     reduce_full,
     symmetric_block,
     symmetric_blocks,
+    symmetric_fraction,
 )
 from .cost import choose_strategy
 from .errors import StructuredPlanError
@@ -722,7 +723,10 @@ def _make_plan(
     o: int,
     keep_blocks: bool,
     builds: float = 1.0,
+    pairs: float = 1.0,
 ) -> _Plan:
+    """Structured rule per parameter; ``builds`` and ``pairs`` as in
+    :func:`~.cost.strategy_costs`."""
     by_name: dict[str, list[tuple[str, _Use]]] = {}
     for use in cap.uses:
         for role, name in (("weight", use.weight), ("bias", use.bias)):
@@ -752,13 +756,13 @@ def _make_plan(
         w = params[name]
         if op == "embedding":
             t = sum(use.inp[0].numel() for _, use in roles)
-            weights[name] = choose_strategy(n, o, t, 1, w.shape[1], dense_input=False)
+            weights[name] = choose_strategy(n, o, t, 1, w.shape[1], dense_input=False, pairs=pairs)
         else:
             shape = _weight_shape(roles[0][1], w)
             t = sum(use.out.numel() // cap.n // shape[0] for _, use in roles)
             d_in = w.numel() // shape[0] + 1  # + the folded bias column
             strategy = choose_strategy(
-                n, o, t, d_in, shape[0] // int(groups), int(groups), builds=builds
+                n, o, t, d_in, shape[0] // int(groups), int(groups), builds=builds, pairs=pairs
             )
             factor_size = sum((o * u.out.numel() + u.inp.numel()) // cap.n for _, u in roles)
             if strategy == "per_example" and o * (w.numel() + shape[0]) <= factor_size:
@@ -1252,7 +1256,9 @@ def structured_ntk(
             check_same_outputs(o, fm(params, slice_batch(x2, slice(0, 1))).shape[1])
     _cached_verification(fm, params, probe_x, out, cap)
     n_max = max(n1, n2 or 0)
-    plan = _make_plan(params, cap, n_max, o, keep_blocks)
+    # a symmetric kernel contracts only the upper example blocks (builds are not halved)
+    pairs = symmetric_fraction(n1) if x2 is None else 1.0
+    plan = _make_plan(params, cap, n_max, o, keep_blocks, pairs=pairs)
     work = [
         (part, size, _activation_bytes_per_example(cap, part, o), spec)
         for part, size, spec in _work_plan(

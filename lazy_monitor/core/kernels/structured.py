@@ -38,6 +38,13 @@ Embedding with ``max_norm``/``scale_grad_by_freq``) falls back to the Jacobian
 contraction in the same call. Outputs of supported ops that the model later modifies in place
 (``ReLU(inplace=True)``) are detected through their version counter and the pass is redone with
 a copy, so ``G`` is always the gradient at the op's own output.
+
+When the factors of all layers for all examples exceed the factor budget, consecutive layer
+groups are processed one after the other (:func:`_work_plan`). Groups end at *cut points*
+where the probe has them -- a layer input every autograd path from the output to the earlier
+layers goes through (:func:`_cut_points`: ResNet block inputs, a transformer's residual
+stream) -- and run last group first, each caching ``∂out/∂h`` at its cut so that the next
+group's backward starts there (:class:`_CutPass`, re-verified on every pass's own graph).
 """
 
 from __future__ import annotations

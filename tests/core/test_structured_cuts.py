@@ -301,3 +301,21 @@ def test_transformer_layer_inputs_are_cuts_and_the_kernel_is_exact(
     ref, _ = reference_ntk(model, x, output_fn=output_fn)
     torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
     assert any(used for _, used in roots)
+
+
+@pytest.mark.parametrize("name", ["prelu", "class_token", "norm_layernorm", "encoder_batch_first"])
+def test_zoo_models_with_cuts_engaged_are_exact(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    # zoo models the cuts were not written for (PReLU, an expanded class token, LayerNorm, a
+    # 1-layer attention encoder), each under the largest budget at which cuts engage
+    from tests._zoo import build
+
+    case = build(name)
+    with torch.no_grad():
+        y = case.model(case.x)
+        o = (case.output_fn(y) if case.output_fn is not None else y).shape[1]
+    budget = _budget_with_cuts(case.model, case.x, o, output_fn=case.output_fn)
+    roots = _spy_roots(monkeypatch)
+    k = empirical_ntk(case.model, case.x, output_fn=case.output_fn, max_memory=budget)
+    ref, _ = reference_ntk(case.model, case.x, output_fn=case.output_fn)
+    torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
+    assert any(used for _, used in roots)

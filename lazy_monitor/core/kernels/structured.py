@@ -150,20 +150,20 @@ def _bind_matmul(kind: str, args: tuple, kwargs: dict) -> Optional[dict]:
     return {"input": a, "weight": w, "bias": bias}
 
 
-def _bound_input(func: Any, args: tuple, kwargs: dict) -> Any:
-    """The ``input`` argument of a supported op's call (None for any other op)."""
+def _bind(func: Any, args: tuple, kwargs: dict) -> Optional[dict]:
+    """Arguments by name of a supported op's call (normalisation, Linear/Conv/Embedding,
+    ``a @ W (+ b)``); None for any other op or matmul form."""
     if func in _NORMS:
         names = _NORMS[func][1]
     elif func in _OPS:
         names = _SIGNATURES[_OPS[func]]
     elif func in _MATMULS:
-        bound = _bind_matmul(_MATMULS[func], args, kwargs)
-        return None if bound is None else bound["input"]
+        return _bind_matmul(_MATMULS[func], args, kwargs)
     else:
         return None
     bound = dict(zip(names, args))
     bound.update(kwargs)
-    return bound.get("input")
+    return bound
 
 
 def _affine_norm(func: Any, layout: str, bound: dict) -> tuple[Tensor, Tensor]:
@@ -219,7 +219,7 @@ class _Capture(torch.overrides.TorchFunctionMode):
         names = [k for k in names if k not in self.entries]
         if not names:
             return
-        inp = _bound_input(func, args, kwargs)
+        inp = (_bind(func, args, kwargs) or {}).get("input")
         for k in names:
             self.entries[k] = (inp, inp._version) if isinstance(inp, Tensor) else None
 
@@ -242,9 +242,8 @@ class _Capture(torch.overrides.TorchFunctionMode):
             return out
         norm = _NORMS.get(func)
         if norm is not None:
-            layout, names = norm
-            bound = dict(zip(names, args))
-            bound.update(kwargs)
+            layout = norm[0]
+            bound = _bind(func, args, kwargs)
             w = self.by_id.get(id(bound.get("weight")))
             b = self.by_id.get(id(bound.get("bias")))
             roles = [k for k in (w, b) if k is not None]
@@ -261,14 +260,8 @@ class _Capture(torch.overrides.TorchFunctionMode):
                 _Use("norm", w, b, xhat.detach(), handle, handle._version, {"layout": layout})
             )
             return handle.clone() if self.copy_outputs else handle
-        op = _OPS.get(func)
-        bound = None
-        if op is not None:
-            bound = dict(zip(_SIGNATURES[op], args))
-            bound.update(kwargs)
-        elif func in _MATMULS:
-            bound = _bind_matmul(_MATMULS[func], args, kwargs)
-            op = None if bound is None else "linear"
+        bound = _bind(func, args, kwargs)
+        op = _OPS.get(func, "linear" if func in _MATMULS else None)
         if bound is not None and op is not None:
             transposed = func in _MATMULS
             w = self.by_id.get(id(bound.get("weight")))
@@ -445,6 +438,15 @@ def _cached_verification(
         entries.append((key, fn_ref, stored, frozenset(cap.other - before)))
 
 
+def _example0_gradients(out: Tensor, tensors: list[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """Gradients w.r.t. ``tensors`` of a random cotangent on example 0's outputs only: a tensor
+    whose rows are per example gets zeros on every row that is not example 0's."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    cot = torch.zeros_like(out)
+    cot[0] = torch.randn(out.shape[1:], generator=gen, dtype=out.dtype).to(out.device) + 2.0
+    return torch.autograd.grad([out], tensors, [cot], retain_graph=True, allow_unused=True)
+
+
 def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:
     """Send every parameter whose use is not verifiably per-example to the fallback.
 
@@ -469,10 +471,7 @@ def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:
             bad.update(k for k in (use.weight, use.bias) if k is not None)
     handles = [u.out for u in checked if u.out.requires_grad]
     if handles and n > 1:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        cot = torch.zeros_like(out)
-        cot[0] = torch.randn(out.shape[1:], generator=gen, dtype=out.dtype).to(out.device) + 2.0
-        grads = torch.autograd.grad([out], handles, [cot], retain_graph=True, allow_unused=True)
+        grads = _example0_gradients(out, handles)
         by_handle = {id(h): g for h, g in zip(handles, grads)}
         for use in checked:
             g = by_handle.get(id(use.out))
@@ -824,25 +823,20 @@ def _output_gradients(
     starts at the cut: the layers after it are not differentiated again.
     """
     if root is None or root_cot is None:
+        # the output as its own root: ∂out[:, a]/∂out is one-hot (a view, nothing allocated)
+        root = out
         o = out.shape[1]
-        start = out
-    else:
-        o = root_cot.shape[1]
-        start = root
+        root_cot = torch.eye(o, dtype=out.dtype, device=out.device).expand(out.shape[0], o, o)
+    o = root_cot.shape[1]
     size = o * sum(t.numel() * t.element_size() for t in targets)
     if size <= _BATCHED_BACKWARD_BYTES:
-        if start is out:
-            cot = torch.eye(o, dtype=out.dtype, device=out.device)[:, None, :].expand(
-                o, out.shape[0], o
-            )
-        else:
-            cot = root_cot.transpose(0, 1)
+        cot = root_cot.transpose(0, 1)
         try:
             with warnings.catch_warnings():
                 # vmap's "performance drop" note for ops without a batching rule: still correct.
                 warnings.filterwarnings("ignore", message=".*performance drop.*")
                 batched = torch.autograd.grad(
-                    [start],
+                    [root],
                     targets,
                     [cot],
                     retain_graph=True,
@@ -855,17 +849,12 @@ def _output_gradients(
             for a in range(o):
                 yield a, tuple(None if g is None else g[a] for g in batched)
             return
-    onehot = torch.zeros_like(out)
     for a in range(o):
-        if start is out:
-            onehot.zero_()
-            onehot[:, a] = 1
-            cot = onehot
-        else:
-            cot = root_cot[:, a]
         yield (
             a,
-            torch.autograd.grad([start], targets, [cot], retain_graph=a < o - 1, allow_unused=True),
+            torch.autograd.grad(
+                [root], targets, [root_cot[:, a]], retain_graph=a < o - 1, allow_unused=True
+            ),
         )
 
 
@@ -933,13 +922,8 @@ def _cut_points(
     if not candidates or n < 2:
         return {}
     # rows per example: the gradient of example 0's outputs must vanish on the other rows
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    cot = torch.zeros_like(out)
-    cot[0] = torch.randn(out.shape[1:], generator=gen, dtype=out.dtype).to(out.device) + 2.0
     names = list(candidates)
-    grads = torch.autograd.grad(
-        [out], [candidates[k] for k in names], [cot], retain_graph=True, allow_unused=True
-    )
+    grads = _example0_gradients(out, [candidates[k] for k in names])
     return {
         k: (tuple(candidates[k].shape[1:]), candidates[k].dtype)
         for k, g in zip(names, grads)
@@ -1062,28 +1046,27 @@ def _cut_roles(
     if cuts is None:
         return None, None, {}
     n = out.shape[0]
+
+    def matches(h: Optional[Tensor], cache: Tensor) -> bool:
+        # a graph, and the cache's per-example shape, dtype and device
+        return (
+            h is not None
+            and h.grad_fn is not None
+            and tuple(h.shape) == (n, *cache.shape[2:])
+            and (h.dtype, h.device) == (cache.dtype, cache.device)
+        )
+
     stores: dict[str, Tensor] = {}
     for k, buf in cuts.stores.items():
         h = cap.entry(k)
-        if (
-            h is None
-            or h.grad_fn is None
-            or tuple(h.shape) != (n, *buf.shape[2:])
-            or (h.dtype, h.device) != (buf.dtype, buf.device)
-        ):
-            cuts.failed.add(k)
-        else:
+        if matches(h, buf):
             stores[k] = h
+        else:
+            cuts.failed.add(k)
     if cuts.end is None or cuts.end_cot is None:
         return None, None, stores
     h = cap.entry(cuts.end)
-    if (
-        h is None
-        or h.grad_fn is None
-        or tuple(h.shape) != (n, *cuts.end_cot.shape[2:])
-        or (h.dtype, h.device) != (cuts.end_cot.dtype, cuts.end_cot.device)
-        or not _separated(out, h, [*targets, *stores.values()])
-    ):
+    if not matches(h, cuts.end_cot) or not _separated(out, h, [*targets, *stores.values()]):
         return None, None, stores
     return h, cuts.end_cot, stores
 
@@ -1202,15 +1185,15 @@ def _layer_groups(
     ``capacity`` bytes per example; a parameter larger than that is a group of its own.
     With ``cuts`` (names that start a new segment at a cut point), whole segments are packed
     where they fit, so that groups end at cuts."""
-    items: list[tuple[list[str], int]] = []
-    for name, size in sizes.items():
-        if items and name not in cuts:
-            items[-1][0].append(name)
-            items[-1] = (items[-1][0], items[-1][1] + size)
+    segments: list[list[str]] = []
+    for name in sizes:
+        if segments and name not in cuts:
+            segments[-1].append(name)
         else:
-            items.append(([name], size))
+            segments.append([name])
     packed: list[tuple[list[str], int]] = []
-    for names, size in items:
+    for names in segments:
+        size = sum(sizes[k] for k in names)
         if size > capacity:  # an oversize segment is packed name by name
             packed.extend(([k], sizes[k]) for k in names)
         else:
@@ -1400,10 +1383,7 @@ def _cut_work(
     (two caches are alive at once: the one a group starts from and the one it writes)."""
     order = list(sizes)
     points = _cut_points(out, cap, order)
-    per_example = {
-        k: o * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        for k, (shape, dtype) in points.items()
-    }
+    per_example = {k: o * math.prod(shape) * dtype.itemsize for k, (shape, dtype) in points.items()}
     usable = {k: points[k] for k, b in per_example.items() if n * b <= factor_budget() // 4}
     if not usable:
         return None

@@ -38,9 +38,10 @@ class _Head(nn.Module):
         return self.head(torch.tanh(self.body(x)).mean(1))
 
 
-def gpt2(dtype: torch.dtype = torch.float64) -> ZooCase:
-    """HF ``GPT2LMHeadModel`` from a tiny config; last-token logits (O = vocab = 11). The
-    position embedding ``wpe`` is indexed by position ids ``(1, T)`` shared by the batch."""
+def gpt2(dtype: torch.dtype = torch.float64, n_layer: int = 1, n: int = 3) -> ZooCase:
+    """HF ``GPT2LMHeadModel`` from a tiny config; last-token logits (O = vocab = 11) of ``n``
+    sequences. The position embedding ``wpe`` is indexed by position ids ``(1, T)`` shared by
+    the batch."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -51,7 +52,7 @@ def gpt2(dtype: torch.dtype = torch.float64) -> ZooCase:
         vocab_size=11,
         n_positions=8,
         n_embd=8,
-        n_layer=1,
+        n_layer=n_layer,
         n_head=2,
         bos_token_id=0,
         eos_token_id=0,
@@ -60,7 +61,7 @@ def gpt2(dtype: torch.dtype = torch.float64) -> ZooCase:
         attn_pdrop=0.0,
     )
     model = GPT2LMHeadModel(cfg).to(dtype).eval()
-    x = torch.randint(0, 11, (3, 4), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, 11, (n, 4), generator=torch.Generator().manual_seed(1))
     return ZooCase(model, x, lambda out: out.logits[:, -1], no_forward_ad=True)
 
 
@@ -77,12 +78,12 @@ class _SeqFirstEncoder(nn.Module):
         return self.enc(x.transpose(0, 1)).transpose(0, 1)
 
 
-def encoder(batch_first: bool, dtype: torch.dtype = torch.float64) -> ZooCase:
+def encoder(batch_first: bool, dtype: torch.dtype = torch.float64, layers: int = 1) -> ZooCase:
     torch.manual_seed(0)
     d = 8
     if batch_first:
         layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
-        body: nn.Module = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        body: nn.Module = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
     else:
         body = _SeqFirstEncoder(d)
     model = _Head(body, d).to(dtype)

@@ -20,6 +20,7 @@ from torch import nn
 from lazy_monitor.core._functional import FunctionalModel, slice_batch
 from lazy_monitor.core.kernels import empirical_ntk
 from lazy_monitor.core.kernels import structured as st
+from tests import _zoo
 from tests._reference import reference_ntk
 
 
@@ -249,67 +250,20 @@ def test_cut_caches_and_groups_stay_within_the_budget() -> None:
         stored.update(spec.stores)
 
 
-def _gpt2() -> tuple[nn.Module, torch.Tensor, Callable[[Any], torch.Tensor]]:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=11,
-        n_positions=8,
-        n_embd=8,
-        n_layer=3,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    model = GPT2LMHeadModel(cfg).double().eval()
-    x = torch.randint(0, 11, (5, 4), generator=torch.Generator().manual_seed(1))
-    return model, x, lambda out: out.logits[:, -1]
-
-
-def _encoder() -> tuple[nn.Module, torch.Tensor, None]:
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
-    body = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
-
-    class Head(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body, self.fc = body, nn.Linear(8, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.body(x).mean(1))
-
-    return Head().double().eval(), torch.randn(5, 4, 8, dtype=torch.float64), None
-
-
-@pytest.mark.parametrize("make", [_gpt2, _encoder], ids=["hf_gpt2_3_layers", "encoder_3_layers"])
-def test_transformer_layer_inputs_are_cuts_and_the_kernel_is_exact(
-    monkeypatch: pytest.MonkeyPatch, make: Callable[[], tuple]
-) -> None:
-    # the residual stream between transformer layers is a cut (HF GPT-2: the tied wte and the
+_ZOO_CASES = {
+    # transformers: the residual stream between layers is a cut (HF GPT-2: the tied wte and the
     # batch-shared wpe go to the fallback, which does not take part in the groups)
-    model, x, output_fn = make()
-    o = 11 if output_fn is not None else 3
-    budget = _budget_with_cuts(model, x, o, output_fn=output_fn)
-    roots = _spy_roots(monkeypatch)
-    k = empirical_ntk(model, x, output_fn=output_fn, max_memory=budget)
-    ref, _ = reference_ntk(model, x, output_fn=output_fn)
-    torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
-    assert any(used for _, used in roots)
+    "hf_gpt2_3_layers": lambda: _zoo.gpt2(n_layer=3, n=5),
+    "encoder_3_layers": lambda: _zoo.encoder(True, layers=3),
+    # models the cuts were not written for, each under the largest budget at which cuts engage
+    **{k: (lambda k=k: _zoo.build(k)) for k in ("prelu", "class_token", "norm_layernorm")},
+    "encoder_1_layer": lambda: _zoo.build("encoder_batch_first"),
+}
 
 
-@pytest.mark.parametrize("name", ["prelu", "class_token", "norm_layernorm", "encoder_batch_first"])
+@pytest.mark.parametrize("name", list(_ZOO_CASES))
 def test_zoo_models_with_cuts_engaged_are_exact(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    # zoo models the cuts were not written for (PReLU, an expanded class token, LayerNorm, a
-    # 1-layer attention encoder), each under the largest budget at which cuts engage
-    from tests._zoo import build
-
-    case = build(name)
+    case = _ZOO_CASES[name]()
     with torch.no_grad():
         y = case.model(case.x)
         o = (case.output_fn(y) if case.output_fn is not None else y).shape[1]

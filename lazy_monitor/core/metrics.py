@@ -372,16 +372,25 @@ def kernel_alignment(
     scale invariant. Since ``L_c`` is centred, ``⟨K_c, L_c⟩ = ⟨K, L_c⟩``.
 
     The target kernel has the same kind as ``K``: ``L[(n,a),(m,b)] = Y_c[n,a] Y_c[m,b]`` (full),
-    ``Σ_a Y_c[n,a] Y_c[m,a]`` (trace), ``Y_c[n,a] Y_c[m,a]`` (diagonal). Cost ``O(N² O²)``.
+    ``Σ_a Y_c[n,a] Y_c[m,a]`` (trace), ``Y_c[n,a] Y_c[m,a]`` (diagonal). The trace form is the
+    same trace over outputs as the kernel's, taken on the targets: ``L = H Y Yᵀ H``, an
+    ``N × N`` matrix whatever ``O`` is. For class indices ``(Y Yᵀ)[n, m] = [y_n = y_m]``, so a
+    language-model head (``O`` = vocabulary) needs neither the ``(N, O)`` one-hot nor any
+    ``O × O`` matrix: ``O(N²)`` time and memory. A projected trace kernel (``projection=k``, an
+    estimate of the trace kernel) is aligned with the same ``L``; a projected full/diagonal
+    kernel is aligned with the targets projected like its outputs (the tracker does this,
+    :func:`lazy_monitor.tracking.kernel_config.project_targets`). Cost ``O(N² O²)`` (full),
+    ``O(N² O)`` (diagonal), ``O(N² C)`` (trace; ``C`` = 1 for class indices): never more than
+    the kernel itself.
 
     Args:
         kernel: square kernel ``K(x, x)``: ``(N, N, O, O)``, ``(N, N)`` or ``(N, N, O)``.
-        targets: class indices ``(N,)`` (integer; one-hot encoded with ``O`` classes, or
-            ``num_classes`` for a trace kernel, default ``max + 1``) or regression targets
+        targets: class indices ``(N,)`` (integer; one-hot encoded with ``O`` classes; for a
+            trace kernel only their equality matters) or regression targets
             ``(N,)``/``(N, C)`` (float; ``C`` must equal ``O`` for full/diagonal kernels). With
             ``O = 1`` integer targets are used as the scalar target (binary classifier).
-        num_classes: number of classes for one-hot encoding (default: ``O``, or ``max + 1`` for a
-            trace kernel).
+        num_classes: number of classes (default: ``O``; for a trace kernel only a range check
+            of the indices).
 
     Returns:
         0-dim float64 tensor. ``K_c = 0`` (the kernel carries no centred structure): 0.
@@ -393,7 +402,9 @@ def kernel_alignment(
     """
     kind = _square_kind(kernel)
     n = kernel.shape[0]
-    outputs = None if kind == "trace" else kernel.shape[2]
+    if kind == "trace":
+        return _trace_alignment(kernel, _target_gram(targets, n, num_classes))
+    outputs = kernel.shape[2]
     y = _target_matrix(targets, n, outputs, num_classes).to(kernel.device)
     if not (_finite(kernel) and _finite(y)):
         return _nan(kernel)
@@ -404,18 +415,55 @@ def kernel_alignment(
     if kind == "full":
         inner = torch.einsum("nmab,na,mb->", k, yc, yc)
         l_norm = (yc * yc).sum()  # ‖vec(Yc) vec(Yc)ᵀ‖_F = ‖Yc‖²_F
-    elif kind == "diagonal":
+    else:
         inner = torch.einsum("nma,na,ma->", k, yc, yc)
         l_norm = (yc * yc).sum(0).square().sum().sqrt()
-    else:
-        inner = torch.einsum("nm,na,ma->", k, yc, yc)
-        l_norm = torch.linalg.matrix_norm(yc.T @ yc)  # ‖Yc Ycᵀ‖_F = ‖Ycᵀ Yc‖_F
-    k_norm = torch.linalg.vector_norm(k)
+    return _aligned(inner, torch.linalg.vector_norm(k), l_norm)
+
+
+def _aligned(inner: Tensor, k_norm: Tensor, l_norm: Tensor) -> Tensor:
+    """``inner / (‖K_c‖ ‖L_c‖)`` with :func:`kernel_alignment`'s zero cases."""
     if l_norm == 0:
-        return _nan(k)
+        return _nan(inner)
     if k_norm == 0:
-        return torch.zeros((), dtype=torch.float64, device=k.device)
+        return torch.zeros((), dtype=torch.float64, device=inner.device)
     return (inner / (k_norm * l_norm)).clamp(-1.0, 1.0)
+
+
+def _target_gram(targets: Tensor, n: int, num_classes: Optional[int]) -> Tensor:
+    """The target kernel of a trace kernel, ``Y Yᵀ`` ``(N, N)`` float64, built without an
+    ``O``-sized (let alone ``O × O``) intermediate for class indices: the one-hot rows give
+    ``(Y Yᵀ)[n, m] = [y_n = y_m]`` whatever the number of classes."""
+    if check_targets(targets, n):
+        idx = targets.detach().long()
+        bad = idx < 0
+        if num_classes is not None:
+            bad |= idx >= num_classes
+        if bool(bad.any()):
+            raise ValueError(
+                f"class index {int(idx[bad][0])} is outside [0, {num_classes}); pass class "
+                "indices below num_classes (or omit num_classes)"
+            )
+        return (idx[:, None] == idx[None, :]).to(torch.float64)
+    y = targets.detach().to(torch.float64).reshape(n, -1)
+    if not _finite(y):
+        return torch.full((n, n), math.nan, dtype=torch.float64, device=y.device)
+    y = y - y[:1]  # an exact shift (centring removes it): constant targets give exactly 0
+    return y @ y.T
+
+
+def _trace_alignment(kernel: Tensor, gram: Tensor) -> Tensor:
+    """:func:`kernel_alignment` of a trace kernel ``(N, N)`` against a target Gram ``Y Yᵀ``:
+    ``⟨K, H G H⟩ / (‖H K H‖ ‖H G H‖)``, ``O(N²)`` memory."""
+    gram = gram.to(kernel.device)
+    if not (_finite(kernel) and _finite(gram)):
+        return _nan(kernel)
+    k = kernel.detach().to(torch.float64)
+    k = k - k.mean(0, keepdim=True)
+    k = k - k.mean(1, keepdim=True)  # K_c = H K H
+    lc = gram - gram.mean(0, keepdim=True)
+    lc = lc - lc.mean(1, keepdim=True)  # L_c = H Y Yᵀ H = Y_c Y_cᵀ
+    return _aligned((k * lc).sum(), torch.linalg.vector_norm(k), torch.linalg.vector_norm(lc))
 
 
 # ----------------------------------------------------------------------------- spectrum

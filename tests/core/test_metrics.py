@@ -323,3 +323,21 @@ def test_results_are_float64_even_for_float32_inputs():
     k1 = k0.clone()
     k1[0, 0] += 1e-3
     assert M.kernel_rel_change(k1, k0).item() == pytest.approx(1e-3 / 1000, rel=1e-3)
+
+
+def test_trace_alignment_with_class_indices_equals_one_hot_brute_force():
+    # The trace alignment is built from [y_n = y_m] (no one-hot): same value as the explicit
+    # one-hot formula ⟨HKH, H Y Yᵀ H⟩ / (‖HKH‖ ‖H Y Yᵀ H‖), for class counts far above max + 1.
+    g = torch.Generator().manual_seed(3)
+    j = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    k = j @ j.T
+    y = torch.tensor([4, 0, 4, 2, 0, 0, 9])
+    h = torch.eye(7, dtype=torch.float64) - 1.0 / 7
+    yy = torch.nn.functional.one_hot(y, 12).double()
+    kc, lc = h @ k @ h, h @ yy @ yy.T @ h
+    expected = (kc * lc).sum() / (kc.norm() * lc.norm())
+    for num_classes in (None, 12, 50257):
+        got = M.kernel_alignment(k, y, num_classes=num_classes)
+        assert got.item() == pytest.approx(expected.item(), abs=1e-12)
+    with pytest.raises(ValueError, match="class index 9 is outside"):
+        M.kernel_alignment(k, y, num_classes=5)

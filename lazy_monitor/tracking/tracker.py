@@ -41,7 +41,13 @@ from lazy_monitor.thresholds import Threshold
 from lazy_monitor.tracking import kernel_config as kc
 from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint, same_fingerprint
 from lazy_monitor.tracking.distributed import KernelSharding, sharded_kernel
-from lazy_monitor.tracking.features import check_feature_modules, gram_hooks
+from lazy_monitor.tracking.features import (
+    check_feature_modules,
+    fit_feature_budget,
+    gram_hooks,
+    kernel_budget,
+    report_feature_selection,
+)
 from lazy_monitor.tracking.kernel_config import (  # noqa: F401 - re-exported
     KERNEL_COPIES,
     MAX_SPECTRUM_SIZE,
@@ -366,21 +372,16 @@ class KernelTracker:
         # One side-effect-free forward: checks the model runs on the probe, gives O and which
         # feature modules can be tracked.
         candidates, strict = check_feature_modules(model, feature_modules)
+        candidates = fit_feature_budget(candidates, strict, self.probe_size, max_memory)
         self._features_default = feature_modules is True
         self._feature_modules = candidates
+        self._feature_select: Optional[dict[str, str]] = {}  # this forward chooses the modules
         try:
             f, feats = self._forward(strict=strict)
         except (RuntimeError, TypeError) as err:
             raise _probe_error(err, model, probe) from err
-        self._feature_modules = [m for m in candidates if m in feats]
-        dropped = [m for m in candidates if m not in feats]
-        if dropped:
-            warnings.warn(
-                f"KernelTracker does not track the features of {dropped}: not called exactly once "
-                "per forward, or output not batched on dim 0 with the probe's examples. Pass "
-                "feature_modules=[...] to choose the modules (or False for none).",
-                stacklevel=2,
-            )
+        self._feature_modules = report_feature_selection(candidates, feats, self._feature_select)
+        self._feature_select = None
         self.num_outputs = f.shape[1]
         if kind != "auto":
             kc.warn_spectrum_size(
@@ -593,7 +594,9 @@ class KernelTracker:
     def _hooks(self, strict: bool = True) -> Any:
         """Forward hooks recording the centred Gram ``(N, N)`` of each tracked module's output
         (see :func:`lazy_monitor.tracking.features.gram_hooks`)."""
-        return gram_hooks(self.model, self._feature_modules, self.probe_size, strict=strict)
+        return gram_hooks(
+            self.model, self._feature_modules, self.probe_size, strict, self._feature_select
+        )
 
     def _on_metric_device(self, grams: Mapping[str, Tensor]) -> dict[str, Tensor]:
         dev = self._metric_device()
@@ -727,7 +730,8 @@ class KernelTracker:
             projection=self.projection,
             projection_seed=self.projection_seed,
             implementation=self.implementation,
-            max_memory=self.max_memory,
+            # the feature Grams are held beside the kernel: the kernel gets the rest
+            max_memory=kernel_budget(self.max_memory, len(self._feature_modules), self.probe_size),
             per_layer=self.per_layer,
             output_fn=self.output_fn,
             max_seconds=MAX_SECONDS,  # read here: tests patch this module's constant

@@ -71,12 +71,17 @@ def test_cka_is_symmetric_and_in_unit_interval_for_unrelated_features():
     assert linear_cka(y, x) == pytest.approx(value, rel=1e-12)
 
 
-def test_cka_is_nan_for_nonfinite_or_constant_features():
+def test_cka_is_nan_for_nonfinite_features_and_finite_for_constant_ones():
     x = _features()
     bad = x.clone()
     bad[3, 2] = math.inf
     assert math.isnan(linear_cka(bad, x))
-    assert math.isnan(linear_cka(x, torch.ones(20, 4)))
+    # constant features (same for every example): zero centred Gram, exactly (the shift by the
+    # first example makes the centring exact even where the mean of equal values rounds off)
+    const = torch.full((20, 4), 0.1, dtype=torch.float64)
+    assert torch.count_nonzero(centered_gram(const)) == 0
+    assert linear_cka(x, const) == 0.0 and linear_cka(const, x) == 0.0  # nothing in common
+    assert linear_cka(const, torch.zeros(20, 3)) == 1.0  # both constant: the same (empty) one
 
 
 def test_cka_rejects_bad_shapes():

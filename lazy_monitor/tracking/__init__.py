@@ -3,6 +3,8 @@
 Everything a training-framework adapter (the Lightning callbacks, a Hugging Face
 ``TrainerCallback``) needs without importing the framework:
 
+* :class:`KernelConfig` -- the kernel settings (kind, implementation, projection, memory,
+  ``topk``, snapshot device), typed and validated once;
 * :class:`KernelTracker` -- the reference (θ₀, ``f₀``, ``K₀``) and ``start``/``measure``;
 * :mod:`~lazy_monitor.tracking.kernel_config` -- which kernel it measures (``kind="auto"``
   under ``max_memory``, a saved configuration, ``topk``); :mod:`~lazy_monitor.tracking.features`
@@ -19,6 +21,7 @@ Everything a training-framework adapter (the Lightning callbacks, a Hugging Face
 """
 
 from lazy_monitor.tracking.distributed import KernelSharding
+from lazy_monitor.tracking.kernel_config import KernelConfig
 from lazy_monitor.tracking.schedule import MeasurementSchedule, OverheadBudget
 from lazy_monitor.tracking.sharded import ShardedKernelTracker
 from lazy_monitor.tracking.tracker import (
@@ -30,6 +33,7 @@ from lazy_monitor.tracking.tracker import (
 __all__ = [
     "DEFAULT_LAZY_THRESHOLDS",
     "LOWER_BOUND_METRICS",
+    "KernelConfig",
     "KernelSharding",
     "KernelTracker",
     "MeasurementSchedule",

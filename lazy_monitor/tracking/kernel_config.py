@@ -1,6 +1,8 @@
 """Which kernel a :class:`~lazy_monitor.tracking.tracker.KernelTracker` measures.
 
-Plain functions of explicit arguments (no tracker state): resolve ``kind="auto"`` under
+:class:`KernelConfig` -- the kernel settings a user chooses, typed and validated once (the
+tracker, both Lightning monitors and the HF callback take one). Plain functions of explicit
+arguments (no tracker state): resolve ``kind="auto"`` under
 ``max_memory`` (or check a forced kind/projection against the estimate), read the kernel
 configuration of a saved state (old states included), the kernel matrix's outputs per example,
 the ``topk`` check against it, the spectrum-size warning, and the alignment targets projected
@@ -9,6 +11,7 @@ into the kernel's output space.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Mapping
@@ -17,11 +20,21 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lazy_monitor.core._functional import InputBatch, OutputFn
-from lazy_monitor.core.kernels import estimate_ntk_cost, projection_matrix, resolve_kernel_config
+from lazy_monitor._validation import check_choice, check_int, check_mapping
+from lazy_monitor.core._functional import InputBatch, OutputFn, as_device
+from lazy_monitor.core.kernels import (
+    DEFAULT_MAX_MEMORY,
+    NtkImplementation,
+    estimate_ntk_cost,
+    projection_matrix,
+    resolve_kernel_config,
+)
+from lazy_monitor.core.kernels.config import KINDS, check_projection, check_projection_seed
 
 __all__ = [
     "KERNEL_COPIES",
+    "KernelConfig",
+    "REQUESTED_KINDS",
     "MAX_SPECTRUM_SIZE",
     "check_topk",
     "kernel_outputs",
@@ -32,6 +45,95 @@ __all__ = [
 ]
 
 Projection = Union[None, int, str]
+
+#: What ``kind=`` accepts: a kernel kind, or ``"auto"`` (resolved at ``KernelTracker.start``).
+REQUESTED_KINDS = ("auto", *KINDS)
+IMPLEMENTATIONS = tuple(m.value for m in NtkImplementation)
+_MEMORY_FIX = "bytes, e.g. 2**30; None: no limit"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+    """The kernel settings of a tracker: which kernel, computed how, kept where. Validated
+    once, here, at construction: a ``TypeError`` for a wrong type, a ``ValueError`` for a bad
+    value, each naming the setting, the value and the fix. Frozen; build a changed copy with
+    :func:`dataclasses.replace`.
+
+    Args:
+        kind: ``"auto"`` (default: resolved at ``start`` to ``"full"``, ``"trace"`` or
+            ``"trace"`` with ``projection=16``, whichever first fits ``max_memory`` and 60 s
+            per kernel), or a kind kept as given: ``"full"`` ``(N, N, O, O)``, ``"trace"``
+            ``(N, N)`` (summed over outputs), ``"diagonal"`` ``(N, N, O)``.
+        implementation: how the engine computes ``J Jᵀ``, one of ``"auto"`` (default),
+            ``"structured"``, ``"jacobian"``, ``"ntvp"``
+            (:class:`~lazy_monitor.NtkImplementation`).
+        projection: ``None`` (exact outputs; ``kind="auto"`` may still choose 16), ``k`` (int
+            >= 1: the kernel of ``k`` random output directions) or ``"sum"`` (pseudo-NTK).
+            Forced when given.
+        projection_seed: seed of the projection matrix ``R`` (``torch.Generator`` seed in
+            ``[0, 2**64 - 1]``; the same ``R`` at θ₀ and later).
+        max_memory: bytes one measurement may hold (kernel, per-parameter blocks and their
+            copies, per-example factors, eigendecomposition); default 1 GiB. ``None``: no
+            memory limit.
+        chunk_size: examples per block in the kernel engine (``None``: chosen by the budget).
+        topk: ``k`` of the eigenspaces compared by ``ntk/eig_overlap`` (``None``: 10 for a
+            trace kernel, ``O·⌈10/O⌉`` for full/diagonal ones; capped at the matrix size).
+        snapshot_device: where θ₀, ``f₀``, ``K₀`` live and the metrics are computed (``None``:
+            the model's device; ``"cpu"`` keeps them off the accelerator).
+
+    Example::
+
+        KernelTracker(model, x, kernel=KernelConfig(kind="trace", max_memory=2**31))
+        KernelTracker(model, x, kernel={"kind": "trace"})  # the same, as a dict
+    """
+
+    kind: str = "auto"
+    implementation: str = "auto"
+    projection: Projection = None
+    projection_seed: int = 0
+    max_memory: Optional[int] = DEFAULT_MAX_MEMORY
+    chunk_size: Optional[int] = None
+    topk: Optional[int] = None
+    snapshot_device: Union[str, torch.device, None] = None
+
+    def __post_init__(self) -> None:
+        check_choice("kind", self.kind, REQUESTED_KINDS)
+        impl = self.implementation
+        if isinstance(impl, NtkImplementation):
+            object.__setattr__(self, "implementation", impl.value)
+        check_choice("implementation", self.implementation, IMPLEMENTATIONS)
+        check_projection(self.projection)
+        check_projection_seed(self.projection_seed)
+        check_int("max_memory", self.max_memory, minimum=1, optional=True, fix=_MEMORY_FIX)
+        check_int("chunk_size", self.chunk_size, minimum=1, optional=True, fix="None: automatic")
+        check_int("topk", self.topk, minimum=1, optional=True, fix="None: the default")
+        object.__setattr__(
+            self, "snapshot_device", as_device(self.snapshot_device, "snapshot_device")
+        )
+
+    @classmethod
+    def coerce(cls, value: Union[KernelConfig, Mapping[str, Any], None]) -> KernelConfig:
+        """``value`` as a :class:`KernelConfig`: itself, one built from a dict of its keys
+        (unknown keys raise naming the allowed ones), or the defaults for ``None``."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        check_mapping("kernel", value, fix="pass KernelConfig(...) or a dict of its settings")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in value if k not in fields]
+        if unknown:
+            raise ValueError(
+                f"kernel has unknown settings {unknown}; the settings are {', '.join(fields)}"
+            )
+        return cls(**value)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain Python values (``snapshot_device`` as its string), e.g. for hparams."""
+        d = dataclasses.asdict(self)
+        d["snapshot_device"] = None if self.snapshot_device is None else str(self.snapshot_device)
+        return d
+
 
 #: Copies of the kernel and its per-parameter blocks a measurement holds at once (the engine's
 #: result, the reference ``K₀`` and per-layer ``K₀``, the last kernel): what the memory

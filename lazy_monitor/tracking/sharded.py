@@ -514,7 +514,7 @@ class ShardedKernelTracker(KernelTracker):
         )
         itemsize = torch.finfo(next(iter(live.values())).dtype).bits // 8
         layers = len(self._layers) if self.per_layer else 0
-        budget = self.max_memory
+        budget = self.kernel.max_memory
 
         def estimate(kind: str, projection: Any) -> dict[str, Any]:
             r = kc.kernel_outputs("full", projection, o)  # rows per example
@@ -539,10 +539,10 @@ class ShardedKernelTracker(KernelTracker):
                 "backward_passes": n * r + (0 if store else n * o),
             }
 
-        if self.kind == "auto":
+        if self.kernel.kind == "auto":
             choices = [("full", None), ("trace", None), ("trace", 16)]
-            if self.projection is not None:
-                choices = [("full", self.projection), ("trace", self.projection)]
+            if self.kernel.projection is not None:
+                choices = [("full", self.kernel.projection), ("trace", self.kernel.projection)]
             for kind, projection in choices:
                 est = estimate(kind, projection)
                 if budget is None or est["bytes"] <= budget:
@@ -554,7 +554,7 @@ class ShardedKernelTracker(KernelTracker):
                 f"kind={kind!r}, projection={projection!r}"
             )
         else:
-            kind, projection, reason = self.kind, self.projection, ""
+            kind, projection, reason = self.kernel.kind, self.kernel.projection, ""
             est = estimate(kind, projection)
         if budget is not None and est["bytes"] > budget:
             raise ValueError(
@@ -574,10 +574,14 @@ class ShardedKernelTracker(KernelTracker):
         return {
             "kind": kind,
             "projection": projection,
-            "projection_seed": self.projection_seed,
+            "projection_seed": self.kernel.projection_seed,
             "implementation": "sharded",
             "max_memory": budget,
-            "requested": {"kind": self.kind, "projection": self.projection, "max_memory": budget},
+            "requested": {
+                "kind": self.kernel.kind,
+                "projection": self.kernel.projection,
+                "max_memory": budget,
+            },
             "estimated_bytes": int(est["bytes"]),
             "estimated_seconds": math.nan,  # no cost model for the model's own backward
             "estimate": est,

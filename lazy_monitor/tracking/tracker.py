@@ -7,6 +7,7 @@ steps, and gets a flat ``dict[str, float]`` to log.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -20,18 +21,15 @@ from lazy_monitor._state import check_schema, stamp
 from lazy_monitor._validation import (
     check_bool,
     check_callable,
-    check_choice,
     check_float,
     check_int,
     check_mapping,
-    check_str,
 )
 from lazy_monitor.core import _functional as F
 from lazy_monitor.core import metrics as M
 from lazy_monitor.core._functional import InputBatch, OutputFn
 from lazy_monitor.core.kernels import (
     DEFAULT_MAX_MEMORY,
-    NtkConfig,
     empirical_ntk,
 )
 from lazy_monitor.core.kernels.plan import estimate_param_costs
@@ -45,6 +43,7 @@ from lazy_monitor.tracking.features import check_feature_modules, gram_hooks
 from lazy_monitor.tracking.kernel_config import (  # noqa: F401 - re-exported
     KERNEL_COPIES,
     MAX_SPECTRUM_SIZE,
+    KernelConfig,
 )
 from lazy_monitor.tracking.layers import group_layers
 from lazy_monitor.tracking.regime import Measurement, lazy_decision, regime_metrics
@@ -57,10 +56,6 @@ __all__ = [
     "MAX_SPECTRUM_SIZE",
 ]
 
-#: Kernel kinds of the engine: ``(N, N, O, O)``, ``(N, N)`` summed over outputs, ``(N, N, O)``.
-KINDS = ("full", "trace", "diagonal")
-#: What ``kind=`` accepts: a kind, or ``"auto"`` (resolved at :meth:`KernelTracker.start`).
-REQUESTED_KINDS = ("auto", *KINDS)
 #: Time budget of ``kind="auto"``: estimated seconds of one kernel above which the tracker
 #: takes the next cheaper kernel (full -> trace -> projected trace).
 MAX_SECONDS = 60.0
@@ -196,22 +191,12 @@ class KernelTracker:
         targets: optional targets of the probe, for ``ntk/alignment``: class indices ``(N,)``
             (integer; also enables ``lin/agreement``) or regression targets ``(N,)``/``(N, O)``
             (float; ``(N, C)`` with any ``C`` for ``kind="trace"``).
-        kind: ``"auto"`` (default: resolved at :meth:`start` to ``"full"``, ``"trace"`` or
-            ``"trace"`` + ``projection=16``, see above), or a kernel kind kept as given:
-            ``"full"`` ``(N, N, O, O)``, ``"trace"`` ``(N, N)`` (summed over outputs) or
-            ``"diagonal"`` ``(N, N, O)``.
-        implementation: kernel implementation passed to :func:`lazy_monitor.empirical_ntk`
-            (``"auto"`` chooses by cost).
-        projection: ``None`` (default; ``kind="auto"`` may still choose ``16``), ``k`` (int:
-            the kernel of ``k`` random output directions, see
-            :func:`lazy_monitor.empirical_ntk`) or ``"sum"`` (pseudo-NTK). Forced when given.
-        projection_seed: seed of the projection matrix ``R`` (the same ``R`` at θ₀ and later).
-        max_memory: bytes one measurement may hold (kernel, per-parameter blocks and their
-            copies, per-example factors, eigendecomposition); default
-            :data:`DEFAULT_MAX_MEMORY` = 1 GiB, safe on a laptop next to a training run.
-            ``None``: no memory limit (the engine's factor budget, the 60 s time budget of
-            ``kind="auto"`` still applies). Not counted: θ₀ (one copy of the parameters) and
-            the model's own forward/backward activations.
+        kernel: the kernel settings, a :class:`~lazy_monitor.KernelConfig` or a dict of its
+            keys (``kind``, ``implementation``, ``projection``, ``projection_seed``,
+            ``max_memory``, ``chunk_size``, ``topk``, ``snapshot_device``); ``None``: the
+            defaults (``kind="auto"`` under ``max_memory`` = :data:`DEFAULT_MAX_MEMORY` = 1 GiB,
+            see above). Not counted in ``max_memory``: θ₀ (one copy of the parameters) and the
+            model's own forward/backward activations.
         per_layer: also report per-layer kernel and parameter changes.
         lazy_thresholds: ``{metric name or glob: bound}`` defining ``regime/lazy``; the
             direction is the catalogue's lazy side: upper limits for ``ntk/rel_change``,
@@ -220,16 +205,6 @@ class KernelTracker:
             lower limits for ``ntk/eig_overlap`` and ``lin/agreement``. Default :data:`DEFAULT_LAZY_THRESHOLDS`
             (``ntk/rel_change ≤ 0.1`` and ``lin/rel_error ≤ 0.1``), a heuristic.
         output_fn: maps the model's output to a tensor (e.g. ``lambda out: out.logits``).
-        topk: dimension ``k`` of the eigenspaces compared by ``ntk/eig_overlap``. Default: 10
-            for a trace kernel; for full/diagonal kernels the multiple of ``O`` closest to 10
-            from above (``O·⌈10/O⌉``), because the NTK of a network with ``O`` outputs is close to
-            ``Θ ⊗ I_O`` and each eigenvalue of ``Θ`` appears ``O`` times -- cutting inside such a
-            near-degenerate cluster makes the overlap noisy. Capped at ``M``.
-        snapshot_device: where θ₀, ``f₀``, ``K₀`` live and the metrics are computed (``None``:
-            the model's device; ``"cpu"`` keeps them off the accelerator, the kernel is copied
-            there for each measurement).
-        chunk_size: examples per block in the kernel engine (``None``: chosen by a memory
-            budget).
         feature_modules: modules whose output features are tracked (``features/<name>/cka``):
             ``True`` (default) -- the modules owning trainable parameters
             (:func:`~lazy_monitor.core.features.default_feature_modules`, the grouping of the
@@ -253,9 +228,9 @@ class KernelTracker:
         TypeError: an argument of the wrong type (``model`` not an ``nn.Module``,
             ``output_fn`` not callable, ``targets`` not a tensor, ``per_layer="false"``, ...).
         ValueError: a bad value of the right type: empty/mismatched probe, targets of the wrong
-            length/shape/range or constant, unknown ``kind``, ``implementation`` rejected by the
-            engine, unknown threshold names or bad threshold values, bad
-            ``topk``/``chunk_size``/``snapshot_device``.
+            length/shape/range or constant, a bad kernel setting (:class:`KernelConfig`),
+            ``implementation`` rejected by the engine on this model, unknown threshold names or
+            bad threshold values, ``topk`` above the kernel matrix size.
 
     Example::
 
@@ -289,53 +264,28 @@ class KernelTracker:
         probe: InputBatch,
         *,
         targets: Optional[Tensor] = None,
-        kind: str = "auto",
-        implementation: str = "auto",
+        kernel: Union[KernelConfig, Mapping[str, Any], None] = None,
         per_layer: bool = True,
         lazy_thresholds: Optional[Mapping[str, float]] = None,
         output_fn: Optional[OutputFn] = None,
-        topk: Optional[int] = None,
-        snapshot_device: Union[str, torch.device, None] = None,
-        chunk_size: Optional[int] = None,
         feature_modules: Union[Sequence[str], bool, None] = True,
         sharding: Optional[KernelSharding] = None,
-        projection: Union[None, int, str] = None,
-        projection_seed: int = 0,
-        max_memory: Optional[int] = DEFAULT_MAX_MEMORY,
         layer_groups: Optional[int] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        #: The kernel settings as requested (:class:`KernelConfig`, validated); the measured
+        #: kernel is :attr:`kernel_config` once started.
+        self.kernel = KernelConfig.coerce(kernel)
         check_callable("output_fn", output_fn, fix="e.g. output_fn=lambda out: out.logits")
-        check_choice("kind", kind, REQUESTED_KINDS)
-        check_str("implementation", implementation, fix="e.g. implementation='auto'")
         check_bool("per_layer", per_layer)
-        check_int("chunk_size", chunk_size, minimum=1, optional=True)
-        # one wording for the engine options: the engine's own validation
-        NtkConfig(projection=projection, projection_seed=projection_seed)
-        check_int(
-            "max_memory",
-            max_memory,
-            minimum=1,
-            optional=True,
-            fix="bytes, e.g. 2**30; None: no limit",
-        )
         check_int("layer_groups", layer_groups, minimum=1, optional=True, fix="None: per module")
         #: at most this many per-layer groups (tracking/layers.py); None: one per module
         self.layer_groups = layer_groups
         self.model = model
-        #: The requested kind (``"auto"`` or a kind); the measured one is in
-        #: :attr:`kernel_config` once started.
-        self.kind = kind
-        self.implementation = implementation
-        self.projection = projection
-        self.projection_seed = projection_seed
-        self.max_memory = max_memory
         self._kernel_config: Optional[dict[str, Any]] = None
         self.per_layer = per_layer
         self.output_fn = output_fn
-        self.chunk_size = chunk_size
-        self.snapshot_device = F.as_device(snapshot_device, "snapshot_device")
         if sharding is not None and not isinstance(sharding, KernelSharding):
             raise TypeError(
                 f"sharding must be a KernelSharding or None, got {type(sharding).__name__}; "
@@ -382,19 +332,19 @@ class KernelTracker:
                 stacklevel=2,
             )
         self.num_outputs = f.shape[1]
+        kind = self.kernel.kind
         if kind != "auto":
             kc.warn_spectrum_size(
                 kind,
-                self.projection,
+                self.kernel.projection,
                 probe_size=self.probe_size,
                 num_outputs=self.num_outputs,
                 stacklevel=3,
             )
 
         self.targets, self.classification = self._check_targets(targets)
-        self._topk = check_int("topk", topk, minimum=1, optional=True)
         # the largest kernel matrix the configuration can give (before "auto" is resolved)
-        self._check_topk(kind if kind != "auto" else "full", self.projection)
+        self._check_topk(kind if kind != "auto" else "full", self.kernel.projection)
         self._validate_engine()
         self._names = self._build_names()
         self.lazy_thresholds = self._check_thresholds(lazy_thresholds)
@@ -427,9 +377,9 @@ class KernelTracker:
             one,
             params=self._current_params(),
             kind="trace",
-            implementation=self.implementation,
+            implementation=self.kernel.implementation,
             output_fn=self.output_fn,
-            projection="sum" if self.projection is None else self.projection,
+            projection="sum" if self.kernel.projection is None else self.kernel.projection,
         )
 
     def _check_targets(self, targets: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
@@ -437,13 +387,13 @@ class KernelTracker:
             return None, False
         # only an explicit trace kernel accepts regression targets of another width than O
         # ("auto" may resolve to "full")
-        outputs = None if self.kind == "trace" else self.num_outputs
+        outputs = None if self.kernel.kind == "trace" else self.num_outputs
         return M.alignment_targets(targets, self.probe_size, self.num_outputs, outputs)
 
     def _check_topk(self, kind: str, projection: Union[None, int, str]) -> int:
         """``topk`` for a kernel of this kind/projection (see :func:`kc.check_topk`)."""
         return kc.check_topk(
-            self._topk,
+            self.kernel.topk,
             kind,
             projection,
             probe_size=self.probe_size,
@@ -578,7 +528,8 @@ class KernelTracker:
         return self._probe_cache[1]
 
     def _metric_device(self) -> torch.device:
-        return self.snapshot_device if self.snapshot_device is not None else self._model_device()
+        dev = self.kernel.snapshot_device
+        return dev if dev is not None else self._model_device()
 
     def _forward(self, strict: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         """``f(probe; θ)`` at the model's current parameters, ``(N, O)``, without side effects,
@@ -605,7 +556,7 @@ class KernelTracker:
         single output (then the same matrix). Any other kind (e.g. a projected kernel) is not.
         Tests the kind resolved at start (``"auto"`` is resolved there)."""
         cfg = self._kernel_config
-        kind = self.kind if cfg is None else cfg["kind"]
+        kind = self.kernel.kind if cfg is None else cfg["kind"]
         if cfg is not None and cfg["projection"] is not None:
             return False  # the kernel of projected outputs, not the NTK's spectrum
         if kind == "full":
@@ -673,7 +624,7 @@ class KernelTracker:
             if result is not None:
                 return result
             # Some process failed: all switch together (as in _kernel) or all raise.
-            if attempt == 0 and self.implementation == "auto":
+            if attempt == 0 and self.kernel.implementation == "auto":
                 if errors:
                     warnings.warn(
                         f"the structured kernel failed on the probe ({errors[0]}); "
@@ -681,7 +632,7 @@ class KernelTracker:
                         RuntimeWarning,
                         stacklevel=4,
                     )
-                self.implementation = "jacobian"
+                self.kernel = dataclasses.replace(self.kernel, implementation="jacobian")
                 cfg["implementation"] = "jacobian"  # what _engine_options passes on
                 continue
             if errors:
@@ -712,7 +663,7 @@ class KernelTracker:
             "projection_seed": cfg["projection_seed"],
             "max_memory": cfg["max_memory"],
             "output_fn": self.output_fn,
-            "chunk_size": self.chunk_size,
+            "chunk_size": self.kernel.chunk_size,
         }
 
     # ------------------------------------------------------------------ kernel configuration
@@ -723,11 +674,11 @@ class KernelTracker:
             self.model,
             self._probe_on_model_device(),
             self._current_params(),
-            kind=self.kind,
-            projection=self.projection,
-            projection_seed=self.projection_seed,
-            implementation=self.implementation,
-            max_memory=self.max_memory,
+            kind=self.kernel.kind,
+            projection=self.kernel.projection,
+            projection_seed=self.kernel.projection_seed,
+            implementation=self.kernel.implementation,
+            max_memory=self.kernel.max_memory,
             per_layer=self.per_layer,
             output_fn=self.output_fn,
             max_seconds=MAX_SECONDS,  # read here: tests patch this module's constant
@@ -740,7 +691,7 @@ class KernelTracker:
         kind, projection = cfg["kind"], cfg["projection"]
         self._topk_resolved = self._check_topk(kind, projection)
         shape = {"probe_size": self.probe_size, "num_outputs": self.num_outputs}
-        if warn and self.kind == "auto":
+        if warn and self.kernel.kind == "auto":
             kc.warn_spectrum_size(kind, projection, stacklevel=5, **shape)
         self._kernel_targets = kc.project_targets(
             self.targets, self.classification, kind, projection, cfg["projection_seed"], **shape
@@ -932,7 +883,7 @@ class KernelTracker:
             self.model,
             self._current_params(),
             output_fn=self.output_fn,
-            device=self.snapshot_device,
+            device=self.kernel.snapshot_device,
         )
 
     def _measured_params(self, dev: torch.device) -> dict[str, Tensor]:
@@ -1030,7 +981,7 @@ class KernelTracker:
     def _config(self) -> dict[str, Any]:
         cfg = self._kernel_config
         return {
-            "kind": self.kind if cfg is None else cfg["kind"],
+            "kind": self.kernel.kind if cfg is None else cfg["kind"],
             "kernel_config": None if cfg is None else dict(cfg),
             "per_layer": self.per_layer,
             "topk": self.topk,
@@ -1056,10 +1007,10 @@ class KernelTracker:
         kernel_config = (
             kc.saved_kernel_config(
                 saved,
-                kind=self.kind,
-                projection=self.projection,
-                projection_seed=self.projection_seed,
-                implementation=self.implementation,
+                kind=self.kernel.kind,
+                projection=self.kernel.projection,
+                projection_seed=self.kernel.projection_seed,
+                implementation=self.kernel.implementation,
             )
             if state["started"]
             else None

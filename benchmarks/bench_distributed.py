@@ -124,7 +124,7 @@ def _sharded_worker(rank: int, port: int, width: int, probe_size: int, out_dir: 
         opt.step()
         # alternate: row exchange (W rows per backward) / every rank every row
         arm = "exchange" if step % 2 else "each"
-        tracker.exchange_rows = arm == "exchange"
+        tracker.measurement.exchange_rows = arm == "exchange"
         t = time.perf_counter()
         metrics = tracker.measure(step)
         times[arm].append(time.perf_counter() - t)

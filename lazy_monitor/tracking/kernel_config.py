@@ -15,32 +15,27 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any, Optional, Protocol, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lazy_monitor._validation import check_choice, check_int, check_mapping
-from lazy_monitor.core._functional import InputBatch, OutputFn, as_device
-from lazy_monitor.core.kernels import (
-    DEFAULT_MAX_MEMORY,
-    NtkImplementation,
-    estimate_ntk_cost,
-    projection_matrix,
-    resolve_kernel_config,
-)
+from lazy_monitor.core._functional import as_device
+from lazy_monitor.core.kernels import DEFAULT_MAX_MEMORY, NtkImplementation, projection_matrix
 from lazy_monitor.core.kernels.config import KINDS, check_projection, check_projection_seed
 
 __all__ = [
     "KERNEL_COPIES",
     "KernelConfig",
+    "KernelEstimator",
     "REQUESTED_KINDS",
+    "ResolvedKernel",
     "MAX_SPECTRUM_SIZE",
     "check_topk",
     "kernel_outputs",
     "project_targets",
     "resolve",
-    "saved_kernel_config",
     "warn_spectrum_size",
 ]
 
@@ -220,133 +215,186 @@ def project_targets(
     return y @ projection_matrix(o, k, seed) / math.sqrt(k)
 
 
-def resolve(
-    model: nn.Module,
-    x: InputBatch,
-    params: dict[str, Tensor],
-    *,
-    kind: str,
-    projection: Projection,
-    projection_seed: int,
-    implementation: str,
-    max_memory: Optional[int],
-    per_layer: bool,
-    output_fn: Optional[OutputFn],
-    max_seconds: Optional[float],
-    stacklevel: int,
-) -> dict[str, Any]:
-    """The kernel configuration (:attr:`KernelTracker.kernel_config`) for the requested
-    ``kind``/``projection``: ``kind="auto"`` resolved against ``max_memory`` and
-    ``max_seconds`` with the engine's estimator, a forced kind/projection checked against
-    ``max_memory``. Warns (``stacklevel`` counts from this function) when ``"auto"`` does not
-    keep the full kernel; raises when a forced configuration (or even the cheapest one) does not
-    fit."""
-    budget = max_memory
-    common: dict[str, Any] = {
-        "per_layer": per_layer,
-        "output_fn": output_fn,
-        "params": params,
-        "kernel_copies": KERNEL_COPIES,
-    }
-    factor_budget = None if budget is None else max(1, budget // 2)
-    if kind == "auto":
-        res = resolve_kernel_config(
-            model,
-            x,
-            max_memory=budget,
-            max_seconds=max_seconds,
-            projection=projection,
-            projection_seed=projection_seed,
-            **common,
-        )
-        kernel_kind, kernel_projection, est, reason = (
-            res["kind"],
-            res["projection"],
-            res["estimate"],
-            res["reason"],
-        )
-    else:
-        kernel_kind, kernel_projection, reason = kind, projection, ""
-        est = estimate_ntk_cost(
-            model, x, kind=kind, projection=projection, max_memory=factor_budget, **common
-        )
-    if budget is not None and est["bytes"] > budget:
-        forced = kind != "auto" or projection is not None
-        raise ValueError(
-            f"the kernel kind={kernel_kind!r}, projection={kernel_projection!r} is estimated at "
-            f"{est['bytes'] / 2**30:.3g} GiB per measurement (N={est['n']}, O={est['o_raw']}, "
-            f"P={est['p']}: kernel and {est['blocks']} blocks x{KERNEL_COPIES} "
-            f"{est['kernel_bytes'] / 2**30:.3g} GiB, factors "
-            f"{est['factor_bytes'] / 2**30:.3g} GiB, eigendecomposition "
-            f"{est['eig_bytes'] / 2**30:.3g} GiB), more than max_memory="
-            f"{budget / 2**30:.3g} GiB; "
-            + ("use kind='auto' (and no projection) to let the tracker choose, " if forced else "")
-            + "raise max_memory, use a smaller probe, or per_layer=False"
-        )
-    cfg = {
-        "kind": kernel_kind,
-        "projection": kernel_projection,
-        "projection_seed": projection_seed,
-        "implementation": str(implementation),
-        "max_memory": factor_budget,
-        "requested": {
-            "kind": kind,
-            "projection": projection,
-            "max_memory": budget,
-        },
-        "estimated_bytes": int(est["bytes"]),
-        "estimated_seconds": float(est["seconds"]),
-        "estimate": {k: v for k, v in est.items() if isinstance(v, (int, float))},
-        "reason": reason,
-    }
-    if reason:
-        warnings.warn(
-            f"KernelTracker(kind='auto'): {reason}. Pass kind='full' (and max_memory) to "
-            "force the full kernel; see tracker.kernel_config",
-            UserWarning,
-            stacklevel=stacklevel,
-        )
-    return cfg
+#: ``kind="auto"``: the projection the last candidate uses when no exact kernel fits.
+AUTO_PROJECTION = 16
 
 
-def saved_kernel_config(
-    saved: Mapping[str, Any],
-    *,
-    kind: str,
-    projection: Projection,
-    projection_seed: int,
-    implementation: str,
-) -> dict[str, Any]:
-    """The kernel configuration a state was measured with, from its saved ``config`` (states
-    written before ``kernel_config`` existed: their ``kind``, no projection); raises if it
-    contradicts what the tracker forces (an explicit ``kind``, ``projection`` or its seed).
-    The tracker's ``implementation`` replaces the saved one (the same kernel)."""
-    cfg = saved.get("kernel_config")
-    if cfg is None:
+@dataclasses.dataclass(frozen=True)
+class ResolvedKernel:
+    """The kernel a tracker measures: ``kind="auto"`` resolved (or a forced kind checked)
+    against the budgets at ``start``, or read back from a saved state. Built by :func:`resolve`
+    and :meth:`from_saved` only; :attr:`KernelTracker.kernel_config` is :meth:`as_dict`.
+
+    Attributes:
+        kind: ``"full"`` | ``"trace"`` | ``"diagonal"``.
+        projection: ``None``, ``k`` or ``"sum"`` (see :class:`KernelConfig`).
+        projection_seed: the seed of ``R``.
+        implementation: the engine's implementation (``"sharded"``: the model's own backward).
+        max_memory: the engine's factor budget in bytes (half of the requested budget for the
+            engine; the whole budget for the sharded path), or None.
+        requested: ``{"kind", "projection", "max_memory"}`` as requested.
+        estimated_bytes / estimated_seconds: the estimate of one measurement (None for states
+            saved before estimates; NaN seconds where no time model exists).
+        estimate: the estimator's numbers (plain ints/floats).
+        reason: why ``"auto"`` did not keep the full kernel (empty otherwise).
+    """
+
+    kind: str
+    projection: Projection
+    projection_seed: int
+    implementation: str
+    max_memory: Optional[int]
+    requested: dict[str, Any]
+    estimated_bytes: Optional[int]
+    estimated_seconds: Optional[float]
+    estimate: dict[str, Any]
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain Python values (saved in the tracker's state, logged as hparams)."""
+        d = dataclasses.asdict(self)
+        d["requested"], d["estimate"] = dict(self.requested), dict(self.estimate)
+        return d
+
+    @classmethod
+    def from_saved(
+        cls, saved: Mapping[str, Any], requested: KernelConfig, implementation: str
+    ) -> ResolvedKernel:
+        """The kernel a state was measured with, from its saved ``config`` (states written
+        before ``kernel_config`` existed: their ``kind``, no projection); raises if it
+        contradicts what ``requested`` forces (an explicit ``kind``, ``projection`` or its
+        seed). ``implementation`` replaces the saved one (it computes the same kernel)."""
+        cfg = saved.get("kernel_config")
         old_kind = saved.get("kind", "full")
-        cfg = {
+        # states written before kernel_config (or one of its keys) existed: their kind, no
+        # projection, no estimate
+        values: dict[str, Any] = {
             "kind": old_kind,
             "projection": None,
-            "projection_seed": projection_seed,
-            "implementation": str(implementation),
+            "projection_seed": requested.projection_seed,
             "max_memory": None,
             "requested": {"kind": old_kind, "projection": None, "max_memory": None},
-            "estimated_bytes": None,  # not estimated by the version that saved the state
+            "estimated_bytes": None,
             "estimated_seconds": None,
             "estimate": {},
             "reason": "",
         }
-    cfg = dict(cfg)
-    forced = {"kind": kind if kind != "auto" else None}
-    if projection is not None:
-        forced.update(projection=projection, projection_seed=projection_seed)
-    for key, value in forced.items():
-        if value is not None and cfg.get(key) != value:
-            raise ValueError(
-                f"the state was saved with {key}={cfg.get(key)!r} but this tracker has "
-                f"{key}={value!r}; build the tracker with the same settings and model (or "
-                "kind='auto' without a projection to adopt the saved kernel configuration)"
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values.update({k: v for k, v in (cfg or {}).items() if k in fields})
+        cfg = values
+        forced = {"kind": requested.kind if requested.kind != "auto" else None}
+        if requested.projection is not None:
+            forced.update(
+                projection=requested.projection, projection_seed=requested.projection_seed
             )
-    # the implementation computes the same kernel: the tracker's choice is used
-    cfg["implementation"] = str(implementation)
-    return cfg
+        for key, value in forced.items():
+            if value is not None and cfg.get(key) != value:
+                raise ValueError(
+                    f"the state was saved with {key}={cfg.get(key)!r} but this tracker has "
+                    f"{key}={value!r}; build the tracker with the same settings and model (or "
+                    "kind='auto' without a projection to adopt the saved kernel configuration)"
+                )
+        return cls(**{**cfg, "implementation": implementation})
+
+
+class KernelEstimator(Protocol):
+    """What :func:`resolve` needs from a way of measuring (the engine, the FSDP2 path)."""
+
+    def implementation(self, requested: KernelConfig) -> str:
+        """The implementation recorded in the resolved kernel."""
+
+    def engine_memory(self, budget: Optional[int]) -> Optional[int]:
+        """The engine's share of ``max_memory`` (its factor budget)."""
+
+    def estimate(self, kind: str, projection: Projection) -> dict[str, Any]:
+        """``{"bytes", "seconds" (NaN: no time model), ...}`` of one measurement."""
+
+    def describe(self, est: Mapping[str, Any]) -> str:
+        """The estimate's breakdown, for the error when it does not fit."""
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.3g} GiB"
+
+
+def resolve(
+    requested: KernelConfig,
+    estimator: KernelEstimator,
+    *,
+    num_outputs: int,
+    max_seconds: Optional[float],
+    stacklevel: int,
+) -> ResolvedKernel:
+    """The one resolver of ``kind="auto"``: the first of ``full``, ``trace`` and ``trace`` with
+    ``projection=16`` (only when ``16 < O``; with a forced projection: ``full`` and ``trace`` of
+    it) whose estimate fits ``max_memory`` bytes and ``max_seconds`` (where the estimator has a
+    time model), else the cheapest. A forced kind is estimated as given. Warns (``stacklevel``
+    counts from this function) when ``"auto"`` does not keep the full kernel.
+
+    Raises:
+        ValueError: the choice's estimate exceeds ``max_memory`` (a forced configuration, or
+            even the cheapest candidate), with the estimate and the fix.
+    """
+    budget, projection = requested.max_memory, requested.projection
+    if requested.kind == "auto":
+        candidates: list[tuple[str, Projection]] = [("full", projection), ("trace", projection)]
+        if projection is None and AUTO_PROJECTION < num_outputs:
+            candidates.append(("trace", AUTO_PROJECTION))
+    else:
+        candidates = [(requested.kind, projection)]
+
+    def fits(est: Mapping[str, Any]) -> bool:
+        seconds = float(est["seconds"])
+        slow = max_seconds is not None and math.isfinite(seconds) and seconds > max_seconds
+        return (budget is None or est["bytes"] <= budget) and not slow
+
+    estimates = []
+    for candidate in candidates:  # lazily: each estimate costs a forward
+        estimates.append(estimator.estimate(*candidate))
+        if fits(estimates[-1]):
+            break
+    (kind, proj), est = candidates[len(estimates) - 1], estimates[-1]
+    if budget is not None and est["bytes"] > budget:
+        forced = requested.kind != "auto" or projection is not None
+        raise ValueError(
+            f"the kernel kind={kind!r}, projection={proj!r} is estimated at "
+            f"{_gib(est['bytes'])} per measurement ({estimator.describe(est)}), more than "
+            f"max_memory={_gib(budget)}; "
+            + ("use kind='auto' (and no projection) to let the tracker choose, " if forced else "")
+            + "raise max_memory, use a smaller probe, or per_layer=False"
+        )
+    reason = ""
+    if len(estimates) > 1:
+        full = estimates[0]
+
+        def cost(e: Mapping[str, Any]) -> str:
+            s = float(e["seconds"])
+            return _gib(e["bytes"]) + (f" and {s:.3g} s" if math.isfinite(s) else "")
+
+        reason = (
+            f"full kernel estimated at {cost(full)} does not fit max_memory="
+            f"{'None' if budget is None else _gib(budget)}"
+            + ("" if max_seconds is None else f", max_seconds={max_seconds:g}")
+            + "; using kind='trace'"
+            + ("" if proj is None else f" with projection={proj!r}")
+            + f" (estimated {cost(est)})"
+        )
+        warnings.warn(
+            f"KernelTracker(kind='auto'): {reason}. Pass kernel=KernelConfig(kind='full', "
+            "max_memory=...) to force the full kernel; see tracker.kernel_config",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+    seconds = float(est["seconds"])
+    return ResolvedKernel(
+        kind=kind,
+        projection=proj,
+        projection_seed=requested.projection_seed,
+        implementation=estimator.implementation(requested),
+        max_memory=estimator.engine_memory(budget),
+        requested={"kind": requested.kind, "projection": projection, "max_memory": budget},
+        estimated_bytes=int(est["bytes"]),
+        estimated_seconds=seconds,
+        estimate={k: v for k, v in est.items() if isinstance(v, (int, float))},
+        reason=reason,
+    )

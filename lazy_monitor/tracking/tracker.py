@@ -7,11 +7,10 @@ steps, and gets a flat ``dict[str, float]`` to log.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,15 +29,13 @@ from lazy_monitor.core import metrics as M
 from lazy_monitor.core._functional import InputBatch, OutputFn
 from lazy_monitor.core.kernels import (
     DEFAULT_MAX_MEMORY,
-    empirical_ntk,
 )
-from lazy_monitor.core.kernels.plan import estimate_param_costs
 from lazy_monitor.core.linearization import Linearization
 from lazy_monitor.core.stability import CatapultDetector
 from lazy_monitor.thresholds import Threshold
 from lazy_monitor.tracking import kernel_config as kc
 from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint, same_fingerprint
-from lazy_monitor.tracking.distributed import KernelSharding, sharded_kernel
+from lazy_monitor.tracking.distributed import KernelSharding
 from lazy_monitor.tracking.features import check_feature_modules, gram_hooks
 from lazy_monitor.tracking.kernel_config import (  # noqa: F401 - re-exported
     KERNEL_COPIES,
@@ -46,6 +43,7 @@ from lazy_monitor.tracking.kernel_config import (  # noqa: F401 - re-exported
     KernelConfig,
 )
 from lazy_monitor.tracking.layers import group_layers
+from lazy_monitor.tracking.measurement import choose as choose_measurement
 from lazy_monitor.tracking.regime import Measurement, lazy_decision, regime_metrics
 
 __all__ = [
@@ -217,9 +215,10 @@ class KernelTracker:
             computes the blocks of its share of the parameters and one sum-reduction completes
             the kernels; every process must call :meth:`start`/:meth:`measure` together and
             gets the same metrics. ``None``: this process computes everything. A model whose
-            trainable parameters are DTensors (FSDP2 ``fully_shard``) gets a
-            :class:`~lazy_monitor.tracking.sharded.ShardedKernelTracker`, which measures with
-            each process's shards and sums over the parameters' mesh (default ``sharding``).
+            trainable parameters are DTensors (FSDP2 ``fully_shard``) is measured by a
+            :class:`~lazy_monitor.tracking.sharded.ShardedMeasurement` (:attr:`measurement`),
+            with each process's shards, summed over the parameters' mesh (default
+            ``sharding``).
         layer_groups: with ``per_layer``, at most this many layer groups (module hierarchy,
             normalization layers folded into their block:
             :func:`lazy_monitor.tracking.layers.group_layers`); ``None``: one per module.
@@ -283,7 +282,7 @@ class KernelTracker:
         #: at most this many per-layer groups (tracking/layers.py); None: one per module
         self.layer_groups = layer_groups
         self.model = model
-        self._kernel_config: Optional[dict[str, Any]] = None
+        self._resolved: Optional[kc.ResolvedKernel] = None
         self.per_layer = per_layer
         self.output_fn = output_fn
         if sharding is not None and not isinstance(sharding, KernelSharding):
@@ -291,8 +290,11 @@ class KernelTracker:
                 f"sharding must be a KernelSharding or None, got {type(sharding).__name__}; "
                 "e.g. KernelSharding.from_process_group()"
             )
-        self.sharding = sharding
-        self._param_costs: Optional[dict[str, float]] = None
+        #: how this tracker evaluates the model: local, split across processes, or
+        #: FSDP2-sharded (:mod:`lazy_monitor.tracking.measurement`)
+        self.measurement = choose_measurement(self, sharding)
+        #: the sum over processes the measurement uses (None: this process only)
+        self.sharding = self.measurement.sharding
 
         self.probe = probe
         #: Number of probe examples ``N``.
@@ -319,7 +321,7 @@ class KernelTracker:
         self._features_default = feature_modules is True
         self._feature_modules = candidates
         try:
-            f, feats = self._forward(strict=strict)
+            f, feats = self.measurement.forward(strict=strict)
         except (RuntimeError, TypeError) as err:
             raise _probe_error(err, model, probe) from err
         self._feature_modules = [m for m in candidates if m in feats]
@@ -345,7 +347,7 @@ class KernelTracker:
         self.targets, self.classification = self._check_targets(targets)
         # the largest kernel matrix the configuration can give (before "auto" is resolved)
         self._check_topk(kind if kind != "auto" else "full", self.kernel.projection)
-        self._validate_engine()
+        self.measurement.validate()
         self._names = self._build_names()
         self.lazy_thresholds = self._check_thresholds(lazy_thresholds)
         self._probe_fingerprint = fingerprint(probe)
@@ -353,34 +355,6 @@ class KernelTracker:
         self._last = LastMeasurement()
         self._catapult = CatapultDetector()
         self._reset()
-
-    def __new__(cls, model: Any = None, *args: Any, **kwargs: Any) -> KernelTracker:
-        # --- sharded route (lazy_monitor/tracking/sharded.py): a model whose trainable
-        # parameters are DTensors (FSDP2 fully_shard) is measured through its own sharded
-        # forward/backward by the subclass; everything else is this class.
-        if cls is KernelTracker and isinstance(model, nn.Module):
-            from lazy_monitor.tracking.sharded import ShardedKernelTracker, has_sharded_params
-
-            if has_sharded_params(model):
-                cls = ShardedKernelTracker
-        return super().__new__(cls)
-
-    # ------------------------------------------------------------------ validation
-    def _validate_engine(self) -> None:
-        """Validate implementation / output_fn / projection against the engine on one example,
-        now rather than at the first measurement mid-training. Bounded: one output (the same
-        code paths -- structured plan, vmap or its loop fallback, forward AD for ntvp -- at
-        the cost of O = 1, not of a 1000-class head)."""
-        one = F.slice_batch(self._probe_on_model_device(), slice(0, 1))
-        empirical_ntk(
-            self.model,
-            one,
-            params=self._current_params(),
-            kind="trace",
-            implementation=self.kernel.implementation,
-            output_fn=self.output_fn,
-            projection="sum" if self.kernel.projection is None else self.kernel.projection,
-        )
 
     def _check_targets(self, targets: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
         if targets is None:
@@ -483,7 +457,7 @@ class KernelTracker:
         passed), "estimated_bytes", "estimated_seconds", "estimate" (the estimator's dict),
         "reason" (why ``"auto"`` did not keep the full kernel; empty otherwise)}``. Plain
         Python values (log it as hparams; it is saved in :meth:`state_dict`)."""
-        return None if self._kernel_config is None else dict(self._kernel_config)
+        return None if self._resolved is None else self._resolved.as_dict()
 
     @property
     def topk(self) -> Optional[int]:
@@ -506,8 +480,9 @@ class KernelTracker:
         return self.probe_size
 
     def _reset(self) -> None:
-        self._lin: Optional[Linearization] = None
-        self._kernel_config = None
+        #: θ₀: a frozen Linearization (the sharded backend: its own snapshot of local shards)
+        self._lin: Any = None
+        self._resolved = None
         self._topk_resolved: Optional[int] = None
         self._kernel_targets: Optional[Tensor] = None
         self._reference.reset()
@@ -531,16 +506,6 @@ class KernelTracker:
         dev = self.kernel.snapshot_device
         return dev if dev is not None else self._model_device()
 
-    def _forward(self, strict: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
-        """``f(probe; θ)`` at the model's current parameters, ``(N, O)``, without side effects,
-        and the tracked modules' features ``{module: (N, D)}`` recorded in the same forward."""
-        x = self._probe_on_model_device()
-        params = self._current_params()
-        fm = F.FunctionalModel(self.model, self.output_fn, F.compute_dtype(params, x))
-        with F.side_effect_guard(self.model), torch.no_grad(), self._hooks(strict) as grams:
-            f = fm(fm.cast_params(params), fm.cast_inputs(x)).detach()
-        return f, self._on_metric_device(grams)
-
     def _hooks(self, strict: bool = True) -> Any:
         """Forward hooks recording the centred Gram ``(N, N)`` of each tracked module's output
         (see :func:`lazy_monitor.tracking.features.gram_hooks`)."""
@@ -555,175 +520,38 @@ class KernelTracker:
         (what ``ntk/lr_eig_max`` is defined with): a full kernel, or a trace/diagonal kernel of a
         single output (then the same matrix). Any other kind (e.g. a projected kernel) is not.
         Tests the kind resolved at start (``"auto"`` is resolved there)."""
-        cfg = self._kernel_config
-        kind = self.kernel.kind if cfg is None else cfg["kind"]
-        if cfg is not None and cfg["projection"] is not None:
+        cfg = self._resolved
+        kind = self.kernel.kind if cfg is None else cfg.kind
+        if cfg is not None and cfg.projection is not None:
             return False  # the kernel of projected outputs, not the NTK's spectrum
         if kind == "full":
             return True
         return kind in ("trace", "diagonal") and self.num_outputs == 1
 
-    def _kernel(self) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total kernel and per-layer kernels (one engine call), on the metric device."""
-        dev = self._metric_device()
-        if self.sharding is not None and self.sharding.active:
-            kernel, layers = self._sharded_kernel()
-            return kernel.to(dev), {k: v.to(dev) for k, v in layers.items()}
-        # (data-dependent control flow: implementation="auto" falls back inside the engine)
-        result = self._engine_call()
-        if not self.per_layer:
-            return result.to(dev), {}
-        kernel, blocks = result
-        layers = {}
-        for layer, names in self._layers.items():
-            missing = [n for n in names if n not in blocks]
-            if missing:
-                raise RuntimeError(
-                    f"the kernel engine returned no block for parameters {missing}; the model's "
-                    "trainable parameters changed since the tracker was built -- build a new "
-                    "KernelTracker for the changed model"
-                )
-            layers[layer] = torch.stack([blocks[n] for n in names]).sum(0).to(dev)
-        return kernel.to(dev), layers
-
-    def _sharded_kernel(self) -> tuple[Tensor, dict[str, Tensor]]:
-        """:meth:`_kernel` with the work split across processes (see
-        :mod:`lazy_monitor.tracking.distributed`); the same result on every process."""
-        assert self.sharding is not None
-        x = self._probe_on_model_device()
-        params = self._current_params()
-        if self._param_costs is None or list(self._param_costs) != self._param_names:
-            self._param_costs = estimate_param_costs(
-                self.model, x, params=params, output_fn=self.output_fn
-            )
-        cfg = self._kernel_config
-        assert cfg is not None, "the kernel configuration is resolved at start()"
-        n, kind = self.probe_size, cfg["kind"]
-        o = kc.kernel_outputs(kind, cfg["projection"], self.num_outputs)
-        shape = {"full": (n, n, o, o), "trace": (n, n), "diagonal": (n, n, o)}[kind]
-        dtype = F.compute_dtype(params, x)
-        template = torch.zeros(shape, dtype=dtype, device=self._model_device())
-        layers = self._layers if self.per_layer else {}
-        for attempt in range(2):
-            errors: list[RuntimeError] = []
-
-            def compute(names: Any, errors: list = errors) -> tuple[Tensor, dict[str, Tensor]]:
-                try:
-                    return empirical_ntk(
-                        self.model,
-                        x,
-                        params={k: params[k] for k in names},
-                        return_blocks=True,
-                        **self._engine_options(),
-                    )
-                except RuntimeError as err:
-                    errors.append(err)
-                    raise
-
-            result = sharded_kernel(self.sharding, compute, self._param_costs, layers, template)
-            if result is not None:
-                return result
-            # Some process failed: all switch together (as in _kernel) or all raise.
-            if attempt == 0 and self.kernel.implementation == "auto":
-                if errors:
-                    warnings.warn(
-                        f"the structured kernel failed on the probe ({errors[0]}); "
-                        "KernelTracker switches to implementation='jacobian' on every process.",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
-                self.kernel = dataclasses.replace(self.kernel, implementation="jacobian")
-                cfg["implementation"] = "jacobian"  # what _engine_options passes on
-                continue
-            if errors:
-                raise errors[0]
-            raise RuntimeError(
-                "the kernel computation failed on another process of the split measurement "
-                "(its error is raised there); every process stops measuring"
-            )
-        raise AssertionError("unreachable")
-
-    def _engine_call(self, x: Optional[InputBatch] = None, blocks: Optional[bool] = None) -> Any:
-        return empirical_ntk(
-            self.model,
-            self._probe_on_model_device() if x is None else x,
-            params=self._current_params(),
-            return_blocks=self.per_layer if blocks is None else blocks,
-            **self._engine_options(),
-        )
-
-    def _engine_options(self) -> dict[str, Any]:
-        """The engine settings, in one place (the resolved :attr:`kernel_config`)."""
-        cfg = self._kernel_config
-        assert cfg is not None, "the kernel configuration is resolved at start()"
-        return {
-            "kind": cfg["kind"],
-            "implementation": cfg["implementation"],
-            "projection": cfg["projection"],
-            "projection_seed": cfg["projection_seed"],
-            "max_memory": cfg["max_memory"],
-            "output_fn": self.output_fn,
-            "chunk_size": self.kernel.chunk_size,
-        }
-
     # ------------------------------------------------------------------ kernel configuration
-    def _resolve_kernel_config(self) -> dict[str, Any]:
-        """Resolve ``kind="auto"`` (or check a forced kind/projection) against ``max_memory``:
-        see :func:`lazy_monitor.tracking.kernel_config.resolve`."""
+    def _resolve(self) -> kc.ResolvedKernel:
+        """``kind="auto"`` resolved (or a forced kind checked) against ``max_memory`` and
+        :data:`MAX_SECONDS` with the measurement's estimate (:func:`kc.resolve`)."""
         return kc.resolve(
-            self.model,
-            self._probe_on_model_device(),
-            self._current_params(),
-            kind=self.kernel.kind,
-            projection=self.kernel.projection,
-            projection_seed=self.kernel.projection_seed,
-            implementation=self.kernel.implementation,
-            max_memory=self.kernel.max_memory,
-            per_layer=self.per_layer,
-            output_fn=self.output_fn,
+            self.kernel,
+            self.measurement,
+            num_outputs=self.num_outputs,
             max_seconds=MAX_SECONDS,  # read here: tests patch this module's constant
-            stacklevel=5,  # the same frame as before the move (kc.resolve is one deeper)
+            stacklevel=3,  # the caller of start()
         )
 
-    def _apply_kernel_config(self, cfg: dict[str, Any], warn: bool) -> None:
+    def _apply_kernel_config(self, cfg: kc.ResolvedKernel, warn: bool) -> None:
         """Adopt a resolved (or restored) kernel configuration: ``topk`` and the alignment
         targets follow the kernel's outputs."""
-        kind, projection = cfg["kind"], cfg["projection"]
+        kind, projection = cfg.kind, cfg.projection
         self._topk_resolved = self._check_topk(kind, projection)
         shape = {"probe_size": self.probe_size, "num_outputs": self.num_outputs}
         if warn and self.kernel.kind == "auto":
             kc.warn_spectrum_size(kind, projection, stacklevel=5, **shape)
         self._kernel_targets = kc.project_targets(
-            self.targets, self.classification, kind, projection, cfg["projection_seed"], **shape
+            self.targets, self.classification, kind, projection, cfg.projection_seed, **shape
         )
-        self._kernel_config = cfg
-
-    def _current_params(self) -> dict[str, Tensor]:
-        """θ of the tracked parameters (those trainable at :meth:`start`), whatever their
-        ``requires_grad`` is now."""
-        live = dict(self.model.named_parameters())
-        return {n: live[n].detach() for n in self._param_names}
-
-    def _params_problem(self) -> Optional[str]:
-        """Why the tracked parameters can no longer be measured (None if they can): a tracked
-        name is gone from ``model.named_parameters()`` or its shape changed."""
-        live = dict(self.model.named_parameters())
-        missing = [n for n in self._param_names if n not in live]
-        if missing:
-            return (
-                f"parameters {missing[:4]}{'...' if len(missing) > 4 else ''} tracked since "
-                "start() are no longer parameters of the model"
-            )
-        shapes0 = {} if self._lin is None else self._lin.params0
-        changed = [
-            n for n, t in shapes0.items() if n in live and tuple(live[n].shape) != tuple(t.shape)
-        ]
-        if changed:
-            return (
-                f"parameters {changed[:4]}{'...' if len(changed) > 4 else ''} changed shape since "
-                "start()"
-            )
-        return None
+        self._resolved = cfg
 
     def _group_layers(self) -> dict[str, list[str]]:
         if self.layer_groups is None:
@@ -745,7 +573,7 @@ class KernelTracker:
         if self.probe_size < 2:
             return
         x = self._probe_on_model_device()
-        forward = self._eval_forward(lin)
+        forward = self.measurement.eval_forward(lin)
         both = forward(F.slice_batch(x, slice(0, 2)))
         alone = torch.cat([forward(F.slice_batch(x, slice(i, i + 1))) for i in range(2)])
         tol = 1e-10 if both.dtype == torch.float64 else 1e-4
@@ -761,10 +589,6 @@ class KernelTracker:
                 "NTK; remove or replace the batch-coupling layer (e.g. BatchNorm with "
                 "track_running_stats=True, LayerNorm)"
             )
-
-    def _eval_forward(self, lin: Linearization) -> Callable[[F.InputBatch], Tensor]:
-        """The side-effect-free eval-mode forward ``x -> f(x) (n, O)`` for the batch check."""
-        return lin.f0
 
     def _nan_metrics(self, problem: str) -> dict[str, float]:
         if not self._warned_params:
@@ -815,11 +639,11 @@ class KernelTracker:
         lr = self._check_lr(lr)
         self._reset()
         self._set_param_names(list(F.resolve_params(self.model)))
-        lin = self._new_linearization()
+        lin = self.measurement.snapshot()
         self._check_batch_independent(lin)
-        self._apply_kernel_config(self._resolve_kernel_config(), warn=True)
-        kernel, layer_kernels = self._kernel()
-        f0, grams0 = self._forward()
+        self._apply_kernel_config(self._resolve(), warn=True)
+        kernel, layer_kernels = self.measurement.kernel()
+        f0, grams0 = self.measurement.forward()
         f0 = f0.to(self._metric_device())
         spectrum = M.kernel_spectrum(kernel)
         self._lin = lin
@@ -828,7 +652,7 @@ class KernelTracker:
         ref.eigvecs0 = spectrum[1][:, -self.topk :].contiguous()
         ref.feature_grams0 = grams0
         current = Measurement(
-            kernel, layer_kernels, spectrum, f0, f0, self._params0(), ref.feature_grams0
+            kernel, layer_kernels, spectrum, f0, f0, self.measurement.params0(lin), grams0
         )
         return self._finish(step, current, lr)
 
@@ -856,44 +680,26 @@ class KernelTracker:
             )
         step = self._check_step(step, first=False)
         lr = self._check_lr(lr)
-        problem = self._params_problem()
+        problem = self.measurement.params_problem(self._lin)
         if problem is not None:
             return self._nan_metrics(problem)
         dev = self._metric_device()
         self._reference.to(dev)  # follow the model (snapshot_device=None, e.g. model.cuda())
         self._last.to(dev)
-        kernel, layer_kernels = self._kernel()
-        f, grams = self._forward()
+        kernel, layer_kernels = self.measurement.kernel()
+        f, grams = self.measurement.forward()
         f = f.to(dev)
         out0, f_lin = self._lin.f0_and_f_lin(
-            self._probe_on_model_device(), params=self._current_params()
+            self._probe_on_model_device(), params=self.measurement.params()
         )
         # f_lin = f₀ + J(θ₀)Δθ with the stored f₀: at θ = θ₀ this is exactly f₀ (= f), so the
         # 0/0 of lin/rel_error is exact instead of rounding noise between forward and jvp.
         f0 = self._reference.f0
         f_lin = f0 + (f_lin.to(dev) - out0.to(dev)).to(f0.dtype)
-        params = self._measured_params(dev)
+        params = self.measurement.measured_params(self._lin, dev)
         spectrum = M.kernel_spectrum(kernel)
         current = Measurement(kernel, layer_kernels, spectrum, f, f_lin, params, grams)
         return self._finish(step, current, lr)
-
-    def _new_linearization(self) -> Linearization:
-        """θ₀ = the tracked parameters now (frozen), on the snapshot device."""
-        return Linearization(
-            self.model,
-            self._current_params(),
-            output_fn=self.output_fn,
-            device=self.kernel.snapshot_device,
-        )
-
-    def _measured_params(self, dev: torch.device) -> dict[str, Tensor]:
-        """θ for the ``params/*`` metrics, on ``dev`` (compared with :meth:`_params0`)."""
-        return {n: t.to(dev) for n, t in self._current_params().items()}
-
-    def _params0(self) -> dict[str, Tensor]:
-        assert self._lin is not None
-        dev = self._metric_device()
-        return {n: t.to(dev) for n, t in self._lin.params0.items()}
 
     def _check_step(self, step: int, first: bool) -> int:
         step = check_int("step", step, minimum=0, fix="pass the global training step")
@@ -916,7 +722,7 @@ class KernelTracker:
         out = regime_metrics(
             self._reference,
             current,
-            params0=self._params0(),
+            params0=self.measurement.params0(self._lin),
             last=self._last,
             step=step,
             targets=self._kernel_targets,
@@ -979,10 +785,10 @@ class KernelTracker:
         return state
 
     def _config(self) -> dict[str, Any]:
-        cfg = self._kernel_config
+        cfg = self._resolved
         return {
-            "kind": self.kernel.kind if cfg is None else cfg["kind"],
-            "kernel_config": None if cfg is None else dict(cfg),
+            "kind": self.kernel.kind if cfg is None else cfg.kind,
+            "kernel_config": None if cfg is None else cfg.as_dict(),
             "per_layer": self.per_layer,
             "topk": self.topk,
             "num_examples": self.probe_size,
@@ -1005,20 +811,16 @@ class KernelTracker:
         check_schema(state, "KernelTracker", required=("format", "config", "started"))
         saved = state["config"]
         kernel_config = (
-            kc.saved_kernel_config(
-                saved,
-                kind=self.kernel.kind,
-                projection=self.kernel.projection,
-                projection_seed=self.kernel.projection_seed,
-                implementation=self.kernel.implementation,
+            kc.ResolvedKernel.from_saved(
+                saved, self.kernel, self.measurement.implementation(self.kernel)
             )
             if state["started"]
             else None
         )
         mine = self._config()
         if kernel_config is not None:  # compare with what this tracker will measure
-            mine["kind"] = kernel_config["kind"]
-            mine["topk"] = self._check_topk(kernel_config["kind"], kernel_config["projection"])
+            mine["kind"] = kernel_config.kind
+            mine["topk"] = self._check_topk(kernel_config.kind, kernel_config.projection)
         for key in ("kind", "per_layer", "topk", "num_examples", "num_outputs"):
             if saved.get(key) != mine[key]:
                 raise ValueError(
@@ -1067,7 +869,7 @@ class KernelTracker:
         self._set_param_names(names, regroup=regroup)
         assert kernel_config is not None
         self._apply_kernel_config(kernel_config, warn=False)
-        lin = self._new_linearization()
+        lin = self.measurement.snapshot()
         lin.load_state_dict(state["linearization"])
         dev = self._metric_device()
         self._reference.load_state_dict(state, dev)

@@ -100,7 +100,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from lazy_monitor.callbacks.lightning import KernelRegimeMonitor
-    from lazy_monitor.tracking.sharded import ShardedKernelTracker
+    from lazy_monitor.tracking.sharded import ShardedMeasurement
 
     x, y = _data()
     monitor = KernelRegimeMonitor(
@@ -114,7 +114,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             full = {k: v.full_tensor().clone() for k, v in pl_module.state_dict().items()}
             record = {
                 "metrics": monitor._last_metrics,
-                "sharded": isinstance(tracker, ShardedKernelTracker),
+                "sharded": isinstance(tracker.measurement, ShardedMeasurement),
                 "world": tracker.sharding.world_size,
                 "largest_local": local,
                 "step": trainer.global_step,

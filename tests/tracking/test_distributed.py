@@ -147,7 +147,7 @@ def test_split_kernel_metrics_equal_the_single_process_ones(kind, per_layer, wor
 
 
 def test_each_rank_computes_only_its_share(monkeypatch):
-    import lazy_monitor.tracking.tracker as tracker_mod
+    import lazy_monitor.tracking.measurement as tracker_mod
 
     seen: dict[int, list] = {0: [], 1: []}
     real = tracker_mod.empirical_ntk
@@ -175,7 +175,7 @@ def test_each_rank_computes_only_its_share(monkeypatch):
 
 
 def test_a_structured_failure_on_one_rank_switches_every_rank_to_jacobian(monkeypatch):
-    import lazy_monitor.tracking.tracker as tracker_mod
+    import lazy_monitor.tracking.measurement as tracker_mod
 
     real = tracker_mod.empirical_ntk
     local = threading.local()

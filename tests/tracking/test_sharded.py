@@ -121,7 +121,7 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
     import torch.distributed as dist
 
     from lazy_monitor import KernelTracker
-    from lazy_monitor.tracking.sharded import ShardedKernelTracker, _row_exchange_layout
+    from lazy_monitor.tracking.sharded import ShardedMeasurement, _row_exchange_layout
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -141,13 +141,15 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
             recompute = cfg.pop("recompute_j0", False)
             exchange = cfg.pop("exchange_rows", True)
             tracker = KernelTracker(model, probe, **_kwargs(cfg))
-            assert isinstance(tracker, ShardedKernelTracker)
+            assert isinstance(tracker.measurement, ShardedMeasurement)
             if recompute:  # a max_memory that holds the kernel's rows but not J(θ₀)'s
                 tracker.start()
                 est = tracker.kernel_config["estimate"]
                 cfg["max_memory"] = est["bytes"] - est["j0_bytes"]
                 tracker = KernelTracker(model, probe, **_kwargs(cfg))
-            tracker.exchange_rows = exchange  # False: every rank every row (FSDP2's reduce)
+            tracker.measurement.exchange_rows = (
+                exchange  # False: every rank every row (FSDP2's reduce)
+            )
             # the row exchange applies when FSDP2 manages every tracked parameter
             layout = _row_exchange_layout(model, tracker._param_names, WORLD)
             assert (layout is not None) == (not partial)
@@ -226,7 +228,9 @@ def _round_trip(build, units, probe, train_x) -> bool:
     for unit in units:  # not recursive
         unit.set_gradient_divide_factor(1.0)
     summed = KernelTracker(model, probe, kernel=KernelConfig(kind="full"))
-    summed.exchange_rows = False  # FSDP2's own reduce-scatter, divided by the custom factor
+    summed.measurement.exchange_rows = (
+        False  # FSDP2's own reduce-scatter, divided by the custom factor
+    )
     summed.load_state_dict(saved)
     same = same and _close(summed.measure(2), loaded) == []
     for unit in units:

@@ -2,11 +2,52 @@
 
 :class:`KernelConfig` -- the kernel settings a user chooses, typed and validated once (the
 tracker, both Lightning monitors and the HF callback take one). Plain functions of explicit
-arguments (no tracker state): resolve ``kind="auto"`` under
-``max_memory`` (or check a forced kind/projection against the estimate), read the kernel
-configuration of a saved state (old states included), the kernel matrix's outputs per example,
+arguments (no tracker state): :func:`resolve`, the one resolver of ``kind="auto"`` under
+``max_memory`` (or check of a forced kind/projection against the estimate), giving a
+:class:`ResolvedKernel` (also read back from a saved state, old states included), the kernel
+matrix's outputs per example,
 the ``topk`` check against it, the spectrum-size warning, and the alignment targets projected
 into the kernel's output space.
+
+Which kernel (``kind="auto"``, the default): ``KernelTracker.start`` estimates the memory and
+time of one measurement with its measurement backend (the engine's estimate from ``N``, ``O``,
+the parameter count and one example's forward FLOPs, :func:`~lazy_monitor.estimate_ntk_cost`;
+the sharded backend's bytes per process) and takes the first of
+
+1. ``"full"`` ``(N, N, O, O)``, exact;
+2. ``"trace"`` ``(N, N)``, exact (``Σ_a K[:, :, a, a]``; costs ``O`` backward passes per
+   example);
+3. ``"trace"`` with ``projection=16``: an unbiased estimate of the trace kernel from
+   ``k = 16`` random output directions (cost ∝ ``k``, not ``O``),
+
+whose estimate fits ``max_memory`` (the kernel, its per-parameter blocks and their
+:data:`KERNEL_COPIES` copies, the engine's per-example factors and the float64
+eigendecomposition) and 60 s per kernel. The choice is ``KernelTracker.kernel_config``; the tracker
+warns when it is not ``"full"``, and keeps it in ``state_dict``, so a resumed run
+measures the same kernel (same projection seed, so the same ``R``). Sequence outputs
+``(N, T, V)`` (a language model's logits) are flattened to ``O = T·V``: a tiny GPT-2 on a
+short probe gets the exact trace kernel, a 50k vocabulary the projected trace. An explicit
+``kind`` (and/or ``projection``) is kept as given; if its estimate does not fit
+``max_memory``, ``KernelTracker.start`` raises with the estimate and the fix.
+
+Metrics on a resolved trace or projected kernel (nothing is silently re-interpreted):
+
+* ``"trace"``: the spectrum metrics are those of the ``N × N`` trace kernel (``ntk/eig_max``
+  ≈ ``O·`` that of the full kernel for a network with ``K ≈ Θ ⊗ I_O``), ``ntk/eig_overlap``
+  compares top-k eigenvectors of ``N × N`` matrices, ``ntk/alignment`` aligns with the
+  target kernel ``Σ_a y_a y_aᵀ`` (class indices one-hot); all exact for the trace kernel.
+* ``"trace"`` + ``projection=k``: every kernel metric is that of the projected kernel, an
+  estimate of the trace kernel's: ``ntk/trace`` and the numerators of the linear metrics
+  are unbiased, per-entry std ``≤ √(2/k)·‖J(x)‖·‖J(x')‖``; ratios (``ntk/rel_change``,
+  ``ntk/distance``, ``ntk/alignment``) and the spectrum are consistent but noisy estimates
+  (noise ∝ ``1/√k``). The same ``R`` is used for ``K₀`` and every later ``K``, so the drift
+  metrics measure the kernel's change, not the draw of ``R``.
+* ``projection=k`` with ``kind="full"``/``"diagonal"`` (only when forced): the kernel of the
+  ``k`` projected outputs ``g = Rᵀ f / √k``; ``ntk/alignment`` uses the targets projected
+  the same way (``Rᵀ y / √k``, class indices one-hot first), ``topk`` defaults to a multiple
+  of ``k``. ``projection="sum"``: the pseudo-NTK (Mohamadi & Sutherland 2023); with
+  ``kind="full"`` the projected one-hot targets are constant, so ``ntk/alignment`` is NaN.
+* ``lin/*``, ``params/*`` use the model's outputs and parameters, never the projection.
 """
 
 from __future__ import annotations

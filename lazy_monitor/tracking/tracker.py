@@ -3,6 +3,54 @@
 Framework-agnostic: a plain training loop, a Lightning callback or any other trainer calls
 :meth:`KernelTracker.start` once before training and :meth:`KernelTracker.measure` every few
 steps, and gets a flat ``dict[str, float]`` to log.
+
+Stability (Lewkowycz et al. 2020, :mod:`lazy_monitor.core.stability`): pass the learning
+rate of the step, ``start(lr=...)`` / ``measure(step, lr=...)``, to get ``opt/lr`` and
+``ntk/lr_eig_max = lr · λmax(K) / N`` (the MSE stability number, catapult above 2), and
+``regime/catapult`` (a :class:`~lazy_monitor.core.stability.CatapultDetector`: 1 once
+``ntk/lr_eig_max`` exceeded 2 and λmax then fell by 10 %; the step-0 measurement counts).
+Without ``lr`` both are NaN. λmax is that of the ``(N·O) × (N·O)`` kernel matrix, so
+``ntk/lr_eig_max`` is computed for ``kind="full"`` and for a single output; with
+``kind="trace"`` (λmax of ``Σ_a K_aa``, up to ``O`` times the full one) or ``"diagonal"``
+(cross-output blocks dropped) and ``O > 1`` it is NaN rather than a wrong number.
+
+Features (Kornblith et al. 2019, :mod:`lazy_monitor.core.features`): the outputs of the
+tracked modules on the probe are recorded with forward hooks in the forward that computes
+``f`` (no extra pass), and ``features/<layer>/cka`` is their linear CKA with the features at
+θ₀ (1 = unchanged up to rotation and scale). Only the ``(N, N)`` centred Gram matrix at θ₀
+is stored per module. The values are computed by the pure function
+:func:`lazy_monitor.tracking.regime.regime_metrics` of the reference and the measurement.
+
+Evaluation semantics: everything is computed in eval mode (BatchNorm running statistics,
+dropout off) in full precision, and leaves the model's weights, buffers, ``.grad``, training
+flags and every RNG state untouched. The probe is moved to the model's device for each
+measurement. Buffers are part of the function: ``f`` and ``K`` use the model's current
+buffers (e.g. BatchNorm running statistics) while ``f_lin`` keeps those of θ₀ (see
+:class:`~lazy_monitor.Linearization`), so buffer drift shows up in ``lin/rel_error``.
+
+Tracked parameters: the kernel, ``f_lin`` and the ``params/*`` metrics are over the
+parameters that are trainable (``requires_grad=True``) when :meth:`KernelTracker.start` is called, by
+name, whatever their ``requires_grad`` is later: freezing or unfreezing layers during
+training (e.g. Lightning's ``BackboneFinetuning``, progressive unfreezing) does not change
+what is measured. Parameters frozen at :meth:`KernelTracker.start` are constants at their current value in
+``f`` and ``K`` and at their θ₀ value in ``f_lin``, so training them later shows up in
+``lin/rel_error``. If a tracked parameter disappears from ``model.named_parameters()`` or
+changes shape, :meth:`KernelTracker.measure` warns once and returns NaN metrics with
+``health/nonfinite = 1`` instead of raising mid-training.
+
+Examples must be independent in eval mode (the kernel is a per-example NTK):
+:meth:`KernelTracker.start` raises ``ValueError`` if the first two probe examples give different outputs
+evaluated together and alone (a layer that mixes the examples of a batch). With
+``implementation="auto"``, a model whose control flow depends on the data (which defeats
+the structured engine) is measured with the Jacobian contraction by the engine itself (same
+kernel; the engine warns).
+
+Cost per measurement: one kernel (see :func:`lazy_monitor.empirical_ntk`), one forward, one
+jvp (a few plain forwards), and one ``eigh`` of the ``M × M`` float64 kernel matrix,
+``M = N·O`` for ``kind="full"`` (``N`` for ``"trace"``; ``O`` blocks of ``N × N`` for
+``"diagonal"``), growing like ``M³`` (a warning is issued above ``MAX_SPECTRUM_SIZE =
+2048``; measured times in ``benchmarks/RESULTS.md``). Memory:
+one copy of the parameters (θ₀), ``K₀`` and, with ``per_layer``, one kernel per layer.
 """
 
 from __future__ import annotations
@@ -16,13 +64,10 @@ import torch
 from torch import Tensor, nn
 
 from lazy_monitor import catalogue
-from lazy_monitor._state import check_schema, stamp
 from lazy_monitor._validation import (
     check_bool,
     check_callable,
-    check_float,
     check_int,
-    check_mapping,
 )
 from lazy_monitor.core import _functional as F
 from lazy_monitor.core import metrics as M
@@ -30,11 +75,10 @@ from lazy_monitor.core._functional import InputBatch, OutputFn
 from lazy_monitor.core.kernels import (
     DEFAULT_MAX_MEMORY,
 )
-from lazy_monitor.core.linearization import Linearization
 from lazy_monitor.core.stability import CatapultDetector
-from lazy_monitor.thresholds import Threshold
+from lazy_monitor.tracking import _checks, _persist
 from lazy_monitor.tracking import kernel_config as kc
-from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint, same_fingerprint
+from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint
 from lazy_monitor.tracking.distributed import KernelSharding
 from lazy_monitor.tracking.features import check_feature_modules, gram_hooks
 from lazy_monitor.tracking.kernel_config import (  # noqa: F401 - re-exported
@@ -92,94 +136,13 @@ class KernelTracker:
     ``ntk/alignment`` needs ``targets``, ``lin/agreement`` class-index targets, the per-layer
     names ``per_layer=True``, the feature names tracked ``feature_modules``.
 
-    Stability (Lewkowycz et al. 2020, :mod:`lazy_monitor.core.stability`): pass the learning
-    rate of the step, ``start(lr=...)`` / ``measure(step, lr=...)``, to get ``opt/lr`` and
-    ``ntk/lr_eig_max = lr · λmax(K) / N`` (the MSE stability number, catapult above 2), and
-    ``regime/catapult`` (a :class:`~lazy_monitor.core.stability.CatapultDetector`: 1 once
-    ``ntk/lr_eig_max`` exceeded 2 and λmax then fell by 10 %; the step-0 measurement counts).
-    Without ``lr`` both are NaN. λmax is that of the ``(N·O) × (N·O)`` kernel matrix, so
-    ``ntk/lr_eig_max`` is computed for ``kind="full"`` and for a single output; with
-    ``kind="trace"`` (λmax of ``Σ_a K_aa``, up to ``O`` times the full one) or ``"diagonal"``
-    (cross-output blocks dropped) and ``O > 1`` it is NaN rather than a wrong number.
-
-    Features (Kornblith et al. 2019, :mod:`lazy_monitor.core.features`): the outputs of the
-    tracked modules on the probe are recorded with forward hooks in the forward that computes
-    ``f`` (no extra pass), and ``features/<layer>/cka`` is their linear CKA with the features at
-    θ₀ (1 = unchanged up to rotation and scale). Only the ``(N, N)`` centred Gram matrix at θ₀
-    is stored per module. The values are computed by the pure function
-    :func:`lazy_monitor.tracking.regime.regime_metrics` of the reference and the measurement.
-
     :meth:`metric_names` returns exactly these keys, in this order, for the configuration.
-
-    Evaluation semantics: everything is computed in eval mode (BatchNorm running statistics,
-    dropout off) in full precision, and leaves the model's weights, buffers, ``.grad``, training
-    flags and every RNG state untouched. The probe is moved to the model's device for each
-    measurement. Buffers are part of the function: ``f`` and ``K`` use the model's current
-    buffers (e.g. BatchNorm running statistics) while ``f_lin`` keeps those of θ₀ (see
-    :class:`~lazy_monitor.Linearization`), so buffer drift shows up in ``lin/rel_error``.
-
-    Tracked parameters: the kernel, ``f_lin`` and the ``params/*`` metrics are over the
-    parameters that are trainable (``requires_grad=True``) when :meth:`start` is called, by
-    name, whatever their ``requires_grad`` is later: freezing or unfreezing layers during
-    training (e.g. Lightning's ``BackboneFinetuning``, progressive unfreezing) does not change
-    what is measured. Parameters frozen at :meth:`start` are constants at their current value in
-    ``f`` and ``K`` and at their θ₀ value in ``f_lin``, so training them later shows up in
-    ``lin/rel_error``. If a tracked parameter disappears from ``model.named_parameters()`` or
-    changes shape, :meth:`measure` warns once and returns NaN metrics with
-    ``health/nonfinite = 1`` instead of raising mid-training.
-
-    Examples must be independent in eval mode (the kernel is a per-example NTK):
-    :meth:`start` raises ``ValueError`` if the first two probe examples give different outputs
-    evaluated together and alone (a layer that mixes the examples of a batch). With
-    ``implementation="auto"``, a model whose control flow depends on the data (which defeats
-    the structured engine) is measured with the Jacobian contraction by the engine itself (same
-    kernel; the engine warns).
-
-    Which kernel (``kind="auto"``, the default): :meth:`start` estimates the memory and time of
-    one measurement from ``N``, ``O``, the parameter count and one example's forward FLOPs
-    (:func:`lazy_monitor.core.kernels.resolve_kernel_config`) and takes the first of
-
-    1. ``"full"`` ``(N, N, O, O)``, exact;
-    2. ``"trace"`` ``(N, N)``, exact (``Σ_a K[:, :, a, a]``; costs ``O`` backward passes per
-       example);
-    3. ``"trace"`` with ``projection=16``: an unbiased estimate of the trace kernel from
-       ``k = 16`` random output directions (cost ∝ ``k``, not ``O``),
-
-    whose estimate fits ``max_memory`` (the kernel, its per-parameter blocks and their
-    :data:`KERNEL_COPIES` copies, the engine's per-example factors and the float64
-    eigendecomposition) and 60 s per kernel. The choice is :attr:`kernel_config`; the tracker
-    warns when it is not ``"full"``, and keeps it in :meth:`state_dict`, so a resumed run
-    measures the same kernel (same projection seed, so the same ``R``). Sequence outputs
-    ``(N, T, V)`` (a language model's logits) are flattened to ``O = T·V``: a tiny GPT-2 on a
-    short probe gets the exact trace kernel, a 50k vocabulary the projected trace. An explicit
-    ``kind`` (and/or ``projection``) is kept as given; if its estimate does not fit
-    ``max_memory``, :meth:`start` raises with the estimate and the fix.
-
-    Metrics on a resolved trace or projected kernel (nothing is silently re-interpreted):
-
-    * ``"trace"``: the spectrum metrics are those of the ``N × N`` trace kernel (``ntk/eig_max``
-      ≈ ``O·`` that of the full kernel for a network with ``K ≈ Θ ⊗ I_O``), ``ntk/eig_overlap``
-      compares top-k eigenvectors of ``N × N`` matrices, ``ntk/alignment`` aligns with the
-      target kernel ``Σ_a y_a y_aᵀ`` (class indices one-hot); all exact for the trace kernel.
-    * ``"trace"`` + ``projection=k``: every kernel metric is that of the projected kernel, an
-      estimate of the trace kernel's: ``ntk/trace`` and the numerators of the linear metrics
-      are unbiased, per-entry std ``≤ √(2/k)·‖J(x)‖·‖J(x')‖``; ratios (``ntk/rel_change``,
-      ``ntk/distance``, ``ntk/alignment``) and the spectrum are consistent but noisy estimates
-      (noise ∝ ``1/√k``). The same ``R`` is used for ``K₀`` and every later ``K``, so the drift
-      metrics measure the kernel's change, not the draw of ``R``.
-    * ``projection=k`` with ``kind="full"``/``"diagonal"`` (only when forced): the kernel of the
-      ``k`` projected outputs ``g = Rᵀ f / √k``; ``ntk/alignment`` uses the targets projected
-      the same way (``Rᵀ y / √k``, class indices one-hot first), ``topk`` defaults to a multiple
-      of ``k``. ``projection="sum"``: the pseudo-NTK (Mohamadi & Sutherland 2023); with
-      ``kind="full"`` the projected one-hot targets are constant, so ``ntk/alignment`` is NaN.
-    * ``lin/*``, ``params/*`` use the model's outputs and parameters, never the projection.
-
-    Cost per measurement: one kernel (see :func:`lazy_monitor.empirical_ntk`), one forward, one
-    jvp (a few plain forwards), and one ``eigh`` of the ``M × M`` float64 kernel matrix,
-    ``M = N·O`` for ``kind="full"`` (``N`` for ``"trace"``; ``O`` blocks of ``N × N`` for
-    ``"diagonal"``), growing like ``M³`` (a warning is issued above ``MAX_SPECTRUM_SIZE =
-    2048``; measured times in ``benchmarks/RESULTS.md``). Memory:
-    one copy of the parameters (θ₀), ``K₀`` and, with ``per_layer``, one kernel per layer.
+    Stability (``opt/lr``, ``ntk/lr_eig_max``, ``regime/catapult``), features, evaluation
+    semantics, tracked parameters and the batch-independence check: see
+    :mod:`lazy_monitor.tracking.tracker`. Which kernel ``kind="auto"`` measures and what the
+    metrics of a trace or projected kernel mean: :mod:`lazy_monitor.tracking.kernel_config`.
+    How the model is evaluated (locally, split across processes, FSDP2 shards):
+    :attr:`measurement` (:mod:`lazy_monitor.tracking.measurement`).
 
     Args:
         model: the network being trained.
@@ -303,18 +266,7 @@ class KernelTracker:
         self._param_names = list(F.resolve_params(model))
         self._layers = self._group_layers()
 
-        bad = [
-            where
-            for where, t in F._leaves(probe)
-            if t.is_floating_point() and not t.isfinite().all()
-        ]
-        if bad:
-            # A non-finite probe makes every metric NaN for the whole run: refuse it now
-            # (non-finite *weights* are a training outcome and give NaN metrics instead).
-            raise ValueError(
-                f"the probe contains NaN or inf (in {', '.join(bad)}); pass finite probe inputs (e.g. "
-                "torch.nan_to_num(x) or other examples)"
-            )
+        _checks.check_probe_finite(probe)
         # One side-effect-free forward: checks the model runs on the probe, gives O and which
         # feature modules can be tracked.
         candidates, strict = check_feature_modules(model, feature_modules)
@@ -323,7 +275,7 @@ class KernelTracker:
         try:
             f, feats = self.measurement.forward(strict=strict)
         except (RuntimeError, TypeError) as err:
-            raise _probe_error(err, model, probe) from err
+            raise _checks.probe_error(err, model, probe) from err
         self._feature_modules = [m for m in candidates if m in feats]
         dropped = [m for m in candidates if m not in feats]
         if dropped:
@@ -349,7 +301,7 @@ class KernelTracker:
         self._check_topk(kind if kind != "auto" else "full", self.kernel.projection)
         self.measurement.validate()
         self._names = self._build_names()
-        self.lazy_thresholds = self._check_thresholds(lazy_thresholds)
+        self._set_thresholds(lazy_thresholds)
         self._probe_fingerprint = fingerprint(probe)
         self._reference = Reference()
         self._last = LastMeasurement()
@@ -374,36 +326,10 @@ class KernelTracker:
             num_outputs=self.num_outputs,
         )
 
-    def _check_thresholds(self, thresholds: Optional[Mapping[str, float]]) -> dict[str, float]:
-        if thresholds is None:
-            thresholds = DEFAULT_LAZY_THRESHOLDS
-        check_mapping("lazy_thresholds", thresholds, fix="e.g. {'ntk/rel_change': 0.1}")
-        if not thresholds:
-            raise ValueError(
-                "lazy_thresholds is empty, so regime/lazy would always be 1; pass at least one "
-                "threshold, or None for the defaults"
-            )
-        allowed = catalogue.lazy_threshold_names(self._names)
-        out, parsed = {}, []
-        for name, value in thresholds.items():
-            th = Threshold.on(name, 0.0) if isinstance(name, str) else None
-            if th is None or not th.select(allowed):
-                raise ValueError(
-                    f"lazy_thresholds has unknown or unsupported metric {name!r}; thresholds can "
-                    f"be set on {', '.join(allowed)} (or a glob such as 'ntk_layer/*/rel_change')"
-                )
-            lower = th.direction == "min"
-            value = check_float(
-                f"lazy_thresholds[{name!r}]",
-                value,
-                minimum=0.0,
-                maximum=1.0 if lower else None,
-                fix="a lower bound on a value in [0, 1]" if lower else "",
-            )
-            out[name] = value
-            parsed.append(Threshold(name, value, th.direction))
-        self._thresholds = tuple(parsed)
-        return out
+    def _set_thresholds(self, thresholds: Optional[Mapping[str, float]]) -> None:
+        """Check ``lazy_thresholds`` against the metric names (:func:`_checks.check_thresholds`)."""
+        given = DEFAULT_LAZY_THRESHOLDS if thresholds is None else thresholds
+        self.lazy_thresholds, self._thresholds = _checks.check_thresholds(given, self._names)
 
     def _build_names(self) -> list[str]:
         return catalogue.tracker_metric_names(
@@ -468,16 +394,6 @@ class KernelTracker:
     def last_step(self) -> Optional[int]:
         """The step of the last :meth:`start`/:meth:`measure` call."""
         return self._last.last_step
-
-    @property
-    def num_examples(self) -> int:
-        """Deprecated alias of :attr:`probe_size`."""
-        warnings.warn(
-            "KernelTracker.num_examples is deprecated; use probe_size",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.probe_size
 
     def _reset(self) -> None:
         #: θ₀: a frozen Linearization (the sharded backend: its own snapshot of local shards)
@@ -565,32 +481,11 @@ class KernelTracker:
         self._param_names = list(names)
         self._layers = self._group_layers()
         self._names = self._build_names()
-        self.lazy_thresholds = self._check_thresholds(self.lazy_thresholds)
-
-    def _check_batch_independent(self, lin: Linearization) -> None:
-        """Raise if the model's output on an example depends on the other examples of the batch
-        (eval mode, side-effect free): the per-example structured kernel would be wrong."""
-        if self.probe_size < 2:
-            return
-        x = self._probe_on_model_device()
-        forward = self.measurement.eval_forward(lin)
-        both = forward(F.slice_batch(x, slice(0, 2)))
-        alone = torch.cat([forward(F.slice_batch(x, slice(i, i + 1))) for i in range(2)])
-        tol = 1e-10 if both.dtype == torch.float64 else 1e-4
-        diff = float(torch.linalg.vector_norm((both - alone).double()))
-        scale = float(torch.linalg.vector_norm(both.double()))
-        if not diff <= tol * max(scale, torch.finfo(both.dtype).tiny) and math.isfinite(scale):
-            raise ValueError(
-                "the model's output on a probe example depends on the other examples of the "
-                f"batch in eval mode (relative difference {diff / max(scale, 1e-300):.3g} between "
-                "the first two examples evaluated together and alone): a layer couples examples "
-                "(e.g. subtracting a batch mean, attention across the batch, BatchNorm without "
-                "running statistics). The kernel of a batch-coupled model is not a per-example "
-                "NTK; remove or replace the batch-coupling layer (e.g. BatchNorm with "
-                "track_running_stats=True, LayerNorm)"
-            )
+        self._set_thresholds(self.lazy_thresholds)
 
     def _nan_metrics(self, problem: str) -> dict[str, float]:
+        """NaN metrics with ``health/nonfinite = 1`` (warned once) when the tracked parameters
+        cannot be measured any more."""
         if not self._warned_params:
             self._warned_params = True
             warnings.warn(
@@ -635,12 +530,14 @@ class KernelTracker:
                 even the cheapest ``"auto"`` choice; the message has the estimate and the
                 fix), or ``topk`` exceeds the resolved kernel matrix size.
         """
-        step = self._check_step(step, first=True)
-        lr = self._check_lr(lr)
+        step = _checks.check_step(step, None)
+        lr = _checks.check_lr(lr)
         self._reset()
         self._set_param_names(list(F.resolve_params(self.model)))
         lin = self.measurement.snapshot()
-        self._check_batch_independent(lin)
+        _checks.check_batch_independent(
+            self.measurement.eval_forward(lin), self._probe_on_model_device()
+        )
         self._apply_kernel_config(self._resolve(), warn=True)
         kernel, layer_kernels = self.measurement.kernel()
         f0, grams0 = self.measurement.forward()
@@ -678,8 +575,8 @@ class KernelTracker:
                 "KernelTracker.measure() was called before start(); call tracker.start() before "
                 "training (or load_state_dict() when resuming)"
             )
-        step = self._check_step(step, first=False)
-        lr = self._check_lr(lr)
+        step = _checks.check_step(step, self._last.last_step)
+        lr = _checks.check_lr(lr)
         problem = self.measurement.params_problem(self._lin)
         if problem is not None:
             return self._nan_metrics(problem)
@@ -700,22 +597,6 @@ class KernelTracker:
         spectrum = M.kernel_spectrum(kernel)
         current = Measurement(kernel, layer_kernels, spectrum, f, f_lin, params, grams)
         return self._finish(step, current, lr)
-
-    def _check_step(self, step: int, first: bool) -> int:
-        step = check_int("step", step, minimum=0, fix="pass the global training step")
-        last = self._last.last_step
-        if not first and last is not None and step <= last:
-            raise ValueError(
-                f"step must increase between measurements: got step={step} after "
-                f"step={last}; pass the global training step"
-            )
-        return step
-
-    @staticmethod
-    def _check_lr(lr: Optional[float]) -> Optional[float]:
-        return check_float(
-            "lr", lr, minimum=0.0, optional=True, fix="pass the optimizer's learning rate or None"
-        )
 
     def _finish(self, step: int, current: Measurement, lr: Optional[float]) -> dict[str, float]:
         """Metrics of ``current`` against the reference; then ``current`` becomes the last."""
@@ -774,31 +655,7 @@ class KernelTracker:
         shapes the stored tensors. Only CPU tensors and plain Python values: safe for
         ``torch.load(..., weights_only=True)``.
         """
-        state: dict[str, Any] = stamp({"config": self._config(), "started": self.started})
-        if not self.started:
-            return state
-        assert self._lin is not None
-        state["linearization"] = self._lin.state_dict()
-        state.update(self._reference.state_dict())
-        state.update(self._last.state_dict())
-        state["catapult"] = self._catapult.state_dict()
-        return state
-
-    def _config(self) -> dict[str, Any]:
-        cfg = self._resolved
-        return {
-            "kind": self.kernel.kind if cfg is None else cfg.kind,
-            "kernel_config": None if cfg is None else cfg.as_dict(),
-            "per_layer": self.per_layer,
-            "topk": self.topk,
-            "num_examples": self.probe_size,
-            "num_outputs": self.num_outputs,
-            "param_names": list(self._param_names),
-            "layer_groups": self.layer_groups,
-            "probe": self._probe_fingerprint,
-            "targets": None if self.targets is None else fingerprint(self.targets),
-            "feature_modules": list(self._feature_modules),
-        }
+        return _persist.save(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict`; later :meth:`measure` calls give the
@@ -808,108 +665,4 @@ class KernelTracker:
             ValueError: not a KernelTracker state, or saved with a different configuration
                 (kind, per_layer, topk, probe, targets, model parameters).
         """
-        check_schema(state, "KernelTracker", required=("format", "config", "started"))
-        saved = state["config"]
-        kernel_config = (
-            kc.ResolvedKernel.from_saved(
-                saved, self.kernel, self.measurement.implementation(self.kernel)
-            )
-            if state["started"]
-            else None
-        )
-        mine = self._config()
-        if kernel_config is not None:  # compare with what this tracker will measure
-            mine["kind"] = kernel_config.kind
-            mine["topk"] = self._check_topk(kernel_config.kind, kernel_config.projection)
-        for key in ("kind", "per_layer", "topk", "num_examples", "num_outputs"):
-            if saved.get(key) != mine[key]:
-                raise ValueError(
-                    f"the state was saved with {key}={saved.get(key)!r} but this tracker has "
-                    f"{key}={mine[key]!r}; build the tracker with the same settings and model"
-                )
-        for key in ("probe", "targets"):
-            a, b = saved.get(key), mine[key]
-            if (a is None) != (b is None) or (a is not None and not same_fingerprint(a, b)):
-                raise ValueError(
-                    f"the state was saved with a different {key} batch; build the tracker with "
-                    f"the same {key} it was saved with (metrics relative to K₀ would be wrong)"
-                )
-        saved_features = saved.get("feature_modules")
-        if (
-            self._features_default
-            and saved_features is not None
-            and set(saved_features) <= set(dict(self.model.named_modules()))
-        ):
-            # Default modules follow the saved tracker (like the tracked parameters: chosen
-            # when it was built, e.g. before layers were frozen).
-            mine["feature_modules"] = list(saved_features)
-        if saved_features is not None and list(saved_features) != mine["feature_modules"]:
-            raise ValueError(
-                f"the state was saved with feature_modules={saved['feature_modules']!r} but this "
-                f"tracker tracks {mine['feature_modules']!r}; build it with the same "
-                "feature_modules"
-            )
-        names = list(saved.get("param_names", []))
-        live = dict(self.model.named_parameters())
-        if state["started"] and (not names or any(n not in live for n in names)):
-            raise ValueError(
-                f"the state tracks parameters {names[:4]}... that are not all parameters of "
-                f"{type(self.model).__name__}; build the tracker with the same model"
-            )
-        if mine["feature_modules"] != self._feature_modules:
-            self._feature_modules = list(mine["feature_modules"])
-            self._names = self._build_names()
-            self.lazy_thresholds = self._check_thresholds(self.lazy_thresholds)
-        self._reset()
-        if not state["started"]:
-            return
-        # the saved per-layer K₀ fixes the grouping (states before layer_groups: per module)
-        regroup = saved.get("layer_groups") != self.layer_groups
-        self.layer_groups = saved.get("layer_groups")
-        self._set_param_names(names, regroup=regroup)
-        assert kernel_config is not None
-        self._apply_kernel_config(kernel_config, warn=False)
-        lin = self.measurement.snapshot()
-        lin.load_state_dict(state["linearization"])
-        dev = self._metric_device()
-        self._reference.load_state_dict(state, dev)
-        self._last.load_state_dict(state, dev)
-        self._lin = lin
-        if "catapult" in state:
-            self._catapult.load_state_dict(state["catapult"])
-        if set(self._reference.feature_grams0) != set(self._feature_modules):
-            # A state saved before feature tracking: the θ₀ features from the snapshot (its
-            # parameters and buffers), exactly what start() would have recorded.
-            x = self._probe_on_model_device()
-            with self._hooks() as grams:
-                lin.f0(x)
-            self._reference.feature_grams0 = self._on_metric_device(grams)
-
-
-def _probe_error(err: Exception, model: nn.Module, probe: InputBatch) -> Exception:
-    """The model's own error on the probe, with the probe's shape, what the model's first
-    layer expects, and the tuple hint for several positional inputs."""
-    shapes = F.map_batch(probe, lambda t: tuple(t.shape))
-    hints = [f"the probe has shape {shapes}"]
-    first = next(
-        (m for m in model.modules() if not list(m.children()) and list(m.parameters(False))), None
-    )
-    if first is not None:
-        for attr, axis in (
-            ("in_features", "last dim"),
-            ("in_channels", "dim 1"),
-            ("input_size", "last dim"),
-        ):
-            if hasattr(first, attr):
-                hints.append(
-                    f"the model's first layer {type(first).__name__} expects {axis} = "
-                    f"{getattr(first, attr)} ({attr})"
-                )
-                break
-    text = str(err)
-    if isinstance(err, TypeError) and "argument" in text:
-        hints.append(
-            "a model with several inputs forward(a, b) takes the probe as a tuple of tensors "
-            "(a, b), all batched on dim 0"
-        )
-    return type(err)(f"the model cannot run on the probe: {text}; " + "; ".join(hints))
+        _persist.load(self, state)

@@ -62,7 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     x, y = gaussian_mixture(args.n_train, args.dim, args.classes, seed=args.seed)
     model = mlp(args.dim, args.width, args.classes, depth=args.depth, seed=args.seed)
     # The probe is a fixed slice of the training set; its labels give ntk/alignment.
-    tracker = KernelTracker(model, x[: args.n_probe], targets=y[: args.n_probe], kind=args.kind)
+    tracker = KernelTracker(
+        model, x[: args.n_probe], targets=y[: args.n_probe], kernel={"kind": args.kind}
+    )
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     shuffle = torch.Generator().manual_seed(args.seed)
 

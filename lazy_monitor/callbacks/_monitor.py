@@ -38,6 +38,7 @@ from lazy_monitor.core._functional import as_device, map_batch, side_effect_guar
 from lazy_monitor.core.kernels import DEFAULT_MAX_MEMORY, NtkConfig, NtkImplementation
 from lazy_monitor.core.stability import current_lr
 from lazy_monitor.tracking.distributed import KernelSharding, check_strategy
+from lazy_monitor.tracking.kernel_config import REQUESTED_KINDS, KernelConfig
 from lazy_monitor.tracking.layers import DEFAULT_LAYER_GROUPS
 from lazy_monitor.tracking.network import device_of as _device_of
 from lazy_monitor.tracking.network import resolve_submodule as _resolve_submodule
@@ -54,7 +55,6 @@ from lazy_monitor.tracking.probe import (
 )
 from lazy_monitor.tracking.schedule import MeasurementSchedule, OverheadBudget
 from lazy_monitor.tracking.sharded import has_sharded_params, mesh_sharding
-from lazy_monitor.tracking.tracker import REQUESTED_KINDS
 
 _log = logging.getLogger("lazy_monitor")
 
@@ -587,14 +587,20 @@ class _KernelRegimeMonitorBase(_Identified):
     def _build_tracker(
         self, network: nn.Module, probe: Probe, device: torch.device, trainer: Any = None
     ) -> Any:
+        kernel = KernelConfig(
+            kind=self.kind,
+            implementation=self.implementation,
+            projection=self.projection,
+            projection_seed=self.projection_seed,
+            max_memory=self.max_memory,
+            chunk_size=self.chunk_size,
+            topk=self.topk,
+            snapshot_device=self.snapshot_device,
+        )
         optional = {
             "sharding": self._sharding(trainer, network),
             "lazy_thresholds": self.lazy_thresholds,
             "output_fn": self.output_fn,
-            "topk": self.topk,
-            "chunk_size": self.chunk_size,
-            "snapshot_device": self.snapshot_device,
-            "projection": self.projection,
         }
         tracker, self._current_probe = build_tracker(
             network,
@@ -602,12 +608,9 @@ class _KernelRegimeMonitorBase(_Identified):
             device,
             drawn=self._probe is None,
             use_targets=self.use_targets,
-            kind=self.kind,
-            implementation=self.implementation,
+            kernel=kernel,
             per_layer=self.per_layer,
             feature_modules=self.feature_modules,
-            projection_seed=self.projection_seed,
-            max_memory=self.max_memory,
             layer_groups=self.layer_groups if self.per_layer else None,
             **{k: v for k, v in optional.items() if v is not None},
         )

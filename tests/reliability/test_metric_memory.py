@@ -126,10 +126,10 @@ def test_feature_grams_are_counted_in_the_kernel_budget(monkeypatch):
     need = tf.feature_gram_bytes(2, 64)
     assert need == 5 * 64 * 64 * 8
     with pytest.raises(ValueError, match=r"needs 0.000153 GiB .* more than max_memory"):
-        KernelTracker(model, x, feature_modules=["0", "2"], max_memory=need - 1)
+        KernelTracker(model, x, feature_modules=["0", "2"], kernel={"max_memory": need - 1})
     assert calls == []  # refused before any Gram was computed
     monkeypatch.undo()
-    tracker = KernelTracker(model, x, max_memory=2**20)
+    tracker = KernelTracker(model, x, kernel={"max_memory": 2**20})
     assert tracker.feature_modules == ["0", "2"]
     tracker.start()
     # the kernel is resolved within what the Grams leave of max_memory

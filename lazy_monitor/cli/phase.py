@@ -54,11 +54,14 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
 __all__ = [
+    "ExponentInterval",
     "PhaseCell",
     "PhaseResult",
     "add_arguments",
     "boundary_alpha",
+    "exponent_interval",
     "fit_exponent",
+    "fit_lazy_scaling",
     "main",
     "run_phase",
 ]
@@ -75,7 +78,13 @@ DEFAULT_LR = 2.0
 DEFAULT_THRESHOLD = 0.1
 DEFAULT_N_TRAIN = 128
 DEFAULT_PROBE_SIZE = 64
+#: Initialisations per cell: the exponent's interval is taken across them (>= 2 needed).
+DEFAULT_SEEDS = 3
 GEIGER_EXPONENT = -0.5
+#: Two-sided 95 % quantiles t_{0.975}(df) of Student's t for df = 1..30.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
 
 
 @dataclass
@@ -95,12 +104,41 @@ class PhaseCell:
 
 
 @dataclass
+class ExponentInterval:
+    """The boundary exponent of each initialisation and their mean with a 95 % interval.
+
+    ``per_init[k]`` is the exponent fitted to initialisation ``k``'s own grid (NaN where fewer
+    than two widths cross the threshold inside the α grid); ``mean``, ``low``, ``high`` are the
+    mean of the finite ones and its Student-t 95 % interval (``low``/``high`` NaN with fewer than
+    two finite values: no interval from one initialisation).
+    """
+
+    per_init: list[float]
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def n(self) -> int:
+        """Number of initialisations with a finite exponent."""
+        return sum(1 for v in self.per_init if math.isfinite(v))
+
+    def contains(self, value: float) -> bool:
+        """``value`` lies inside the interval (False without an interval)."""
+        return bool(self.low <= value <= self.high)
+
+
+@dataclass
 class PhaseResult:
     """What :func:`run_phase` measured and wrote.
 
     ``boundary`` maps each width to ``α*`` (NaN where the grid has no crossing); ``exponent`` is
     the fitted ``s`` of ``α* ∝ width^s`` (NaN with fewer than two boundary points);
-    ``sqrt_const`` the ``c`` of the ``α·√width = c`` line fitted to the boundary points.
+    ``sqrt_const`` the ``c`` of the ``α·√width = c`` line fitted to the boundary points (all
+    three from the per-cell medians). ``interval``: the exponent per initialisation, their mean
+    and 95 % interval. ``lazy_width_slope`` ``p`` and ``lazy_alpha_slope`` ``q``: the fit
+    ``ntk/rel_change ∝ width^p · α^-q`` over the lazy cells of the median grid (NaN where the
+    lazy cells do not span two widths and two α).
     """
 
     cells: list[PhaseCell]
@@ -118,6 +156,11 @@ class PhaseResult:
     csv_path: Path
     png_path: Optional[Path]
     seconds: float
+    interval: ExponentInterval = field(
+        default_factory=lambda: ExponentInterval([], math.nan, math.nan, math.nan)
+    )
+    lazy_width_slope: float = math.nan
+    lazy_alpha_slope: float = math.nan
 
     def cell(self, width: int, alpha: float) -> PhaseCell:
         """The cell at ``(width, alpha)`` (KeyError if not in the grid)."""
@@ -172,6 +215,55 @@ def fit_exponent(widths: Sequence[float], alpha_star: Sequence[float]) -> tuple[
     sxx = sum((p[0] - mx) ** 2 for p in pts)
     s = sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
     return s, my - s * mx
+
+
+def exponent_interval(exponents: Sequence[float]) -> ExponentInterval:
+    r"""Mean of the finite ``exponents`` (one per initialisation) and its 95 % Student-t interval
+    ``mean ± t_{0.975}(k−1)·sd/√k`` (NaN bounds with fewer than two finite values)."""
+    finite = [float(v) for v in exponents if math.isfinite(v)]
+    k = len(finite)
+    if k == 0:
+        return ExponentInterval(list(exponents), math.nan, math.nan, math.nan)
+    mean = sum(finite) / k
+    if k < 2:
+        return ExponentInterval(list(exponents), mean, math.nan, math.nan)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (k - 1))
+    # beyond the table: the Cornish-Fisher first correction to the normal quantile
+    t = _T975[k - 2] if k - 1 <= len(_T975) else 1.95996 * (1 + 1.2104 / (k - 1))
+    half = t * sd / math.sqrt(k)
+    return ExponentInterval(list(exponents), mean, mean - half, mean + half)
+
+
+def fit_lazy_scaling(
+    widths: Sequence[float], alphas: Sequence[float], values: Sequence[float], threshold: float
+) -> tuple[float, float]:
+    r"""Least-squares fit ``log v = p·log width − q·log α + c`` over the lazy cells.
+
+    In the lazy regime the kernel moves in proportion to the weights' displacement, ``∝ 1/α``
+    (``q ≈ 1``), times a width factor ``width^p``; the cell crosses ``threshold`` where
+    ``width^p α^-q = const``, so the boundary exponent is ``p/q``.
+
+    Args:
+        widths, alphas, values: one entry per cell (same length).
+        threshold: cells with ``0 < v ≤ threshold`` enter the fit.
+
+    Returns:
+        ``(p, q)``; ``(NaN, NaN)`` when the lazy cells span fewer than two widths or two α.
+    """
+    pts = [
+        (math.log(w), math.log(a), math.log(v))
+        for w, a, v in zip(widths, alphas, values)
+        if math.isfinite(v) and 0 < v <= threshold
+    ]
+    if len({p[0] for p in pts}) < 2 or len({p[1] for p in pts}) < 2 or len(pts) < 4:
+        return math.nan, math.nan
+    import numpy as np
+
+    a = np.array([[lw, la, 1.0] for lw, la, _ in pts])
+    coef, _, rank, _ = np.linalg.lstsq(a, np.array([lv for *_, lv in pts]), rcond=None)
+    if rank < 3:
+        return math.nan, math.nan
+    return float(coef[0]), float(-coef[1])
 
 
 def _sqrt_const(widths: Sequence[float], alpha_star: Sequence[float]) -> float:
@@ -261,7 +353,7 @@ def run_phase(
     steps: int = DEFAULT_STEPS,
     lr: float = DEFAULT_LR,
     seed: int = 0,
-    seeds: int = 1,
+    seeds: int = DEFAULT_SEEDS,
     threshold: float = DEFAULT_THRESHOLD,
     n_train: int = DEFAULT_N_TRAIN,
     probe_size: int = DEFAULT_PROBE_SIZE,
@@ -356,11 +448,20 @@ def run_phase(
     }
     s, b = fit_exponent(widths, [boundary[w] for w in widths])
     c = _sqrt_const(widths, [boundary[w] for w in widths])
+    per_init = []
+    for k in range(seeds):
+        runs = {(cl.width, cl.alpha): cl.ntk_rel_change_runs[k] for cl in cells}
+        stars = [boundary_alpha(alphas, [runs[(w, a)] for a in alphas], threshold) for w in widths]
+        per_init.append(fit_exponent(widths, stars)[0])
+    p, q = fit_lazy_scaling(
+        [cl.width for cl in cells], [cl.alpha for cl in cells], [cl.ntk_rel_change for cl in cells],
+        threshold,
+    )  # fmt: skip
     csv_path = out_dir / "phase.csv"
     _write_csv(csv_path, cells, threshold)
     result = PhaseResult(
         cells, widths, alphas, threshold, steps, lr, seed, seeds, boundary, s, b, c, csv_path,
-        None, 0.0,
+        None, 0.0, exponent_interval(per_init), p, q,
     )  # fmt: skip
     if plot:
         result.png_path = out_dir / "phase.png"
@@ -406,28 +507,50 @@ def format_grid(result: PhaseResult) -> str:
 
 
 def summary(result: PhaseResult) -> str:
-    """The fitted exponent against Geiger et al.'s −½, in words."""
+    """The fitted exponent with its interval against Geiger et al.'s −½, in words.
+
+    "consistent with -1/2" only when the 95 % interval across initialisations contains −½; one
+    initialisation gives no interval and no verdict.
+    """
     lr_eig = max(
         (c.lr_eig_max0 for c in result.cells if math.isfinite(c.lr_eig_max0)), default=math.nan
     )
     lines = [f"lr*eig_max/N at step 0: at most {lr_eig:.3g} (MSE stability edge: 2)"]
-    s = result.exponent
-    if math.isnan(s):
+    iv = result.interval
+    if math.isnan(result.exponent) and iv.n == 0:
         lines.append(
             "boundary exponent: undefined (fewer than two widths have a lazy/rich crossing inside "
-            "the alpha grid; widen --alphas)"
+            "the alpha grid; widen --phase-alphas)"
         )
     else:
-        delta = s - GEIGER_EXPONENT
-        verdict = (
-            "agrees with -1/2 within 0.1"
-            if abs(delta) <= 0.1
-            else f"differs from -1/2 by {delta:+.2f}"
-        )
+        per_init = ", ".join(f"{v:+.2f}" for v in iv.per_init)
+        if iv.n >= 2:
+            if iv.contains(GEIGER_EXPONENT):
+                verdict = "consistent with -1/2"
+            else:
+                side = "steeper" if iv.high < GEIGER_EXPONENT else "shallower"
+                verdict = f"excludes -1/2 ({side})"
+            lines.append(
+                f"boundary alpha* ∝ width^s over {iv.n} initialisations: s = {iv.mean:+.2f}, "
+                f"95% interval [{iv.low:+.2f}, {iv.high:+.2f}] (Student t across inits: "
+                f"{per_init}); Geiger et al. 2020: -1/2 -> {verdict}"
+            )
+        else:
+            lines.append(
+                f"boundary alpha* ∝ width^s: s = {iv.mean:+.2f} from one initialisation "
+                f"({per_init}): no interval, so no verdict against Geiger et al.'s -1/2 "
+                "(use --phase-seeds >= 3)"
+            )
         lines.append(
-            f"fitted boundary alpha* ∝ width^s: s = {s:+.2f}  (Geiger et al. 2020: -1/2, i.e. "
-            f"alpha*sqrt(width) = const; this fit {verdict}); alpha*sqrt(width) ≈ "
-            f"{result.sqrt_const:.3g}"
+            f"fit to the per-cell medians: s = {result.exponent:+.2f}; "
+            f"alpha*sqrt(width) ≈ {result.sqrt_const:.3g}"
+        )
+    p, q = result.lazy_width_slope, result.lazy_alpha_slope
+    if math.isfinite(p) and math.isfinite(q):
+        lines.append(
+            f"lazy cells: ntk/rel_change ∝ width^{p:+.2f} · alpha^-{q:.2f}, so the threshold is "
+            f"crossed at alpha ∝ width^{p / q:+.2f}: the boundary exponent is the width slope of "
+            "ntk/rel_change (ReLU activation flips put it between -1/2 and -1, see docs/science.md)"
         )
     lines.append(f"seed {result.seed}, {result.seeds} init(s) per cell; {result.seconds:.0f} s")
     lines.append(
@@ -550,8 +673,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="full-batch GD steps per run (default: %(default)s)")  # fmt: skip
     g.add_argument("--phase-lr", type=_positive(float), default=DEFAULT_LR,
                    help="learning rate at alpha=1 (default: %(default)s)")  # fmt: skip
-    g.add_argument("--phase-seeds", type=_positive(int), default=1, metavar="K",
-                   help="initialisations per cell (default: %(default)s)")  # fmt: skip
+    g.add_argument("--phase-seeds", type=_positive(int), default=DEFAULT_SEEDS, metavar="K",
+                   help="initialisations per cell; the exponent's 95%% interval is taken "
+                        "across them (default: %(default)s)")  # fmt: skip
     g.add_argument("--phase-threshold", type=_positive(float), default=DEFAULT_THRESHOLD,
                    help="lazy threshold on ntk/rel_change (default: %(default)s)")  # fmt: skip
     if not any("--seed" in a.option_strings for a in parser._actions):

@@ -2,18 +2,23 @@ r"""``lazy-monitor demo --catapult``: one narrow net below, inside and above the
 
 What it runs (plain PyTorch, one CPU thread, a few seconds):
 
-* the task: ``n`` points of two spirals (:func:`lazy_monitor.datasets.two_spirals`), labels ±1,
+* the task: ``n`` points of two spirals (:func:`lazy_monitor.demo.datasets.two_spirals`), labels ±1,
   squared error ``L = ½·mean_n (f(x_n) − y_n)²`` and full-batch gradient descent, the setting of
   Lewkowycz et al. 2020 ("The large learning rate phase of deep learning: the catapult
   mechanism");
-* the model: a narrow one-hidden-layer ReLU MLP in the NTK parameterisation (same seed for every
-  learning rate, so every run starts from the same θ₀ and the same λ₀);
+* the model: a narrow ReLU MLP in the NTK parameterisation, one hidden layer by default
+  (``depth``; same seed for every learning rate, so every run starts from the same θ₀ and the
+  same λ₀);
 * the probe of :class:`~lazy_monitor.KernelTracker` is the whole training set, so
   ``λ₀ = λmax(K(θ₀))`` is exactly the top eigenvalue of the kernel that drives GD and the critical
-  learning rate is ``η_crit = 2N/λ₀`` (:mod:`lazy_monitor.core.stability`);
+  learning rate is ``η_crit = 2N/λ₀`` (:mod:`lazy_monitor.core.stability`). ``η λ₀/N`` is the
+  paper's ``η λ₀`` (their λ is the top eigenvalue of the NTK divided by the number of samples,
+  their loss ``1/(2n) Σ``), so the numbers below are in the paper's units;
 * one run per factor in ``factors``: ``η = factor · η_crit``, i.e. ``η λ₀/N = 2·factor``. The
-  defaults 0.5, 1.75, 8 put ``η λ₀/N`` at 1 (below the window), 3.5 (inside: between 2 and
-  Lewkowycz et al.'s ~4, ~12 for ReLU) and 16 (above the ReLU bound);
+  defaults 0.5, 1.75, 8 put ``η λ₀/N`` at 1, 3.5 and 16;
+* each row carries the verdict the stated window predicts (:func:`predicted`): stable up to 2,
+  catapult up to ``edge`` (default 4: the edge Lewkowycz et al. derive for their two-layer
+  linear model), diverged above, and whether the run matched;
 * the tracker is measured at every step of the first ``dense_steps`` and every ``every`` steps
   after; :class:`~lazy_monitor.core.stability.CatapultDetector` reads ``ntk/lr_eig_max``.
 
@@ -28,16 +33,20 @@ Verdict per run, from the numbers printed:
 * ``stable``: neither a spike nor a flagged drop;
 * ``unclear``: one of the two signatures without the other.
 
-Expected: stable below, catapult inside, diverged above; the summary says whether each matched.
+The summary line names every learning rate whose verdict differs from the prediction.
 
 Measured here (defaults: width 64, N = 32, 100 steps; seed 0): λ₀ = 11.18, η_crit = 5.726.
 η λ₀/N = 1: loss never rises (spike 1×), λmax 11.18 → 11.67 (stable). η λ₀/N = 3.5: the loss
 rises to 2.60 (3.5× its running minimum) and λmax falls 11.18 → 7.03, final loss 0.283 < 0.742
 (catapult). η λ₀/N = 16: the loss overflows, non-finite (diverged). Seeds 1 and 2 give the same
-three verdicts (spikes 2.9× and 7.1×, λmax 12.4 → 7.09 and 19.3 → 10.3). On a finer sweep
-(seed 0, 150 steps) the catapult verdict holds from η λ₀/N = 2.2 to 4, 1.8 is stable, and the
-run diverges from 6 on.
-About 9 s of CPU time.
+three verdicts (spikes 2.9× and 7.1×, λmax 12.4 → 7.09 and 19.3 → 10.3). About 9 s of CPU time.
+
+The measured upper edge (``benchmarks/bench_science.py``: 300 steps, seed 0, η λ₀/N from 1 to
+16): one hidden layer catapults up to 4 and diverges from 4.4 at widths 64 and 4096 (width 1024:
+up to 3.6, diverged at 4), i.e. Lewkowycz et al.'s linear-model edge 4, not the ~12 they report
+for their wide ReLU nets; at width 512 the edge is 3–4 with one hidden layer, 7–8 with two and
+8–9 with three (``--catapult-depth``). Below 2 a narrow net can still catapult late (width 64 at
+1.8: λmax grows to 13.6 during training and crosses 2N/η). Details: docs/science.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 r"""``lazy-monitor demo --phase``: the lazy / rich phase diagram over width × output scale α.
 
-What it runs (plain PyTorch loop, no Lightning, one CPU thread; ~45–50 s of CPU time with the
-defaults, 1.5–2.5 min wall time on a busy 2-core machine, see ``run_phase``):
+What it runs (plain PyTorch loop, no Lightning, one CPU thread; 42–51 s of CPU time per
+initialisation of the default grid, the default is 3, see ``run_phase``):
 
 * the task: ``n_train`` points of two interleaved spirals (:func:`lazy_monitor.datasets.two_spirals`,
   generated in code), labels ±1, squared error ``½·mean_n (F(x_n) − y_n)²``, full-batch gradient
@@ -27,18 +27,22 @@ fit ``log α* = s·log h + b`` gives the exponent ``s``. Geiger, Spigler, Jacot 
 ("Disentangling feature and lazy training in deep neural networks") find the crossover at
 ``α·√h ≈ const``, i.e. ``s = −½``; the figure shows both the free fit and the line
 ``α·√h = c`` with ``c`` fitted to the boundary points. What we measure depends on the training
-time (``lr·steps``) and, strongly, on the seed: narrow ReLU nets have a noisy boundary (their
-kernel jumps when activation patterns flip). The printed comparison says plainly whether the fit
-agrees with −½.
+time (``lr·steps``) and, strongly, on the initialisation: narrow ReLU nets have a noisy
+boundary (their kernel jumps when activation patterns flip). So the exponent is fitted once per
+initialisation (``seeds`` of them, default 3) and reported as their mean with a Student-t 95 %
+interval; the summary says "consistent with -1/2" only when the interval contains −½, and gives
+no verdict for a single initialisation.
 
 Measured here (default grid: widths 16, 64, 256, 1024 × 9 α in [0.1, 100], 500 steps, lr 2/α²,
-128 points; ``--seed`` S, initialisations ``1000·S + k``): with 1 initialisation per cell
-s = −0.49 (seed 0), −0.82 (seed 1), −1.06 (seed 2); with ``--phase-seeds 3`` s = −0.71
-(seed 1), −0.87 (seed 2) (and −0.58 for seed 0 on an 8-α grid up to 31.6). So the boundary
-follows a power law but is on average *steeper* than Geiger et al.'s −½ on this task (about
-−0.7 ± 0.2), mostly because the width-16 boundary scatters between α* ≈ 6 and 55; fitted on widths
-64–1024 only, the 3-initialisation runs give −0.59 and −0.69. Cost: 42–51 s of CPU time for the
-default grid (one thread), 85–145 s wall time on a 2-core machine shared with other jobs.
+128 points; ``--seed`` S = 0, 1, 2, initialisations ``1000·S + k``, k = 0, 1, 2; 9 fits,
+``benchmarks/bench_science.py``): s = −0.49, −0.63, −0.63, −0.82, −0.60, −0.55, −1.06, −0.70,
+−0.72, mean **−0.69, 95 % interval [−0.82, −0.56]**: steeper than Geiger et al.'s −½, which lies
+outside. One ``--seed`` with the default 3 initialisations gives intervals ±0.2 to ±0.5 wide
+(−0.58 [−0.79, −0.38], −0.66 [−1.01, −0.30], −0.83 [−1.34, −0.32]), each containing −½: three
+initialisations cannot tell −½ from −0.69. Fitted on widths 64–1024 only: −0.59 [−0.69, −0.49].
+In the lazy cells ``ntk/rel_change ∝ width^p · α^-q`` with p = −0.55 [−0.63, −0.46],
+q = 0.52 [0.49, 0.55] (see docs/science.md for what this says about the exponent). Wall time:
+about 17 min per ``--seed`` with 3 initialisations on a 2-core machine at load ~20.
 """
 
 from __future__ import annotations
@@ -239,9 +243,11 @@ def fit_lazy_scaling(
 ) -> tuple[float, float]:
     r"""Least-squares fit ``log v = p·log width − q·log α + c`` over the lazy cells.
 
-    In the lazy regime the kernel moves in proportion to the weights' displacement, ``∝ 1/α``
-    (``q ≈ 1``), times a width factor ``width^p``; the cell crosses ``threshold`` where
-    ``width^p α^-q = const``, so the boundary exponent is ``p/q``.
+    If the kernel moved in proportion to the weights' displacement (``∝ 1/α``, first order)
+    ``q`` would be 1, and if ``v`` were one power law the threshold would be crossed at
+    ``α ∝ width^(p/q)``. Measured on the default grid (docs/science.md) ``q ≈ 0.5``: the kernel
+    of these ReLU nets moves like the square root of the displacement in the lazy cells, and the
+    boundary exponent is not ``p/q``, so the two are reported side by side.
 
     Args:
         widths, alphas, values: one entry per cell (same length).
@@ -363,7 +369,7 @@ def run_phase(
     r"""Train the width × α grid, write ``phase.csv`` (and ``phase.png``), print the grid and fit.
 
     Runtime: ``len(widths)·len(alphas)·seeds`` runs of ``steps`` full-batch steps; the defaults
-    (4 × 9 × 1 runs of 500 steps on 128 points) take 42–51 s of CPU time on one thread (85–145 s wall on a shared 2-core CPU).
+    (4 × 9 × 3 runs of 500 steps on 128 points) take 3 × (42–51 s) of CPU time on one thread.
 
     Args:
         out_dir: folder for ``phase.csv`` / ``phase.png`` (created).
@@ -372,7 +378,8 @@ def run_phase(
         steps: gradient-descent steps per run.
         lr: learning rate at α = 1; each run uses ``lr/α²``.
         seed: seed of the data; initialisation ``k`` of a run uses seed ``1000·seed + k``.
-        seeds: initialisations per cell (the cell shows their median).
+        seeds: initialisations per cell (the cell shows their median; the exponent's interval
+            is taken across them, so >= 2 for an interval).
         threshold: lazy threshold on the final ``ntk/rel_change`` (> 0).
         n_train: training points; probe_size: the first ``probe_size`` of them form the probe.
         plot: write ``phase.png`` (needs matplotlib).
@@ -526,7 +533,10 @@ def summary(result: PhaseResult) -> str:
         per_init = ", ".join(f"{v:+.2f}" for v in iv.per_init)
         if iv.n >= 2:
             if iv.contains(GEIGER_EXPONENT):
-                verdict = "consistent with -1/2"
+                half = (iv.high - iv.low) / 2
+                verdict = (
+                    f"consistent with -1/2 at this precision (±{half:.2f}; more inits narrow it)"
+                )
             else:
                 side = "steeper" if iv.high < GEIGER_EXPONENT else "shallower"
                 verdict = f"excludes -1/2 ({side})"
@@ -548,9 +558,9 @@ def summary(result: PhaseResult) -> str:
     p, q = result.lazy_width_slope, result.lazy_alpha_slope
     if math.isfinite(p) and math.isfinite(q):
         lines.append(
-            f"lazy cells: ntk/rel_change ∝ width^{p:+.2f} · alpha^-{q:.2f}, so the threshold is "
-            f"crossed at alpha ∝ width^{p / q:+.2f}: the boundary exponent is the width slope of "
-            "ntk/rel_change (ReLU activation flips put it between -1/2 and -1, see docs/science.md)"
+            f"lazy cells: ntk/rel_change ∝ width^{p:+.2f} · alpha^-{q:.2f} (least squares; the "
+            "width slope at fixed alpha, compare the plain demo's; alpha^-1 would be a kernel "
+            "moving linearly with the weights, see docs/science.md)"
         )
     lines.append(f"seed {result.seed}, {result.seeds} init(s) per cell; {result.seconds:.0f} s")
     lines.append(

@@ -7,8 +7,10 @@
    initialisation over data seeds 0-2 × 3 initialisations (9 fits), their mean and Student-t 95 %
    interval, and the lazy-cell fit ``ntk/rel_change ∝ width^p · α^-q`` (boundary exponent p/q).
 
-One thread per process, ``--jobs`` processes (default 2). About 9 min of CPU time in all (phase:
-~7, catapult: ~2), so 4-5 min of wall time on an idle 2-core machine; ``uptime`` is printed.
+One thread per process, ``--jobs`` processes (default 2); the load and, at the end, the CPU time
+of the workers are printed. Measured: 33 min wall on 2 cores at load 11-22 (other jobs); the
+phase grids are 9 × (42-51 s) of CPU time, so on idle cores expect several minutes.
+``--phase-seeds 0`` (one grid of 3 initialisations) or ``--skip-phase`` make it shorter.
 
     python benchmarks/bench_science.py [--jobs 2] [--phase-seeds 0,1,2] [--skip-phase]
 """
@@ -129,7 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  init {k}: alpha* = {[round(a, 3) for a in star]}", file=out)
     if phases:
         _pooled(phases, out)
-    print(f"\ntotal {time.perf_counter() - start:.0f} s wall", file=out)
+    import resource
+
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(
+        f"\ntotal {time.perf_counter() - start:.0f} s wall, workers "
+        f"{cpu.ru_utime + cpu.ru_stime:.0f} s CPU, load {os.getloadavg()[0]:.1f}",
+        file=out,
+    )
     return 0
 
 

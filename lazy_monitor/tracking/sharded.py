@@ -66,6 +66,7 @@ from lazy_monitor.core import _functional as F
 from lazy_monitor.core.kernels import projection_matrix
 from lazy_monitor.tracking import kernel_config as kc
 from lazy_monitor.tracking.distributed import KernelSharding
+from lazy_monitor.tracking.features import kernel_budget
 from lazy_monitor.tracking.tracker import KernelTracker
 
 __all__ = ["ShardedKernelTracker", "has_sharded_params", "mesh_sharding"]
@@ -514,7 +515,7 @@ class ShardedKernelTracker(KernelTracker):
         )
         itemsize = torch.finfo(next(iter(live.values())).dtype).bits // 8
         layers = len(self._layers) if self.per_layer else 0
-        budget = self.max_memory
+        budget = kernel_budget(self.max_memory, len(self._feature_modules), n)  # Grams beside
 
         def estimate(kind: str, projection: Any) -> dict[str, Any]:
             r = kc.kernel_outputs("full", projection, o)  # rows per example

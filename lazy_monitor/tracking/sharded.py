@@ -79,6 +79,7 @@ from lazy_monitor.tracking._fsdp import (
 )
 from lazy_monitor.tracking._state import TrackerState
 from lazy_monitor.tracking.distributed import KernelSharding
+from lazy_monitor.tracking.features import kernel_budget
 
 __all__ = ["ShardedMeasurement", "has_sharded_params", "mesh_sharding"]
 
@@ -334,7 +335,7 @@ class ShardedMeasurement:
         )
         itemsize = torch.finfo(next(iter(live.values())).dtype).bits // 8
         layers = len(t._layers) if t.per_layer else 0
-        budget = t.kernel.max_memory
+        budget = kernel_budget(t.kernel.max_memory, len(t._feature_modules), n)  # Grams beside
         r = kc.kernel_outputs("full", projection, o)  # rows per example
         m = n * kc.kernel_outputs(kind, projection, o)  # kernel matrix size
         numel = {"full": m * m, "trace": n * n, "diagonal": n * n * r}[kind]

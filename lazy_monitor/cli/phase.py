@@ -530,7 +530,13 @@ def summary(result: PhaseResult) -> str:
             "the alpha grid; widen --phase-alphas)"
         )
     else:
-        per_init = ", ".join(f"{v:+.2f}" for v in iv.per_init)
+        per_init = ", ".join(f"{v:+.2f}" if math.isfinite(v) else "none" for v in iv.per_init)
+        over = f"{iv.n} initialisations"
+        if iv.n < len(iv.per_init):
+            over = (
+                f"{iv.n} of {len(iv.per_init)} initialisations (none: fewer than two widths "
+                "cross inside the alpha grid)"
+            )
         if iv.n >= 2:
             if iv.contains(GEIGER_EXPONENT):
                 half = (iv.high - iv.low) / 2
@@ -541,7 +547,7 @@ def summary(result: PhaseResult) -> str:
                 side = "steeper" if iv.high < GEIGER_EXPONENT else "shallower"
                 verdict = f"excludes -1/2 ({side})"
             lines.append(
-                f"boundary alpha* ∝ width^s over {iv.n} initialisations: s = {iv.mean:+.2f}, "
+                f"boundary alpha* ∝ width^s over {over}: s = {iv.mean:+.2f}, "
                 f"95% interval [{iv.low:+.2f}, {iv.high:+.2f}] (Student t across inits: "
                 f"{per_init}); Geiger et al. 2020: -1/2 -> {verdict}"
             )

@@ -74,6 +74,8 @@ def test_summary_says_consistent_only_when_the_interval_contains_minus_one_half(
     # one initialisation: no interval, no verdict (even when it lands on -1/2 exactly)
     text = phase.summary(_result_with([-0.5]))
     assert "no verdict" in text and "consistent" not in text
+    text = phase.summary(_result_with([-0.6, math.nan, -0.7]))
+    assert "over 2 of 3 initialisations" in text and "inits: -0.60, none, -0.70)" in text
 
 
 def test_fit_lazy_scaling_recovers_width_and_alpha_exponents_and_ignores_rich_cells():
@@ -126,7 +128,9 @@ def test_smoke_run_writes_png_and_csv_and_fits_a_finite_exponent(tmp_path):
     assert result.seeds == phase.DEFAULT_SEEDS == 3 and len(result.interval.per_init) == 3
     assert result.interval.low <= result.interval.mean <= result.interval.high
     text = stream.getvalue()
-    assert "over 3 initialisations" in text and "95% interval" in text and "Geiger" in text
+    assert "initialisations" in text and "95% interval" in text and "Geiger" in text
+    # an initialisation without a crossing is named, not printed as nan
+    assert "nan" not in text.split("lr*eig_max/N")[1]
 
 
 def test_cli_pair_parses_and_runs(tmp_path):

@@ -182,12 +182,22 @@ def empirical_ntk(
             so kernels measured at different times are comparable). ``kind="trace"`` is then
             an unbiased estimate of the exact trace kernel (``E[R Rᵀ] = k·I``) and
             ``kind="full"`` gives ``(N1, N2, k, k)``. The projection is applied to the output
-            before any derivative is taken, so the cost scales with ``k``, not ``O``.
+            before any derivative is taken, so the cost scales with ``k``, not ``O``; ``k``
+            must be smaller than ``O`` (a projection to ``k >= O`` saves nothing and is still
+            an estimate: use ``None``).
             ``"sum"``: the pseudo-NTK (Mohamadi & Sutherland 2023), the kernel of
             ``Σ_o f_o(x) / √O``, ``(N1, N2)`` (``(N1, N2, 1, 1)`` for ``kind="full"``).
             Sequence outputs ``(N, T, V)`` are flattened to ``O = T·V`` first.
         projection_seed: seed of ``R`` (its own ``torch.Generator``; global RNG untouched).
-        max_memory: bytes of per-example factors held at once (default ~1 GiB). When the
+        max_memory: bytes of per-example factors held at once (default: 1 GiB minus the
+            kernel). Before anything large is allocated, the call's peak is estimated from one
+            example's forward -- the kernel (with its blocks and its final layout copy) and
+            one example's rows (``O × O_raw`` output-gradient rows, ``3·O·numel`` for a
+            parameter the Jacobian path builds, e.g. a tied embedding) -- and the call is
+            refused with :class:`~lazy_monitor.core.kernels.errors.NtkBudgetError` when it
+            exceeds ``max(max_memory, 1 GiB)`` (a smaller ``max_memory`` only makes the blocks
+            below smaller; see :func:`~lazy_monitor.core.kernels.estimate.check_engine_memory`).
+            When the
             structured factors of all layers for all examples do not fit, consecutive groups
             of layers whose factors fit are contracted one after the other (one forward and
             backward per group); a layer too large on its own, and the other implementations,
@@ -206,12 +216,20 @@ def empirical_ntk(
             mismatched batch sizes, an output without a batch dimension, no trainable
             parameter, ``x2`` structured differently from ``x1`` or giving a different output
             size, or a BatchNorm without running statistics (examples not independent).
+            A ``projection`` ``k >= O``; parameters without data (meta device, lazy modules):
+            materialise the model first.
+        NtkBudgetError: (a ValueError) the estimated peak exceeds the memory limit above; the
+            message has the estimate and the fixes (``output_fn``, ``projection``, ``kind``, a
+            smaller probe, ``max_memory``).
         TypeError: inputs that are not tensors (or containers of tensors), floating inputs
             needed where integer tensors were given, a non-tensor output without
             ``output_fn``.
-        StructuredPlanError: (``"structured"`` only; a RuntimeError) a parameter used
-            differently on some examples than on the probe examples (data-dependent control
-            flow): ``"auto"`` switches to the Jacobian contraction by itself.
+        RuntimeError: (or TypeError) the model cannot run on ``x1``/``x2``: the model's own
+            error with the inputs' shapes and what its first layer expects.
+        StructuredPlanError: (``"structured"`` only; a RuntimeError) the structured plan could
+            not be made or verified on this model (e.g. data-dependent control flow):
+            ``"auto"`` switches to the Jacobian contraction by itself, with one warning, on
+            any failure of the structured attempt other than a memory refusal.
         ForwardADUnsupportedError: (``"ntvp"`` only; a NotImplementedError) an op of the model
             has no forward-mode AD rule: use ``"auto"`` or ``"jacobian"``.
 

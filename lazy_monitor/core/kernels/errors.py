@@ -25,9 +25,10 @@ __all__ = [
 
 
 class StructuredPlanError(RuntimeError):
-    """The structured plan (parameter uses found on the probe examples) does not hold for some
-    examples: data-dependent control flow. ``implementation="auto"`` handles it internally by
-    using the Jacobian contraction; an explicit ``"structured"`` raises it."""
+    """The structured plan (parameter uses found on the probe examples) cannot be made or does
+    not hold for some examples: data-dependent control flow. ``implementation="auto"`` handles
+    it (and any other failure of the structured attempt) by using the Jacobian contraction; an
+    explicit ``"structured"`` raises it, naming ``"auto"`` and ``"jacobian"``."""
 
 
 class ForwardADUnsupportedError(NotImplementedError):

@@ -104,7 +104,9 @@ def test_forced_trace_tracker_is_refused_at_start_when_its_time_estimate_is_over
     # Row "a forced KernelTracker(kind='trace') is accepted with its own estimate '12,225 s'":
     # the time limit (10x auto's per-measurement budget) now holds for forced settings too.
     monkeypatch.setattr(estimate_module, "SECONDS_LIMIT", 1e-9)
-    tracker = KernelTracker(_mlp(), torch.randn(4, 10), kind="trace", feature_modules=False)
+    tracker = KernelTracker(
+        _mlp(), torch.randn(4, 10), kernel={"kind": "trace"}, feature_modules=False
+    )
     with pytest.raises(ValueError) as info:
         tracker.start()
     assert _is_budget_error(info.value)
@@ -121,7 +123,9 @@ def test_projection_not_smaller_than_the_outputs_is_refused(o: int, k: int) -> N
 
 def test_tracker_with_projection_not_smaller_than_the_outputs_is_refused_at_construction() -> None:
     with pytest.raises(ValueError, match="projection=100 is not smaller"):
-        KernelTracker(_mlp(o=3), torch.randn(8, 10), projection=100, feature_modules=False)
+        KernelTracker(
+            _mlp(o=3), torch.randn(8, 10), kernel={"projection": 100}, feature_modules=False
+        )
 
 
 # ---------------------------------------------------------------- misleading messages
@@ -145,7 +149,7 @@ def test_probe_too_large_for_the_budget_gets_the_budget_message_at_construction(
     # Row "N = 65536 probe -> the same wrong hint": the smallest measurement (an N x N trace
     # kernel, 3 copies, its float64 eigendecomposition) is checked before the first forward.
     with pytest.raises(ValueError) as info:
-        KernelTracker(_mlp(), torch.randn(4096, 10), max_memory=2**26)
+        KernelTracker(_mlp(), torch.randn(4096, 10), kernel={"max_memory": 2**26})
     text = str(info.value)
     assert _is_budget_error(info.value) and "N=4096" in text and "smaller probe" in text
     assert "expects" not in text
@@ -169,7 +173,7 @@ class _AllocatesTooMuch(nn.Module):
 
 def test_an_allocation_failure_on_the_probe_is_not_reported_as_a_shape_problem() -> None:
     with pytest.raises(ValueError) as info:
-        KernelTracker(_AllocatesTooMuch(), torch.randn(16, 10), max_memory=None)
+        KernelTracker(_AllocatesTooMuch(), torch.randn(16, 10), kernel={"max_memory": None})
     text = str(info.value)
     assert _is_budget_error(info.value) and "smaller probe" in text
     assert "expects" not in text

@@ -111,6 +111,7 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
     import torch.distributed as dist
 
     from lazy_monitor import KernelTracker
+    from lazy_monitor.tracking.features import feature_gram_bytes
     from lazy_monitor.tracking.sharded import ShardedKernelTracker, _row_exchange_layout
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -135,7 +136,8 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
             if recompute:  # a max_memory that holds the kernel's rows but not J(θ₀)'s
                 tracker.start()
                 est = tracker.kernel_config["estimate"]
-                cfg["max_memory"] = est["bytes"] - est["j0_bytes"]
+                grams = feature_gram_bytes(len(tracker.feature_modules), tracker.probe_size)
+                cfg["max_memory"] = est["bytes"] - est["j0_bytes"] + grams  # Grams beside
                 tracker = KernelTracker(model, probe, **cfg)
             tracker.exchange_rows = exchange  # False: every rank every row (FSDP2's reduce)
             # the row exchange applies when FSDP2 manages every tracked parameter

@@ -80,7 +80,13 @@ from lazy_monitor.tracking import _checks, _persist
 from lazy_monitor.tracking import kernel_config as kc
 from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint
 from lazy_monitor.tracking.distributed import KernelSharding
-from lazy_monitor.tracking.features import check_feature_modules, gram_hooks
+from lazy_monitor.tracking.features import (
+    check_feature_modules,
+    fit_feature_budget,
+    gram_hooks,
+    kernel_budget,
+    report_feature_selection,
+)
 from lazy_monitor.tracking.kernel_config import (  # noqa: F401 - re-exported
     KERNEL_COPIES,
     MAX_SPECTRUM_SIZE,
@@ -270,21 +276,16 @@ class KernelTracker:
         # One side-effect-free forward: checks the model runs on the probe, gives O and which
         # feature modules can be tracked.
         candidates, strict = check_feature_modules(model, feature_modules)
+        candidates = fit_feature_budget(candidates, strict, self.probe_size, self.kernel.max_memory)
         self._features_default = feature_modules is True
         self._feature_modules = candidates
+        self._feature_select: Optional[dict[str, str]] = {}  # this forward chooses the modules
         try:
             f, feats = self.measurement.forward(strict=strict)
         except (RuntimeError, TypeError) as err:
             raise _checks.probe_error(err, model, probe) from err
-        self._feature_modules = [m for m in candidates if m in feats]
-        dropped = [m for m in candidates if m not in feats]
-        if dropped:
-            warnings.warn(
-                f"KernelTracker does not track the features of {dropped}: not called exactly once "
-                "per forward, or output not batched on dim 0 with the probe's examples. Pass "
-                "feature_modules=[...] to choose the modules (or False for none).",
-                stacklevel=2,
-            )
+        self._feature_modules = report_feature_selection(candidates, feats, self._feature_select)
+        self._feature_select = None
         self.num_outputs = f.shape[1]
         kind = self.kernel.kind
         if kind != "auto":
@@ -425,7 +426,9 @@ class KernelTracker:
     def _hooks(self, strict: bool = True) -> Any:
         """Forward hooks recording the centred Gram ``(N, N)`` of each tracked module's output
         (see :func:`lazy_monitor.tracking.features.gram_hooks`)."""
-        return gram_hooks(self.model, self._feature_modules, self.probe_size, strict=strict)
+        return gram_hooks(
+            self.model, self._feature_modules, self.probe_size, strict, self._feature_select
+        )
 
     def _on_metric_device(self, grams: Mapping[str, Tensor]) -> dict[str, Tensor]:
         dev = self._metric_device()
@@ -451,6 +454,10 @@ class KernelTracker:
         return kc.resolve(
             self.kernel,
             self.measurement,
+            # the feature Grams are held beside the kernel: the kernel gets the rest
+            max_memory=kernel_budget(
+                self.kernel.max_memory, len(self._feature_modules), self.probe_size
+            ),
             num_outputs=self.num_outputs,
             max_seconds=MAX_SECONDS,  # read here: tests patch this module's constant
             stacklevel=3,  # the caller of start()

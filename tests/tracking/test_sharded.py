@@ -145,7 +145,9 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
             if recompute:  # a max_memory that holds the kernel's rows but not J(θ₀)'s
                 tracker.start()
                 est = tracker.kernel_config["estimate"]
-                cfg["max_memory"] = est["bytes"] - est["j0_bytes"]
+                # the feature Grams take their share of max_memory before the kernel
+                grams = tracker.kernel.max_memory - tracker.kernel_config["requested"]["max_memory"]
+                cfg["max_memory"] = est["bytes"] - est["j0_bytes"] + grams
                 tracker = KernelTracker(model, probe, **_kwargs(cfg))
             tracker.measurement.exchange_rows = (
                 exchange  # False: every rank every row (FSDP2's reduce)

@@ -461,9 +461,7 @@ def kernel_alignment(
     y = _target_matrix(targets, n, outputs, num_classes).to(kernel.device)
     if not (_finite(kernel) and _finite(y)):
         return _nan(kernel)
-    k = kernel.detach().to(torch.float64)
-    k = k - k.mean(0, keepdim=True)
-    k = k - k.mean(1, keepdim=True)  # K_c = H K H, per output pair
+    k = _centred(kernel)  # K_c = H K H, per output pair
     yc = y - y.mean(0, keepdim=True)
     if kind == "full":
         inner = torch.einsum("nmab,na,mb->", k, yc, yc)
@@ -472,6 +470,13 @@ def kernel_alignment(
         inner = torch.einsum("nma,na,ma->", k, yc, yc)
         l_norm = (yc * yc).sum(0).square().sum().sqrt()
     return _aligned(inner, torch.linalg.vector_norm(k), l_norm)
+
+
+def _centred(kernel: Tensor) -> Tensor:
+    """``H K H`` over the example axes in float64, in one kernel-sized copy (centred in place)."""
+    k = kernel.detach().to(torch.float64, copy=True)
+    k.sub_(k.mean(0, keepdim=True))
+    return k.sub_(k.mean(1, keepdim=True))
 
 
 def _aligned(inner: Tensor, k_norm: Tensor, l_norm: Tensor) -> Tensor:
@@ -511,9 +516,7 @@ def _trace_alignment(kernel: Tensor, gram: Tensor) -> Tensor:
     gram = gram.to(kernel.device)
     if not (_finite(kernel) and _finite(gram)):
         return _nan(kernel)
-    k = kernel.detach().to(torch.float64)
-    k = k - k.mean(0, keepdim=True)
-    k = k - k.mean(1, keepdim=True)  # K_c = H K H
+    k = _centred(kernel)  # K_c = H K H
     lc = gram - gram.mean(0, keepdim=True)
     lc = lc - lc.mean(1, keepdim=True)  # L_c = H Y Yᵀ H = Y_c Y_cᵀ
     return _aligned((k * lc).sum(), torch.linalg.vector_norm(k), torch.linalg.vector_norm(lc))

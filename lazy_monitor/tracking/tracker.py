@@ -173,12 +173,15 @@ class KernelTracker:
             (``ntk/rel_change ≤ 0.1`` and ``lin/rel_error ≤ 0.1``), a heuristic.
         output_fn: maps the model's output to a tensor (e.g. ``lambda out: out.logits``).
         feature_modules: modules whose output features are tracked (``features/<name>/cka``):
-            ``True`` (default) -- the modules owning trainable parameters
-            (:func:`~lazy_monitor.core.features.default_feature_modules`, the grouping of the
-            per-layer kernel), skipping with a warning those that cannot be tracked (not called
-            exactly once per forward, output not batched on dim 0); a list of names from
-            ``model.named_modules()`` (each must be trackable: an error at construction
-            otherwise); ``False`` or ``None``: no feature metrics.
+            ``True`` (default) -- the hidden representations: the modules owning trainable
+            parameters (:func:`~lazy_monitor.core.features.default_feature_modules`, the
+            grouping of the per-layer kernel) less the output layer, skipping with a warning
+            those that cannot be tracked (not called exactly once per forward, output not
+            batched on dim 0); a list of names from ``model.named_modules()`` (each must be
+            trackable: an error at construction otherwise; the output layer may be named);
+            ``False`` or ``None``: no feature metrics. Either way a module whose features are
+            the same for every probe example is omitted (one info line), and the Grams count
+            against ``max_memory`` (:mod:`lazy_monitor.tracking.features`).
         sharding: split each kernel computation across the processes of a distributed run
             (:class:`~lazy_monitor.tracking.distributed.KernelSharding`): every process
             computes the blocks of its share of the parameters and one sum-reduction completes

@@ -379,3 +379,33 @@ def test_kernel_layer_changes_in_units_of_the_total_reference_kernel():
     assert M.kernel_layer_changes({"a": kb}, {"a": z}, z)["a"].item() == math.inf
     with pytest.raises(ValueError, match="layers \\['c'\\] have no reference"):
         M.kernel_layer_changes({"c": ka}, {"a": ka0}, k0)
+
+
+@pytest.mark.parametrize("kind", ["full", "diagonal", "trace"])
+def test_alignment_equals_explicit_matrix_formula(kind):
+    # ⟨HKH, HLH⟩ / (‖HKH‖ ‖HLH‖) on the (N·O) × (N·O) matrices (N × N for trace), H = H_N ⊗ I_O
+    g = torch.Generator().manual_seed(7)
+    n, o = 6, 3
+    j = torch.randn(n, o, 5, generator=g, dtype=torch.float64)
+    full = torch.einsum("nap,mbp->nmab", j, j)
+    kernel = {
+        "full": full,
+        "diagonal": torch.diagonal(full, dim1=2, dim2=3),
+        "trace": torch.einsum("nmaa->nm", full),
+    }[kind]
+    y = torch.randn(n, o, generator=g, dtype=torch.float64)
+    hn = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    if kind == "trace":
+        h, mat, lmat = hn, kernel, y @ y.T
+    else:
+        h = torch.kron(hn, torch.eye(o, dtype=torch.float64))
+        mat, v = M.kernel_matrix(kernel), y.reshape(-1)
+        lmat = torch.outer(v, v)
+        if kind == "diagonal":  # keep the δ_ab blocks only
+            same = torch.eye(o, dtype=torch.bool).repeat(n, n)
+            lmat = torch.where(same, lmat, torch.zeros_like(lmat))
+    kc, lc = h @ mat @ h, h @ lmat @ h
+    expected = (kc * lc).sum() / (kc.norm() * lc.norm())
+    before = kernel.clone()
+    assert M.kernel_alignment(kernel, y).item() == pytest.approx(expected.item(), abs=1e-12)
+    assert torch.equal(kernel, before)  # a float64 kernel is not centred in place

@@ -65,6 +65,7 @@ from lazy_monitor._validation import check_choice, check_int, check_mapping
 from lazy_monitor.core._functional import as_device
 from lazy_monitor.core.kernels import DEFAULT_MAX_MEMORY, NtkImplementation, projection_matrix
 from lazy_monitor.core.kernels.config import KINDS, check_projection, check_projection_seed
+from lazy_monitor.core.kernels.errors import NtkBudgetError
 
 __all__ = [
     "KERNEL_COPIES",
@@ -401,7 +402,7 @@ def resolve(
     (kind, proj), est = candidates[len(estimates) - 1], estimates[-1]
     if budget is not None and est["bytes"] > budget:
         forced = requested.kind != "auto" or projection is not None
-        raise ValueError(
+        raise NtkBudgetError(
             f"the kernel kind={kind!r}, projection={proj!r} is estimated at "
             f"{_gib(est['bytes'])} per measurement ({estimator.describe(est)}), more than "
             f"max_memory={_gib(budget)}; "

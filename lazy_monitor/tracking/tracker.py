@@ -75,6 +75,8 @@ from lazy_monitor.core._functional import InputBatch, OutputFn
 from lazy_monitor.core.kernels import (
     DEFAULT_MAX_MEMORY,
 )
+from lazy_monitor.core.kernels import errors as kernel_errors
+from lazy_monitor.core.kernels import estimate as kernel_estimate
 from lazy_monitor.core.stability import CatapultDetector
 from lazy_monitor.tracking import _checks, _persist
 from lazy_monitor.tracking import kernel_config as kc
@@ -276,6 +278,10 @@ class KernelTracker:
         self._layers = self._group_layers()
 
         _checks.check_probe_finite(probe)
+        kernel_errors.check_materialized(model)
+        kernel_estimate.check_probe_size(
+            self.probe_size, self.kernel.max_memory, kernel_copies=kc.KERNEL_COPIES
+        )
         # One side-effect-free forward: checks the model runs on the probe, gives O and which
         # feature modules can be tracked.
         candidates, strict = check_feature_modules(model, feature_modules)
@@ -454,7 +460,7 @@ class KernelTracker:
     def _resolve(self) -> kc.ResolvedKernel:
         """``kind="auto"`` resolved (or a forced kind checked) against ``max_memory`` and
         :data:`MAX_SECONDS` with the measurement's estimate (:func:`kc.resolve`)."""
-        return kc.resolve(
+        cfg = kc.resolve(
             self.kernel,
             self.measurement,
             # the feature Grams are held beside the kernel: the kernel gets the rest
@@ -465,6 +471,8 @@ class KernelTracker:
             max_seconds=MAX_SECONDS,  # read here: tests patch this module's constant
             stacklevel=3,  # the caller of start()
         )
+        kernel_estimate.check_seconds(cfg.estimate, kind=cfg.kind)  # forced settings too
+        return cfg
 
     def _apply_kernel_config(self, cfg: kc.ResolvedKernel, warn: bool) -> None:
         """Adopt a resolved (or restored) kernel configuration: ``topk`` and the alignment
@@ -595,6 +603,11 @@ class KernelTracker:
         self._last.to(dev)
         kernel, layer_kernels = self.measurement.kernel()
         f, grams = self.measurement.forward()
+        if f.shape[1] != self.num_outputs:
+            return self._nan_metrics(
+                f"the model gives {f.shape[1]} outputs per probe example, {self.num_outputs} at "
+                "start()"
+            )
         f = f.to(dev)
         out0, f_lin = self._lin.f0_and_f_lin(
             self._probe_on_model_device(), params=self.measurement.params()

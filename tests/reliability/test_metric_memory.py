@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from lazy_monitor import KernelConfig, KernelTracker
+from lazy_monitor import KernelTracker
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 4 << 30
@@ -85,7 +85,9 @@ def test_tracker_defaults_on_a_50257_way_head_with_class_targets_fit():
 def test_feature_grams_over_the_budget_are_refused_before_any_is_computed():
     # Row "feature Grams are not in the budget": N = 16384 allocated 3 × 2 GiB of Grams at
     # construction (peak 6.3 GiB) before any max_memory check. Now the default set is dropped
-    # with the budget message and an explicit list raises, within a 4 GiB address space.
+    # with the budget message and an explicit list raises, within a 4 GiB address space. (N = 8192
+    # under max_memory = 2.4 GiB: the trace kernel fits (4.5 N x N float64 = 2.25 GiB), the
+    # default Grams (7 x 0.5 GiB) and two explicit modules' (5 x 0.5 GiB) do not.)
     out = _run_limited(
         """
         import warnings, torch
@@ -94,24 +96,25 @@ def test_feature_grams_over_the_budget_are_refused_before_any_is_computed():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
                               nn.Linear(8, 2))
-        x = torch.randn(16384, 4)
+        x = torch.randn(8192, 4)
+        kernel = {"max_memory": int(2.4 * 2**30)}
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            tracker = KernelTracker(model, x)
+            tracker = KernelTracker(model, x, kernel=kernel)
         msgs = [str(w.message) for w in seen if "does not track features" in str(w.message)]
         print(tracker.feature_modules, len(msgs))
         print(msgs[0])
         try:
-            KernelTracker(model, x, feature_modules=["0"])
+            KernelTracker(model, x, feature_modules=["0", "2"], kernel=kernel)
         except ValueError as err:
             print("refused:", err)
         """
     )
     lines = out.splitlines()
     assert lines[0] == "[] 1"
-    assert "3 module(s) needs 14 GiB of (N, N) float64 Grams at N=16384" in lines[1]
-    assert "max_memory=1 GiB" in lines[1]
-    assert lines[2].startswith("refused: the feature CKA of 1 module(s) needs 6 GiB")
+    assert "3 module(s) needs 3.5 GiB of (N, N) float64 Grams at N=8192" in lines[1]
+    assert "max_memory=2.4 GiB" in lines[1]
+    assert lines[2].startswith("refused: the feature CKA of 2 module(s) needs 2.5 GiB")
     assert "track fewer modules" in lines[2]
 
 
@@ -126,12 +129,10 @@ def test_feature_grams_are_counted_in_the_kernel_budget(monkeypatch):
     need = tf.feature_gram_bytes(2, 64)
     assert need == 5 * 64 * 64 * 8
     with pytest.raises(ValueError, match=r"needs 0.000153 GiB .* more than max_memory"):
-        KernelTracker(
-            model, x, feature_modules=["0", "2"], kernel=KernelConfig(max_memory=need - 1)
-        )
+        KernelTracker(model, x, feature_modules=["0", "2"], kernel={"max_memory": need - 1})
     assert calls == []  # refused before any Gram was computed
     monkeypatch.undo()
-    tracker = KernelTracker(model, x, kernel=KernelConfig(max_memory=2**20))
+    tracker = KernelTracker(model, x, kernel={"max_memory": 2**20})
     assert tracker.feature_modules == ["0", "2"]
     tracker.start()
     # the kernel is resolved within what the Grams leave of max_memory

@@ -55,7 +55,6 @@ one copy of the parameters (θ₀), ``K₀`` and, with ``per_layer``, one kernel
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -462,14 +461,12 @@ class KernelTracker:
         """``kind="auto"`` resolved (or a forced kind checked) against ``max_memory`` and
         :data:`MAX_SECONDS` with the measurement's estimate (:func:`kc.resolve`)."""
         cfg = kc.resolve(
-            dataclasses.replace(
-                self.kernel,
-                # the feature Grams are held beside the kernel: the kernel gets the rest
-                max_memory=kernel_budget(
-                    self.kernel.max_memory, len(self._feature_modules), self.probe_size
-                ),
-            ),
+            self.kernel,
             self.measurement,
+            # the feature Grams are held beside the kernel: the kernel gets the rest
+            max_memory=kernel_budget(
+                self.kernel.max_memory, len(self._feature_modules), self.probe_size
+            ),
             num_outputs=self.num_outputs,
             max_seconds=MAX_SECONDS,  # read here: tests patch this module's constant
             stacklevel=3,  # the caller of start()

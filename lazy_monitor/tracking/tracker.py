@@ -546,7 +546,11 @@ class KernelTracker:
                 per-layer threshold names a layer without trainable parameters, the kernel's
                 memory estimate exceeds ``max_memory`` (a forced ``kind``/``projection``, or
                 even the cheapest ``"auto"`` choice; the message has the estimate and the
-                fix), or ``topk`` exceeds the resolved kernel matrix size.
+                fix), or ``topk`` exceeds the resolved kernel matrix size. The memory and time
+                refusals are :class:`~lazy_monitor.core.kernels.errors.NtkBudgetError` (a
+                ValueError); one measurement estimated above
+                :data:`~lazy_monitor.core.kernels.estimate.SECONDS_LIMIT` (600 s, 10x the
+                time budget of ``"auto"``) is refused for forced settings too.
         """
         step = _checks.check_step(step, None)
         lr = _checks.check_lr(lr)

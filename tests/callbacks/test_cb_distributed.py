@@ -28,7 +28,7 @@ class _RankRecorder(L.Callback):
         rank = trainer.global_rank
         tracker = self.monitor.tracker
         record = {
-            "metrics": self.monitor._last_metrics,
+            "metrics": self.monitor.last_metrics,
             "step": trainer.global_step,
             "world": None if tracker.sharding is None else tracker.sharding.world_size,
         }

@@ -113,7 +113,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             local = max(p.to_local().numel() for p in pl_module.parameters())
             full = {k: v.full_tensor().clone() for k, v in pl_module.state_dict().items()}
             record = {
-                "metrics": monitor._last_metrics,
+                "metrics": monitor.last_metrics,
                 "sharded": isinstance(tracker, ShardedKernelTracker),
                 "world": tracker.sharding.world_size,
                 "largest_local": local,

@@ -12,7 +12,7 @@ from _cb_helpers import LitLightning, RecordingLogger, make_data, trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lazy_monitor.callbacks._monitor import _resolve_submodule
+from lazy_monitor.tracking.network import resolve_submodule as _resolve_submodule
 from lazy_monitor.callbacks.lightning import KernelRegimeMonitor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

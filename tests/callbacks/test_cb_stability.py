@@ -53,7 +53,7 @@ def test_feature_modules_can_be_chosen_or_switched_off(tmp_path):
     off = KernelRegimeMonitor(probe_size=8, every_n_steps=2, feature_modules=False)
     _fit(tmp_path / "b", off, steps=2)
     assert not any(n.startswith("features/") for n in off.metric_names())
-    assert math.isfinite(off._last_metrics["ntk/lr_eig_max"])
+    assert math.isfinite(off.last_metrics["ntk/lr_eig_max"])
 
 
 @pytest.mark.parametrize(

@@ -96,10 +96,16 @@ def test_monitor_constructor_rejects_bad_values_with_the_fix():
         KernelRegimeMonitor(probe_size=-3)
     with pytest.raises(ValueError, match="either probe=... or probe_size"):
         KernelRegimeMonitor(probe=torch.randn(4, 3), probe_size=4)
-    with pytest.raises(ValueError, match="kind must be"):
-        KernelRegimeMonitor(kind="diag")
+    with pytest.raises(ValueError, match="kind'?\\]? must be"):
+        KernelRegimeMonitor(kernel={"kind": "diag"})
     with pytest.raises(ValueError, match="implementation.*'fast'"):
-        KernelRegimeMonitor(implementation="fast")
+        KernelRegimeMonitor(kernel={"implementation": "fast"})
+    with pytest.raises(ValueError, match="unknown keys \\['kinds'\\]"):
+        KernelRegimeMonitor(kernel={"kinds": "full"})
+    with pytest.raises(ValueError, match="tensorboard must be one of"):
+        KernelRegimeMonitor(tensorboard="all")
+    with pytest.raises(TypeError):
+        KernelRegimeMonitor(torch.randn(4, 3), 4)  # everything after the probe: keywords
     with pytest.raises(ValueError, match="mismatched batch sizes|targets y have shape"):
         KernelRegimeMonitor(probe=(torch.randn(4, 3), torch.zeros(5)))
     with pytest.raises(TypeError, match="batch_to_probe must be callable"):
@@ -196,12 +202,19 @@ def test_verdict_texts_at_transitions_health_alarm_and_cap():
     from lazy_monitor.callbacks._tensorboard import MAX_TEXTS, VERDICT_TAG
     from lazy_monitor.callbacks.lightning import KernelRegimeMonitor
 
+    from lazy_monitor.callbacks._extras import TensorBoardExtras
+
     writer = _Writer()
-    trainer = SimpleNamespace(loggers=[SimpleNamespace(experiment=writer)])
-    monitor = KernelRegimeMonitor(probe_size=4)
-    monitor._tracker = SimpleNamespace(
+    extras = TensorBoardExtras("basic")
+    tracker = SimpleNamespace(
         regime_decision=lambda m: (False, f"ntk/rel_change = {m['ntk/rel_change']:.4g} > 0.1")
     )
+
+    class _Monitor:  # the verdict part of one measurement, as the adapters call it
+        def _write_texts(self, _trainer, step, log_step, metrics, previous):
+            extras._verdicts([writer], tracker, step, log_step, metrics, previous)
+
+    monitor, trainer = _Monitor(), None
 
     def metrics(lazy, rel=0.05, nonfinite=0.0):
         return {"regime/lazy": lazy, "ntk/rel_change": rel, "health/nonfinite": nonfinite}
@@ -224,4 +237,4 @@ def test_verdict_texts_at_transitions_health_alarm_and_cap():
         monitor._write_texts(trainer, step + 1, step + 1, metrics(1.0), metrics(0.0, 0.2))
     assert len(writer.texts) == MAX_TEXTS
     assert "further events omitted" in writer.texts[-1][1]
-    assert monitor._transitions == 42
+    assert extras.transitions == 42

@@ -361,6 +361,9 @@ class _KernelRegimeMonitorBase(_Identified):
             trainer.callback_metrics[name] = torch.tensor(value)
         if trainer.is_global_zero:
             log_step = _log_step(trainer) + self._log_offset
+            if session.is_reference:
+                # at a resumed step the counter restored from a batch-end checkpoint lags by one
+                log_step = int(trainer.global_step)
             logged = session.loggable(metrics)
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=log_step)

@@ -19,7 +19,9 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 def test_adapter_is_a_callback_of_its_namespace_and_runs_there(tmp_path, ns):
     pl = NAMESPACES[ns]
     adapters = importlib.import_module(f"lazy_monitor.callbacks.{ns}")
-    monitor = adapters.KernelRegimeMonitor(probe_size=8, every_n_steps=3)
+    monitor = adapters.KernelRegimeMonitor(
+        probe_size=8, every_n_steps=3, log_spaced_until=0, max_overhead=None
+    )
     gate = adapters.KernelDriftGate({"ntk/rel_change": 1e9})
     assert isinstance(monitor, pl.Callback) and isinstance(gate, pl.Callback)
     logger = pl.loggers.CSVLogger(str(tmp_path), name="csv", version=0)

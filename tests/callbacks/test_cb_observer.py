@@ -19,7 +19,9 @@ def _train(tmp_path, callbacks):
 
 def test_final_weights_buffers_and_rng_are_bit_identical_with_the_monitor(tmp_path):
     plain, rng_plain = _train(tmp_path / "a", [])
-    monitor = KernelRegimeMonitor(probe_size=8, every_n_steps=3, log_spaced_until=4)
+    monitor = KernelRegimeMonitor(
+        probe_size=8, every_n_steps=3, log_spaced_until=4, max_overhead=None
+    )
     gate = KernelDriftGate({"ntk/rel_change": 1e9}, action="raise")
     watched, rng_watched = _train(tmp_path / "b", [monitor, gate])
     assert monitor.num_measurements >= 6  # start, 1, 2, 3, 6, 9, 12, end

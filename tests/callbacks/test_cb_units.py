@@ -91,27 +91,37 @@ def test_gate_minimum_waits_for_train_end_or_warmup_and_nan_violates():
 
 def test_monitor_constructor_rejects_bad_values_with_the_fix():
     with pytest.raises(ValueError, match="every_n_steps must be an int >= 1, got 0"):
-        KernelRegimeMonitor(every_n_steps=0)
+        KernelRegimeMonitor(every_n_steps=0, log_spaced_until=0, max_overhead=None)
     with pytest.raises(ValueError, match="probe_size must be an int >= 1, got -3"):
-        KernelRegimeMonitor(probe_size=-3)
+        KernelRegimeMonitor(probe_size=-3, log_spaced_until=0, max_overhead=None)
     with pytest.raises(ValueError, match="either probe=... or probe_size"):
-        KernelRegimeMonitor(probe=torch.randn(4, 3), probe_size=4)
+        KernelRegimeMonitor(
+            probe=torch.randn(4, 3), probe_size=4, log_spaced_until=0, max_overhead=None
+        )
     with pytest.raises(ValueError, match="kind'?\\]? must be"):
-        KernelRegimeMonitor(kernel={"kind": "diag"})
+        KernelRegimeMonitor(kernel={"kind": "diag"}, log_spaced_until=0, max_overhead=None)
     with pytest.raises(ValueError, match="implementation.*'fast'"):
-        KernelRegimeMonitor(kernel={"implementation": "fast"})
+        KernelRegimeMonitor(
+            kernel={"implementation": "fast"}, log_spaced_until=0, max_overhead=None
+        )
     with pytest.raises(ValueError, match="unknown keys \\['kinds'\\]"):
-        KernelRegimeMonitor(kernel={"kinds": "full"})
+        KernelRegimeMonitor(kernel={"kinds": "full"}, log_spaced_until=0, max_overhead=None)
     with pytest.raises(ValueError, match="tensorboard must be one of"):
-        KernelRegimeMonitor(tensorboard="all")
+        KernelRegimeMonitor(tensorboard="all", log_spaced_until=0, max_overhead=None)
     with pytest.raises(TypeError):
-        KernelRegimeMonitor(torch.randn(4, 3), 4)  # everything after the probe: keywords
+        KernelRegimeMonitor(
+            torch.randn(4, 3), 4, log_spaced_until=0, max_overhead=None
+        )  # everything after the probe: keywords
     with pytest.raises(ValueError, match="mismatched batch sizes|targets y have shape"):
-        KernelRegimeMonitor(probe=(torch.randn(4, 3), torch.zeros(5)))
+        KernelRegimeMonitor(
+            probe=(torch.randn(4, 3), torch.zeros(5)), log_spaced_until=0, max_overhead=None
+        )
     with pytest.raises(TypeError, match="batch_to_probe must be callable"):
-        KernelRegimeMonitor(batch_to_probe="x")
+        KernelRegimeMonitor(batch_to_probe="x", log_spaced_until=0, max_overhead=None)
     with pytest.raises(ValueError, match="NaN or inf"):
-        KernelRegimeMonitor(probe=torch.full((2, 3), float("nan")))
+        KernelRegimeMonitor(
+            probe=torch.full((2, 3), float("nan")), log_spaced_until=0, max_overhead=None
+        )
 
 
 def test_gate_constructor_rejects_bad_values():
@@ -124,9 +134,15 @@ def test_gate_constructor_rejects_bad_values():
 def test_state_keys_distinguish_configs_and_match_across_namespaces():
     from lazy_monitor.callbacks import pytorch_lightning as pl_cb
 
-    a = KernelRegimeMonitor(probe_size=8)
-    assert a.state_key != KernelRegimeMonitor(probe_size=16).state_key
-    assert a.state_key == pl_cb.KernelRegimeMonitor(probe_size=8).state_key
+    a = KernelRegimeMonitor(probe_size=8, log_spaced_until=0, max_overhead=None)
+    assert (
+        a.state_key
+        != KernelRegimeMonitor(probe_size=16, log_spaced_until=0, max_overhead=None).state_key
+    )
+    assert (
+        a.state_key
+        == pl_cb.KernelRegimeMonitor(probe_size=8, log_spaced_until=0, max_overhead=None).state_key
+    )
     g = KernelDriftGate({"ntk/rel_change": 0.2})
     assert g.state_key != KernelDriftGate({"ntk/rel_change": 0.3}).state_key
     assert g.state_key == pl_cb.KernelDriftGate({"ntk/rel_change": 0.2}).state_key
@@ -199,10 +215,8 @@ class _Writer:
 def test_verdict_texts_at_transitions_health_alarm_and_cap():
     from types import SimpleNamespace
 
-    from lazy_monitor.callbacks._tensorboard import MAX_TEXTS, VERDICT_TAG
-    from lazy_monitor.callbacks.lightning import KernelRegimeMonitor
-
     from lazy_monitor.callbacks._extras import TensorBoardExtras
+    from lazy_monitor.callbacks._tensorboard import MAX_TEXTS, VERDICT_TAG
 
     writer = _Writer()
     extras = TensorBoardExtras("basic")

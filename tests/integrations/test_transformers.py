@@ -183,9 +183,13 @@ def test_the_trainers_own_logs_are_untouched(tmp_path: Path, logging_steps: int,
     _monitor(every_n_steps=every).attach(watched)
     watched.train()
     expected = logs(plain)
-    assert [s for s, k, _ in expected if k == "loss"] == list(range(logging_steps, 7, logging_steps))
+    assert [s for s, k, _ in expected if k == "loss"] == list(
+        range(logging_steps, 7, logging_steps)
+    )
     assert logs(watched) == expected
-    assert _scalars(tmp_path / "watched", "train/loss") == _scalars(tmp_path / "plain", "train/loss")
+    assert _scalars(tmp_path / "watched", "train/loss") == _scalars(
+        tmp_path / "plain", "train/loss"
+    )
 
 
 def test_a_budget_is_enforced_under_the_trainer(tmp_path: Path) -> None:
@@ -241,7 +245,6 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path: Path)
 def test_default_output_fn_reads_the_last_real_token_of_padded_probes() -> None:
     from lazy_monitor.core.kernels import empirical_ntk
     from lazy_monitor.integrations.transformers import _measuring, last_token_logits
-
     from tests._reference import reference_ntk
 
     model = _model().eval()

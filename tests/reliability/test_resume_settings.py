@@ -48,7 +48,10 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("resume_settings")
     full = _fit(tmp / "full", STEPS, KernelRegimeMonitor(**BASE))
     _fit(tmp / "first", SPLIT, KernelRegimeMonitor(**BASE), save=True)
-    return {"full": full.series("ntk/rel_change"), "ckpt": str(tmp / "ckpt" / "epoch=0-step=8.ckpt")}
+    return {
+        "full": full.series("ntk/rel_change"),
+        "ckpt": str(tmp / "first" / "ckpt" / "epoch=0-step=8.ckpt"),
+    }
 
 
 @pytest.mark.parametrize(
@@ -65,7 +68,9 @@ def test_other_settings_restore_the_saved_reference_and_say_so(
     saved: dict[str, Any], tmp_path: Path, changed: dict[str, Any], named: str
 ) -> None:
     monitor = KernelRegimeMonitor(**{**BASE, **changed})
-    with pytest.warns(UserWarning, match=rf"resuming the saved reference.*{named}.*reset_reference"):
+    with pytest.warns(
+        UserWarning, match=rf"resuming the saved reference.*{named}.*reset_reference"
+    ):
         resumed = _fit(tmp_path, STEPS, monitor, ckpt=saved["ckpt"])
     series = resumed.series("ntk/rel_change")
     assert sorted(series) == [12, 16]  # no new reference at step 8
@@ -79,7 +84,9 @@ def test_another_submodule_raises_at_train_start_naming_both_ways_out(
     saved: dict[str, Any], tmp_path: Path
 ) -> None:
     monitor = KernelRegimeMonitor(**{**BASE, "submodule": "net"})
-    with pytest.raises(ValueError, match=r"submodule=None \(saved\) vs 'net'.*reset_reference=True"):
+    with pytest.raises(
+        ValueError, match=r"submodule=None \(saved\) vs 'net'.*reset_reference=True"
+    ):
         _fit(tmp_path, STEPS, monitor, ckpt=saved["ckpt"])
 
 
@@ -94,7 +101,9 @@ def test_reset_reference_starts_a_new_reference_with_a_warning(
     saved: dict[str, Any], tmp_path: Path
 ) -> None:
     monitor = KernelRegimeMonitor(**{**BASE, "submodule": "net", "reset_reference": True})
-    with pytest.warns(UserWarning, match=r"reset_reference=True.*new reference K0 starts at step 8"):
+    with pytest.warns(
+        UserWarning, match=r"reset_reference=True.*new reference K0 starts at step 8"
+    ):
         resumed = _fit(tmp_path, STEPS, monitor, ckpt=saved["ckpt"])
     series = resumed.series("ntk/rel_change")
     assert sorted(series) == [8, 12, 16] and series[8] == 0.0

@@ -114,7 +114,7 @@ def _sharded_worker(rank: int, port: int, width: int, probe_size: int, out_dir: 
         fully_shard(model[i], mesh=mesh)
     fully_shard(model, mesh=mesh)
     x = torch.randn(probe_size, 784, generator=torch.Generator().manual_seed(1))
-    tracker = KernelTracker(model, x, kind="trace", per_layer=True)
+    tracker = KernelTracker(model, x, kernel={"kind": "trace"}, per_layer=True)
     start = time.perf_counter()
     tracker.start()
     start_s = time.perf_counter() - start
@@ -126,7 +126,7 @@ def _sharded_worker(rank: int, port: int, width: int, probe_size: int, out_dir: 
         opt.step()
         # alternate: row exchange (W rows per backward) / every rank every row
         arm = "exchange" if step % 2 else "each"
-        tracker.exchange_rows = arm == "exchange"
+        tracker.measurement.exchange_rows = arm == "exchange"
         t = time.perf_counter()
         metrics = tracker.measure(step)
         times[arm].append(time.perf_counter() - t)
@@ -166,7 +166,7 @@ def sharded(width: int, probe_size: int) -> dict[str, float]:
     torch.set_num_threads(1)
     model = _mlp(width)
     x = torch.randn(probe_size, 784, generator=torch.Generator().manual_seed(1))
-    tracker = KernelTracker(model, x, kind="trace", per_layer=True)
+    tracker = KernelTracker(model, x, kernel={"kind": "trace"}, per_layer=True)
     tracker.start()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     single = []

@@ -37,6 +37,7 @@ _EXPORTS = {
     "Threshold": "lazy_monitor.thresholds",
     "KernelTracker": "lazy_monitor.tracking",
     "MonitorSession": "lazy_monitor.tracking.session",
+    "KernelConfig": "lazy_monitor.tracking",
     "KernelRegimeMonitor": "lazy_monitor.callbacks",
     "KernelDriftGate": "lazy_monitor.callbacks",
     "KernelDriftError": "lazy_monitor.callbacks",

@@ -222,7 +222,7 @@ class _KernelRegimeMonitorBase(_Identified):
     max_overhead = property(lambda self: self.session.max_overhead, doc="Budget share.")
     submodule = property(lambda self: self.session.submodule, doc="Measured submodule.")
     seed = property(lambda self: self.session.seed, doc="Seed of the probe draw.")
-    kernel = property(lambda self: dict(self.session.kernel), doc="Kernel settings.")
+    kernel = property(lambda self: self.session.kernel, doc="The KernelConfig.")
     per_layer = property(lambda self: self.session.per_layer, doc="Per-layer drift on.")
     tensorboard = property(lambda self: self.extras.tier, doc="TensorBoard extras tier.")
     tracker = property(lambda self: self.session.tracker, doc="KernelTracker (None before).")
@@ -248,7 +248,7 @@ class _KernelRegimeMonitorBase(_Identified):
             probe_size=s.probe_size,
             seed=s.seed,
             submodule=s.submodule,
-            kind=s.kernel["kind"],
+            kind=s.kernel.kind,
             per_layer=s.per_layer,
         )
 

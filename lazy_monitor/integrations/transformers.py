@@ -277,7 +277,7 @@ class KernelRegimeCallback(TrainerCallback):
             probe_size=s.probe_size,
             seed=s.seed,
             submodule=s.submodule,
-            kind=s.kernel["kind"],
+            kind=s.kernel.kind,
             per_layer=s.per_layer,
         )
 

@@ -31,6 +31,7 @@ calls those three itself::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -46,18 +47,17 @@ from lazy_monitor._state import check_schema, stamp
 from lazy_monitor._validation import (
     check_bool,
     check_callable,
-    check_choice,
     check_int,
     check_mapping,
     check_str,
     message,
 )
-from lazy_monitor.core._functional import as_device, map_batch, side_effect_guard
-from lazy_monitor.core.kernels import DEFAULT_MAX_MEMORY, NtkConfig, NtkImplementation
+from lazy_monitor.core._functional import map_batch, side_effect_guard
 from lazy_monitor.core.stability import current_lr
 from lazy_monitor.tracking._state import fingerprint, same_fingerprint
 from lazy_monitor.tracking.collectives import Collectives, default_collectives
 from lazy_monitor.tracking.distributed import KernelSharding
+from lazy_monitor.tracking.kernel_config import KernelConfig
 from lazy_monitor.tracking.layers import DEFAULT_LAYER_GROUPS
 from lazy_monitor.tracking.network import device_of, resolve_submodule
 from lazy_monitor.tracking.probe import (
@@ -74,7 +74,7 @@ from lazy_monitor.tracking.probe import (
 )
 from lazy_monitor.tracking.schedule import MeasurementSchedule, OverheadBudget
 from lazy_monitor.tracking.sharded import has_sharded_params, mesh_sharding
-from lazy_monitor.tracking.tracker import REQUESTED_KINDS, KernelTracker
+from lazy_monitor.tracking.tracker import KernelTracker
 
 __all__ = [
     "DEFAULT_EVERY_N_STEPS",
@@ -82,10 +82,8 @@ __all__ = [
     "DEFAULT_MAX_OVERHEAD",
     "DEFAULT_PROBE_SIZE",
     "HEADLINE_METRICS",
-    "KERNEL_KEYS",
     "Listener",
     "MonitorSession",
-    "kernel_settings",
 ]
 
 _log = logging.getLogger("lazy_monitor")
@@ -106,17 +104,6 @@ HEADLINE_METRICS = (
     "params/rel_change",
     "regime/lazy",
     "monitor/overhead",
-)
-#: The keys of ``kernel=`` (a ``KernelConfig`` or a dict of them).
-KERNEL_KEYS = (
-    "kind",
-    "implementation",
-    "projection",
-    "projection_seed",
-    "max_memory",
-    "chunk_size",
-    "topk",
-    "snapshot_device",
 )
 #: The monitor's own cost, logged with every measurement.
 MONITOR_METRICS = ("monitor/seconds", "monitor/overhead")
@@ -148,51 +135,6 @@ class Listener(Protocol):
         final: bool,
         repeat: bool,
     ) -> None: ...
-
-
-def kernel_settings(kernel: Any) -> dict[str, Any]:
-    """``kernel=`` (None, a dict or an object with the :data:`KERNEL_KEYS` attributes, e.g. a
-    ``KernelConfig``) as a validated dict of all its keys.
-
-    Raises:
-        TypeError / ValueError: an unknown key or a bad value, naming it and the fix.
-    """
-    defaults: dict[str, Any] = {
-        "kind": "auto",
-        "implementation": "auto",
-        "projection": None,
-        "projection_seed": 0,
-        "max_memory": DEFAULT_MAX_MEMORY,
-        "chunk_size": None,
-        "topk": None,
-        "snapshot_device": None,
-    }
-    if kernel is None:
-        given: dict[str, Any] = {}
-    elif isinstance(kernel, Mapping):
-        given = dict(kernel)
-    elif all(hasattr(kernel, k) for k in KERNEL_KEYS):
-        given = {k: getattr(kernel, k) for k in KERNEL_KEYS}
-    else:
-        raise TypeError(
-            message("kernel", "a KernelConfig, a dict or None", kernel, f"keys {list(KERNEL_KEYS)}")
-        )
-    unknown = sorted(set(given) - set(KERNEL_KEYS))
-    if unknown:
-        raise ValueError(
-            f"kernel has unknown keys {unknown}; the keys are {list(KERNEL_KEYS)}, e.g. "
-            "kernel={'kind': 'trace', 'max_memory': 2**31}"
-        )
-    out = {**defaults, **given}
-    check_choice("kernel['kind']", out["kind"], REQUESTED_KINDS)
-    check_str("kernel['implementation']", out["implementation"], fix="e.g. 'auto'")
-    NtkImplementation.parse(out["implementation"])  # raises naming the allowed values
-    NtkConfig(projection=out["projection"], projection_seed=out["projection_seed"])
-    check_int("kernel['max_memory']", out["max_memory"], minimum=1, optional=True, fix="bytes")
-    check_int("kernel['chunk_size']", out["chunk_size"], minimum=1, optional=True)
-    check_int("kernel['topk']", out["topk"], minimum=1, optional=True, fix="None: default")
-    as_device(out["snapshot_device"], "kernel['snapshot_device']")
-    return out
 
 
 def _check_per_layer(value: Any) -> tuple[bool, Optional[int]]:
@@ -254,9 +196,9 @@ class MonitorSession:
             default: a tensor is ``x``, a sequence gives ``(batch[0], batch[1])``.
         output_fn: network output -> tensor ``(N, O)`` or ``(N, ...)``.
         seed: seed of the probe draw.
-        kernel: a ``KernelConfig`` or a dict with keys :data:`KERNEL_KEYS` (kind, engine
-            implementation, projection and its seed, memory limit, chunking, ``topk``, where the
-            snapshots live); None: ``kind="auto"`` under 1 GiB.
+        kernel: a :class:`~lazy_monitor.tracking.kernel_config.KernelConfig` or a dict of its
+            keys (kind, engine implementation, projection and its seed, memory limit, chunking,
+            ``topk``, where the snapshots live); None: ``kind="auto"`` under 1 GiB.
         per_layer: per-layer drift (``ntk_layer/<group>/rel_change``): True (at most 16 layer
             groups), a number of groups, or False.
         feature_modules: modules whose probe features are tracked (``features/<m>/cka``): True
@@ -326,7 +268,7 @@ class MonitorSession:
         self.batch_to_probe = batch_to_probe or default_batch_to_probe
         self.output_fn = check_callable("output_fn", output_fn, fix="output -> Tensor")
         self.seed = check_int("seed", seed, minimum=0, fix="use a non-negative integer seed")
-        self.kernel = kernel_settings(kernel)
+        self.kernel = KernelConfig.coerce(kernel)
         self.per_layer, self.layer_groups = _check_per_layer(per_layer)
         self.feature_modules = _check_feature_modules(feature_modules)
         check_mapping(
@@ -405,9 +347,9 @@ class MonitorSession:
             "probe_size": self.probe_size,
             "seed": self.seed,
             "submodule": self.submodule,
-            "kind": self.kernel["kind"],
-            "projection": self.kernel["projection"],
-            "projection_seed": self.kernel["projection_seed"],
+            "kind": self.kernel.kind,
+            "projection": self.kernel.projection,
+            "projection_seed": self.kernel.projection_seed,
             "per_layer": self.per_layer,
             "layer_groups": self.layer_groups,
         }
@@ -421,12 +363,12 @@ class MonitorSession:
                 "lazy_monitor/every_n_steps": self.every_n_steps,
                 "lazy_monitor/log_spaced_until": self.log_spaced_until,
                 "lazy_monitor/max_overhead": str(self.max_overhead),
-                "lazy_monitor/implementation": self.kernel["implementation"],
-                "lazy_monitor/max_memory": str(self.kernel["max_memory"]),
+                "lazy_monitor/implementation": self.kernel.implementation,
+                "lazy_monitor/max_memory": str(self.kernel.max_memory),
             }
         )
         out["lazy_monitor/submodule"] = str(self.submodule)
-        out["lazy_monitor/projection"] = str(self.kernel["projection"])
+        out["lazy_monitor/projection"] = str(self.kernel.projection)
         out["lazy_monitor/layer_groups"] = str(self.layer_groups)
         cfg = self.tracker.kernel_config if self.tracker is not None else None
         if cfg:
@@ -619,34 +561,21 @@ class MonitorSession:
         self,
         network: nn.Module,
         probe: Probe,
-        kernel: Mapping[str, Any],
+        kernel: KernelConfig,
         per_layer: bool,
-        layer_groups: Optional[int] = None,
-        feature_modules: Any = None,
     ) -> KernelTracker:
-        optional = {
-            "lazy_thresholds": self.lazy_thresholds,
-            "output_fn": self.output_fn,
-            "topk": kernel["topk"],
-            "chunk_size": kernel["chunk_size"],
-            "snapshot_device": kernel["snapshot_device"],
-            "projection": kernel["projection"],
-        }
-        groups = self.layer_groups if layer_groups is None else layer_groups
         tracker, self.current_probe = build_tracker(
             network,
             probe,
             device_of(network),
             drawn=self.probe is None,
             sharding=self._sharding(network),
-            kind=kernel["kind"],
-            implementation=kernel["implementation"],
+            kernel=kernel,
             per_layer=per_layer,
-            feature_modules=self.feature_modules if feature_modules is None else feature_modules,
-            projection_seed=kernel["projection_seed"],
-            max_memory=kernel["max_memory"],
-            layer_groups=groups if per_layer else None,
-            **{k: v for k, v in optional.items() if v is not None},
+            feature_modules=self.feature_modules,
+            layer_groups=self.layer_groups if per_layer else None,
+            lazy_thresholds=self.lazy_thresholds,
+            output_fn=self.output_fn,
         )
         return tracker
 
@@ -671,13 +600,13 @@ class MonitorSession:
                 f"{self.owner}(..., reset_reference=True) to start a new reference K0 at step "
                 f"{step}"
             )
-        kernel, per_layer = dict(self.kernel), self.per_layer
+        kernel, per_layer = self.kernel, self.per_layer
         if differs:
             # the saved reference with the saved settings: the saved probe (always used), the
             # saved kernel configuration (kind="auto" without a projection adopts any), the
             # saved per-layer switch (the saved layer grouping is adopted by the tracker)
             if {"kind", "projection", "projection_seed"} & set(differs):
-                kernel.update(kind="auto", projection=None, topk=None)
+                kernel = dataclasses.replace(kernel, kind="auto", projection=None, topk=None)
             if "per_layer" in differs:
                 per_layer = bool(saved["per_layer"])
             names = ", ".join(
@@ -737,7 +666,7 @@ class MonitorSession:
                 self.owner,
                 cfg.get("kind"),
                 cfg.get("projection"),
-                self.kernel["kind"],
+                self.kernel.kind,
                 f": {cfg['reason']}" if cfg.get("reason") else "",
             )
         self.previous_metrics, self.last_metrics = self.last_metrics, metrics

@@ -42,7 +42,7 @@ def test_default_monitor_fits_a_tiny_gpt2_and_logs_the_resolved_kernel(tmp_path,
     monitor = KernelRegimeMonitor(
         probe_size=3, every_n_steps=2, log_spaced_until=0, max_overhead=None
     )
-    assert monitor.kernel["kind"] == "auto"
+    assert monitor.kernel.kind == "auto"
     trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=4, callbacks=[monitor]))
     with caplog.at_level(logging.INFO, logger="lazy_monitor"):
         trainer.fit(_LitGpt2())

@@ -100,13 +100,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from lazy_monitor.callbacks.lightning import KernelRegimeMonitor
-    from lazy_monitor.tracking.sharded import ShardedKernelTracker
+    from lazy_monitor.tracking.sharded import ShardedMeasurement
 
     x, y = _data()
     monitor = KernelRegimeMonitor(
         probe=(x[:5], y[:5]),
         every_n_steps=1000,
-        kind="full",
+        kernel={"kind": "full"},
         split_across_ranks=False,
         log_spaced_until=0,
         max_overhead=None,
@@ -119,7 +119,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             full = {k: v.full_tensor().clone() for k, v in pl_module.state_dict().items()}
             record = {
                 "metrics": monitor.last_metrics,
-                "sharded": isinstance(tracker, ShardedKernelTracker),
+                "sharded": isinstance(tracker.measurement, ShardedMeasurement),
                 "world": tracker.sharding.world_size,
                 "largest_local": local,
                 "step": trainer.global_step,
@@ -147,7 +147,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def test_model_parallel_fsdp2_metrics_equal_a_single_process_run(tmp_path):
     import torch.multiprocessing as mp
 
-    from lazy_monitor import KernelTracker
+    from lazy_monitor import KernelConfig, KernelTracker
     from lazy_monitor.tracking.layers import DEFAULT_LAYER_GROUPS
 
     # forkserver: the heavy imports happen once in the server, not in each process
@@ -171,7 +171,11 @@ def test_model_parallel_fsdp2_metrics_equal_a_single_process_run(tmp_path):
     x, y = _data()
     single = _lit_class()()  # unsharded: configure_model is Lightning's to call
     tracker = KernelTracker(
-        single, x[:5], targets=y[:5], kind="full", layer_groups=DEFAULT_LAYER_GROUPS
+        single,
+        x[:5],
+        targets=y[:5],
+        kernel=KernelConfig(kind="full"),
+        layer_groups=DEFAULT_LAYER_GROUPS,
     )
     tracker.start(lr=LR)
     single.load_state_dict(torch.load(tmp_path / "final.pt"))

@@ -49,7 +49,7 @@ def test_dict_batches_use_batch_to_probe_and_fail_clearly_without_it(tmp_path):
     L.Trainer(**trainer_kwargs(tmp_path, max_steps=2, logger=logger, callbacks=[monitor])).fit(
         _DictLit()
     )
-    assert "ntk/alignment" in logger.calls[0][1] and monitor.tracker.num_examples == 8
+    assert "ntk/alignment" in logger.calls[0][1] and monitor.tracker.probe_size == 8
     trainer = L.Trainer(
         **trainer_kwargs(
             tmp_path,

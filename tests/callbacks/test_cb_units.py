@@ -104,7 +104,7 @@ def test_monitor_constructor_rejects_bad_values_with_the_fix():
         KernelRegimeMonitor(
             kernel={"implementation": "fast"}, log_spaced_until=0, max_overhead=None
         )
-    with pytest.raises(ValueError, match="unknown keys \\['kinds'\\]"):
+    with pytest.raises(ValueError, match="unknown settings \\['kinds'\\]"):
         KernelRegimeMonitor(kernel={"kinds": "full"}, log_spaced_until=0, max_overhead=None)
     with pytest.raises(ValueError, match="tensorboard must be one of"):
         KernelRegimeMonitor(tensorboard="all", log_spaced_until=0, max_overhead=None)

@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 
 from lazy_monitor import KernelTracker, empirical_ntk
 from lazy_monitor.callbacks.lightning import KernelDriftGate, KernelRegimeMonitor
-from lazy_monitor.tracking import tracker as tracker_module
+from lazy_monitor.tracking import measurement as tracker_module
 
 
 # ---------------------------------------------------------------- non-finite probe / weights

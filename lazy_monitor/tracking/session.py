@@ -49,16 +49,20 @@ from lazy_monitor._validation import (
     check_callable,
     check_int,
     check_mapping,
-    check_str,
     message,
 )
 from lazy_monitor.core._functional import map_batch, side_effect_guard
 from lazy_monitor.core.stability import current_lr
-from lazy_monitor.tracking._state import fingerprint, same_fingerprint
+from lazy_monitor.tracking._resume import (
+    check_feature_modules,
+    check_per_layer,
+    differing_settings,
+    refuse_other_reference,
+    saved_settings,
+)
 from lazy_monitor.tracking.collectives import Collectives, default_collectives
 from lazy_monitor.tracking.distributed import KernelSharding
 from lazy_monitor.tracking.kernel_config import KernelConfig
-from lazy_monitor.tracking.layers import DEFAULT_LAYER_GROUPS
 from lazy_monitor.tracking.network import device_of, resolve_submodule
 from lazy_monitor.tracking.probe import (
     Probe,
@@ -107,18 +111,6 @@ HEADLINE_METRICS = (
 )
 #: The monitor's own cost, logged with every measurement.
 MONITOR_METRICS = ("monitor/seconds", "monitor/overhead")
-# Settings that may differ in a resumed run: the saved reference is restored with the saved value.
-_RESTORABLE = (
-    "probe_size",
-    "seed",
-    "kind",
-    "projection",
-    "projection_seed",
-    "per_layer",
-    "layer_groups",
-)
-# Settings that name another reference: a resumed run with another value raises.
-_FIXED = ("submodule", "probe")
 
 
 class Listener(Protocol):
@@ -135,37 +127,6 @@ class Listener(Protocol):
         final: bool,
         repeat: bool,
     ) -> None: ...
-
-
-def _check_per_layer(value: Any) -> tuple[bool, Optional[int]]:
-    """``per_layer`` -> (on, at most this many layer groups)."""
-    if isinstance(value, bool):
-        return value, DEFAULT_LAYER_GROUPS if value else None
-    if isinstance(value, int) and value >= 1:
-        return True, value
-    raise TypeError(
-        message(
-            "per_layer",
-            "True, False or a number of layer groups >= 1",
-            value,
-            f"True groups the network into at most {DEFAULT_LAYER_GROUPS} layer groups",
-        )
-    )
-
-
-def _check_feature_modules(value: Any) -> Union[list[str], bool, None]:
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, Sequence) and not isinstance(value, str) and value:
-        return [check_str(f"feature_modules[{i}]", m) for i, m in enumerate(value)]
-    raise TypeError(
-        message(
-            "feature_modules",
-            "True, False/None or a non-empty list of module names",
-            value,
-            "e.g. feature_modules=['fc1', 'readout'] (names from model.named_modules())",
-        )
-    )
 
 
 class MonitorSession:
@@ -269,8 +230,8 @@ class MonitorSession:
         self.output_fn = check_callable("output_fn", output_fn, fix="output -> Tensor")
         self.seed = check_int("seed", seed, minimum=0, fix="use a non-negative integer seed")
         self.kernel = KernelConfig.coerce(kernel)
-        self.per_layer, self.layer_groups = _check_per_layer(per_layer)
-        self.feature_modules = _check_feature_modules(feature_modules)
+        self.per_layer, self.layer_groups = check_per_layer(per_layer)
+        self.feature_modules = check_feature_modules(feature_modules)
         check_mapping(
             "lazy_thresholds", lazy_thresholds, optional=True, fix="e.g. {'ntk/rel_change': 0.1}"
         )
@@ -583,23 +544,9 @@ class MonitorSession:
         """Rebuild the tracker of a saved state: with this session's settings when they are the
         saved ones, else with the saved settings (and one warning naming them)."""
         probe = (state["probe_x"], state["probe_y"])
-        saved = _saved_settings_of(state)
-        mine = self.settings()
-        differs = {k: (saved[k], mine[k]) for k in saved if k in mine and saved[k] != mine[k]}
-        differs.pop("probe", None)  # "given" vs "drawn" alone: the probe itself is compared
-        if self.probe is not None and not _same_probe(self.probe, probe):
-            differs["probe"] = ("the saved probe batch", "another probe batch")
-        fixed = {k: v for k, v in differs.items() if k in _FIXED}
-        if fixed:
-            both = ", ".join(
-                f"{k}={s!r} (saved) vs {m!r} (this {self.owner})" for k, (s, m) in fixed.items()
-            )
-            raise ValueError(
-                f"{self.owner}: the checkpoint's monitor state was measured with other settings "
-                f"that name another reference: {both}. Resume with the saved settings, or pass "
-                f"{self.owner}(..., reset_reference=True) to start a new reference K0 at step "
-                f"{step}"
-            )
+        saved = saved_settings(state)
+        differs = differing_settings(saved, self.settings(), self.probe, probe)
+        refuse_other_reference(differs, self.owner, step)
         kernel, per_layer = self.kernel, self.per_layer
         if differs:
             # the saved reference with the saved settings: the saved probe (always used), the
@@ -780,24 +727,3 @@ def _lr(optimizer: Any) -> Optional[float]:
         return current_lr(optimizer)
     except (AttributeError, TypeError, ValueError):
         return None
-
-
-def _same_probe(given: Probe, saved: Probe) -> bool:
-    if not same_fingerprint(fingerprint(given[0]), fingerprint(saved[0])):
-        return False
-    return True
-
-
-def _saved_settings_of(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings a state was measured with (states before settings were saved: the few the
-    tracker's configuration tells)."""
-    settings = state.get("settings")
-    if isinstance(settings, Mapping):
-        return dict(settings)
-    config = state.get("tracker", {}).get("config", {})
-    out: dict[str, Any] = {}
-    if "num_examples" in config:
-        out["probe_size"] = int(config["num_examples"])
-    if "per_layer" in config:
-        out["per_layer"] = bool(config["per_layer"])
-    return out

@@ -78,6 +78,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, resume_ns):
             if name.startswith("health/"):  # logged only once non-zero (never here)
                 assert name not in metrics and name not in ref
                 continue
+            if name.startswith("monitor/"):  # wall-clock seconds: not reproducible
+                continue
             assert metrics[name] == pytest.approx(ref[name], rel=1e-6, abs=1e-6), (step, name)
         # the log10 companions resume too
         assert metrics["drift/log10_ntk_rel_change"] == pytest.approx(

@@ -78,6 +78,7 @@ def test_custom_layout_histogram_and_image_per_measurement(run):
         ("parameters", True),
         ("stability", True),
         ("features", False),
+        ("monitor cost", True),
         ("health", True),
     ]
     hist = acc.Histograms("ntk/eigenvalues")

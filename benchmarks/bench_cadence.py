@@ -12,6 +12,7 @@ setting) and each figure is the median over ``--repeats``. Columns:
 
     python benchmarks/bench_cadence.py                   # ~2 min on 2 busy CPU cores
     python benchmarks/bench_cadence.py --lengths 200 2000 --repeats 3
+    python benchmarks/bench_cadence.py --lengths 20000 --repeats 1 --budgets "5 % (default)"
 """
 
 from __future__ import annotations
@@ -73,22 +74,24 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[200, 2000, 20000])
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     args = p.parse_args(argv)
+    budgets = {k: BUDGETS[k] for k in args.budgets}
     torch.set_num_threads(1)
     rows = []
     print(f"load {os.getloadavg()[0]:.1f}; MLP 32-{args.width}-10, batch {args.batch}, probe 32")
     print("| steps | budget | measured | share of fit time | slowdown | s/step off |")
     print("|---:|---|---:|---:|---:|---:|")
     for steps in args.lengths:
-        runs: dict[str, list[dict[str, float]]] = {"off": [], **{k: [] for k in BUDGETS}}
+        runs: dict[str, list[dict[str, float]]] = {"off": [], **{k: [] for k in budgets}}
         for _ in range(args.repeats):  # alternate: off, each budget, off, ...
             runs["off"].append(fit(steps, "off", args.width, args.batch))
-            for name, budget in BUDGETS.items():
+            for name, budget in budgets.items():
                 runs[name].append(fit(steps, budget, args.width, args.batch))
         off = statistics.median(r["wall"] for r in runs["off"])
-        for name in BUDGETS:
+        for name in budgets:
             wall = statistics.median(r["wall"] for r in runs[name])
             share = statistics.median(r["seconds"] / r["wall"] for r in runs[name])
             measured = statistics.median(r["measured"] for r in runs[name])

@@ -603,8 +603,11 @@ class MonitorSession:
         self.budget.charge(spent)
         self.seconds += spent
         self.num_measurements += 1
-        metrics["monitor/seconds"] = spent + self._unlogged
-        metrics["monitor/overhead"] = self.budget.overhead()
+        cost = (spent + self._unlogged, self.budget.overhead())
+        if self.collectives.world_size > 1:
+            # rank 0's clock, like every other metric: the ranks publish and gate alike
+            cost = tuple(self.collectives.broadcast(cost, src=0))
+        metrics["monitor/seconds"], metrics["monitor/overhead"] = cost
         self._unlogged = 0.0
         if start and self.collectives.rank == 0:
             cfg = self.tracker.kernel_config or {}

@@ -53,7 +53,7 @@ class _TimedMonitor(KernelRegimeMonitor):
         super().on_train_end(trainer, pl_module)
         path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.json")
         with open(path, "w") as f:
-            json.dump({"times": self.times, "metrics": self._last_metrics}, f)
+            json.dump({"times": self.times, "metrics": self.last_metrics}, f)
 
 
 def _run(split: bool, steps: int, probe_size: int, out_dir: str) -> list[list[float]]:
@@ -63,7 +63,9 @@ def _run(split: bool, steps: int, probe_size: int, out_dir: str) -> list[list[fl
         probe_size=probe_size,
         every_n_steps=2,
         split_across_ranks=split,
-        log_hparams=False,
+        log_spaced_until=0,
+        max_overhead=None,
+        tensorboard="basic",
     )
     trainer = L.Trainer(
         accelerator="cpu",

@@ -104,7 +104,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
     x, y = _data()
     monitor = KernelRegimeMonitor(
-        probe=(x[:5], y[:5]), every_n_steps=1000, kind="full", split_across_ranks=False
+        probe=(x[:5], y[:5]),
+        every_n_steps=1000,
+        kernel={"kind": "full"},
+        split_across_ranks=False,
+        log_spaced_until=0,
+        max_overhead=None,
     )
 
     class Record(L.Callback):
@@ -113,7 +118,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             local = max(p.to_local().numel() for p in pl_module.parameters())
             full = {k: v.full_tensor().clone() for k, v in pl_module.state_dict().items()}
             record = {
-                "metrics": monitor._last_metrics,
+                "metrics": monitor.last_metrics,
                 "sharded": isinstance(tracker.measurement, ShardedMeasurement),
                 "world": tracker.sharding.world_size,
                 "largest_local": local,
@@ -191,7 +196,7 @@ def test_fsdp1_strategy_is_refused_by_lightning_on_cpu_and_by_the_monitor_at_set
 
     with pytest.raises(ValueError, match="The strategy `fsdp` requires a GPU accelerator"):
         L.Trainer(accelerator="cpu", devices=2, strategy="fsdp")
-    monitor = KernelRegimeMonitor(probe_size=4)
+    monitor = KernelRegimeMonitor(probe_size=4, log_spaced_until=0, max_overhead=None)
     lit = _lit_class()()
     with pytest.raises(ValueError, match=r"does not support FSDPStrategy.*ModelParallelStrategy"):
         monitor.setup(SimpleNamespace(strategy=FSDPStrategy()), lit, "fit")

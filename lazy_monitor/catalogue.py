@@ -34,6 +34,7 @@ __all__ = [
     "LAYER",
     "LOG10_COMPANIONS",
     "LOG10_FLOOR",
+    "THRESHOLD_PREFIX",
     "MetricInfo",
     "direction_of",
     "hparams_metrics",
@@ -44,6 +45,7 @@ __all__ = [
     "report_metrics",
     "plot_metrics",
     "tensorboard_layout",
+    "threshold_series",
     "tracker_metric_names",
 ]
 
@@ -122,6 +124,9 @@ _LOG10, _HEALTH = "drift (log10)", "health"
 CHART_CATEGORIES = (_LOG10, _DRIFT, _LIN, _SPEC, _PARAMS, _STAB, _FEAT, _COST, _HEALTH)
 #: Floor of the ``drift/log10_*`` companions (a change below it reads as "no change").
 LOG10_FLOOR = 1e-8
+#: Prefix of the constant series that draw a lazy threshold in its metric's custom-scalars chart
+#: (``threshold/ntk/rel_change``, ``threshold/drift/log10_ntk_rel_change``).
+THRESHOLD_PREFIX = "threshold/"
 #: The ``drift/`` log10 companions: companion name -> the metric it is the log10 of.
 LOG10_COMPANIONS = {
     "drift/log10_ntk_rel_change": "ntk/rel_change",
@@ -352,6 +357,21 @@ def log10_companions(metrics: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
+def threshold_series(thresholds: Mapping[str, float]) -> dict[str, float]:
+    """Constant series that draw each lazy threshold as a line in the custom-scalars chart of its
+    metric (:func:`tensorboard_layout`), and of its ``drift/`` log10 companion. Thresholds given
+    as globs have no single chart and are left out.
+
+    >>> threshold_series({"ntk/rel_change": 0.1, "ntk_layer/*/rel_change": 0.5})
+    {'threshold/ntk/rel_change': 0.1, 'threshold/drift/log10_ntk_rel_change': -1.0}
+    """
+    exact = {n: float(v) for n, v in thresholds.items() if not _GLOB.search(n)}
+    out = {THRESHOLD_PREFIX + n: v for n, v in exact.items()}
+    positive = {n: v for n, v in exact.items() if v > 0}  # log10 of a bound <= 0: no line
+    out.update({THRESHOLD_PREFIX + n: v for n, v in log10_companions(positive).items()})
+    return out
+
+
 def lazy_threshold_names(metric_names: Iterable[str]) -> list[str]:
     """The names among ``metric_names`` that have a lazy direction (may carry a lazy threshold)."""
     out = []
@@ -367,13 +387,17 @@ def tensorboard_layout(metric_names: Sequence[str]) -> dict[str, dict[str, list[
 
     One category per chart category of the catalogue ("kernel drift", "linearization",
     "spectrum", "parameters", ...), one multiline chart per title, its tags as anchored regular
-    expressions. A chart is kept only if one of its tags is logged, a category only if it has a
-    chart.
+    expressions; a metric with a lazy side also brings its threshold series
+    (:func:`threshold_series`), so the chart shows the threshold as a flat line. A chart is
+    kept only if one of its metrics is logged, a category only if it has a chart.
     """
     charts: dict[str, dict[str, list[str]]] = {c: {} for c in CHART_CATEGORIES}
     for info in CATALOGUE:
         category, title = info.chart
-        charts.setdefault(category, {}).setdefault(title, []).append(info.regex())
+        patterns = charts.setdefault(category, {}).setdefault(title, [])
+        patterns.append(info.regex())
+        if info.direction is not None:
+            patterns.append("^" + re.escape(THRESHOLD_PREFIX) + info.regex()[1:])
     layout: dict[str, dict[str, list[object]]] = {}
     for category, by_title in charts.items():
         kept: dict[str, list[object]] = {}

@@ -753,6 +753,7 @@ class _KernelRegimeMonitorBase(_Identified):
                 charted = names + list(catalogue.log10_companions(dict.fromkeys(names, 1.0)))
                 tb.write_layout(writer, charted)
                 self._layout_written.add(id(writer))
+            tb.write_thresholds(writer, self._tracker.lazy_thresholds, step)
             eigenvalues = getattr(self._tracker, "last_eigenvalues", None)
             if self.log_eigenvalues and isinstance(eigenvalues, Tensor) and eigenvalues.numel():
                 values = eigenvalues.detach().cpu().to(torch.float64)
@@ -866,8 +867,7 @@ class _KernelRegimeMonitorBase(_Identified):
         steps = [s for s, _ in self._layer_history]
         values = [[row.get(n, float("nan")) for n in names] for _, row in self._layer_history]
         for writer in writers:
-            figure = tb.layer_drift_figure(steps, names, values)
-            writer.add_figure(tb.LAYER_IMAGE_TAG, figure, self._layer_log_step)
+            tb.write_layer_heatmap(writer, steps, names, values, self._layer_log_step)
         self._layer_images += 1
         self._layer_drawn = len(self._layer_history)
 

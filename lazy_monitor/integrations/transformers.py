@@ -35,8 +35,14 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from lazy_monitor._extras import raise_missing
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+except ModuleNotFoundError as exc:
+    raise_missing(exc, "lazy_monitor.integrations.transformers")
 
 from lazy_monitor.callbacks._gate import KernelDriftError, KernelDriftWarning, _KernelDriftGateBase
 from lazy_monitor.callbacks._identity import check_unique

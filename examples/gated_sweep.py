@@ -118,6 +118,7 @@ def run_one(width: int, lr: float, args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     """Run the sweep, print one line per configuration; return the per-run results."""
     args = _parse(argv)
+    torch.set_num_threads(1)  # tiny CPU demo: more threads only spin-wait (10x slower if busy)
     results = []
     quiet = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning.pytorch")]
     levels = [lg.level for lg in quiet]

@@ -92,9 +92,7 @@ def main(args: Optional[list[str]] = None, namespace: str = "lightning") -> Any:
         require("lightning.pytorch", "examples/lightning_cli.py --namespace lightning")
     pl = importlib.import_module(NAMESPACES[namespace])
     cli_module = importlib.import_module(NAMESPACES[namespace] + ".cli")
-    # A small CPU demo: more intra-op threads only spin-wait (OpenMP), up to 10x slower on a
-    # busy CPU. Leave this out for a real model.
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # tiny CPU demo: more threads only spin-wait (10x slower if busy)
     cli = cli_module.LightningCLI(
         _classifier(pl, "Classifier"),
         args=args,

@@ -63,9 +63,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     parser.add_argument("--log-dir", default="lightning_logs_quickstart", help="TensorBoard dir")
     args = parser.parse_args(argv)
 
-    # A small CPU demo: more intra-op threads only spin-wait (OpenMP), up to 10x slower on a
-    # busy CPU. Leave this out for a real model.
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # tiny CPU demo: more threads only spin-wait (10x slower if busy)
     pl.seed_everything(0, verbose=False)
     monitor = KernelRegimeMonitor(
         probe_size=args.probe_size,  # drawn from the training set at train start, seeded

@@ -107,6 +107,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # tiny CPU demo: more threads only spin-wait (10x slower if busy)
     if args.steps < 1 or args.log_every < 1 or min(args.width) < 1:
         parser.error("--steps, --log-every and every --width must be >= 1")
     for width in args.width:

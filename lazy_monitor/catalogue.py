@@ -5,7 +5,7 @@ Everything that lists metrics derives the list from :data:`CATALOGUE`: the names
 :class:`~lazy_monitor.KernelDriftGate` threshold may name (:func:`is_known`), the direction of a
 lazy threshold (:func:`direction_of`), the TensorBoard custom-scalar layout
 (:func:`tensorboard_layout`), the HParams metrics (:func:`hparams_metrics`), the columns of
-``lazy-monitor report`` (:func:`report_metrics`) and the metric table of the README
+``lazy-monitor report`` (:func:`report_metrics`) and the metric table of docs/metrics.md
 (:func:`markdown_table`; ``tests/test_catalogue.py`` fails when they disagree).
 
 Adding a metric is one :class:`MetricInfo` entry here plus its computation.
@@ -71,7 +71,7 @@ class MetricInfo:
             maximum; ``"min"`` -- lazy means large (close to 1), a threshold is a minimum;
             ``None`` -- no lazy side (descriptive metrics, the verdict itself).
         chart: ``(category, chart title)`` in the TensorBoard custom-scalars layout.
-        formula: the formula, in the README's notation.
+        formula: the formula, in the notation of docs/theory.md.
         description: one line on how to read it.
         paper: where it comes from (empty if nowhere in particular).
         source: ``"tracker"`` (:class:`KernelTracker` computes it) or ``"monitor"`` (the
@@ -425,7 +425,7 @@ def plot_metrics() -> tuple[str, ...]:
 
 
 def markdown_table() -> str:
-    """The README's metric table (computed metrics only, in catalogue order)."""
+    """The metric table of ``docs/metrics.md`` (computed metrics only, in catalogue order)."""
     rows = ["| name | formula | how to read it | source |", "|---|---|---|---|"]
     for info in CATALOGUE:
         if not info.planned:

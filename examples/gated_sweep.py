@@ -7,7 +7,7 @@ the linearization error ``lin/rel_error`` exceeds ``--max-lin``, so a sweep spen
 configurations that have left the lazy regime. Narrow nets with a large learning rate trip the
 gate; wide nets with a small one train to the end::
 
-    python examples/gated_sweep.py                                  # 4 runs, < 1 min on CPU
+    python examples/gated_sweep.py                                  # 4 runs, < 30 s on CPU
     python examples/gated_sweep.py --widths 64 1024 --lrs 0.5 4 --max-ntk 0.05
     lazy-monitor report gated_sweep_runs                            # the same runs, afterwards
     lazy-monitor check gated_sweep_runs --max ntk/rel_change=0.1    # exit 1: some run drifted

@@ -1,7 +1,7 @@
 """Quickstart: is my Lightning model training in the lazy (NTK) regime?
 
-    python examples/lightning_quickstart.py                # ~30 s on a laptop CPU
-    tensorboard --logdir lightning_logs_quickstart         # "Custom Scalars" tab: 4 categories
+    python examples/lightning_quickstart.py                # ~20 s on a CPU
+    tensorboard --logdir lightning_logs_quickstart         # "Custom Scalars": drift vs threshold
 
 Adds one callback, :class:`KernelRegimeMonitor`, to a plain ``LightningModule`` (an MLP in the NTK
 parameterisation classifying a generated Gaussian mixture) and one :class:`KernelDriftGate` that
@@ -77,6 +77,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
         logger=TensorBoardLogger(args.log_dir, name=f"width{args.width}", default_hp_metric=False),
         callbacks=[monitor, gate],
         enable_checkpointing=False,
+        enable_model_summary=False,
         enable_progress_bar=False,
         log_every_n_steps=10,
     )

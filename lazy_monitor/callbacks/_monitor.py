@@ -753,7 +753,8 @@ class _KernelRegimeMonitorBase(_Identified):
                 charted = names + list(catalogue.log10_companions(dict.fromkeys(names, 1.0)))
                 tb.write_layout(writer, charted)
                 self._layout_written.add(id(writer))
-            tb.write_thresholds(writer, self._tracker.lazy_thresholds, step)
+            if tb.thresholds_due(self.num_measurements):
+                tb.write_thresholds(writer, self._tracker.lazy_thresholds, step)
             eigenvalues = getattr(self._tracker, "last_eigenvalues", None)
             if self.log_eigenvalues and isinstance(eigenvalues, Tensor) and eigenvalues.numel():
                 values = eigenvalues.detach().cpu().to(torch.float64)
@@ -894,6 +895,8 @@ class _KernelRegimeMonitorBase(_Identified):
             measurements=self.num_measurements,
             seconds=self.measure_seconds,
         )
+        for writer in tb.tensorboard_writers(trainer.loggers):
+            tb.write_thresholds(writer, self._tracker.lazy_thresholds, _log_step(trainer))
         self._text(trainer, tb.SUMMARY_TAG, text, _log_step(trainer))
 
     def _notify_start(self, trainer: Any) -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "log_hparams",
     "run_summary",
     "tensorboard_writers",
+    "thresholds_due",
     "write_layer_heatmap",
     "write_layout",
     "write_thresholds",
@@ -291,11 +292,20 @@ def layer_drift_figure(
     return fig
 
 
+def thresholds_due(count: int) -> bool:
+    """Whether the ``count``-th measurement (1-based) writes the threshold series: 1, 2, 4, 8,
+    ... (and the caller writes them once more at train end). A few points draw the flat line; one
+    per measurement and run would outnumber a single non-lazy run's points, and TensorBoard's
+    "ignore outliers" scaling would then cut that run off the chart."""
+    return count >= 1 and count & (count - 1) == 0
+
+
 def write_thresholds(writer: Any, thresholds: Mapping[str, float], step: int) -> None:
-    """Write the lazy thresholds as constant scalar series at ``step`` (call it at every
-    measurement): the custom-scalars chart of each thresholded metric draws its threshold as a
-    flat line next to the runs (:func:`lazy_monitor.catalogue.threshold_series`). TensorBoard
-    only, so other loggers' tables do not grow a column per threshold."""
+    """Write the lazy thresholds as constant scalar series at ``step`` (at the measurements of
+    :func:`thresholds_due` and at train end): the custom-scalars chart of each thresholded metric
+    draws its threshold as a flat line next to the runs
+    (:func:`lazy_monitor.catalogue.threshold_series`). TensorBoard only, so other loggers' tables
+    do not grow a column per threshold."""
     for tag, value in catalogue.threshold_series(thresholds).items():
         writer.add_scalar(tag, value, global_step=step)
 

@@ -153,7 +153,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "The slope: Lee et al. 2019 bound the relative kernel change by O(width^-1/2); the "
             "leading-order change is O(1/width) (Dyer & Gur-Ari 2020) and ReLU activation flips "
             "decay more slowly, so expect a slope between -1/2 and -1 (about -0.7 here). See the "
-            "README section 'Reading the demo'."
+            "docs/theory.md, 'Reading the demo'."
         ),
     )
     parser.add_argument(
@@ -449,7 +449,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         print(
             f"log-log slope of ntk/rel_change vs width: {slope:+.2f}  (theory: -1/2 bound, Lee et "
-            "al. 2019; expect -1/2 to -1 for ReLU nets, README 'Reading the demo')",
+            "al. 2019; expect -1/2 to -1 for ReLU nets, docs/theory.md 'Reading the demo')",
             file=out,
         )
     print(f"trained {len(plan)} runs in {time.perf_counter() - total:.0f} s", file=out)

@@ -76,7 +76,8 @@ def test_demo_non_lazy_run_is_judged_non_lazy(demo):
 def test_demo_writes_event_files_that_report_reads_back(demo, capsys):
     _, text, out_dir = demo
     for run in LOGGED:
-        assert list((out_dir / run).glob("version_*/events.out.tfevents.*")), run
+        # one folder per run, no version_N: the run name is what TensorBoard's tables show
+        assert list((out_dir / run).glob("events.out.tfevents.*")), run
     logged = _report(out_dir, capsys)
     assert set(logged) == set(LOGGED)
     for run in LOGGED:
@@ -211,8 +212,14 @@ def test_demo_hparams_table_has_the_sweep_variables_first(demo):
         acc.Reload()
         content = acc.PluginTagToContent("hparams")
         exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-        differs = sorted(h.name for h in exp.experiment.hparam_infos if h.differs)
-        assert differs == ["alpha", "lr", "width"]
+        # the sweep's variables are the columns, in this order; the monitor's settings are not
+        columns = [h.name for h in exp.experiment.hparam_infos]
+        assert columns == ["width", "alpha", "lr", "init"]
+        assert all(h.differs for h in exp.experiment.hparam_infos)
+        assert [m.name.tag for m in exp.experiment.metric_infos][:2] == [
+            "regime/lazy",
+            "ntk/rel_change",
+        ]
         start = plugin_data_pb2.HParamsPluginData.FromString(
             content["_hparams_/session_start_info"]
         )

@@ -10,9 +10,9 @@ namespace). LightningCLI only accepts callback classes of its own namespace, so 
 ``lightning.pytorch`` config names ``lazy_monitor.callbacks.lightning.*`` and the
 ``pytorch_lightning`` config names ``lazy_monitor.callbacks.pytorch_lightning.*``. The model is an
 NTK-parameterised MLP classifying a generated Gaussian mixture. Prints the kernel verdict at the
-end, e.g.::
+end; with the YAML's settings (width 256, lr 0.5, 800 steps) the kernel leaves the lazy regime::
 
-    ntk/rel_change 0.0412  lin/rel_error 0.0383  params/rel_change 0.0271  -> lazy
+    ntk/rel_change 0.2824  lin/rel_error 0.1391  params/rel_change 0.04953  -> NOT lazy (features moved)
 """
 
 from __future__ import annotations

@@ -79,7 +79,11 @@ def run_one(width: int, lr: float, args: argparse.Namespace) -> dict[str, Any]:
     x, y = gaussian_mixture(1024, 16, 4, seed=args.seed)
     loader = make_loader(x, y, batch_size=64, seed=args.seed)
     monitor = KernelRegimeMonitor(
-        probe=(x[:32], y[:32]), every_n_steps=args.every_n_steps, submodule="net"
+        probe=(x[:32], y[:32]),
+        every_n_steps=args.every_n_steps,  # the gate checks exactly at these steps:
+        log_spaced_until=0,  # no extra early measurements
+        max_overhead=None,  # and none skipped to save time
+        submodule="net",
     )
     gate = KernelDriftGate(
         {"ntk/rel_change": args.max_ntk, "lin/rel_error": args.max_lin},

@@ -40,8 +40,8 @@ def test_monitor_settings_are_columns_only_without_module_hparams(tmp_path):
         assert [m.name.tag for m in exp.experiment.metric_infos][0] == "regime/lazy"
 
 
-def test_thresholds_are_due_at_powers_of_two():
-    assert [c for c in range(0, 20) if tb.thresholds_due(c)] == [1, 2, 4, 8, 16]
+def test_thresholds_are_due_at_powers_of_eight():
+    assert [c for c in range(0, 600) if tb.thresholds_due(c)] == [1, 8, 64, 512]
 
 
 def test_heatmap_without_matplotlib_warns_once_and_writes_nothing(tmp_path, monkeypatch):

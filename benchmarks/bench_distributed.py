@@ -53,7 +53,7 @@ class _TimedMonitor(KernelRegimeMonitor):
         super().on_train_end(trainer, pl_module)
         path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.json")
         with open(path, "w") as f:
-            json.dump({"times": self.times, "metrics": self._last_metrics}, f)
+            json.dump({"times": self.times, "metrics": self.last_metrics}, f)
 
 
 def _run(split: bool, steps: int, probe_size: int, out_dir: str) -> list[list[float]]:
@@ -63,7 +63,9 @@ def _run(split: bool, steps: int, probe_size: int, out_dir: str) -> list[list[fl
         probe_size=probe_size,
         every_n_steps=2,
         split_across_ranks=split,
-        log_hparams=False,
+        log_spaced_until=0,
+        max_overhead=None,
+        tensorboard="basic",
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -112,7 +114,7 @@ def _sharded_worker(rank: int, port: int, width: int, probe_size: int, out_dir: 
         fully_shard(model[i], mesh=mesh)
     fully_shard(model, mesh=mesh)
     x = torch.randn(probe_size, 784, generator=torch.Generator().manual_seed(1))
-    tracker = KernelTracker(model, x, kind="trace", per_layer=True)
+    tracker = KernelTracker(model, x, kernel={"kind": "trace"}, per_layer=True)
     start = time.perf_counter()
     tracker.start()
     start_s = time.perf_counter() - start
@@ -124,7 +126,7 @@ def _sharded_worker(rank: int, port: int, width: int, probe_size: int, out_dir: 
         opt.step()
         # alternate: row exchange (W rows per backward) / every rank every row
         arm = "exchange" if step % 2 else "each"
-        tracker.exchange_rows = arm == "exchange"
+        tracker.measurement.exchange_rows = arm == "exchange"
         t = time.perf_counter()
         metrics = tracker.measure(step)
         times[arm].append(time.perf_counter() - t)
@@ -164,7 +166,7 @@ def sharded(width: int, probe_size: int) -> dict[str, float]:
     torch.set_num_threads(1)
     model = _mlp(width)
     x = torch.randn(probe_size, 784, generator=torch.Generator().manual_seed(1))
-    tracker = KernelTracker(model, x, kind="trace", per_layer=True)
+    tracker = KernelTracker(model, x, kernel={"kind": "trace"}, per_layer=True)
     tracker.start()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     single = []

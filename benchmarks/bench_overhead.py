@@ -97,9 +97,10 @@ class _StepsMonitor(KernelRegimeMonitor):
 
     steps: list[int]
 
-    def _record(self, trainer: Any, step: int, *args: Any, **kwargs: Any) -> None:
-        self.steps = [*getattr(self, "steps", []), step]
-        super()._record(trainer, step, *args, **kwargs)
+    def on_measurement(self, session: Any, step: int, metrics: Any, **kwargs: Any) -> None:
+        if not kwargs.get("repeat"):
+            self.steps = [*getattr(self, "steps", []), step]
+        super().on_measurement(session, step, metrics, **kwargs)
 
 
 def _fit(

@@ -64,7 +64,7 @@ def main() -> None:
     probe = torch.randn(args.probe, 3, args.res, args.res)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     t0 = time.perf_counter()
-    KernelTracker(model, probe, kind="full")
+    KernelTracker(model, probe, kernel={"kind": "full"})
     seconds = time.perf_counter() - t0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(

@@ -36,6 +36,8 @@ _EXPORTS = {
     "catalogue": "lazy_monitor.catalogue",
     "Threshold": "lazy_monitor.thresholds",
     "KernelTracker": "lazy_monitor.tracking",
+    "MonitorSession": "lazy_monitor.tracking.session",
+    "KernelConfig": "lazy_monitor.tracking",
     "KernelRegimeMonitor": "lazy_monitor.callbacks",
     "KernelDriftGate": "lazy_monitor.callbacks",
     "KernelDriftError": "lazy_monitor.callbacks",

@@ -17,6 +17,7 @@ from lazy_monitor.callbacks._identity import _Identified, check_unique
 from lazy_monitor.callbacks._monitor import _KernelRegimeMonitorBase, check_one_monitor
 from lazy_monitor.thresholds import ThresholdSpec
 from lazy_monitor.tracking.gate import DriftGate
+from lazy_monitor.tracking.session import MonitorSession
 
 __all__ = ["KernelDriftError", "KernelDriftWarning", "_KernelDriftGateBase"]
 
@@ -91,7 +92,8 @@ class _KernelDriftGateBase(_Identified):
 
     def __init__(
         self,
-        thresholds: dict[str, ThresholdSpec],
+        thresholds: Mapping[str, ThresholdSpec],
+        *,
         patience: int = 1,
         action: Literal["warn", "stop", "raise"] = "stop",
         min_check_from_step: Optional[int] = None,
@@ -99,6 +101,8 @@ class _KernelDriftGateBase(_Identified):
     ) -> None:
         # the decision logic and its state are framework-free (lazy_monitor.tracking.gate)
         self._gate = DriftGate(thresholds, patience, action, min_check_from_step, check_finite)
+        self._trainer: Any = None
+        self._from_checkpoint = False
 
     # settings and state live once, in the DriftGate
     thresholds = property(lambda self: self._gate.thresholds, doc="The parsed thresholds.")
@@ -136,7 +140,8 @@ class _KernelDriftGateBase(_Identified):
                 "KernelDriftGate needs exactly one KernelRegimeMonitor in Trainer(callbacks=...), "
                 "found 0; add KernelRegimeMonitor(...) next to the gate"
             )
-        monitors[0]._add_listener(self)
+        monitors[0].session.add_listener(self)
+        self._trainer = trainer
         # A new fit starts untripped; Lightning restores a checkpoint's gate state after setup.
         self._gate.reset()
         self._from_checkpoint = False
@@ -156,9 +161,9 @@ class _KernelDriftGateBase(_Identified):
         self._gate.load_state_dict(state_dict)
         self._from_checkpoint = self._gate.tripped
 
-    # ------------------------------------------------------------------ monitor callbacks
-    def _on_monitor_start(self, trainer: Any, monitor: _KernelRegimeMonitorBase) -> None:
-        available = monitor.metric_names()
+    # ------------------------------------------------------------------ session listener
+    def on_start(self, session: MonitorSession) -> None:
+        available = session.metric_names()
         missing = self._gate.missing(available)
         if missing:
             raise ValueError(
@@ -166,25 +171,18 @@ class _KernelDriftGateBase(_Identified):
                 f"run{catalogue.requirement_hint(missing)}; it logs: {sorted(available)}"
             )
 
-    def _on_measurement(
+    def on_measurement(
         self,
-        trainer: Any,
-        monitor: _KernelRegimeMonitorBase,
+        session: MonitorSession,
         step: int,
         metrics: Mapping[str, float],
+        *,
         final: bool,
-        repeat: bool = False,
+        repeat: bool,
     ) -> None:
-        if self.tripped:
-            return
-        local = self._gate.check(metrics, step, final=final, repeat=repeat)
-        # every rank measures at the same steps, so every rank reaches this collective
-        decision = trainer.strategy.reduce_boolean_decision(local is not None, all=False)
-        if not decision:
-            return
-        reason = _first_reason(trainer, local)
-        self._gate.trip(reason, step)
-        self._act(trainer, reason, final=final)
+        reason = session.check_gate(self._gate, step, metrics, final=final, repeat=repeat)
+        if reason is not None:
+            self._act(self._trainer, reason, final=final)
 
     def _act(self, trainer: Any, reason: str, final: bool) -> None:
         message = f"KernelDriftGate tripped (action={self.action!r}): {reason}"
@@ -196,17 +194,3 @@ class _KernelDriftGateBase(_Identified):
         if trainer.is_global_zero:
             # at the user's trainer.fit line, not at this hook inside Lightning's loop
             _warnings.warn(message, KernelDriftWarning)
-
-
-def _first_reason(trainer: Any, local: Optional[str]) -> str:
-    """The trip reason of the lowest rank that has one (all ranks then report the same)."""
-    if getattr(trainer, "world_size", 1) > 1:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            gathered: list[Optional[str]] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, local)
-            for reason in gathered:
-                if reason:
-                    return reason
-    return local or "a threshold tripped on another rank"

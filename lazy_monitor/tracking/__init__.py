@@ -3,6 +3,8 @@
 Everything a training-framework adapter (the Lightning callbacks, a Hugging Face
 ``TrainerCallback``) needs without importing the framework:
 
+* :class:`KernelConfig` -- the kernel settings (kind, implementation, projection, memory,
+  ``topk``, snapshot device), typed and validated once;
 * :class:`KernelTracker` -- the reference (θ₀, ``f₀``, ``K₀``) and ``start``/``measure``;
 * :mod:`~lazy_monitor.tracking.kernel_config` -- which kernel it measures (``kind="auto"``
   under ``max_memory``, a saved configuration, ``topk``); :mod:`~lazy_monitor.tracking.features`
@@ -14,13 +16,14 @@ Everything a training-framework adapter (the Lightning callbacks, a Hugging Face
 * :mod:`~lazy_monitor.tracking.network` -- unwrap DDP / ``torch.compile``, resolve a submodule;
 * :mod:`~lazy_monitor.tracking.distributed` -- split a measurement across processes
   (:class:`KernelSharding`); :class:`OverheadBudget` -- keep measuring within a time budget;
-* :mod:`~lazy_monitor.tracking.sharded` -- :class:`ShardedKernelTracker`, what
-  ``KernelTracker(model, ...)`` returns for FSDP2 (DTensor) parameters.
+* :mod:`~lazy_monitor.tracking.measurement` -- how a tracker evaluates the model (its
+  backend): locally, split across processes, or FSDP2-sharded
+  (:mod:`~lazy_monitor.tracking.sharded`, chosen when the parameters are DTensors).
 """
 
 from lazy_monitor.tracking.distributed import KernelSharding
+from lazy_monitor.tracking.kernel_config import KernelConfig
 from lazy_monitor.tracking.schedule import MeasurementSchedule, OverheadBudget
-from lazy_monitor.tracking.sharded import ShardedKernelTracker
 from lazy_monitor.tracking.tracker import (
     DEFAULT_LAZY_THRESHOLDS,
     LOWER_BOUND_METRICS,
@@ -30,9 +33,9 @@ from lazy_monitor.tracking.tracker import (
 __all__ = [
     "DEFAULT_LAZY_THRESHOLDS",
     "LOWER_BOUND_METRICS",
+    "KernelConfig",
     "KernelSharding",
     "KernelTracker",
     "MeasurementSchedule",
     "OverheadBudget",
-    "ShardedKernelTracker",
 ]

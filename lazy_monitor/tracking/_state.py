@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lazy_monitor.core import _functional as F
+from lazy_monitor.tracking.distributed import KernelSharding
+from lazy_monitor.tracking.kernel_config import KernelConfig, ResolvedKernel
 
-__all__ = ["LastMeasurement", "Reference", "StateRegistry", "fingerprint", "same_fingerprint"]
+__all__ = [
+    "LastMeasurement",
+    "Reference",
+    "StateRegistry",
+    "TrackerState",
+    "fingerprint",
+    "same_fingerprint",
+]
 
 
 def _map_tensors(value: Any, fn: Any) -> Any:
@@ -119,3 +128,27 @@ def same_fingerprint(a: list[list[float]], b: list[list[float]]) -> bool:
     return all(
         math.isclose(p, q, rel_tol=1e-9, abs_tol=1e-9) for x, y in zip(a, b) for p, q in zip(x, y)
     )
+
+
+class TrackerState(Protocol):
+    """What a measurement backend reads from the tracker that holds it (its settings and the
+    tracked parameter set, which :meth:`KernelTracker.start` fixes)."""
+
+    model: nn.Module
+    output_fn: Optional[F.OutputFn]
+    per_layer: bool
+    probe_size: int
+    num_outputs: int
+    kernel: KernelConfig
+    sharding: Optional[KernelSharding]
+    _param_names: list[str]
+    _layers: dict[str, list[str]]
+    _resolved: Optional[ResolvedKernel]
+    _reference: Reference
+    _lin: Any  # the θ₀ snapshot once started (the backend's own type)
+
+    def _probe_on_model_device(self) -> F.InputBatch: ...
+    def _model_device(self) -> torch.device: ...
+    def _metric_device(self) -> torch.device: ...
+    def _hooks(self, strict: bool = True) -> Any: ...
+    def _on_metric_device(self, grams: Mapping[str, Tensor]) -> dict[str, Tensor]: ...

@@ -36,7 +36,7 @@ __all__ = ["KernelSharding", "SHARDED_STRATEGIES", "balance", "check_strategy"]
 #: MRO): FSDP1's flat parameters (Lightning's ``FSDPStrategy``, which also requires a GPU) and
 #: DeepSpeed ZeRO partitions. FSDP2 (``ModelParallelStrategy`` with ``fully_shard``: DTensor
 #: parameters) is measured with the local shards by
-#: :class:`~lazy_monitor.tracking.sharded.ShardedKernelTracker`.
+#: :class:`~lazy_monitor.tracking.sharded.ShardedMeasurement`.
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 
 

@@ -225,7 +225,6 @@ def build_tracker(
     device: torch.device,
     *,
     drawn: bool,
-    use_targets: bool = True,
     **tracker_kwargs: Any,
 ) -> tuple[KernelTracker, Probe]:
     """A :class:`KernelTracker` on ``probe`` (moved to ``device``), and the probe it uses.
@@ -240,9 +239,7 @@ def build_tracker(
         ``(tracker, (x, y))`` with the probe on CPU and ``y`` None when dropped.
     """
     x, y = probe
-    if not use_targets:
-        y = None
-    elif y is not None and drawn and not y.is_floating_point() and y.numel():
+    if y is not None and drawn and not y.is_floating_point() and y.numel():
         if bool((y == y.reshape(-1)[0]).all()):
             warnings.warn(
                 f"the {probe_size(probe)} drawn probe examples all have class "
@@ -276,8 +273,8 @@ def build_tracker(
         warnings.warn(
             f"the targets of the drawn probe cannot be used ({err}); ntk/alignment and "
             "lin/agreement are not logged. Pass batch_to_probe returning (x, y) with class "
-            "indices of shape (N,) or float targets of shape (N, O), or use_targets=False to "
-            "measure without targets",
+            "indices of shape (N,) or float targets of shape (N, O), or batch_to_probe "
+            "returning x alone to measure without targets",
             UserWarning,
             stacklevel=3,
         )

@@ -102,7 +102,8 @@ class OverheadBudget:
       while the job was not running is not counted).
 
     Args:
-        max_overhead: the share of wall time, in ``(0, 1]`` (e.g. ``0.02``).
+        max_overhead: the share of wall time, in ``(0, 1]`` (e.g. ``0.05``); ``None``: no
+            budget, only the accounting (:meth:`overhead`).
         clock: seconds of a monotonic clock (tests pass a fake one).
 
     Raises:
@@ -120,15 +121,18 @@ class OverheadBudget:
     True
     """
 
-    def __init__(self, max_overhead: float, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self, max_overhead: Optional[float], clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.max_overhead = check_float(
             "max_overhead",
             max_overhead,
             minimum=0.0,
             maximum=1.0,
-            fix="a share of the wall time such as 0.02, or None for no budget",
+            optional=True,
+            fix="a share of the wall time such as 0.05, or None for no budget",
         )
-        if not self.max_overhead > 0.0:
+        if self.max_overhead is not None and not self.max_overhead > 0.0:
             raise ValueError(
                 f"max_overhead must be > 0, got {max_overhead!r}; e.g. 0.02, or None for no budget"
             )
@@ -142,8 +146,10 @@ class OverheadBudget:
         self._elapsed_before = 0.0
         self._t0: Optional[float] = None
 
-    def start_clock(self) -> None:
-        """Start (or, after :meth:`load_state_dict`, continue) counting wall time."""
+    def start_clock(self, already: float = 0.0) -> None:
+        """Start (or, after :meth:`load_state_dict`, continue) counting wall time; ``already``:
+        wall seconds that passed just before (e.g. the monitor's own setup)."""
+        self._elapsed_before += float(already)
         self._t0 = self._clock()
 
     def elapsed(self) -> float:
@@ -157,6 +163,11 @@ class OverheadBudget:
         self.measured_seconds += float(seconds)
         self.last_seconds = float(seconds)
 
+    def charge(self, seconds: float) -> None:
+        """Count ``seconds`` of the monitor's other work (publishing, drawing the probe) without
+        changing the cost assumed for the next measurement."""
+        self.measured_seconds += float(seconds)
+
     def overhead(self) -> float:
         """Share of the wall time spent measuring so far (0 before any time has passed)."""
         elapsed = self.elapsed()
@@ -164,6 +175,8 @@ class OverheadBudget:
 
     def allows(self) -> bool:
         """Whether one more measurement now (plus the reserved final one) fits the budget."""
+        if self.max_overhead is None:
+            return True  # no budget: the accounting only (monitor/overhead)
         c = self.last_seconds or 0.0
         return self.measured_seconds + 2 * c <= self.max_overhead * (self.elapsed() + 2 * c)
 

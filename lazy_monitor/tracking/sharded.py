@@ -4,7 +4,7 @@ Under ``torch.distributed.fsdp.fully_shard`` every parameter is a ``DTensor`` of
 process holds one shard (``Shard(0)`` on a one-dimensional device mesh); the full parameter
 exists only transiently, one ``fully_shard`` unit at a time, inside the model's own forward and
 backward. The kernel engine (``torch.func.functional_call`` on full tensors) cannot run on such
-a model, and gathering it on one rank is what sharding avoids. :class:`ShardedKernelTracker`
+a model, and gathering it on one rank is what sharding avoids. :class:`ShardedMeasurement`
 measures through the model's own forward/backward instead:
 
 * **Jacobian rows.** One forward of the probe (eval mode), then one backward per row
@@ -55,126 +55,44 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lazy_monitor.core import _functional as F
 from lazy_monitor.core.kernels import projection_matrix
 from lazy_monitor.tracking import kernel_config as kc
+from lazy_monitor.tracking._fsdp import (
+    _check_gradient_sync,
+    _grad_scales,
+    _is_dtensor,
+    _local,
+    _reshard,
+    _row_exchange_layout,
+    _RowExchange,
+    guard,
+    has_sharded_params,
+    mesh_sharding,
+    model_call,
+)
+from lazy_monitor.tracking._state import TrackerState
 from lazy_monitor.tracking.distributed import KernelSharding
-from lazy_monitor.tracking.tracker import KernelTracker
 
-__all__ = ["ShardedKernelTracker", "has_sharded_params", "mesh_sharding"]
+__all__ = ["ShardedMeasurement", "has_sharded_params", "mesh_sharding"]
 
 _STATE_FORMAT = 1
-
-
-def _dtensor_type() -> Optional[type]:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed support
-        return None
-    return DTensor
-
-
-def _is_dtensor(t: Any) -> bool:
-    cls = _dtensor_type()
-    return cls is not None and isinstance(t, cls)
-
-
-def has_sharded_params(model: nn.Module) -> bool:
-    """Whether any trainable parameter of ``model`` is a ``DTensor`` (FSDP2 / tensor parallel)."""
-    return any(p.requires_grad and _is_dtensor(p) for p in model.parameters())
-
-
-def _local(t: Tensor) -> Tensor:
-    """The process's shard of a DTensor (the tensor itself otherwise)."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
-def _mesh_of(model: nn.Module, names: Sequence[str]) -> Any:
-    """The one device mesh of the tracked DTensor parameters; raises for layouts other than
-    FSDP2's (``Shard(0)`` on a one-dimensional mesh, the same mesh for every parameter)."""
-    from torch.distributed.tensor import Shard
-
-    live = dict(model.named_parameters())
-    mesh = None
-    for name in names:
-        p = live[name]
-        if not _is_dtensor(p):
-            continue
-        placements = tuple(p.placements)
-        if p.device_mesh.ndim != 1 or placements != (Shard(0),):
-            raise ValueError(
-                f"parameter {name!r} is a DTensor with placements {placements} on a "
-                f"{p.device_mesh.ndim}-dimensional mesh; KernelTracker measures parameters "
-                "sharded by FSDP2 (fully_shard: Shard(0) on a one-dimensional mesh) only, not "
-                "tensor-parallel layouts. Apply fully_shard without parallelize_module, or "
-                "measure a submodule that is only FSDP-sharded"
-            )
-        if mesh is None:
-            mesh = p.device_mesh
-        elif p.device_mesh != mesh:
-            raise ValueError(
-                f"parameter {name!r} is sharded on another device mesh than the others; "
-                "KernelTracker needs every tracked parameter sharded on the same mesh "
-                "(one fully_shard mesh for the model)"
-            )
-    return mesh
-
-
-def mesh_sharding(
-    model: nn.Module,
-    reduce: Optional[Callable[[Tensor, Any], Tensor]] = None,
-) -> KernelSharding:
-    """The :class:`KernelSharding` of the mesh ``model``'s trainable DTensor parameters are
-    sharded on: rank and size of the mesh's process group, ``all_reduce`` on that group
-    (``reduce(tensor, group) -> sum``, default ``torch.distributed.all_reduce``; the Lightning
-    monitor passes its strategy's ``reduce``).
-
-    Raises:
-        ValueError: no DTensor parameter, or a layout other than FSDP2's (see module docs).
-    """
-    import torch.distributed as dist
-
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    mesh = _mesh_of(model, names)
-    if mesh is None:
-        raise ValueError(
-            f"{type(model).__name__} has no trainable DTensor parameter; use "
-            "KernelSharding.from_process_group() for an unsharded model"
-        )
-    group = mesh.get_group()
-
-    def all_reduce(t: Tensor) -> Tensor:
-        if reduce is not None:
-            return reduce(t, group)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        return t
-
-    return KernelSharding(dist.get_rank(group), dist.get_world_size(group), all_reduce)
-
-
-def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 class _ShardSnapshot:
     """θ₀ of a sharded model as local shards, θ₀'s buffers, and (when they fit) the local rows
     of ``J(θ₀)``; the ``Linearization`` interface :class:`KernelTracker` uses."""
 
-    def __init__(self, tracker: ShardedKernelTracker) -> None:
-        self.tracker = tracker
-        model = tracker.model
-        self.names = list(tracker._param_names)
+    def __init__(self, measurement: ShardedMeasurement) -> None:
+        self.m = measurement
+        model = measurement.t.model
+        self.names = list(measurement.t._param_names)
         live = dict(model.named_parameters())
         #: tracked parameters' local shards at θ₀ (what ``params0`` means in the tracker)
         self.params0 = {n: _local(live[n]).detach().clone() for n in self.names}
@@ -193,7 +111,7 @@ class _ShardSnapshot:
     def f0(self, x: F.InputBatch) -> Tensor:
         """``f(x; θ₀)`` with θ₀'s shards and buffers swapped in (restored after)."""
         with self.at_theta0():
-            return self.tracker._plain_forward(x)
+            return self.m._plain_forward(x)
 
     def f0_and_f_lin(
         self, x: F.InputBatch, params: Optional[Mapping[str, Tensor]] = None
@@ -201,14 +119,14 @@ class _ShardSnapshot:
         """``(0, J(θ₀)(θ − θ₀))`` on the probe (the tracker adds ``f₀``); ``x`` must be the
         probe (the rows of ``J(θ₀)`` are the probe's)."""
         del x, params  # the probe and the model's current parameters
-        delta = self.tracker._local_delta()
-        jdelta = self.tracker._j0_delta(self, delta)
+        delta = self.m._local_delta()
+        jdelta = self.m._j0_delta(self, delta)
         return torch.zeros_like(jdelta), jdelta
 
     def state_dict(self) -> dict[str, Any]:
         """θ₀'s local shards of *this* rank (a sharded tracker's state is per rank)."""
         cpu = lambda d: {k: v.detach().cpu().clone() for k, v in d.items()}  # noqa: E731
-        sharding = self.tracker.sharding
+        sharding = self.m.sharding
         assert sharding is not None
         return {
             "format": _STATE_FORMAT,
@@ -226,7 +144,7 @@ class _ShardSnapshot:
         """Restore this rank's own θ₀ shards. Collective: every rank of the mesh calls it, and
         all of them raise if the state of any of them does not fit (e.g. every rank was given
         rank 0's state, which is what a Lightning checkpoint holds for a callback)."""
-        sharding = self.tracker.sharding
+        sharding = self.m.sharding
         assert sharding is not None
         problem = self._state_problem(state, sharding)
         failed = sharding.sum(torch.tensor([0.0 if problem is None else 1.0], dtype=torch.float64))
@@ -271,7 +189,7 @@ class _ShardSnapshot:
     def at_theta0(self) -> Iterator[None]:
         """θ₀'s local shards and buffers in the model for the duration; the current values
         are restored bit for bit (copies, not recomputation)."""
-        model = self.tracker.model
+        model = self.m.t.model
         live = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
         saved = {**self.params0, **self.constants0}
@@ -294,141 +212,29 @@ class _ShardSnapshot:
                     buffers[n].copy_(b)
 
 
-def _check_gradient_sync(model: nn.Module) -> None:
-    """Raise before any backward if an FSDP2 unit does not reduce-scatter its gradients now
-    (``set_requires_gradient_sync(False)``, an accumulation window) or holds accumulated
-    unsharded gradients: the measurement's rows would be added to them. Reads FSDP2's
-    internal state defensively (an attribute missing in another torch version: no check)."""
-    for module in _fsdp_modules(model):
-        state = getattr(module, "_get_fsdp_state", lambda: None)()
-        for group in getattr(state, "_fsdp_param_groups", None) or []:
-            pending = any(
-                getattr(fp, "unsharded_accumulated_grad", None) is not None
-                for fp in getattr(group, "fsdp_params", [])
-            )
-            if getattr(group, "reduce_grads", True) is False or pending:
-                raise RuntimeError(
-                    "an FSDP2 unit has gradient synchronisation off or accumulated unsharded "
-                    "gradients (set_requires_gradient_sync(False), inside a gradient "
-                    "accumulation window): the sharded kernel's backward passes would add to "
-                    "them. Measure after the optimizer step (KernelRegimeMonitor does), or "
-                    "with gradient sync on"
-                )
+class ShardedMeasurement:
+    """The measurement backend of a :class:`~lazy_monitor.KernelTracker` whose model's
+    parameters FSDP2 shards (``fully_shard``): the same metrics, measured with each process's
+    local shards (see :mod:`lazy_monitor.tracking.sharded`). The tracker holds one when a
+    trainable parameter of its model is a ``DTensor``; every process of the mesh must build
+    the tracker and call ``start``/``measure`` together.
 
+    ``sharding`` (optional) sums over the processes of the parameters' mesh (default:
+    :func:`mesh_sharding`, ``torch.distributed`` on the mesh's process group); the kernel
+    settings ``implementation`` and ``chunk_size`` are not used (the rows come from the model's
+    own backward); ``max_memory`` bounds the local Jacobian rows, the kernels and the
+    eigendecomposition. Attribute :attr:`exchange_rows` (default True): use the row exchange
+    when the model allows it (see the module docs).
 
-def _grad_scales(model: nn.Module, world_size: int) -> dict[int, float]:
-    """``{id(sharded parameter): s}`` with ``s · p.grad`` the gradient of the backward: FSDP2
-    reduces the identical per-rank gradients to ``Σ_ranks g / d`` with ``d`` the world size
-    (default) or ``set_gradient_divide_factor(d)``."""
-    scales: dict[int, float] = {}
-    for module in _fsdp_modules(model):
-        state = getattr(module, "_get_fsdp_state", lambda: None)()
-        for group in getattr(state, "_fsdp_param_groups", None) or []:
-            factor = getattr(group, "gradient_divide_factor", None)
-            if factor is None or float(factor) == world_size:
-                continue
-            for fp in getattr(group, "fsdp_params", []):
-                scales[id(fp.sharded_param)] = float(factor) / world_size
-    return scales
-
-
-def _row_exchange_layout(
-    model: nn.Module, names: Sequence[str], world_size: int
-) -> Optional[list[tuple[Any, list[tuple[str, int, tuple[int, ...], int]]]]]:
-    """The FSDP2 parameter groups holding the tracked parameters, each with its parameters'
-    places in one rank's chunk of the reduce-scatter input: ``[(group, [(name, offset,
-    local shape, padded numel)])]``. None when the exchange cannot be used (one process, a
-    tracked parameter FSDP2 does not manage, or FSDP2 internals this version lacks): every
-    process decides the same from the model's structure."""
-    if world_size < 2:
-        return None
-    by_id = {id(p): n for n, p in model.named_parameters()}
-    wanted = set(names)
-    layout = []
-    covered: set[str] = set()
-    for module in _fsdp_modules(model):
-        state = getattr(module, "_get_fsdp_state", lambda: None)()
-        for group in getattr(state, "_fsdp_param_groups", None) or []:
-            if not (hasattr(group, "_reduce_scatter_comm") and hasattr(group, "fsdp_params")):
-                return None
-            entries, offset = [], 0
-            for fp in group.fsdp_params:
-                p = getattr(fp, "sharded_param", None)
-                if p is None or not _is_dtensor(p) or p.dim() == 0:
-                    return None
-                if not p.requires_grad:  # no gradient: not in the reduce-scatter input
-                    continue
-                rows = -(-p.shape[0] // world_size)  # FSDP2 pads dim 0 to a multiple of W
-                padded = rows * math.prod(p.shape[1:])
-                name = by_id.get(id(p))
-                if name is None:
-                    return None
-                entries.append((name, offset, tuple(p.to_local().shape), padded))
-                offset += padded
-            layout.append((group, entries))
-            covered.update(n for n, *_ in entries)
-    if not wanted <= covered:
-        return None
-    return layout
-
-
-class _RowExchange:
-    """A reduce-scatter replacement for one FSDP2 parameter group during a measurement:
-    each rank back-propagates a different Jacobian row, and an ``all_to_all`` hands every rank
-    its shard of every rank's row (one backward pass yields ``W`` rows instead of one). What
-    FSDP2 writes into ``.grad`` is zeros (the gradients are restored after the measurement)."""
-
-    def __init__(self) -> None:
-        self.received: list[Tensor] = []
-
-    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:
-        return torch.empty(size, dtype=dtype, device=device)
-
-    def __call__(
-        self,
-        output_tensor: Tensor,
-        input_tensor: Tensor,
-        group: Any,
-        op: Any = None,
-        async_op: bool = False,
-    ) -> None:
-        import torch.distributed as dist
-
-        received = torch.empty_like(input_tensor)
-        dist.all_to_all_single(received, input_tensor, group=group)
-        self.received.append(received)
-        output_tensor.zero_()
-
-
-def _reshard(model: nn.Module) -> None:
-    for m in _fsdp_modules(model):
-        m.reshard()
-
-
-class ShardedKernelTracker(KernelTracker):
-    """:class:`~lazy_monitor.KernelTracker` of a model whose parameters FSDP2 shards
-    (``fully_shard``): the same metrics, measured with each process's local shards (see
-    :mod:`lazy_monitor.tracking.sharded`). ``KernelTracker(model, ...)`` returns one when a
-    trainable parameter of ``model`` is a ``DTensor``; every process of the mesh must build it
-    and call :meth:`start`/:meth:`measure` together.
-
-    Args: those of :class:`~lazy_monitor.KernelTracker`. ``sharding`` (optional) sums over the
-    processes of the parameters' mesh (default: :func:`mesh_sharding`, ``torch.distributed``
-    on the mesh's process group); ``implementation`` and ``chunk_size`` are not used (the rows
-    come from the model's own backward). ``max_memory`` bounds the local Jacobian rows, the
-    kernels and the eigendecomposition. Attribute ``exchange_rows`` (default True): use the
-    row exchange when the model allows it (see the module docs).
-
-    Raises (besides the :class:`KernelTracker` errors):
+    Raises:
         ValueError: tensor-parallel DTensor layouts, parameters on several meshes, or a
             ``sharding`` whose world size is not the mesh's.
     """
 
-    def __init__(self, model: nn.Module, probe: F.InputBatch, **kwargs: Any) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        sharding = kwargs.pop("sharding", None)
-        default = mesh_sharding(model)  # validates the layout
+    name = "sharded"
+
+    def __init__(self, tracker: TrackerState, sharding: Optional[KernelSharding]) -> None:
+        default = mesh_sharding(tracker.model)  # validates the layout
         if sharding is None:
             sharding = default
         elif not isinstance(sharding, KernelSharding) or sharding.world_size != default.world_size:
@@ -437,51 +243,57 @@ class ShardedKernelTracker(KernelTracker):
                 f"parameters are sharded on, got {sharding!r}; pass sharding=None (the mesh's "
                 "process group) or mesh_sharding(model)"
             )
+        self.t = tracker
+        self.sharding = sharding
         #: one backward pass per ``W`` rows (each rank its own rows, an ``all_to_all``
         #: instead of FSDP2's reduce-scatter) when the model allows it; False: every rank
         #: back-propagates every row through FSDP2's own reduce-scatter
         self.exchange_rows = True
         self._pending: Optional[_ShardSnapshot] = None
-        super().__init__(model, probe, sharding=sharding, **kwargs)
 
-    # ------------------------------------------------------------------ hooks of KernelTracker
-    def _validate_engine(self) -> None:
+    # ------------------------------------------------------------------ the backend interface
+    def validate(self) -> None:
         """The kernel engine is not used; the rows come from the model's own backward, which
-        the construction forward and :meth:`start` exercise."""
+        the construction forward and ``start`` exercise."""
 
-    def _new_linearization(self) -> _ShardSnapshot:  # type: ignore[override]
+    def params(self) -> dict[str, Tensor]:
+        """The tracked parameters (DTensors: the tracker's θ, never gathered)."""
+        live = dict(self.t.model.named_parameters())
+        return {n: live[n].detach() for n in self.t._param_names}
+
+    def snapshot(self) -> _ShardSnapshot:
         snap = _ShardSnapshot(self)
         self._pending = snap
         return snap
 
-    def _params0(self) -> dict[str, Tensor]:
-        """Stand-ins with the norms of θ₀ (see :meth:`_measured_params`)."""
+    def params0(self, lin: Any) -> dict[str, Tensor]:
+        """Stand-ins with the norms of θ₀ (see :meth:`measured_params`)."""
         snap = self._snapshot()
         norms0 = self._norms0(snap)
-        dev = self._metric_device()
+        dev = self.t._metric_device()
         return {
             n: torch.stack([a.sqrt(), a.new_zeros(())]).to(dev) for n, a in zip(snap.names, norms0)
         }
 
-    def _measured_params(self, dev: torch.device) -> dict[str, Tensor]:
+    def measured_params(self, lin: Any, dev: torch.device) -> dict[str, Tensor]:
         """Stand-ins ``[‖θ₀,n‖, ‖θ_n − θ₀,n‖]`` (against ``[‖θ₀,n‖, 0]``): ``params/*`` of the
         full parameters from all-reduced squared norms, without gathering them."""
         snap = self._snapshot()
         norms0 = self._norms0(snap)
         delta = self._local_delta()
         local = torch.stack([self._once(n, delta[n].double().square().sum()) for n in snap.names])
-        dist2 = self.sharding.sum(local)  # type: ignore[union-attr]
+        dist2 = self.sharding.sum(local)
         return {
             n: torch.stack([a.sqrt(), d.sqrt()]).to(dev)
             for n, a, d in zip(snap.names, norms0, dist2)
         }
 
-    def _params_problem(self) -> Optional[str]:
-        live = dict(self.model.named_parameters())
-        missing = [n for n in self._param_names if n not in live]
+    def params_problem(self, lin: Any) -> Optional[str]:
+        live = dict(self.t.model.named_parameters())
+        missing = [n for n in self.t._param_names if n not in live]
         if missing:
             return f"parameters {missing[:4]} tracked since start() are no longer parameters"
-        snap = self._lin if isinstance(self._lin, _ShardSnapshot) else None
+        snap = lin if isinstance(lin, _ShardSnapshot) else None
         if snap is not None:
             changed = [
                 n
@@ -493,111 +305,81 @@ class ShardedKernelTracker(KernelTracker):
                 return f"parameters {changed[:4]} changed shape (or sharding) since start()"
         return None
 
-    def _eval_forward(self, lin: Any) -> Callable[[F.InputBatch], Tensor]:
+    def eval_forward(self, lin: Any) -> Callable[[F.InputBatch], Tensor]:
         # the model's own (sharded) forward: the functional one needs full parameters
         return self._plain_forward
 
-    def _resolve_kernel_config(self) -> dict[str, Any]:
-        """``kind="auto"``: the full kernel if the local rows, ``J(θ₀)``'s rows and the kernels
-        fit ``max_memory``, else the trace kernel, else the trace of 16 projected outputs
-        (with ``J(θ₀)`` recomputed at each measurement); a forced kind/projection is checked."""
-        n, o = self.probe_size, self.num_outputs
-        live = dict(self.model.named_parameters())
+    # ------------------------------------------------------------------ kernel estimate
+    def implementation(self, requested: kc.KernelConfig) -> str:
+        return "sharded"
+
+    def engine_memory(self, budget: Optional[int]) -> Optional[int]:
+        return budget  # no engine: the whole budget bounds the rows and kernels
+
+    def estimate(self, kind: str, projection: kc.Projection) -> dict[str, Any]:
+        """Bytes per process of a measurement: the local rows ``(N, R, P_local)``, ``J(θ₀)``'s
+        rows when they fit (else recomputed at each measurement), the kernels and the
+        eigendecomposition. No time model for the model's own backward (``seconds`` NaN)."""
+        t = self.t
+        n, o = t.probe_size, t.num_outputs
+        live = dict(t.model.named_parameters())
         # the largest shard of each parameter (Shard(0) gives ceil(d0 / W) rows to the first
         # ranks): the same number on every process, so every process resolves the same kernel
-        w = self.sharding.world_size  # type: ignore[union-attr]
+        w = self.sharding.world_size
         p_local = sum(
             -(-live[name].shape[0] // w) * math.prod(live[name].shape[1:])
             if _is_dtensor(live[name]) and live[name].dim() > 0
             else live[name].numel()
-            for name in self._param_names
+            for name in t._param_names
         )
         itemsize = torch.finfo(next(iter(live.values())).dtype).bits // 8
-        layers = len(self._layers) if self.per_layer else 0
-        budget = self.max_memory
-
-        def estimate(kind: str, projection: Any) -> dict[str, Any]:
-            r = kc.kernel_outputs("full", projection, o)  # rows per example
-            m = n * kc.kernel_outputs(kind, projection, o)  # kernel matrix size
-            numel = {"full": m * m, "trace": n * n, "diagonal": n * n * r}[kind]
-            kernels = kc.KERNEL_COPIES * (1 + layers) * numel * 8
-            rows = n * r * p_local * itemsize
-            j0 = n * o * p_local * itemsize
-            eig = 3 * m * m * 8
-            base = kernels + rows + eig
-            store = budget is None or base + j0 <= budget
-            return {
-                "n": n,
-                "o_raw": o,
-                "p_local": p_local,
-                "rows_bytes": rows,
-                "j0_bytes": j0,
-                "kernel_bytes": kernels,
-                "eig_bytes": eig,
-                "store_j0": int(store),
-                "bytes": base + (j0 if store else 0),
-                "backward_passes": n * r + (0 if store else n * o),
-            }
-
-        if self.kind == "auto":
-            choices = [("full", None), ("trace", None), ("trace", 16)]
-            if self.projection is not None:
-                choices = [("full", self.projection), ("trace", self.projection)]
-            for kind, projection in choices:
-                est = estimate(kind, projection)
-                if budget is None or est["bytes"] <= budget:
-                    break
-            reason = (
-                ""
-                if (kind, projection) == choices[0]
-                else f"the full kernel's local rows do not fit max_memory={budget}; measuring "
-                f"kind={kind!r}, projection={projection!r}"
-            )
-        else:
-            kind, projection, reason = self.kind, self.projection, ""
-            est = estimate(kind, projection)
-        if budget is not None and est["bytes"] > budget:
-            raise ValueError(
-                f"the sharded kernel kind={kind!r}, projection={projection!r} needs "
-                f"{est['bytes'] / 2**30:.3g} GiB per process (N={n}, O={o}, local parameters "
-                f"{p_local}: Jacobian rows {est['rows_bytes'] / 2**30:.3g} GiB, kernels "
-                f"{est['kernel_bytes'] / 2**30:.3g} GiB), more than max_memory="
-                f"{budget / 2**30:.3g} GiB; raise max_memory, use a smaller probe, a "
-                "projection, or per_layer=False"
-            )
-        if reason:
-            warnings.warn(
-                f"KernelTracker(kind='auto') on sharded parameters: {reason}",
-                UserWarning,
-                stacklevel=5,
-            )
+        layers = len(t._layers) if t.per_layer else 0
+        budget = t.kernel.max_memory
+        r = kc.kernel_outputs("full", projection, o)  # rows per example
+        m = n * kc.kernel_outputs(kind, projection, o)  # kernel matrix size
+        numel = {"full": m * m, "trace": n * n, "diagonal": n * n * r}[kind]
+        kernels = kc.KERNEL_COPIES * (1 + layers) * numel * 8
+        rows = n * r * p_local * itemsize
+        j0 = n * o * p_local * itemsize
+        eig = 3 * m * m * 8
+        base = kernels + rows + eig
+        store = budget is None or base + j0 <= budget
         return {
-            "kind": kind,
-            "projection": projection,
-            "projection_seed": self.projection_seed,
-            "implementation": "sharded",
-            "max_memory": budget,
-            "requested": {"kind": self.kind, "projection": self.projection, "max_memory": budget},
-            "estimated_bytes": int(est["bytes"]),
-            "estimated_seconds": math.nan,  # no cost model for the model's own backward
-            "estimate": est,
-            "reason": reason,
+            "n": n,
+            "o_raw": o,
+            "p_local": p_local,
+            "rows_bytes": rows,
+            "j0_bytes": j0,
+            "kernel_bytes": kernels,
+            "eig_bytes": eig,
+            "store_j0": int(store),
+            "bytes": base + (j0 if store else 0),
+            "seconds": math.nan,
+            "backward_passes": n * r + (0 if store else n * o),
         }
 
-    def _forward(self, strict: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
-        """``f(probe; θ)`` through the model's own (sharded) forward and the features."""
-        x = self._probe_on_model_device()
-        with self._guard(), torch.no_grad(), self._hooks(strict) as grams:
-            f = self._call(x).detach()
-        return f, self._on_metric_device(grams)
+    def describe(self, est: Mapping[str, Any]) -> str:
+        gib = lambda b: f"{b / 2**30:.3g} GiB"  # noqa: E731
+        return (
+            f"per process, N={est['n']}, O={est['o_raw']}, local parameters {est['p_local']}: "
+            f"Jacobian rows {gib(est['rows_bytes'])}, kernels {gib(est['kernel_bytes'])}"
+        )
 
-    def _kernel(self) -> tuple[Tensor, dict[str, Tensor]]:
+    # ------------------------------------------------------------------ evaluation
+    def forward(self, strict: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """``f(probe; θ)`` through the model's own (sharded) forward and the features."""
+        x = self.t._probe_on_model_device()
+        with guard(self.t.model), torch.no_grad(), self.t._hooks(strict) as grams:
+            f = model_call(self.t.model, x, self.t.output_fn).detach()
+        return f, self.t._on_metric_device(grams)
+
+    def kernel(self) -> tuple[Tensor, dict[str, Tensor]]:
         """Kernel and per-layer kernels from the local Jacobian rows, summed over the mesh."""
-        cfg = self._kernel_config
+        cfg = self.t._resolved
         assert cfg is not None, "the kernel configuration is resolved at start()"
-        kind, projection = cfg["kind"], cfg["projection"]
-        starting = self._lin is None and self._pending is not None
-        store = bool(cfg["estimate"].get("store_j0", 1))
+        kind, projection = cfg.kind, cfg.projection
+        starting = self.t._lin is None and self._pending is not None
+        store = bool(cfg.estimate.get("store_j0", 1))
         if starting and store:
             # at θ₀: the rows of J(θ₀) are kept for f_lin; the kernel's rows are their projection
             j0 = self._rows(None)
@@ -607,19 +389,19 @@ class ShardedKernelTracker(KernelTracker):
         else:
             rows = self._rows(self._directions())
         kernel, layers = self._reduce_kernels(rows, kind)
-        dev = self._metric_device()
+        dev = self.t._metric_device()
         return kernel.to(dev), {k: v.to(dev) for k, v in layers.items()}
 
     # ------------------------------------------------------------------ internals
     def _snapshot(self) -> _ShardSnapshot:
-        snap = self._lin if self._lin is not None else self._pending
+        snap = self.t._lin if self.t._lin is not None else self._pending
         assert isinstance(snap, _ShardSnapshot)
         return snap
 
     def _once(self, name: str, value: Tensor) -> Tensor:
         """A replicated (plain-tensor) parameter's contribution counts on rank 0 only."""
-        live = dict(self.model.named_parameters())
-        if _is_dtensor(live[name]) or self.sharding.rank == 0:  # type: ignore[union-attr]
+        live = dict(self.t.model.named_parameters())
+        if _is_dtensor(live[name]) or self.sharding.rank == 0:
             return value
         return torch.zeros_like(value)
 
@@ -628,18 +410,18 @@ class ShardedKernelTracker(KernelTracker):
             local = torch.stack(
                 [self._once(n, snap.params0[n].double().square().sum()) for n in snap.names]
             )
-            snap.norms0 = self.sharding.sum(local)  # type: ignore[union-attr]
+            snap.norms0 = self.sharding.sum(local)
         return snap.norms0
 
     def _local_delta(self) -> dict[str, Tensor]:
         snap = self._snapshot()
-        live = dict(self.model.named_parameters())
+        live = dict(self.t.model.named_parameters())
         return {n: _local(live[n]).detach() - snap.params0[n] for n in snap.names}
 
     def _j0_delta(self, snap: _ShardSnapshot, delta: Mapping[str, Tensor]) -> Tensor:
         """``J(θ₀)Δθ`` ``(N, O)``: local rows times local Δθ, summed over the mesh."""
-        n, o = self.probe_size, self.num_outputs
-        out = torch.zeros(n, o, dtype=torch.float64, device=self._model_device())
+        n, o = self.t.probe_size, self.t.num_outputs
+        out = torch.zeros(n, o, dtype=torch.float64, device=self.t._model_device())
 
         def add(name: str, rows: Tensor) -> None:
             d = delta[name].reshape(-1).to(rows.dtype)
@@ -650,29 +432,29 @@ class ShardedKernelTracker(KernelTracker):
             for name, rows in snap.j0.items():
                 add(name, rows)
         else:
-            cfg = self._kernel_config
+            cfg = self.t._resolved
             assert cfg is not None
             with snap.at_theta0():
                 j0 = self._rows(None)
-            if cfg["estimate"].get("store_j0", 0):
+            if cfg.estimate.get("store_j0", 0):
                 snap.j0 = j0  # after a load_state_dict: recomputed once, then kept
             for name, rows in j0.items():
                 add(name, rows)
-        total = self.sharding.sum(out)  # type: ignore[union-attr]
-        f0 = self._reference.f0
+        total = self.sharding.sum(out)
+        f0 = self.t._reference.f0
         return total.to(f0.dtype if f0 is not None else total.dtype)
 
     def _directions(self) -> Optional[tuple[Tensor, float]]:
         """The projection ``(R (O, k), scale)`` of the kernel's outputs, None without."""
-        cfg = self._kernel_config
+        cfg = self.t._resolved
         assert cfg is not None
-        projection, o = cfg["projection"], self.num_outputs
+        projection, o = cfg.projection, self.t.num_outputs
         if projection is None:
             return None
         if projection == "sum":
             return torch.ones(o, 1, dtype=torch.float64), 1.0 / math.sqrt(o)
         k = int(projection)
-        return projection_matrix(o, k, cfg["projection_seed"]), 1.0 / math.sqrt(k)
+        return projection_matrix(o, k, cfg.projection_seed), 1.0 / math.sqrt(k)
 
     def _project(self, rows: Tensor) -> Tensor:
         """Rows of the projected outputs from the rows of the outputs: ``Σ_a R[a, r] J_a · s``."""
@@ -685,9 +467,9 @@ class ShardedKernelTracker(KernelTracker):
         """Local Jacobian rows ``{name: (N, R, P_local)}`` of the probe outputs (``R = O``)
         or of the projected outputs, through the model's own graph: ``⌈N·R/W⌉`` backward
         passes with the row exchange (:class:`_RowExchange`), else ``N·R``."""
-        _check_gradient_sync(self.model)
-        world = self.sharding.world_size  # type: ignore[union-attr]
-        layout = _row_exchange_layout(self.model, self._param_names, world)
+        _check_gradient_sync(self.t.model)
+        world = self.sharding.world_size
+        layout = _row_exchange_layout(self.t.model, self.t._param_names, world)
         if layout is not None and self.exchange_rows:
             return self._rows_exchanged(directions, layout)
         return self._rows_each(directions)
@@ -698,9 +480,9 @@ class ShardedKernelTracker(KernelTracker):
         """Rank ``r`` back-propagates rows ``r, r + W, ...``; each FSDP2 group's reduce-scatter
         is replaced by an ``all_to_all`` of the (undivided) unsharded gradients, so every rank
         receives its shard of the ``W`` rows of the pass."""
-        x = self._probe_on_model_device()
-        live = dict(self.model.named_parameters())
-        n = self.probe_size
+        x = self.t._probe_on_model_device()
+        live = dict(self.t.model.named_parameters())
+        n = self.t.probe_size
         sharding = self.sharding
         assert sharding is not None
         world, rank = sharding.world_size, sharding.rank
@@ -710,7 +492,7 @@ class ShardedKernelTracker(KernelTracker):
             for (group, _), exchange in zip(layout, exchanges):
                 group._reduce_scatter_comm = exchange
                 group.gradient_divide_factor = 1.0  # no pre-division of the unsharded grads
-            with self._guard(grads=True):
+            with guard(self.t.model, grads=True):
                 out, rows = self._rows_buffers(x, directions, live)
                 count = out.shape[1]
                 total = n * count
@@ -736,7 +518,7 @@ class ShardedKernelTracker(KernelTracker):
                             raise RuntimeError(
                                 "the FSDP2 reduce-scatter layout is not the expected one (a "
                                 "tracked parameter without gradient?); measure with "
-                                "ShardedKernelTracker.exchange_rows = False"
+                                "tracker.measurement.exchange_rows = False"
                             )
                         for source in range(world):
                             index = t * world + source
@@ -759,13 +541,13 @@ class ShardedKernelTracker(KernelTracker):
     def _rows_each(self, directions: Optional[tuple[Tensor, float]]) -> dict[str, Tensor]:
         """One backward per row, every rank the same row, through FSDP2's own reduce-scatter
         (``p.grad`` is the local shard of the row's gradient)."""
-        x = self._probe_on_model_device()
-        live = dict(self.model.named_parameters())
-        n = self.probe_size
-        world = self.sharding.world_size  # type: ignore[union-attr]
-        scales = _grad_scales(self.model, world)
-        undo = {name: scales.get(id(live[name]), 1.0) for name in self._param_names}
-        with self._guard(grads=True):
+        x = self.t._probe_on_model_device()
+        live = dict(self.t.model.named_parameters())
+        n = self.t.probe_size
+        world = self.sharding.world_size
+        scales = _grad_scales(self.t.model, world)
+        undo = {name: scales.get(id(live[name]), 1.0) for name in self.t._param_names}
+        with guard(self.t.model, grads=True):
             out, rows = self._rows_buffers(x, directions, live)
             count = out.shape[1]
             total = n * count
@@ -774,7 +556,7 @@ class ShardedKernelTracker(KernelTracker):
                 for p in live.values():
                     p.grad = None
                 out[i, a].backward(retain_graph=index + 1 < total)
-                for name in self._param_names:
+                for name in self.t._param_names:
                     g = live[name].grad
                     if g is None:
                         raise RuntimeError(
@@ -794,16 +576,16 @@ class ShardedKernelTracker(KernelTracker):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-layer (or total) Gram matrices of the local rows, one all-reduce."""
         spec = {"full": "iap,jbp->ijab", "trace": "iap,jap->ij", "diagonal": "iap,jap->ija"}[kind]
-        groups = self._layers if self.per_layer else {"": list(self._param_names)}
+        groups = self.t._layers if self.t.per_layer else {"": list(self.t._param_names)}
         parts = []
         for names in groups.values():
             k = sum(self._once(nm, torch.einsum(spec, rows[nm], rows[nm])) for nm in names)
             parts.append(k)
         dtype = parts[0].dtype
         flat = torch.cat([p.double().reshape(-1) for p in parts])
-        flat = self.sharding.sum(flat).to(dtype)  # type: ignore[union-attr]
+        flat = self.sharding.sum(flat).to(dtype)
         chunks = [c.reshape(parts[0].shape) for c in flat.split(parts[0].numel())]
-        if not self.per_layer:
+        if not self.t.per_layer:
             return chunks[0], {}
         per_layer = dict(zip(groups, chunks))
         return torch.stack(chunks).sum(0), per_layer
@@ -813,7 +595,7 @@ class ShardedKernelTracker(KernelTracker):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The (projected) probe output ``(N, R)`` with its graph, and zeroed local Jacobian
         rows ``(N, R, P_local)`` per tracked parameter."""
-        out = self._call(x)
+        out = model_call(self.t.model, x, self.t.output_fn)
         if directions is not None:
             r, scale = directions
             out = (out @ r.to(out)) * scale
@@ -822,50 +604,13 @@ class ShardedKernelTracker(KernelTracker):
             name: torch.zeros(
                 n, count, _local(live[name]).numel(), dtype=out.dtype, device=out.device
             )
-            for name in self._param_names
+            for name in self.t._param_names
         }
         return out, rows
 
     def _plain_forward(self, x: F.InputBatch) -> Tensor:
-        with self._guard(), torch.no_grad():
-            return self._call(x).detach()
-
-    def _call(self, x: F.InputBatch) -> Tensor:
-        """``output_fn(model(x))`` as ``(N, O)`` (the model's own forward)."""
-        if isinstance(x, Tensor):
-            out = self.model(x)
-        elif isinstance(x, Mapping):
-            out = self.model(**x)
-        else:
-            out = self.model(*x)
-        out = F.select_output(out, self.output_fn)
-        n = F.batch_size(x)
-        if out.dim() == 0 or out.shape[0] != n:
-            raise ValueError(
-                f"the model output has shape {tuple(out.shape)}, which has no batch dimension "
-                f"of size {n} on dim 0; the output must be batched like the inputs"
-            )
-        return out.reshape(n, -1)
-
-    @contextlib.contextmanager
-    def _guard(self, grads: bool = False) -> Iterator[None]:
-        """Eval semantics, RNG and flags (``side_effect_guard``), the buffers, and with
-        ``grads`` every parameter's ``.grad`` exactly as they were; FSDP units resharded."""
-        model = self.model
-        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        saved = [(p, p.grad) for p in model.parameters()] if grads else []
-        try:
-            with F.side_effect_guard(model):
-                yield
-        finally:
-            for p, g in saved:
-                p.grad = g
-            live = dict(model.named_buffers())
-            with torch.no_grad():
-                for n, b in buffers.items():
-                    live[n].copy_(b)
-            _reshard(model)
+        with guard(self.t.model), torch.no_grad():
+            return model_call(self.t.model, x, self.t.output_fn).detach()
 
     def __repr__(self) -> str:
-        w = self.sharding.world_size if self.sharding is not None else 1
-        return f"ShardedKernelTracker({type(self.model).__name__}, world_size={w})"
+        return f"ShardedMeasurement({type(self.t.model).__name__}, world_size={self.sharding.world_size})"

@@ -39,8 +39,10 @@ class _LitGpt2(L.LightningModule):
 
 
 def test_default_monitor_fits_a_tiny_gpt2_and_logs_the_resolved_kernel(tmp_path, caplog):
-    monitor = KernelRegimeMonitor(probe_size=3, every_n_steps=2)
-    assert monitor.kind == "auto"
+    monitor = KernelRegimeMonitor(
+        probe_size=3, every_n_steps=2, log_spaced_until=0, max_overhead=None
+    )
+    assert monitor.kernel.kind == "auto"
     trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=4, callbacks=[monitor]))
     with caplog.at_level(logging.INFO, logger="lazy_monitor"):
         trainer.fit(_LitGpt2())
@@ -48,7 +50,7 @@ def test_default_monitor_fits_a_tiny_gpt2_and_logs_the_resolved_kernel(tmp_path,
     cfg = monitor.tracker.kernel_config
     assert cfg["kind"] in ("full", "trace") and monitor.tracker.num_outputs == 4 * 31
     assert any("KernelRegimeMonitor measures kind=" in r.getMessage() for r in caplog.records)
-    hp = monitor._hparams()
+    hp = monitor.session.hparams()
     assert hp["lazy_monitor/kernel_kind"] == cfg["kind"] and hp["lazy_monitor/kind"] == "auto"
     metrics = trainer.callback_metrics
     assert float(metrics["health/nonfinite"]) == 0.0

@@ -42,7 +42,9 @@ class RecordingGate(KernelDriftGate):
 
 def _ddp_run(tmp_path, action: str) -> None:
     tmp_path.mkdir(parents=True)
-    monitor = KernelRegimeMonitor(probe_size=8, every_n_steps=2, per_layer=False)
+    monitor = KernelRegimeMonitor(
+        probe_size=8, every_n_steps=2, per_layer=False, log_spaced_until=0, max_overhead=None
+    )
     gate = RecordingGate(
         str(tmp_path), thresholds={"params/rel_change": 1e-12}, patience=2, action=action
     )
@@ -100,7 +102,9 @@ def test_ddp_spawn_logs_once_and_the_gate_acts_on_every_rank_together(tmp_path, 
 
 
 def test_bf16_mixed_measures_in_float32_with_exact_zero_at_start(tmp_path):
-    monitor = KernelRegimeMonitor(probe_size=8, every_n_steps=3)
+    monitor = KernelRegimeMonitor(
+        probe_size=8, every_n_steps=3, log_spaced_until=0, max_overhead=None
+    )
     logger = TensorBoardLogger(str(tmp_path), name="", version="bf16", default_hp_metric=False)
     torch.manual_seed(0)
     trainer = L.Trainer(

@@ -28,7 +28,7 @@ class _RankRecorder(L.Callback):
         rank = trainer.global_rank
         tracker = self.monitor.tracker
         record = {
-            "metrics": self.monitor._last_metrics,
+            "metrics": self.monitor.last_metrics,
             "step": trainer.global_step,
             "world": None if tracker.sharding is None else tracker.sharding.world_size,
         }
@@ -45,7 +45,11 @@ def test_split_across_two_ddp_ranks_equals_a_single_process_run(tmp_path):
     init = {k: v.double().clone() for k, v in module.state_dict().items()}
     probe_x, probe_y = make_data(6, seed=3).tensors
     monitor = KernelRegimeMonitor(
-        probe=(probe_x.double(), probe_y), every_n_steps=1000, split_across_ranks=True
+        probe=(probe_x.double(), probe_y),
+        every_n_steps=1000,
+        split_across_ranks=True,
+        log_spaced_until=0,
+        max_overhead=None,
     )
     trainer = L.Trainer(
         **trainer_kwargs(
@@ -82,7 +86,9 @@ def test_split_across_two_ddp_ranks_equals_a_single_process_run(tmp_path):
 
 def _fit_with_budget(tmp_path, max_overhead: float, steps: int = 12):
     logger = RecordingLogger()
-    monitor = KernelRegimeMonitor(probe_size=8, every_n_steps=2, max_overhead=max_overhead)
+    monitor = KernelRegimeMonitor(
+        probe_size=8, every_n_steps=2, max_overhead=max_overhead, log_spaced_until=0
+    )
     torch.manual_seed(0)
     trainer = L.Trainer(
         **trainer_kwargs(tmp_path, max_steps=steps, logger=logger, callbacks=[monitor])
@@ -103,23 +109,28 @@ def test_a_tight_budget_keeps_only_the_start_and_the_final_measurement(tmp_path)
     assert state["elapsed_seconds"] >= state["measured_seconds"]
 
 
-def test_a_loose_budget_follows_the_schedule_and_without_one_nothing_is_logged(tmp_path):
+def test_a_loose_budget_follows_the_schedule_and_without_one_the_cost_is_still_logged(tmp_path):
     _, loose = _fit_with_budget(tmp_path / "loose", 1.0)
     assert sorted(loose.series("ntk/rel_change")) == [0, 2, 4, 6, 8, 10, 12]
     assert sorted(loose.series("monitor/overhead")) == [0, 2, 4, 6, 8, 10, 12]
     logger = RecordingLogger()
-    monitor = KernelRegimeMonitor(probe_size=8, every_n_steps=6)
+    monitor = KernelRegimeMonitor(
+        probe_size=8, every_n_steps=6, log_spaced_until=0, max_overhead=None
+    )
     trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=6, logger=logger, callbacks=[monitor]))
     trainer.fit(LitLightning(n=64, batch_size=8))
-    assert not logger.series("monitor/seconds") and logger.series("ntk/rel_change")
+    # monitor/* always: the share of the wall time that the monitor took, budget or not
+    seconds, overhead = logger.series("monitor/seconds"), logger.series("monitor/overhead")
+    assert sorted(seconds) == sorted(logger.series("ntk/rel_change")) == [0, 6]
+    assert all(v > 0 for v in seconds.values()) and 0 < overhead[6] <= 1
 
 
 @pytest.mark.parametrize("bad,err", [(0.0, ValueError), (2.0, ValueError), ("3%", TypeError)])
 def test_max_overhead_and_split_are_validated_at_construction(bad, err):
     with pytest.raises(err, match="max_overhead"):
-        KernelRegimeMonitor(max_overhead=bad)
+        KernelRegimeMonitor(max_overhead=bad, log_spaced_until=0)
     with pytest.raises(TypeError, match="split_across_ranks"):
-        KernelRegimeMonitor(split_across_ranks="yes")
+        KernelRegimeMonitor(split_across_ranks="yes", log_spaced_until=0, max_overhead=None)
 
 
 @pytest.mark.parametrize("name", ["FSDPStrategy"])
@@ -127,7 +138,7 @@ def test_setup_rejects_strategies_that_shard_parameters(name):
     from lightning.pytorch import strategies
 
     strategy = getattr(strategies, name)()
-    monitor = KernelRegimeMonitor(probe_size=4)
+    monitor = KernelRegimeMonitor(probe_size=4, log_spaced_until=0, max_overhead=None)
     trainer = SimpleNamespace(strategy=strategy)
     with pytest.raises(
         ValueError, match=rf"does not support {name}.*ModelParallelStrategy with fully_shard"

@@ -100,11 +100,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from lazy_monitor.callbacks.lightning import KernelRegimeMonitor
-    from lazy_monitor.tracking.sharded import ShardedKernelTracker
+    from lazy_monitor.tracking.sharded import ShardedMeasurement
 
     x, y = _data()
     monitor = KernelRegimeMonitor(
-        probe=(x[:5], y[:5]), every_n_steps=1000, kind="full", split_across_ranks=False
+        probe=(x[:5], y[:5]),
+        every_n_steps=1000,
+        kernel={"kind": "full"},
+        split_across_ranks=False,
+        log_spaced_until=0,
+        max_overhead=None,
     )
 
     class Record(L.Callback):
@@ -113,8 +118,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             local = max(p.to_local().numel() for p in pl_module.parameters())
             full = {k: v.full_tensor().clone() for k, v in pl_module.state_dict().items()}
             record = {
-                "metrics": monitor._last_metrics,
-                "sharded": isinstance(tracker, ShardedKernelTracker),
+                "metrics": monitor.last_metrics,
+                "sharded": isinstance(tracker.measurement, ShardedMeasurement),
                 "world": tracker.sharding.world_size,
                 "largest_local": local,
                 "step": trainer.global_step,
@@ -142,7 +147,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def test_model_parallel_fsdp2_metrics_equal_a_single_process_run(tmp_path):
     import torch.multiprocessing as mp
 
-    from lazy_monitor import KernelTracker
+    from lazy_monitor import KernelConfig, KernelTracker
     from lazy_monitor.tracking.layers import DEFAULT_LAYER_GROUPS
 
     # forkserver: the heavy imports happen once in the server, not in each process
@@ -166,7 +171,11 @@ def test_model_parallel_fsdp2_metrics_equal_a_single_process_run(tmp_path):
     x, y = _data()
     single = _lit_class()()  # unsharded: configure_model is Lightning's to call
     tracker = KernelTracker(
-        single, x[:5], targets=y[:5], kind="full", layer_groups=DEFAULT_LAYER_GROUPS
+        single,
+        x[:5],
+        targets=y[:5],
+        kernel=KernelConfig(kind="full"),
+        layer_groups=DEFAULT_LAYER_GROUPS,
     )
     tracker.start(lr=LR)
     single.load_state_dict(torch.load(tmp_path / "final.pt"))
@@ -187,7 +196,7 @@ def test_fsdp1_strategy_is_refused_by_lightning_on_cpu_and_by_the_monitor_at_set
 
     with pytest.raises(ValueError, match="The strategy `fsdp` requires a GPU accelerator"):
         L.Trainer(accelerator="cpu", devices=2, strategy="fsdp")
-    monitor = KernelRegimeMonitor(probe_size=4)
+    monitor = KernelRegimeMonitor(probe_size=4, log_spaced_until=0, max_overhead=None)
     lit = _lit_class()()
     with pytest.raises(ValueError, match=r"does not support FSDPStrategy.*ModelParallelStrategy"):
         monitor.setup(SimpleNamespace(strategy=FSDPStrategy()), lit, "fit")

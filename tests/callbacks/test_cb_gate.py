@@ -20,7 +20,9 @@ TINY = 1e-12  # every change after the first update exceeds it
 
 def _fit(tmp_path, gate, max_steps=10, ckpt_path=None, monitor=None, model=None):
     torch.manual_seed(0)
-    monitor = monitor or KernelRegimeMonitor(probe_size=8, every_n_steps=2, per_layer=False)
+    monitor = monitor or KernelRegimeMonitor(
+        probe_size=8, every_n_steps=2, per_layer=False, log_spaced_until=0, max_overhead=None
+    )
     trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=max_steps, callbacks=[gate, monitor]))
     trainer.fit(model or LitLightning(n=64, batch_size=8), ckpt_path=ckpt_path)
     return trainer
@@ -90,7 +92,9 @@ def test_gate_without_monitor_fails_at_setup(tmp_path):
 
 def test_threshold_on_a_metric_the_monitor_does_not_log_fails_before_training(tmp_path):
     gate = KernelDriftGate({"ntk/alignment": 0.5})
-    monitor = KernelRegimeMonitor(probe=torch.randn(4, 6))  # no targets: no alignment
+    monitor = KernelRegimeMonitor(
+        probe=torch.randn(4, 6), log_spaced_until=0, max_overhead=None
+    )  # no targets: no alignment
     with pytest.raises(ValueError, match=r"thresholds on \['ntk/alignment'\].*needs targets"):
         _fit(tmp_path, gate, monitor=monitor)
 
@@ -100,7 +104,9 @@ def test_final_scheduled_measurement_counts_once_towards_patience(tmp_path):
     # one, and train end must not count it a second time.
     logger = RecordingLogger()
     torch.manual_seed(0)
-    monitor = KernelRegimeMonitor(probe_size=8, every_n_steps=2, per_layer=False)
+    monitor = KernelRegimeMonitor(
+        probe_size=8, every_n_steps=2, per_layer=False, log_spaced_until=0, max_overhead=None
+    )
     trainer = L.Trainer(
         **trainer_kwargs(tmp_path, max_steps=10, logger=logger, callbacks=[monitor])
     )

@@ -12,8 +12,8 @@ from _cb_helpers import LitLightning, RecordingLogger, make_data, trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lazy_monitor.callbacks._monitor import _resolve_submodule
 from lazy_monitor.callbacks.lightning import KernelRegimeMonitor
+from lazy_monitor.tracking.network import resolve_submodule as _resolve_submodule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,15 +39,23 @@ class _DictLit(LitLightning):
 
 def test_dict_batches_use_batch_to_probe_and_fail_clearly_without_it(tmp_path):
     monitor = KernelRegimeMonitor(
-        probe_size=8, every_n_steps=2, batch_to_probe=lambda b: (b["features"], b["label"])
+        probe_size=8,
+        every_n_steps=2,
+        batch_to_probe=lambda b: (b["features"], b["label"]),
+        log_spaced_until=0,
+        max_overhead=None,
     )
     logger = RecordingLogger()
     L.Trainer(**trainer_kwargs(tmp_path, max_steps=2, logger=logger, callbacks=[monitor])).fit(
         _DictLit()
     )
-    assert "ntk/alignment" in logger.calls[0][1] and monitor.tracker.num_examples == 8
+    assert "ntk/alignment" in logger.calls[0][1] and monitor.tracker.probe_size == 8
     trainer = L.Trainer(
-        **trainer_kwargs(tmp_path, max_steps=2, callbacks=[KernelRegimeMonitor(probe_size=8)])
+        **trainer_kwargs(
+            tmp_path,
+            max_steps=2,
+            callbacks=[KernelRegimeMonitor(probe_size=8, log_spaced_until=0, max_overhead=None)],
+        )
     )
     with pytest.raises(TypeError, match="batch_to_probe=lambda b"):
         trainer.fit(_DictLit())
@@ -55,11 +63,18 @@ def test_dict_batches_use_batch_to_probe_and_fail_clearly_without_it(tmp_path):
 
 
 def test_submodule_is_monitored_under_its_own_names_and_a_wrong_path_fails_at_setup(tmp_path):
-    monitor = KernelRegimeMonitor(probe_size=8, every_n_steps=2, submodule="net")
+    monitor = KernelRegimeMonitor(
+        probe_size=8, every_n_steps=2, submodule="net", log_spaced_until=0, max_overhead=None
+    )
     L.Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[monitor])).fit(LitLightning())
     assert "ntk_layer/0/rel_change" in monitor.metric_names()
     trainer = L.Trainer(
-        **trainer_kwargs(tmp_path, callbacks=[KernelRegimeMonitor(submodule="nett")])
+        **trainer_kwargs(
+            tmp_path,
+            callbacks=[
+                KernelRegimeMonitor(submodule="nett", log_spaced_until=0, max_overhead=None)
+            ],
+        )
     )
     with pytest.raises(ValueError, match=r"has no submodule 'nett' \(its children: \['net'\]\)"):
         trainer.fit(LitLightning())
@@ -83,7 +98,9 @@ def test_probe_with_all_one_class_drops_targets_with_a_warning(tmp_path):
                 torch.utils.data.TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8
             )
 
-    monitor = KernelRegimeMonitor(probe_size=8, every_n_steps=2)
+    monitor = KernelRegimeMonitor(
+        probe_size=8, every_n_steps=2, log_spaced_until=0, max_overhead=None
+    )
     with pytest.warns(
         UserWarning, match="all have class 0: ntk/alignment and lin/agreement are undefined"
     ):
@@ -137,9 +154,13 @@ class _OddTargetsLit(LitLightning):
 
 @pytest.mark.parametrize("targets", ["sequence", "wide_float"])
 def test_drawn_targets_the_alignment_cannot_use_are_dropped_with_a_warning(tmp_path, targets):
-    monitor = KernelRegimeMonitor(probe_size=8, every_n_steps=2)
+    monitor = KernelRegimeMonitor(
+        probe_size=8, every_n_steps=2, log_spaced_until=0, max_overhead=None
+    )
     trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[monitor]))
-    with pytest.warns(UserWarning, match="targets of the drawn probe cannot be used.*use_targets"):
+    with pytest.warns(
+        UserWarning, match="targets of the drawn probe cannot be used.*returning x alone"
+    ):
         trainer.fit(_OddTargetsLit(targets))
     assert trainer.global_step == 2 and "ntk/alignment" not in monitor.metric_names()
     assert monitor.state_dict()["probe_y"] is None
@@ -147,7 +168,9 @@ def test_drawn_targets_the_alignment_cannot_use_are_dropped_with_a_warning(tmp_p
 
 def test_explicit_probe_targets_that_do_not_fit_still_fail_at_train_start(tmp_path):
     x, y = make_data(8).tensors
-    monitor = KernelRegimeMonitor(probe=(x, torch.stack([y, y], dim=1)))
+    monitor = KernelRegimeMonitor(
+        probe=(x, torch.stack([y, y], dim=1)), log_spaced_until=0, max_overhead=None
+    )
     trainer = L.Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[monitor]))
     with pytest.raises(ValueError, match=r"integer targets are class indices"):
         trainer.fit(LitLightning())

@@ -19,7 +19,9 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 def test_adapter_is_a_callback_of_its_namespace_and_runs_there(tmp_path, ns):
     pl = NAMESPACES[ns]
     adapters = importlib.import_module(f"lazy_monitor.callbacks.{ns}")
-    monitor = adapters.KernelRegimeMonitor(probe_size=8, every_n_steps=3)
+    monitor = adapters.KernelRegimeMonitor(
+        probe_size=8, every_n_steps=3, log_spaced_until=0, max_overhead=None
+    )
     gate = adapters.KernelDriftGate({"ntk/rel_change": 1e9})
     assert isinstance(monitor, pl.Callback) and isinstance(gate, pl.Callback)
     logger = pl.loggers.CSVLogger(str(tmp_path), name="csv", version=0)
@@ -75,6 +77,8 @@ def test_lightning_cli_yaml_instantiates_and_runs_the_callbacks(tmp_path, ns, co
         ("lin/rel_error", "max", 0.5),
     }
     assert gate.patience == 2 and gate.action == "warn"
-    assert (
-        cli.trainer.global_step == 4 and monitor.num_measurements == 4
-    )  # 0, then 1, 2 (log-spaced), 4 (end)
+    assert monitor.kernel.kind == "full" and monitor.tensorboard == "full"
+    assert monitor.max_overhead == 0.05  # the default budget: of steps 1, 2 (log-spaced) it
+    # keeps what fits; the reference (0) and the end (4) are always measured
+    assert cli.trainer.global_step == 4 and 2 <= monitor.num_measurements <= 4
+    assert monitor.session.last_step == 4

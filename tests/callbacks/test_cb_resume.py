@@ -24,7 +24,7 @@ N = 16
 
 
 def _monitor():
-    return KernelRegimeMonitor(probe_size=8, every_n_steps=4, log_spaced_until=4)
+    return KernelRegimeMonitor(probe_size=8, every_n_steps=4, log_spaced_until=4, max_overhead=None)
 
 
 def _model():
@@ -37,7 +37,9 @@ def _fit(tmp_path, max_steps, ckpt_path=None, callbacks=(), ns="lightning"):
     monitor = (
         _monitor()
         if ns == "lightning"
-        else pl_cb.KernelRegimeMonitor(probe_size=8, every_n_steps=4, log_spaced_until=4)
+        else pl_cb.KernelRegimeMonitor(
+            probe_size=8, every_n_steps=4, log_spaced_until=4, max_overhead=None
+        )
     )
     trainer = NAMESPACES[ns].Trainer(
         **trainer_kwargs(
@@ -75,6 +77,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, resume_ns):
         for name in names:
             if name.startswith("health/"):  # logged only once non-zero (never here)
                 assert name not in metrics and name not in ref
+                continue
+            if name.startswith("monitor/"):  # wall-clock seconds: not reproducible
                 continue
             assert metrics[name] == pytest.approx(ref[name], rel=1e-6, abs=1e-6), (step, name)
         # the log10 companions resume too

@@ -31,7 +31,9 @@ def _fit(tmp_path, monitor, steps=4):
 
 
 def test_monitor_logs_the_scheduled_lr_and_lr_times_eig_max_over_n(tmp_path):
-    monitor = KernelRegimeMonitor(probe_size=8, every_n_steps=1)
+    monitor = KernelRegimeMonitor(
+        probe_size=8, every_n_steps=1, log_spaced_until=0, max_overhead=None
+    )
     logger = _fit(tmp_path, monitor)
     lr, eig, ratio = (logger.series(k) for k in ("opt/lr", "ntk/eig_max", "ntk/lr_eig_max"))
     # x = k: the weights after k steps, measured before step k+1, which uses 0.1 * 0.5**k
@@ -45,15 +47,23 @@ def test_monitor_logs_the_scheduled_lr_and_lr_times_eig_max_over_n(tmp_path):
 
 
 def test_feature_modules_can_be_chosen_or_switched_off(tmp_path):
-    monitor = KernelRegimeMonitor(probe_size=8, every_n_steps=2, feature_modules=["net.1"])
+    monitor = KernelRegimeMonitor(
+        probe_size=8,
+        every_n_steps=2,
+        feature_modules=["net.1"],
+        log_spaced_until=0,
+        max_overhead=None,
+    )
     _fit(tmp_path / "a", monitor, steps=2)  # net.1 is the Tanh: a module without parameters
     assert [n for n in monitor.metric_names() if n.startswith("features/")] == [
         "features/net.1/cka"
     ]
-    off = KernelRegimeMonitor(probe_size=8, every_n_steps=2, feature_modules=False)
+    off = KernelRegimeMonitor(
+        probe_size=8, every_n_steps=2, feature_modules=False, log_spaced_until=0, max_overhead=None
+    )
     _fit(tmp_path / "b", off, steps=2)
     assert not any(n.startswith("features/") for n in off.metric_names())
-    assert math.isfinite(off._last_metrics["ntk/lr_eig_max"])
+    assert math.isfinite(off.last_metrics["ntk/lr_eig_max"])
 
 
 @pytest.mark.parametrize(
@@ -66,10 +76,12 @@ def test_feature_modules_can_be_chosen_or_switched_off(tmp_path):
 )
 def test_bad_feature_modules_are_rejected_at_construction(value, error, match):
     with pytest.raises(error, match=match):
-        KernelRegimeMonitor(feature_modules=value)
+        KernelRegimeMonitor(feature_modules=value, log_spaced_until=0, max_overhead=None)
 
 
 def test_unknown_feature_module_fails_at_train_start_naming_it(tmp_path):
-    monitor = KernelRegimeMonitor(probe_size=8, feature_modules=["net.9"])
+    monitor = KernelRegimeMonitor(
+        probe_size=8, feature_modules=["net.9"], log_spaced_until=0, max_overhead=None
+    )
     with pytest.raises(ValueError, match=r"feature modules \['net.9'\] are not submodules"):
         _fit(tmp_path, monitor, steps=1)

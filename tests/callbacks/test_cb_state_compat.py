@@ -26,7 +26,7 @@ def test_checkpoint_of_version_0_1_resumes_with_the_same_metrics(tmp_path):
     with open(os.path.join(FIXTURES, "monitor_v0_1.json")) as fh:
         expected = {int(step): metrics for step, metrics in json.load(fh).items()}
     logger = RecordingLogger()
-    monitor = KernelRegimeMonitor(**MONITOR_KW)
+    monitor = KernelRegimeMonitor(**MONITOR_KW, max_overhead=None)
     gate = KernelDriftGate(GATE_THRESHOLDS, action="warn")
     trainer = Trainer(
         **trainer_kwargs(tmp_path, max_steps=16, logger=logger, callbacks=[monitor, gate])

@@ -18,7 +18,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tb")
     torch.manual_seed(0)
     monitor = KernelRegimeMonitor(
-        probe_size=8, every_n_steps=5, log_spaced_until=4, log_kernel_image=True
+        probe_size=8, every_n_steps=5, log_spaced_until=4, tensorboard="full", max_overhead=None
     )
     logger = TensorBoardLogger(str(tmp), name="", version="run", default_hp_metric=False)
     # 8 batches/epoch, accumulate 2 -> 4 optimizer steps per epoch, 12 steps = 3 epochs
@@ -78,6 +78,7 @@ def test_custom_layout_histogram_and_image_per_measurement(run):
         ("parameters", True),
         ("stability", True),
         ("features", False),
+        ("monitor cost", True),
         ("health", True),
     ]
     hist = acc.Histograms("ntk/eigenvalues")
@@ -163,7 +164,16 @@ def test_early_stopping_can_monitor_kernel_drift(tmp_path):
             tmp_path,
             max_steps=-1,
             max_epochs=5,
-            callbacks=[KernelRegimeMonitor(probe_size=8, every_n_steps=4, per_layer=False), stop],
+            callbacks=[
+                KernelRegimeMonitor(
+                    probe_size=8,
+                    every_n_steps=4,
+                    per_layer=False,
+                    log_spaced_until=0,
+                    max_overhead=None,
+                ),
+                stop,
+            ],
         )
     )
     trainer.fit(LitLightning(n=32, batch_size=8))

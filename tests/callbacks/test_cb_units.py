@@ -91,21 +91,37 @@ def test_gate_minimum_waits_for_train_end_or_warmup_and_nan_violates():
 
 def test_monitor_constructor_rejects_bad_values_with_the_fix():
     with pytest.raises(ValueError, match="every_n_steps must be an int >= 1, got 0"):
-        KernelRegimeMonitor(every_n_steps=0)
+        KernelRegimeMonitor(every_n_steps=0, log_spaced_until=0, max_overhead=None)
     with pytest.raises(ValueError, match="probe_size must be an int >= 1, got -3"):
-        KernelRegimeMonitor(probe_size=-3)
+        KernelRegimeMonitor(probe_size=-3, log_spaced_until=0, max_overhead=None)
     with pytest.raises(ValueError, match="either probe=... or probe_size"):
-        KernelRegimeMonitor(probe=torch.randn(4, 3), probe_size=4)
-    with pytest.raises(ValueError, match="kind must be"):
-        KernelRegimeMonitor(kind="diag")
+        KernelRegimeMonitor(
+            probe=torch.randn(4, 3), probe_size=4, log_spaced_until=0, max_overhead=None
+        )
+    with pytest.raises(ValueError, match="kind'?\\]? must be"):
+        KernelRegimeMonitor(kernel={"kind": "diag"}, log_spaced_until=0, max_overhead=None)
     with pytest.raises(ValueError, match="implementation.*'fast'"):
-        KernelRegimeMonitor(implementation="fast")
+        KernelRegimeMonitor(
+            kernel={"implementation": "fast"}, log_spaced_until=0, max_overhead=None
+        )
+    with pytest.raises(ValueError, match="unknown settings \\['kinds'\\]"):
+        KernelRegimeMonitor(kernel={"kinds": "full"}, log_spaced_until=0, max_overhead=None)
+    with pytest.raises(ValueError, match="tensorboard must be one of"):
+        KernelRegimeMonitor(tensorboard="all", log_spaced_until=0, max_overhead=None)
+    with pytest.raises(TypeError):
+        KernelRegimeMonitor(
+            torch.randn(4, 3), 4, log_spaced_until=0, max_overhead=None
+        )  # everything after the probe: keywords
     with pytest.raises(ValueError, match="mismatched batch sizes|targets y have shape"):
-        KernelRegimeMonitor(probe=(torch.randn(4, 3), torch.zeros(5)))
+        KernelRegimeMonitor(
+            probe=(torch.randn(4, 3), torch.zeros(5)), log_spaced_until=0, max_overhead=None
+        )
     with pytest.raises(TypeError, match="batch_to_probe must be callable"):
-        KernelRegimeMonitor(batch_to_probe="x")
+        KernelRegimeMonitor(batch_to_probe="x", log_spaced_until=0, max_overhead=None)
     with pytest.raises(ValueError, match="NaN or inf"):
-        KernelRegimeMonitor(probe=torch.full((2, 3), float("nan")))
+        KernelRegimeMonitor(
+            probe=torch.full((2, 3), float("nan")), log_spaced_until=0, max_overhead=None
+        )
 
 
 def test_gate_constructor_rejects_bad_values():
@@ -118,9 +134,15 @@ def test_gate_constructor_rejects_bad_values():
 def test_state_keys_distinguish_configs_and_match_across_namespaces():
     from lazy_monitor.callbacks import pytorch_lightning as pl_cb
 
-    a = KernelRegimeMonitor(probe_size=8)
-    assert a.state_key != KernelRegimeMonitor(probe_size=16).state_key
-    assert a.state_key == pl_cb.KernelRegimeMonitor(probe_size=8).state_key
+    a = KernelRegimeMonitor(probe_size=8, log_spaced_until=0, max_overhead=None)
+    assert (
+        a.state_key
+        != KernelRegimeMonitor(probe_size=16, log_spaced_until=0, max_overhead=None).state_key
+    )
+    assert (
+        a.state_key
+        == pl_cb.KernelRegimeMonitor(probe_size=8, log_spaced_until=0, max_overhead=None).state_key
+    )
     g = KernelDriftGate({"ntk/rel_change": 0.2})
     assert g.state_key != KernelDriftGate({"ntk/rel_change": 0.3}).state_key
     assert g.state_key == pl_cb.KernelDriftGate({"ntk/rel_change": 0.2}).state_key
@@ -195,15 +217,20 @@ class _Writer:
 def test_verdict_texts_at_transitions_health_alarm_and_cap():
     from types import SimpleNamespace
 
+    from lazy_monitor.callbacks._extras import TensorBoardExtras
     from lazy_monitor.callbacks._tensorboard import MAX_TEXTS, VERDICT_TAG
-    from lazy_monitor.callbacks.lightning import KernelRegimeMonitor
 
     writer = _Writer()
-    trainer = SimpleNamespace(loggers=[SimpleNamespace(experiment=writer)])
-    monitor = KernelRegimeMonitor(probe_size=4)
-    monitor._tracker = SimpleNamespace(
+    extras = TensorBoardExtras("basic")
+    tracker = SimpleNamespace(
         regime_decision=lambda m: (False, f"ntk/rel_change = {m['ntk/rel_change']:.4g} > 0.1")
     )
+
+    class _Monitor:  # the verdict part of one measurement, as the adapters call it
+        def _write_texts(self, _trainer, step, log_step, metrics, previous):
+            extras._verdicts([writer], tracker, step, log_step, metrics, previous)
+
+    monitor, trainer = _Monitor(), None
 
     def metrics(lazy, rel=0.05, nonfinite=0.0):
         return {"regime/lazy": lazy, "ntk/rel_change": rel, "health/nonfinite": nonfinite}
@@ -226,4 +253,4 @@ def test_verdict_texts_at_transitions_health_alarm_and_cap():
         monitor._write_texts(trainer, step + 1, step + 1, metrics(1.0), metrics(0.0, 0.2))
     assert len(writer.texts) == MAX_TEXTS
     assert "further events omitted" in writer.texts[-1][1]
-    assert monitor._transitions == 42
+    assert extras.transitions == 42

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lazy_monitor import KernelTracker, empirical_ntk
 from lazy_monitor.callbacks.lightning import KernelRegimeMonitor
+from lazy_monitor.tracking import KernelConfig
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -143,7 +144,9 @@ def test_cuda_tracker_with_cpu_snapshot_keeps_state_on_cpu_and_matches_a_cpu_run
     cpu_model = _mlp().double()
     gpu_model = copy.deepcopy(cpu_model).cuda()
     cpu = KernelTracker(cpu_model, x.double(), targets=y)
-    gpu = KernelTracker(gpu_model, x.double(), targets=y, snapshot_device="cpu")
+    gpu = KernelTracker(
+        gpu_model, x.double(), targets=y, kernel=KernelConfig(snapshot_device="cpu")
+    )
     cpu.start()
     gpu.start()
     assert gpu.kernel0.device.type == "cpu"
@@ -171,7 +174,7 @@ def test_cuda_tracker_with_cpu_snapshot_holds_no_theta0_copy_on_the_gpu():
     empirical_ntk(model, x)  # warm-up: cuBLAS workspaces etc. are not the tracker's
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    on_cpu = KernelTracker(model, x, snapshot_device="cpu")
+    on_cpu = KernelTracker(model, x, kernel=KernelConfig(snapshot_device="cpu"))
     on_cpu.start()
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated() - before

@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 
 from lazy_monitor import KernelTracker, empirical_ntk
 from lazy_monitor.callbacks.lightning import KernelDriftGate, KernelRegimeMonitor
-from lazy_monitor.tracking import tracker as tracker_module
+from lazy_monitor.tracking import measurement as tracker_module
 
 
 # ---------------------------------------------------------------- non-finite probe / weights
@@ -88,7 +88,7 @@ def test_two_input_probe_nested_form_works(tmp_path):
     trainer(tmp_path, [monitor]).fit(lit(_TwoInputs(), _two_input_data()))
     assert monitor.tracker.probe_size == 4
     assert "ntk/alignment" in monitor.metric_names()
-    assert math.isfinite(float(monitor._last_metrics["ntk/rel_change"]))
+    assert math.isfinite(float(monitor.last_metrics["ntk/rel_change"]))
 
 
 def test_drawn_three_field_batches_get_the_batch_to_probe_hint(tmp_path):
@@ -105,7 +105,7 @@ def test_drawn_three_field_batches_with_batch_to_probe_work(tmp_path):
         probe_size=4, every_n_steps=2, batch_to_probe=lambda b: ((b[0], b[1]), b[2])
     )
     trainer(tmp_path, [monitor]).fit(lit(_TwoInputs(), _two_input_data()))
-    assert monitor._last_metrics["health/nonfinite"] == 0.0
+    assert monitor.last_metrics["health/nonfinite"] == 0.0
 
 
 def test_tracker_takes_a_tuple_of_inputs_positionally():

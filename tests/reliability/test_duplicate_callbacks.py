@@ -23,7 +23,9 @@ from lazy_monitor.callbacks import pytorch_lightning as cb_pl
 from lazy_monitor.callbacks.lightning import KernelDriftGate, KernelRegimeMonitor
 
 CALLBACKS = {"lightning": cb_l, "pytorch_lightning": cb_pl}
-MONITOR_KW: dict[str, Any] = dict(probe_size=4, every_n_steps=2)
+MONITOR_KW: dict[str, Any] = dict(
+    probe_size=4, every_n_steps=2, log_spaced_until=0, max_overhead=None
+)
 STALE_KEY_WARNING = "callbacks used to create the checkpoint"
 
 
@@ -61,7 +63,7 @@ def test_monitors_on_different_submodules_are_refused_too(tmp_path):
     # Different settings pass Lightning's key check, but both monitors log ntk/rel_change & co.
     # to the same loggers: on e8468cb both values landed on the same tag and step.
     a = KernelRegimeMonitor(**MONITOR_KW)
-    b = KernelRegimeMonitor(submodule="net", kind="trace", **MONITOR_KW)
+    b = KernelRegimeMonitor(submodule="net", kernel={"kind": "trace"}, **MONITOR_KW)
     text = _refused(tmp_path, [a, b])
     assert "submodule=None" in text and "submodule='net', kind='trace'" in text
     assert "whatever its submodule or kind" in text

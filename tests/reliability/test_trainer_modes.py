@@ -40,7 +40,7 @@ def test_fast_dev_run_with_any_logger(tmp_path, namespace, logger):
     monitor = CALLBACKS[namespace].KernelRegimeMonitor(probe_size=4)
     t = trainer(tmp_path, [monitor], pl=pl, fast_dev_run=True, max_steps=-1, logger=loggers[logger])
     t.fit(lit(mlp(), classification_data(), pl=pl))
-    assert monitor._last_metrics["health/nonfinite"] == 0.0
+    assert monitor.last_metrics["health/nonfinite"] == 0.0
 
 
 # ---------------------------------------------------------------- gate at step 0
@@ -83,7 +83,9 @@ def test_continued_fit_keeps_the_original_reference(tmp_path):
     import lightning.pytorch as L
 
     logger = L.loggers.TensorBoardLogger(str(tmp_path), name="run")
-    monitor = KernelRegimeMonitor(probe_size=4, every_n_steps=5, log_hparams=False)
+    monitor = KernelRegimeMonitor(
+        probe_size=4, every_n_steps=5, log_spaced_until=0, max_overhead=None, tensorboard="basic"
+    )
     model = lit(mlp(), classification_data(n=32), lr=0.3)
     t = trainer(tmp_path, [monitor], max_steps=10, logger=logger)
     t.fit(model)
@@ -138,8 +140,8 @@ def test_a_later_measurement_failure_degrades_with_one_warning(tmp_path):
     failures = [w for w in caught if "measurement at step" in str(w.message)]
     assert len(failures) == 1, [str(w.message) for w in caught]
     assert "some_fused_op" in str(failures[0].message)
-    assert monitor._last_metrics["health/nonfinite"] == 1.0
-    assert math.isnan(monitor._last_metrics["ntk/rel_change"])
+    assert monitor.last_metrics["health/nonfinite"] == 1.0
+    assert math.isnan(monitor.last_metrics["ntk/rel_change"])
 
 
 def test_a_failed_measurement_trips_only_a_gate_that_checks_finiteness(tmp_path):

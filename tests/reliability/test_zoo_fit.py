@@ -28,10 +28,7 @@ class _Record:
     def __init__(self) -> None:
         self.seen: list[tuple[int, dict[str, float]]] = []
 
-    def _on_monitor_start(self, trainer, monitor) -> None:
-        pass
-
-    def _on_measurement(self, trainer, monitor, step, metrics, final, repeat=False) -> None:
+    def on_measurement(self, session, step, metrics, *, final, repeat) -> None:
         if not repeat:  # train end right after a scheduled measurement hands it over again
             self.seen.append((step, dict(metrics)))
 
@@ -43,11 +40,17 @@ def test_short_fit_on_every_zoo_model(tmp_path, name):
     x = case.x
     data = TensorDataset(x)
     monitor = KernelRegimeMonitor(
-        probe=x, every_n_steps=2, output_fn=case.output_fn, per_layer=True, log_hparams=False
+        probe=x,
+        every_n_steps=2,
+        log_spaced_until=0,
+        max_overhead=None,
+        output_fn=case.output_fn,
+        per_layer=True,
+        tensorboard="basic",
     )
     gate = KernelDriftGate({"ntk/rel_change": 0.5, "lin/rel_error": 0.5}, action="warn")
     record = _Record()
-    monitor._add_listener(record)
+    monitor.session.add_listener(record)
 
     def loss(out: torch.Tensor) -> torch.Tensor:
         return out.float().pow(2).mean()

@@ -16,6 +16,7 @@ from torch import nn
 
 from lazy_monitor import KernelTracker
 from lazy_monitor.core.kernels.plan import estimate_param_costs
+from lazy_monitor.tracking import KernelConfig
 from lazy_monitor.tracking.distributed import KernelSharding, balance, check_strategy
 
 
@@ -100,7 +101,7 @@ def _run_tracker(sharding, kind: str, per_layer: bool, **kw) -> tuple[dict, dict
         model,
         _probe(),
         targets=torch.tensor([0, 1, 2, 0, 1]),
-        kind=kind,
+        kernel=KernelConfig(kind=kind),
         per_layer=per_layer,
         sharding=sharding,
         **kw,
@@ -146,7 +147,7 @@ def test_split_kernel_metrics_equal_the_single_process_ones(kind, per_layer, wor
 
 
 def test_each_rank_computes_only_its_share(monkeypatch):
-    import lazy_monitor.tracking.tracker as tracker_mod
+    import lazy_monitor.tracking.measurement as tracker_mod
 
     seen: dict[int, list] = {0: [], 1: []}
     real = tracker_mod.empirical_ntk
@@ -174,7 +175,7 @@ def test_each_rank_computes_only_its_share(monkeypatch):
 
 
 def test_a_structured_failure_on_one_rank_switches_every_rank_to_jacobian(monkeypatch):
-    import lazy_monitor.tracking.tracker as tracker_mod
+    import lazy_monitor.tracking.measurement as tracker_mod
 
     real = tracker_mod.empirical_ntk
     local = threading.local()
@@ -189,7 +190,7 @@ def test_a_structured_failure_on_one_rank_switches_every_rank_to_jacobian(monkey
         local.rank = r
         with pytest.warns(RuntimeWarning) if r == 1 else _nullcontext():
             out = tracker.start()
-        return tracker.implementation, out
+        return tracker.kernel.implementation, out
 
     monkeypatch.setattr(tracker_mod, "empirical_ntk", flaky)
     # rank 1's structured call fails once the tracker is built; rank 0's succeeds

@@ -8,6 +8,7 @@ gathered *by the test* only, to build that reference).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -107,11 +108,20 @@ def _full_state(model: nn.Module) -> dict:
     }
 
 
+def _kwargs(cfg: dict) -> dict:
+    """A test configuration as tracker arguments: the kernel settings as ``kernel=`` (a dict)."""
+    from lazy_monitor import KernelConfig
+
+    keys = {f.name for f in dataclasses.fields(KernelConfig)}
+    kernel = {k: v for k, v in cfg.items() if k in keys}
+    return {**{k: v for k, v in cfg.items() if k not in keys}, "kernel": kernel}
+
+
 def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> None:
     import torch.distributed as dist
 
     from lazy_monitor import KernelTracker
-    from lazy_monitor.tracking.sharded import ShardedKernelTracker, _row_exchange_layout
+    from lazy_monitor.tracking.sharded import ShardedMeasurement, _row_exchange_layout
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -130,14 +140,16 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
             _shard(model, units, partial=partial)
             recompute = cfg.pop("recompute_j0", False)
             exchange = cfg.pop("exchange_rows", True)
-            tracker = KernelTracker(model, probe, **cfg)
-            assert isinstance(tracker, ShardedKernelTracker)
+            tracker = KernelTracker(model, probe, **_kwargs(cfg))
+            assert isinstance(tracker.measurement, ShardedMeasurement)
             if recompute:  # a max_memory that holds the kernel's rows but not J(θ₀)'s
                 tracker.start()
                 est = tracker.kernel_config["estimate"]
                 cfg["max_memory"] = est["bytes"] - est["j0_bytes"]
-                tracker = KernelTracker(model, probe, **cfg)
-            tracker.exchange_rows = exchange  # False: every rank every row (FSDP2's reduce)
+                tracker = KernelTracker(model, probe, **_kwargs(cfg))
+            tracker.measurement.exchange_rows = (
+                exchange  # False: every rank every row (FSDP2's reduce)
+            )
             # the row exchange applies when FSDP2 manages every tracked parameter
             layout = _row_exchange_layout(model, tracker._param_names, WORLD)
             assert (layout is not None) == (not partial)
@@ -165,7 +177,7 @@ def _bit_identical(probe, train_x) -> bool:
     """Training with and without measurements ends with bit-identical local shards: an MLP with
     dropout (the measurement must restore train mode and the RNG), and a half-accumulated
     gradient at each measurement that must survive it untouched."""
-    from lazy_monitor import KernelTracker
+    from lazy_monitor import KernelConfig, KernelTracker
 
     def build() -> nn.Module:
         return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Dropout(0.3), nn.Linear(7, 3))
@@ -174,7 +186,9 @@ def _bit_identical(probe, train_x) -> bool:
     for monitored in (False, True):
         torch.manual_seed(0)
         model = _shard(build().double(), ["0", "3"])
-        tracker = KernelTracker(model, probe, kind="full") if monitored else None
+        tracker = (
+            KernelTracker(model, probe, kernel=KernelConfig(kind="full")) if monitored else None
+        )
         if tracker is not None:
             tracker.start()
 
@@ -195,15 +209,15 @@ def _bit_identical(probe, train_x) -> bool:
 def _round_trip(build, units, probe, train_x) -> bool:
     """A tracker loaded from a rank's own state measures what the saved one measures; no
     measurement with gradient sync off."""
-    from lazy_monitor import KernelTracker
+    from lazy_monitor import KernelConfig, KernelTracker
 
     torch.manual_seed(0)
     model = _shard(build().double(), units)
-    tracker = KernelTracker(model, probe, kind="full")
+    tracker = KernelTracker(model, probe, kernel=KernelConfig(kind="full"))
     tracker.start()
     _train(model, train_x, 2)
     saved = tracker.state_dict()
-    fresh = KernelTracker(model, probe, kind="full")
+    fresh = KernelTracker(model, probe, kernel=KernelConfig(kind="full"))
     fresh.load_state_dict(saved)
     loaded = fresh.measure(2)
     same = _close(loaded, tracker.measure(2)) == []
@@ -213,8 +227,10 @@ def _round_trip(build, units, probe, train_x) -> bool:
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:  # not recursive
         unit.set_gradient_divide_factor(1.0)
-    summed = KernelTracker(model, probe, kind="full")
-    summed.exchange_rows = False  # FSDP2's own reduce-scatter, divided by the custom factor
+    summed = KernelTracker(model, probe, kernel=KernelConfig(kind="full"))
+    summed.measurement.exchange_rows = (
+        False  # FSDP2's own reduce-scatter, divided by the custom factor
+    )
     summed.load_state_dict(saved)
     same = same and _close(summed.measure(2), loaded) == []
     for unit in units:
@@ -223,7 +239,7 @@ def _round_trip(build, units, probe, train_x) -> bool:
     state = tracker.state_dict()
     state["linearization"]["rank"] = 0
     try:
-        KernelTracker(model, probe, kind="full").load_state_dict(state)
+        KernelTracker(model, probe, kernel=KernelConfig(kind="full")).load_state_dict(state)
     except ValueError as err:
         same = same and "state is per rank" in str(err)
     else:
@@ -262,7 +278,7 @@ def _reference(name: str, cfg: dict, init: dict, final: dict, probe: torch.Tenso
     torch.manual_seed(0)
     model = build().double()
     model.load_state_dict(init)
-    tracker = KernelTracker(model, probe, **cfg)
+    tracker = KernelTracker(model, probe, **_kwargs(cfg))
     start = tracker.start()
     model.load_state_dict(final)
     return start, tracker.measure(3)

@@ -10,6 +10,7 @@ from torch import nn
 from lazy_monitor import KernelTracker, empirical_ntk
 from lazy_monitor import metrics as M
 from lazy_monitor.demo.models import mlp
+from lazy_monitor.tracking import KernelConfig
 
 FIXED_NAMES = [
     "ntk/rel_change", "ntk/distance", "ntk/velocity", "ntk/alignment", "ntk/eig_max",
@@ -84,7 +85,7 @@ def test_optional_names_follow_the_configuration(targets, per_layer, absent):
 @pytest.mark.parametrize("kind, size", [("full", 8 * 3), ("trace", 8), ("diagonal", 8 * 3)])
 def test_every_kind_gives_the_same_names_and_its_own_spectrum_size(kind, size):
     x, y = _data()
-    tracker = KernelTracker(_net(), x, targets=y, kind=kind)
+    tracker = KernelTracker(_net(), x, targets=y, kernel=KernelConfig(kind=kind))
     assert list(tracker.start()) == tracker.metric_names()
     assert tracker.last_eigenvalues.shape == (size,)
     assert tracker.kernel0.dim() == {"full": 4, "trace": 2, "diagonal": 3}[kind]
@@ -211,7 +212,7 @@ def test_load_state_dict_rejects_another_probe_or_configuration():
     with pytest.raises(ValueError, match="different probe"):
         KernelTracker(model, x + 1, targets=y).load_state_dict(state)
     with pytest.raises(ValueError, match="kind='full' but this tracker has kind='trace'"):
-        KernelTracker(model, x, targets=y, kind="trace").load_state_dict(state)
+        KernelTracker(model, x, targets=y, kernel=KernelConfig(kind="trace")).load_state_dict(state)
 
 
 def test_unstarted_state_round_trips_and_measure_needs_start():
@@ -276,11 +277,11 @@ def test_measure_works_inside_no_grad_and_inference_mode():
     "kwargs, error, match",
     [
         (
-            {"kind": "diag"},
+            {"kernel": {"kind": "diag"}},
             ValueError,
             "kind must be one of 'auto', 'full', 'trace', 'diagonal', got 'diag'",
         ),
-        ({"kind": 4}, TypeError, "kind must be one of"),
+        ({"kernel": {"kind": 4}}, TypeError, "kind must be one of"),
         ({"per_layer": "false"}, TypeError, "per_layer must be True or False, got 'false'"),
         ({"targets": torch.tensor([0, 1, 2])}, ValueError, r"shape \(3,\) but the probe has 8"),
         ({"targets": torch.arange(8)}, ValueError, "class index 3 of targets is outside"),
@@ -292,12 +293,16 @@ def test_measure_works_inside_no_grad_and_inference_mode():
         ({"lazy_thresholds": {"ntk/rel_change": -1}}, ValueError, "finite number >= 0"),
         ({"lazy_thresholds": {"ntk/rel_change": "0.1"}}, TypeError, "must be a finite number"),
         ({"lazy_thresholds": {}}, ValueError, "lazy_thresholds is empty"),
-        ({"topk": 100}, ValueError, "topk=100 exceeds the kernel matrix size 24"),
-        ({"topk": 0}, ValueError, "topk must be an int >= 1 or None, got 0"),
-        ({"topk": 2.0}, TypeError, "topk must be an int"),
-        ({"chunk_size": 0}, ValueError, "chunk_size must be an int >= 1 or None, got 0"),
-        ({"snapshot_device": "gpu0"}, ValueError, "snapshot_device='gpu0'"),
-        ({"implementation": "magic"}, ValueError, "magic"),
+        ({"kernel": {"topk": 100}}, ValueError, "topk=100 exceeds the kernel matrix size 24"),
+        ({"kernel": {"topk": 0}}, ValueError, "topk must be an int >= 1 or None, got 0"),
+        ({"kernel": {"topk": 2.0}}, TypeError, "topk must be an int"),
+        (
+            {"kernel": {"chunk_size": 0}},
+            ValueError,
+            "chunk_size must be an int >= 1 or None, got 0",
+        ),
+        ({"kernel": {"snapshot_device": "gpu0"}}, ValueError, "snapshot_device='gpu0'"),
+        ({"kernel": {"implementation": "magic"}}, ValueError, "magic"),
         ({"output_fn": 3}, TypeError, "output_fn must be callable"),
     ],
 )
@@ -327,7 +332,7 @@ def test_snapshot_on_cpu_gives_the_same_metrics():
     x, y = _data()
     model = _net()
     a = KernelTracker(model, x, targets=y)
-    b = KernelTracker(model, x, targets=y, snapshot_device="cpu")
+    b = KernelTracker(model, x, targets=y, kernel=KernelConfig(snapshot_device="cpu"))
     a.start()
     b.start()
     _train(model, x, y, 2)
@@ -340,7 +345,9 @@ def test_cuda_model_with_cpu_snapshot_matches_a_cpu_run():
     x, y = _data()
     cpu_model, gpu_model = _net(seed=1), _net(seed=1).cuda()
     cpu = KernelTracker(cpu_model, x, targets=y)
-    gpu = KernelTracker(gpu_model, x, targets=y, snapshot_device="cpu")  # probe moved for us
+    gpu = KernelTracker(
+        gpu_model, x, targets=y, kernel=KernelConfig(snapshot_device="cpu")
+    )  # probe moved for us
     cpu.start()
     gpu.start()
     assert gpu.kernel0.device.type == "cpu"
@@ -397,12 +404,12 @@ def test_tuple_probe_and_root_level_parameter():
 def test_large_spectrum_warns_at_construction_and_trace_kind_does_not():
     x = torch.randn(700, 5)  # full: M = 700 · 3 = 2100 > 2048
     with pytest.warns(UserWarning, match=r"2100×2100.*kind='trace'"):
-        KernelTracker(_net(width=4), x, kind="full")
+        KernelTracker(_net(width=4), x, kernel=KernelConfig(kind="full"))
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        KernelTracker(_net(width=4), x, kind="trace")
+        KernelTracker(_net(width=4), x, kernel=KernelConfig(kind="trace"))
 
 
 def test_regime_decision_needs_the_thresholded_metrics():
@@ -415,7 +422,10 @@ def test_regime_decision_needs_the_thresholded_metrics():
 def test_kernel_implementations_give_the_same_metrics():
     x, y = _data()
     model = _net()
-    trackers = [KernelTracker(model, x, targets=y, implementation=i) for i in ("jacobian", "auto")]
+    trackers = [
+        KernelTracker(model, x, targets=y, kernel=KernelConfig(implementation=i))
+        for i in ("jacobian", "auto")
+    ]
     for t in trackers:
         t.start()
     _train(model, x, y, 3)

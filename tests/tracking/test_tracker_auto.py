@@ -17,6 +17,7 @@ from torch import nn
 from lazy_monitor import KernelTracker, empirical_ntk
 from lazy_monitor import metrics as M
 from lazy_monitor.core.kernels import projection_matrix
+from lazy_monitor.tracking import KernelConfig
 from lazy_monitor.tracking import tracker as tracker_module
 
 
@@ -40,7 +41,7 @@ def test_auto_keeps_the_full_kernel_when_it_fits_without_a_warning():
     x, y = _data()
     model = _mlp()
     tracker = KernelTracker(model, x, targets=y)
-    assert tracker.kind == "auto" and tracker.kernel_config is None
+    assert tracker.kernel.kind == "auto" and tracker.kernel_config is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tracker.start()
@@ -54,7 +55,7 @@ def test_auto_keeps_the_full_kernel_when_it_fits_without_a_warning():
 def test_auto_downgrades_to_the_exact_trace_under_a_small_budget_and_warns():
     x, y = _data()
     model = _mlp()
-    tracker = KernelTracker(model, x, targets=y, max_memory=20_000)
+    tracker = KernelTracker(model, x, targets=y, kernel=KernelConfig(max_memory=20_000))
     with pytest.warns(UserWarning, match="using kind='trace'"):
         out = tracker.start()
     cfg = tracker.kernel_config
@@ -71,7 +72,7 @@ def test_auto_projects_when_the_exact_trace_is_too_slow_and_uses_one_r(monkeypat
     monkeypatch.setattr(tracker_module, "MAX_SECONDS", 1e-12)  # nothing fits: cheapest
     x, y = _data(n=6, classes=3)
     model = _mlp(out=40)  # O = 40 > 16: a projection is a cheaper candidate
-    tracker = KernelTracker(model, x, max_memory=20_000, projection_seed=7)
+    tracker = KernelTracker(model, x, kernel=KernelConfig(max_memory=20_000, projection_seed=7))
     with pytest.warns(UserWarning, match="projection=16"):
         tracker.start()
     cfg = tracker.kernel_config
@@ -88,12 +89,14 @@ def test_auto_projects_when_the_exact_trace_is_too_slow_and_uses_one_r(monkeypat
 
 def test_forced_configuration_that_does_not_fit_raises_at_start_with_estimate_and_fix():
     x, _ = _data()
-    tracker = KernelTracker(_mlp(), x, kind="full", max_memory=20_000)  # building is fine
+    tracker = KernelTracker(
+        _mlp(), x, kernel=KernelConfig(kind="full", max_memory=20_000)
+    )  # building is fine
     with pytest.raises(ValueError, match=r"estimated at .* GiB.*max_memory=.*kind='auto'"):
         tracker.start()
     assert not tracker.started
     # no limit: the forced kind is kept
-    tracker = KernelTracker(_mlp(), x, kind="full", max_memory=None)
+    tracker = KernelTracker(_mlp(), x, kernel=KernelConfig(kind="full", max_memory=None))
     tracker.start()
     assert tracker.kernel_config["kind"] == "full"
 
@@ -102,7 +105,7 @@ def test_state_keeps_the_resolved_kernel_and_a_resumed_tracker_measures_the_same
     monkeypatch.setattr(tracker_module, "MAX_SECONDS", 1e-12)
     x, _ = _data()
     model = _mlp(out=40)
-    tracker = KernelTracker(model, x, max_memory=20_000, projection_seed=3)
+    tracker = KernelTracker(model, x, kernel=KernelConfig(max_memory=20_000, projection_seed=3))
     with pytest.warns(UserWarning):
         tracker.start()
     buf = io.BytesIO()
@@ -119,15 +122,17 @@ def test_state_keeps_the_resolved_kernel_and_a_resumed_tracker_measures_the_same
     with pytest.raises(
         ValueError, match="saved with kind='trace' but this tracker has kind='full'"
     ):
-        KernelTracker(model, x, kind="full").load_state_dict(state)
+        KernelTracker(model, x, kernel=KernelConfig(kind="full")).load_state_dict(state)
     with pytest.raises(ValueError, match="projection"):
-        KernelTracker(model, x, projection=4).load_state_dict(state)
+        KernelTracker(model, x, kernel=KernelConfig(projection=4)).load_state_dict(state)
 
 
 def test_forced_projected_full_kernel_aligns_with_projected_targets():
     x, y = _data(n=6, classes=3)
     model = _mlp(out=3)
-    tracker = KernelTracker(model, x, targets=y, kind="full", projection=2, projection_seed=5)
+    tracker = KernelTracker(
+        model, x, targets=y, kernel=KernelConfig(kind="full", projection=2, projection_seed=5)
+    )
     out = tracker.start()
     assert tracker.kernel0.shape == (6, 6, 2, 2) and tracker.topk == 10  # multiple of k = 2
     r = projection_matrix(3, 2, 5)
@@ -135,13 +140,15 @@ def test_forced_projected_full_kernel_aligns_with_projected_targets():
     expected = M.kernel_alignment(tracker.kernel0, y_proj)
     assert out["ntk/alignment"] == pytest.approx(float(expected), rel=1e-9)
     # pseudo-NTK with a full kernel: one-hot targets project to a constant, alignment undefined
-    tracker = KernelTracker(model, x, targets=y, kind="full", projection="sum")
+    tracker = KernelTracker(model, x, targets=y, kernel=KernelConfig(kind="full", projection="sum"))
     assert math.isnan(tracker.start()["ntk/alignment"])
 
 
 def test_topk_larger_than_the_resolved_kernel_raises_at_start():
     x, _ = _data()
-    tracker = KernelTracker(_mlp(), x, topk=12, max_memory=20_000)  # full: M = 18, fine
+    tracker = KernelTracker(
+        _mlp(), x, kernel=KernelConfig(topk=12, max_memory=20_000)
+    )  # full: M = 18, fine
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="topk=12 exceeds"):
         tracker.start()  # resolved to trace: M = 6
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from lazy_monitor import KernelTracker, empirical_ntk
 from lazy_monitor.demo.models import mlp
+from lazy_monitor.tracking import KernelConfig
 
 
 def _data(n=8, dim=5, classes=3, seed=0):
@@ -145,7 +146,7 @@ def test_independent_examples_pass_the_batch_coupling_check(dtype):
 
 def test_batch_coupling_check_is_skipped_for_a_single_example():
     x, _ = _data(n=1)
-    KernelTracker(_CentredMLP(), x, kind="trace").start()
+    KernelTracker(_CentredMLP(), x, kernel=KernelConfig(kind="trace")).start()
 
 
 # ------------------------------------------------------------------ data-dependent control flow
@@ -179,7 +180,7 @@ def test_data_dependent_control_flow_falls_back_inside_the_engine():
     # tracker keeps implementation="auto" and measures the exact kernel at every call.
     x, y = _branchy_data()
     model = _Branchy()
-    tracker = KernelTracker(model, x, targets=y, chunk_size=1)
+    tracker = KernelTracker(model, x, targets=y, kernel=KernelConfig(chunk_size=1))
     with pytest.warns(RuntimeWarning, match="Jacobian contraction"):
         out = tracker.start()
     assert tracker.kernel_config["implementation"] == "auto"
@@ -197,6 +198,8 @@ def test_data_dependent_control_flow_falls_back_inside_the_engine():
 
 def test_explicit_structured_implementation_still_raises_on_control_flow():
     x, _ = _branchy_data()
-    tracker = KernelTracker(_Branchy(), x, implementation="structured", chunk_size=1)
+    tracker = KernelTracker(
+        _Branchy(), x, kernel=KernelConfig(implementation="structured", chunk_size=1)
+    )
     with pytest.raises(RuntimeError, match="implementation='jacobian'"):
         tracker.start()

@@ -11,6 +11,7 @@ from torch import nn
 
 from lazy_monitor import KernelTracker
 from lazy_monitor.core.features import capture_features, linear_cka
+from lazy_monitor.tracking import KernelConfig
 
 
 def _x() -> torch.Tensor:
@@ -58,11 +59,11 @@ def test_lr_eig_max_is_lr_times_hand_lambda_max_over_n():
 def test_lr_eig_max_is_nan_where_lambda_max_is_not_the_full_kernels(kind):
     x = _x()
     full = KernelTracker(_mlp(2), x).start(lr=0.1)
-    multi = KernelTracker(_mlp(2), x, kind=kind).start(lr=0.1)
+    multi = KernelTracker(_mlp(2), x, kernel=KernelConfig(kind=kind)).start(lr=0.1)
     assert math.isfinite(full["ntk/lr_eig_max"]) and math.isnan(multi["ntk/lr_eig_max"])
     assert multi["opt/lr"] == 0.1 and multi["regime/catapult"] == 0.0
     # one output: the trace/diagonal kernel is the full kernel, so the number is defined
-    one = KernelTracker(_mlp(1), x, kind=kind).start(lr=0.1)
+    one = KernelTracker(_mlp(1), x, kernel=KernelConfig(kind=kind)).start(lr=0.1)
     ref = KernelTracker(_mlp(1), x).start(lr=0.1)
     assert one["ntk/lr_eig_max"] == pytest.approx(ref["ntk/lr_eig_max"], rel=1e-12)
 

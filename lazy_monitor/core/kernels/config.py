@@ -13,9 +13,18 @@ import dataclasses
 import enum
 from typing import Any, Optional, Union
 
-__all__ = ["KINDS", "NtkConfig", "NtkImplementation"]
+__all__ = [
+    "KINDS",
+    "MAX_SEED",
+    "NtkConfig",
+    "NtkImplementation",
+    "check_projection",
+    "check_projection_seed",
+]
 
 KINDS = ("full", "trace", "diagonal")
+#: Largest ``projection_seed``: ``torch.Generator.manual_seed`` takes a 64-bit unsigned seed.
+MAX_SEED = 2**64 - 1
 
 
 class NtkImplementation(str, enum.Enum):
@@ -83,6 +92,29 @@ def _positive_int(name: str, value: Any, what: str) -> Optional[int]:
     return value
 
 
+def check_projection(value: Any) -> Union[None, int, str]:
+    """``None``, an int ``k >= 1`` or ``"sum"`` (the one check of ``projection``, also used by
+    :class:`~lazy_monitor.tracking.KernelConfig`)."""
+    if isinstance(value, str):
+        if value != "sum":
+            raise ValueError(f"`projection` must be None, a positive int k or 'sum', got {value!r}")
+        return value
+    return _positive_int("projection", value, "number of random output directions k")
+
+
+def check_projection_seed(value: Any) -> int:
+    """An int in ``[0, MAX_SEED]`` (what ``torch.Generator.manual_seed`` accepts without
+    wrapping): the one check of ``projection_seed``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`projection_seed` must be an int, got {value!r}")
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(
+            f"`projection_seed` must be an int in [0, 2**64 - 1] (a torch.Generator seed), got "
+            f"{value!r}; pass a smaller seed, e.g. projection_seed=0 or value % 2**64"
+        )
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class NtkConfig:
     """The engine's options, validated at construction (see module docstring).
@@ -115,15 +147,8 @@ class NtkConfig:
         if kind not in KINDS:
             raise ValueError(f"`kind` must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
         object.__setattr__(self, "implementation", NtkImplementation.parse(self.implementation))
-        p = self.projection
-        if isinstance(p, str):
-            if p != "sum":
-                raise ValueError(f"`projection` must be None, a positive int k or 'sum', got {p!r}")
-        elif p is not None:
-            _positive_int("projection", p, "number of random output directions k")
-        seed = self.projection_seed
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"`projection_seed` must be an int, got {seed!r}")
+        check_projection(self.projection)
+        check_projection_seed(self.projection_seed)
         _positive_int("chunk_size", self.chunk_size, "examples per block")
         _positive_int("max_memory", self.max_memory, "bytes")
 

@@ -1,0 +1,123 @@
+"""The monitor session's setting checks and what a resumed state's settings mean.
+
+A saved monitor state carries the settings its reference was measured with
+(:meth:`MonitorSession.settings`). On resume, :func:`differing_settings` compares them with the
+session's: settings that only change how the same reference is measured (:data:`RESTORABLE`)
+are restored with their saved values, settings that name another reference (:data:`FIXED`:
+another network, another probe) refuse the state (:func:`refuse_other_reference`), unless the
+session was asked to start a new reference (``reset_reference=True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+from lazy_monitor._validation import check_str, message
+from lazy_monitor.tracking._state import fingerprint, same_fingerprint
+from lazy_monitor.tracking.layers import DEFAULT_LAYER_GROUPS
+from lazy_monitor.tracking.probe import Probe
+
+__all__ = [
+    "FIXED",
+    "RESTORABLE",
+    "check_feature_modules",
+    "check_per_layer",
+    "differing_settings",
+    "refuse_other_reference",
+    "saved_settings",
+]
+
+# Settings that may differ in a resumed run: the saved reference is restored with the saved value.
+RESTORABLE = (
+    "probe_size",
+    "seed",
+    "kind",
+    "projection",
+    "projection_seed",
+    "per_layer",
+    "layer_groups",
+)
+# Settings that name another reference: a resumed run with another value raises.
+FIXED = ("submodule", "probe")
+
+
+def check_per_layer(value: Any) -> tuple[bool, Optional[int]]:
+    """``per_layer`` -> (on, at most this many layer groups)."""
+    if isinstance(value, bool):
+        return value, DEFAULT_LAYER_GROUPS if value else None
+    if isinstance(value, int) and value >= 1:
+        return True, value
+    raise TypeError(
+        message(
+            "per_layer",
+            "True, False or a number of layer groups >= 1",
+            value,
+            f"True groups the network into at most {DEFAULT_LAYER_GROUPS} layer groups",
+        )
+    )
+
+
+def check_feature_modules(value: Any) -> Union[list[str], bool, None]:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, str) and value:
+        return [check_str(f"feature_modules[{i}]", m) for i, m in enumerate(value)]
+    raise TypeError(
+        message(
+            "feature_modules",
+            "True, False/None or a non-empty list of module names",
+            value,
+            "e.g. feature_modules=['fc1', 'readout'] (names from model.named_modules())",
+        )
+    )
+
+
+def differing_settings(
+    saved: Mapping[str, Any], mine: Mapping[str, Any], given: Optional[Probe], probe: Probe
+) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (saved, mine)}`` for each setting that differs; an explicit probe ``given``
+    is compared with the saved ``probe`` batch itself (``"probe"`` then names both)."""
+    differs = {k: (saved[k], mine[k]) for k in saved if k in mine and saved[k] != mine[k]}
+    differs.pop("probe", None)  # "given" vs "drawn" alone: the probe itself is compared
+    if given is not None and not _same_probe(given, probe):
+        differs["probe"] = ("the saved probe batch", "another probe batch")
+    return differs
+
+
+def refuse_other_reference(differs: Mapping[str, tuple[Any, Any]], owner: str, step: int) -> None:
+    """Raise when a differing setting names another reference (:data:`FIXED`).
+
+    Raises:
+        ValueError: naming each such setting, both values and the two ways out.
+    """
+    fixed = {k: v for k, v in differs.items() if k in FIXED}
+    if not fixed:
+        return
+    both = ", ".join(f"{k}={s!r} (saved) vs {m!r} (this {owner})" for k, (s, m) in fixed.items())
+    raise ValueError(
+        f"{owner}: the checkpoint's monitor state was measured with other settings that name "
+        f"another reference: {both}. Resume with the saved settings, or pass "
+        f"{owner}(..., reset_reference=True) to start a new reference K0 at step {step}"
+    )
+
+
+def _same_probe(given: Probe, saved: Probe) -> bool:
+    if not same_fingerprint(fingerprint(given[0]), fingerprint(saved[0])):
+        return False
+    return True
+
+
+def saved_settings(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a state was measured with (states before settings were saved: the few the
+    tracker's configuration tells)."""
+    settings = state.get("settings")
+    if isinstance(settings, Mapping):
+        return dict(settings)
+    config = state.get("tracker", {}).get("config", {})
+    out: dict[str, Any] = {}
+    if "num_examples" in config:
+        out["probe_size"] = int(config["num_examples"])
+    if "per_layer" in config:
+        out["per_layer"] = bool(config["per_layer"])
+    return out

@@ -152,7 +152,7 @@ CATALOGUE: tuple[MetricInfo, ...] = (
     MetricInfo("ntk/alignment", None, (_DRIFT, "kernel-target alignment"),
                "⟨K_c, L_c⟩ / (‖K_c‖ ‖L_c‖), K_c = HKH, L_c = H vec(Y) vec(Y)ᵀ H, "
                "H = (I − 11ᵀ/n) ⊗ I_O (centres over examples, per output; Y one-hot for class "
-               "indices)",
+               "indices); a trace kernel uses L = Y Yᵀ (N × N, [yₙ = yₘ] for classes)",
                "centred kernel–target alignment; rising = the kernel adapts to the task (only "
                "with targets)",
                "Cortes et al. 2012; Baratin et al. 2021", requires="targets"),
@@ -197,11 +197,14 @@ CATALOGUE: tuple[MetricInfo, ...] = (
                "only); a single output is read as a **logit** (threshold 0), not a probability",
                requires="classification"),
     MetricInfo("ntk_layer/<layer>/rel_change", "max", (_DRIFT, "relative change per layer"),
-               "‖K_l − K_l,₀‖ / ‖K_l,₀‖ for the layer's block of K",
-               "which layer's kernel moves (e.g. `fc1`, `readout`)", "Baratin et al. 2021",
-               requires="per_layer"),
+               "‖K_l − K_l,₀‖ / ‖K₀‖, the layer's block of K over the whole K₀",
+               "which layer's kernel moves (e.g. `fc1`, `readout`), all layers on one scale; "
+               "finite when the layer's own K_l,₀ is 0 (LoRA's lora_A at init)",
+               "Baratin et al. 2021", requires="per_layer"),
     MetricInfo("params_layer/<layer>/rel_change", "max", (_PARAMS, "relative change per layer"),
-               "‖θ_l − θ_l,₀‖ / ‖θ_l,₀‖", "which layer's weights move", requires="per_layer"),
+               "‖θ_l − θ_l,₀‖ / ‖θ₀‖ (whole model's θ₀; Σ_l squares = params/rel_change²)",
+               "which layer's weights move, as its share of the total; finite when the "
+               "layer's own θ_l,₀ is 0 (LoRA's lora_B, zero biases)", requires="per_layer"),
     MetricInfo("regime/lazy", None, (_DRIFT, "lazy regime (1 = lazy)"),
                "1 if every lazy threshold holds, else 0",
                "the verdict; default thresholds `ntk/rel_change ≤ 0.1`, `lin/rel_error ≤ 0.1` "
@@ -240,7 +243,9 @@ CATALOGUE: tuple[MetricInfo, ...] = (
                "Lewkowycz et al. 2020"),
     MetricInfo("features/<layer>/cka", "min", (_FEAT, "feature CKA with init"),
                "CKA(Φ_l, Φ_l,₀) = ⟨HΦΦᵀH, HΦ₀Φ₀ᵀH⟩ / (‖HΦΦᵀH‖ ‖HΦ₀Φ₀ᵀH‖), linear",
-               "1 = the layer's probe features are unchanged up to rotation and scale",
+               "1 = the layer's probe features are unchanged up to rotation and scale; "
+               "hidden layers by default (the output layer only by name), a layer with constant "
+               "features at θ₀ is omitted; constant features now: 0",
                "Kornblith et al. 2019", requires="features"),
     # ---- the monitor's own cost (logged with max_overhead)
     MetricInfo("monitor/seconds", None, (_COST, "seconds per measurement"),

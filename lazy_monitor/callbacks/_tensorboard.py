@@ -368,7 +368,8 @@ def run_summary(
         f"### lazy_monitor: {verdict} at step {step}",
         "",
         f"thresholds: {', '.join(f'`{t}`' for t in thresholds) or 'none'}; "
-        f"{measurements} measurements ({seconds:.1f} s), {transitions} regime transitions",
+        f"{measurements} measurement{'s' * (measurements != 1)} ({seconds:.1f} s), "
+        f"{transitions} regime transition{'s' * (transitions != 1)}",
         "",
         "| metric | final | max |",
         "|---|---|---|",

@@ -17,19 +17,34 @@ truncated record or failed checksum (right for a file that is still being writte
 gate, where the lost tail may hold the violation), so each record's framing and both CRC-32C
 checksums are checked here and any damage raises :class:`CorruptEventFileError` naming the file,
 the byte offset and what is wrong.
+
+Metric names are read as logged or under one logger prefix: the Hugging Face Trainer logs the
+monitor's ``ntk/rel_change`` as ``train/ntk/rel_change``, and ``report``/``check`` accept the plain
+name there (:meth:`Run.select`) and say which tag they read.
 """
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import math
 import os
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["CorruptEventFileError", "Curve", "Run", "find_runs", "load_run", "load_runs"]
+__all__ = [
+    "CorruptEventFileError",
+    "Curve",
+    "Run",
+    "find_runs",
+    "load_run",
+    "load_runs",
+    "suggest",
+]
 
 # events.out.tfevents.<unix time>.<host>.<pid>.<counter>[.suffix]
 _EVENT_TIME = re.compile(r"tfevents\.(\d+(?:\.\d+)?)")
@@ -78,6 +93,55 @@ class Run:
         if not self.curves:
             return None
         return max(curve.final_step for curve in self.curves.values())
+
+    def select(self, metric: str) -> list[str]:
+        """The tags ``metric`` (a name or a glob) reads in this run: the tags it matches, else
+        the tags that match it under one logger prefix (the Hugging Face Trainer logs
+        ``ntk/rel_change`` as ``train/ntk/rel_change``), preferred prefix first
+        (:data:`PREFIXES`)."""
+        exact = [t for t in self.curves if _matches(t, metric)]
+        if exact:
+            return exact
+        prefixed = [t for t in self.curves if "/" in t and _matches(t.split("/", 1)[1], metric)]
+        return sorted(prefixed, key=_prefix_rank)
+
+    def tag(self, metric: str) -> Optional[str]:
+        """The one tag a plain metric name reads (:meth:`select`'s first), or None."""
+        tags = self.select(metric)
+        return tags[0] if tags else None
+
+    def curve(self, metric: str) -> Optional[Curve]:
+        """The curve of ``metric`` (exact tag, else under a logger prefix), or None."""
+        tag = self.tag(metric)
+        return None if tag is None else self.curves[tag]
+
+    def names(self) -> list[str]:
+        """Every metric name this run can be asked for: its tags and, for prefixed tags, the
+        name without the prefix (for suggestions)."""
+        names = set(self.curves)
+        names.update(t.split("/", 1)[1] for t in self.curves if t.count("/") >= 2)
+        return sorted(names)
+
+
+#: Logger prefixes tried in this order when a plain metric name matches several prefixed tags
+#: (the training curves before evaluation ones); any other prefix after them.
+PREFIXES = ("train", "eval")
+
+
+def _matches(tag: str, metric: str) -> bool:
+    return tag == metric or fnmatch.fnmatchcase(tag, metric)
+
+
+def _prefix_rank(tag: str) -> tuple[int, str]:
+    prefix = tag.split("/", 1)[0]
+    return (PREFIXES.index(prefix) if prefix in PREFIXES else len(PREFIXES), tag)
+
+
+def suggest(metric: str, runs: Sequence[Run]) -> Optional[str]:
+    """The logged metric name closest to a misspelled ``metric`` (difflib), or None."""
+    names = sorted({n for run in runs for n in run.names()})
+    close = difflib.get_close_matches(metric, names, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _is_event_file(path: Path) -> bool:

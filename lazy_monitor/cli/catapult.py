@@ -2,18 +2,23 @@ r"""``lazy-monitor demo --catapult``: one narrow net below, inside and above the
 
 What it runs (plain PyTorch, one CPU thread, a few seconds):
 
-* the task: ``n`` points of two spirals (:func:`lazy_monitor.datasets.two_spirals`), labels ±1,
+* the task: ``n`` points of two spirals (:func:`lazy_monitor.demo.datasets.two_spirals`), labels ±1,
   squared error ``L = ½·mean_n (f(x_n) − y_n)²`` and full-batch gradient descent, the setting of
   Lewkowycz et al. 2020 ("The large learning rate phase of deep learning: the catapult
   mechanism");
-* the model: a narrow one-hidden-layer ReLU MLP in the NTK parameterisation (same seed for every
-  learning rate, so every run starts from the same θ₀ and the same λ₀);
+* the model: a narrow ReLU MLP in the NTK parameterisation, one hidden layer by default
+  (``depth``; same seed for every learning rate, so every run starts from the same θ₀ and the
+  same λ₀);
 * the probe of :class:`~lazy_monitor.KernelTracker` is the whole training set, so
   ``λ₀ = λmax(K(θ₀))`` is exactly the top eigenvalue of the kernel that drives GD and the critical
-  learning rate is ``η_crit = 2N/λ₀`` (:mod:`lazy_monitor.core.stability`);
+  learning rate is ``η_crit = 2N/λ₀`` (:mod:`lazy_monitor.core.stability`). ``η λ₀/N`` is the
+  paper's ``η λ₀`` (their λ is the top eigenvalue of the NTK divided by the number of samples,
+  their loss ``1/(2n) Σ``), so the numbers below are in the paper's units;
 * one run per factor in ``factors``: ``η = factor · η_crit``, i.e. ``η λ₀/N = 2·factor``. The
-  defaults 0.5, 1.75, 8 put ``η λ₀/N`` at 1 (below the window), 3.5 (inside: between 2 and
-  Lewkowycz et al.'s ~4, ~12 for ReLU) and 16 (above the ReLU bound);
+  defaults 0.5, 1.75, 8 put ``η λ₀/N`` at 1, 3.5 and 16;
+* each row carries the verdict the stated window predicts (:func:`predicted`): stable up to 2,
+  catapult up to ``edge`` (default 4: the edge Lewkowycz et al. derive for their two-layer
+  linear model), diverged above, and whether the run matched;
 * the tracker is measured at every step of the first ``dense_steps`` and every ``every`` steps
   after; :class:`~lazy_monitor.core.stability.CatapultDetector` reads ``ntk/lr_eig_max``.
 
@@ -28,16 +33,20 @@ Verdict per run, from the numbers printed:
 * ``stable``: neither a spike nor a flagged drop;
 * ``unclear``: one of the two signatures without the other.
 
-Expected: stable below, catapult inside, diverged above; the summary says whether each matched.
+The summary line names every learning rate whose verdict differs from the prediction.
 
 Measured here (defaults: width 64, N = 32, 100 steps; seed 0): λ₀ = 11.18, η_crit = 5.726.
 η λ₀/N = 1: loss never rises (spike 1×), λmax 11.18 → 11.67 (stable). η λ₀/N = 3.5: the loss
 rises to 2.60 (3.5× its running minimum) and λmax falls 11.18 → 7.03, final loss 0.283 < 0.742
 (catapult). η λ₀/N = 16: the loss overflows, non-finite (diverged). Seeds 1 and 2 give the same
-three verdicts (spikes 2.9× and 7.1×, λmax 12.4 → 7.09 and 19.3 → 10.3). On a finer sweep
-(seed 0, 150 steps) the catapult verdict holds from η λ₀/N = 2.2 to 4, 1.8 is stable, and the
-run diverges from 6 on.
-About 9 s of CPU time.
+three verdicts (spikes 2.9× and 7.1×, λmax 12.4 → 7.09 and 19.3 → 10.3). About 9 s of CPU time.
+
+The measured upper edge (``benchmarks/bench_science.py``: 300 steps, seed 0, η λ₀/N from 1 to
+16): one hidden layer catapults up to 4 and diverges from 4.4 at widths 64 and 4096 (width 1024:
+up to 3.6, diverged at 4), i.e. Lewkowycz et al.'s linear-model edge 4, not the ~12 they report
+for their wide ReLU nets; at width 512 the edge is 3–4 with one hidden layer, 7–8 with two and
+8–9 with three (``--catapult-depth``). Below 2 a narrow net can still catapult late (width 64 at
+1.8: λmax grows to 13.6 during training and crosses 2N/η). Details: docs/science.md.
 """
 
 from __future__ import annotations
@@ -51,13 +60,24 @@ from typing import Any, Optional, Sequence, TextIO
 
 from lazy_monitor.core.stability import CATAPULT_THRESHOLD, CatapultDetector
 
-__all__ = ["CatapultResult", "CatapultRun", "add_arguments", "main", "run_catapult", "verdict"]
+__all__ = [
+    "CatapultResult",
+    "CatapultRun",
+    "add_arguments",
+    "main",
+    "predicted",
+    "run_catapult",
+    "verdict",
+]
 
 DEFAULT_FACTORS = (0.5, 1.75, 8.0)
 DEFAULT_WIDTH = 64
+DEFAULT_DEPTH = 1
 DEFAULT_N = 32
 DEFAULT_STEPS = 100
-_EXPECTED = ("stable", "catapult", "diverged")
+#: Upper edge of the stated catapult window in units of ``η λ₀/N``: Lewkowycz et al.'s 4 (exact
+#: for their two-layer linear "uv" model), also the edge this tool measures for one hidden layer.
+DEFAULT_EDGE = 4.0
 
 
 @dataclass
@@ -76,7 +96,7 @@ class CatapultRun:
     nonfinite: bool = False
     catapult_flag: bool = False  # regime/catapult of the detector
     verdict: str = "unknown"
-    expected: str = ""
+    expected: str = ""  # what the stated window 2 < η λ₀/N <= edge predicts (predicted())
     losses: list[float] = field(default_factory=list)
     eig_max: list[tuple[int, float]] = field(default_factory=list)
 
@@ -94,11 +114,13 @@ class CatapultResult:
     seed: int
     runs: list[CatapultRun]
     seconds: float = 0.0
+    depth: int = DEFAULT_DEPTH
+    edge: float = DEFAULT_EDGE  # upper edge of the stated window (η λ₀/N)
 
     @property
     def as_expected(self) -> bool:
-        """Every run with an expected verdict got it."""
-        return all(r.verdict == r.expected for r in self.runs if r.expected)
+        """Every run got the verdict the stated window predicts for its learning rate."""
+        return all(r.verdict == r.expected for r in self.runs)
 
 
 def verdict(*, nonfinite: bool, spike: float, catapult_flag: bool, spike_tol: float = 0.1) -> str:
@@ -133,26 +155,24 @@ def _spike(losses: Sequence[float]) -> float:
     return spike
 
 
-def _expected(factor: float, relu_bound: float) -> str:
-    """The regime Lewkowycz et al. predict for ``η λ₀/N = 2·factor`` (ReLU: diverges above ~12);
-    empty (no expectation) in the grey zone between 4 and the ReLU bound."""
-    r = 2.0 * factor
-    if r < CATAPULT_THRESHOLD * 0.95:
+def predicted(lr_eig_max: float, edge: float = DEFAULT_EDGE) -> str:
+    """What the window ``2 < η λ₀/N ≤ edge`` predicts for a run at ``η λ₀/N = lr_eig_max``:
+    ``"stable"`` up to 2 (linearised GD contracts), ``"catapult"`` up to ``edge``, ``"diverged"``
+    above. Every learning rate gets a prediction, so a wrong window shows as a mismatch."""
+    if lr_eig_max <= CATAPULT_THRESHOLD:
         return "stable"
-    if CATAPULT_THRESHOLD * 1.05 < r < 4.0:
-        return "catapult"
-    if r > relu_bound:
-        return "diverged"
-    return ""
+    return "catapult" if lr_eig_max <= edge else "diverged"
 
 
 def run_catapult(
     *,
     factors: Sequence[float] = DEFAULT_FACTORS,
     width: int = DEFAULT_WIDTH,
+    depth: int = DEFAULT_DEPTH,
     n: int = DEFAULT_N,
     steps: int = DEFAULT_STEPS,
     seed: int = 0,
+    edge: float = DEFAULT_EDGE,
     dense_steps: int = 20,
     every: int = 5,
     rel_drop: float = 0.1,
@@ -163,10 +183,13 @@ def run_catapult(
 
     Args:
         factors: learning rates in units of ``η_crit = 2N/λ₀`` (> 0).
-        width: hidden width of the 1-hidden-layer ReLU MLP (NTK parameterisation).
+        width: hidden width of the ReLU MLP (NTK parameterisation).
+        depth: number of hidden layers.
         n: training points (= the probe).
         steps: full-batch GD steps per run.
         seed: seed of the data and of the (shared) initialisation.
+        edge: upper edge of the stated window in units of ``η λ₀/N`` (> 2): each run's
+            ``expected`` verdict is :func:`predicted` for its learning rate.
         dense_steps: measure the kernel at every step up to this one (the catapult is early).
         every: then every ``every`` steps.
         rel_drop: :class:`CatapultDetector`'s relative fall of λmax.
@@ -177,21 +200,27 @@ def run_catapult(
         :class:`CatapultResult`.
 
     Raises:
-        ValueError: an empty or non-positive ``factors``, or bad sizes.
+        ValueError: an empty or non-positive ``factors``, bad sizes, or ``edge <= 2``.
     """
     import torch
 
-    from lazy_monitor.datasets import two_spirals
-    from lazy_monitor.models import mlp
+    from lazy_monitor.demo.datasets import two_spirals
+    from lazy_monitor.demo.models import mlp
     from lazy_monitor.tracking import KernelTracker
 
     factors = [float(f) for f in factors]
     if not factors or any(not (math.isfinite(f) and f > 0) for f in factors):
         raise ValueError(f"factors must be positive finite numbers (units of 2N/λ₀), got {factors}")
-    for name, value, minimum in (("width", width, 1), ("n", n, 2), ("steps", steps, 1),
-                                 ("dense_steps", dense_steps, 0), ("every", every, 1)):  # fmt: skip
+    for name, value, minimum in (("width", width, 1), ("depth", depth, 1), ("n", n, 2),
+                                 ("steps", steps, 1), ("dense_steps", dense_steps, 0),
+                                 ("every", every, 1)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if not (math.isfinite(edge) and edge > CATAPULT_THRESHOLD):
+        raise ValueError(
+            f"edge must be a finite number > {CATAPULT_THRESHOLD:g} (the upper edge of the "
+            f"catapult window in units of lr*eig_max/N), got {edge!r}"
+        )
 
     x, labels = two_spirals(n, seed=seed)
     y = (2.0 * labels.float() - 1.0).unsqueeze(1)
@@ -199,12 +228,12 @@ def run_catapult(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        probe_net = mlp(2, width, 1, depth=1, parameterization="ntk", seed=seed)
+        probe_net = mlp(2, width, 1, depth=depth, parameterization="ntk", seed=seed)
         eig0 = KernelTracker(probe_net, x, per_layer=False).start()["ntk/eig_max"]
         lr_crit = 2.0 * n / eig0
         runs = []
         for factor in sorted(factors):
-            net = mlp(2, width, 1, depth=1, parameterization="ntk", seed=seed)
+            net = mlp(2, width, 1, depth=depth, parameterization="ntk", seed=seed)
             run = _one_run(net, x, y, factor, factor * lr_crit, steps, dense_steps, every, rel_drop)
             run.verdict = verdict(
                 nonfinite=run.nonfinite,
@@ -212,11 +241,12 @@ def run_catapult(
                 catapult_flag=run.catapult_flag,
                 spike_tol=spike_tol,
             )
-            run.expected = _expected(factor, relu_bound=12.0)
+            run.expected = predicted(2.0 * factor, edge)
             runs.append(run)
     finally:
         torch.set_num_threads(threads)
-    result = CatapultResult(eig0, lr_crit, n, width, seed, runs, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    result = CatapultResult(eig0, lr_crit, n, width, seed, runs, seconds, depth, edge)
     if out is not None:
         print(format_result(result), file=out, flush=True)
     return result
@@ -279,28 +309,45 @@ def _one_run(
     return run
 
 
+def _num(value: float, spec: str, suffix: str = "") -> str:
+    """``value`` formatted; ``overflow`` for ±inf (the run diverged), ``n/a`` for NaN."""
+    if math.isinf(value):
+        return "overflow"
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:{spec}}{suffix}"
+
+
 def format_result(result: CatapultResult) -> str:
-    """The table of runs and the verdict line."""
+    """The table of runs (each with the verdict the stated window predicts) and a summary."""
     from lazy_monitor.cli.report import format_table
 
-    headers = ["lr/lr_crit", "lr", "lr*eig0/N", "loss0", "max loss", "spike", "final loss",
-               "eig_max0", "eig_max peak", "eig_max end", "catapult", "verdict", "expected"]  # fmt: skip
+    headers = ["lr/lr_crit", "lr*eig0/N", "predicted", "verdict", "match", "lr", "loss0",
+               "max loss", "spike", "final loss", "eig_max0", "eig_max peak", "eig_max end",
+               "catapult"]  # fmt: skip
     rows = []
     for r in result.runs:
-        rows.append([f"{r.factor:g}", f"{r.lr:.4g}", f"{r.lr_eig_max0:.3g}", f"{r.loss0:.4g}",
-                     f"{r.loss_max:.4g}", f"{r.spike:.3g}x", f"{r.loss_final:.4g}",
-                     f"{r.eig_max0:.4g}", f"{r.eig_max_peak:.4g}", f"{r.eig_max_final:.4g}",
-                     str(int(r.catapult_flag)), r.verdict, r.expected or "-"])  # fmt: skip
+        rows.append([f"{r.factor:g}", f"{r.lr_eig_max0:.3g}", r.expected, r.verdict,
+                     "yes" if r.verdict == r.expected else "NO", f"{r.lr:.4g}",
+                     _num(r.loss0, ".4g"), _num(r.loss_max, ".4g"), _num(r.spike, ".3g", "x"),
+                     _num(r.loss_final, ".4g"), _num(r.eig_max0, ".4g"),
+                     _num(r.eig_max_peak, ".4g"), _num(r.eig_max_final, ".4g"),
+                     str(int(r.catapult_flag))])  # fmt: skip
+    layers = "1-hidden-layer" if result.depth == 1 else f"{result.depth}-hidden-layer"
     head = (
-        f"catapult scenario: two spirals, N={result.n} (probe = training set), 1-hidden-layer "
-        f"ReLU MLP width {result.width} (NTK param.), ½·MSE, full-batch GD, seed {result.seed}\n"
-        f"eig_max(K0) = {result.eig_max0:.4g}  ->  lr_crit = 2N/eig_max = {result.lr_crit:.4g} "
-        f"(Lewkowycz et al. 2020: catapult for 2 < lr*eig_max/N < ~4, ~12 for ReLU)"
+        f"catapult scenario: two spirals, N={result.n} (probe = training set), {layers} ReLU MLP "
+        f"width {result.width} (NTK param.), ½·MSE, full-batch GD, seed {result.seed}\n"
+        f"eig_max(K0) = {result.eig_max0:.4g}  ->  lr_crit = 2N/eig_max = {result.lr_crit:.4g}; "
+        f"predicted: stable for lr*eig_max/N <= 2, catapult up to {result.edge:g}, diverged above\n"
+        f"(edge {result.edge:g}{'' if result.edge != DEFAULT_EDGE else ', the default'}; "
+        "Lewkowycz et al. 2020 derive 4 for their two-layer linear model and report about 12 for "
+        "their wide ReLU nets; this tool's measured edges per depth and width: docs/science.md)"
     )
+    mismatches = [f"{r.lr_eig_max0:.3g}" for r in result.runs if r.verdict != r.expected]
     tail = (
-        "all verdicts as expected (stable below, catapult inside, diverged above)"
-        if result.as_expected
-        else "NOT all verdicts as expected: see the table"
+        "every verdict as the window predicts"
+        if not mismatches
+        else f"NOT as the window predicts at lr*eig_max/N = {', '.join(mismatches)} (match = NO)"
     )
     return f"{head}\n{format_table(headers, rows)}\n{tail} ({result.seconds:.1f} s)"
 
@@ -320,6 +367,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             )
         return values
 
+    def edge(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > CATAPULT_THRESHOLD):
+            raise argparse.ArgumentTypeError(
+                f"expected a number > {CATAPULT_THRESHOLD:g} (units of lr*eig_max/N), got {text!r}"
+            )
+        return value
+
     def positive_int(text: str) -> int:
         try:
             value = int(text)
@@ -334,8 +392,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="learning rates in units of lr_crit = 2N/eig_max(K0) (default: 0.5,1.75,8)")  # fmt: skip
     g.add_argument("--catapult-width", type=positive_int, default=DEFAULT_WIDTH, metavar="W",
                    help="hidden width (default: %(default)s)")  # fmt: skip
+    g.add_argument("--catapult-depth", type=positive_int, default=DEFAULT_DEPTH, metavar="D",
+                   help="hidden layers (default: %(default)s)")  # fmt: skip
     g.add_argument("--catapult-steps", type=positive_int, default=DEFAULT_STEPS, metavar="N",
                    help="GD steps per run (default: %(default)s)")  # fmt: skip
+    g.add_argument("--catapult-edge", type=edge, default=DEFAULT_EDGE, metavar="E",
+                   help="upper edge of the stated window in units of lr*eig_max/N, used for "
+                        "each row's predicted verdict (default: %(default)s, Lewkowycz et al.'s "
+                        "linear-model edge)")  # fmt: skip
     if not any("--seed" in a.option_strings for a in parser._actions):
         g.add_argument("--seed", type=int, default=0, help="data and init seed (default: 0)")
 
@@ -345,8 +409,10 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.s
     run_catapult(
         factors=args.catapult_factors,
         width=args.catapult_width,
+        depth=args.catapult_depth,
         steps=args.catapult_steps,
         seed=args.seed,
+        edge=args.catapult_edge,
         out=out,
     )
     return 0

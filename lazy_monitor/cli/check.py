@@ -24,13 +24,16 @@ that logged only step 0 is checked there): the policy
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Optional, TextIO
 
 from lazy_monitor._validation import check_int
-from lazy_monitor.cli._events import CorruptEventFileError, Curve, Run, load_runs
+from lazy_monitor.cli._events import CorruptEventFileError, Curve, Run, load_runs, suggest
+from lazy_monitor.cli.report import quiet_broken_pipe
 from lazy_monitor.thresholds import DIRECTIONS, Threshold, checks_minimum
 
 __all__ = ["Threshold", "CheckResult", "parse_threshold", "evaluate", "add_parser", "run"]
@@ -42,7 +45,8 @@ DEFAULT_MIN_FROM_STEP = 1
 
 @dataclass(frozen=True)
 class CheckResult:
-    """One (run, tag, threshold) comparison."""
+    """One (run, tag, threshold) comparison: ``metric`` is the tag read, ``requested`` the
+    threshold's metric as given (they differ for a tag under a logger prefix or a glob)."""
 
     run: str
     metric: str
@@ -51,6 +55,7 @@ class CheckResult:
     value: float
     step: int
     ok: bool
+    requested: str = ""
 
 
 def parse_threshold(bound: str, text: str) -> Threshold:
@@ -105,13 +110,16 @@ def evaluate(
 
     Returns:
         ``(results, missing)``: one :class:`CheckResult` per (run, matching tag, threshold), and
-        ``(run, metric)`` for each threshold that matches no tag of a run.
+        ``(run, metric)`` for each threshold that matches no tag of a run. A metric matches its
+        tags, else the same tags under one logger prefix (``train/ntk/rel_change``, as the
+        Hugging Face Trainer logs them: :meth:`~lazy_monitor.cli._events.Run.select`); the
+        result's ``metric`` is the tag read.
     """
     results: list[CheckResult] = []
     missing: list[tuple[str, str]] = []
     for run in runs:
         for th in thresholds:
-            tags = th.select(run.curves)
+            tags = run.select(th.metric)
             if not tags:
                 missing.append((run.name, th.metric))
                 continue
@@ -124,7 +132,9 @@ def evaluate(
                 else:
                     value, step = _min_curve(curve, min_from_step).extreme(largest=False)
                 ok = th.satisfied(value)
-                results.append(CheckResult(run.name, tag, th.direction, th.value, value, step, ok))
+                results.append(
+                    CheckResult(run.name, tag, th.direction, th.value, value, step, ok, th.metric)
+                )
     return results, missing
 
 
@@ -194,7 +204,18 @@ def _fmt(value: float) -> str:
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Execute ``check``; writes human or JSON output on ``out``, errors on ``err``."""
+    """Execute ``check``; writes human or JSON output on ``out``, errors on ``err``. A reader
+    that stops early (``check --json | head``) keeps the exit status, without a traceback."""
+    try:
+        code = _check(args, out, err)
+        out.flush()
+        return code
+    except BrokenPipeError:
+        quiet_broken_pipe(out)
+        return EXIT_ERROR
+
+
+def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         thresholds = [parse_threshold("max", t) for t in args.max]
         thresholds += [parse_threshold("min", t) for t in args.min]
@@ -234,7 +255,25 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         code = EXIT_OK
     names = [r.name for r in runs]
-    return _finish(args, out, err, thresholds, results, missing, code, None, names)
+    hints = {metric: suggest(metric, runs) for _, metric in missing}
+    return _finish(
+        args, out, err, thresholds, results, missing, code, None, names, _prefixed(results), hints
+    )
+
+
+def _prefixed(results: list[CheckResult]) -> list[tuple[str, str]]:
+    """``(requested metric, tag)`` for each metric read from a tag under a logger prefix."""
+    pairs = {
+        (r.requested, r.metric)
+        for r in results
+        if r.metric != r.requested and not fnmatch.fnmatchcase(r.metric, r.requested)
+    }
+    return sorted(pairs)
+
+
+def _missing_text(metric: str, run: str, hints: dict[str, Optional[str]]) -> str:
+    hint = hints.get(metric)
+    return f"{metric!r} in {run!r}" + (f" (did you mean {hint!r}?)" if hint else "")
 
 
 def _finish(
@@ -247,9 +286,12 @@ def _finish(
     code: int,
     message: Optional[str],
     run_names: Optional[list[str]] = None,
+    prefixed: Sequence[tuple[str, str]] = (),
+    hints: Optional[dict[str, Optional[str]]] = None,
 ) -> int:
     status = {EXIT_OK: "pass", EXIT_VIOLATION: "fail", EXIT_ERROR: "error"}[code]
     run_names = run_names or []
+    hints = hints or {}
     if args.json:
         doc = {
             "status": status,
@@ -271,6 +313,8 @@ def _finish(
                 for name in run_names
             ],
             "violations": [_result_json(r) for r in results if not r.ok],
+            "matched_tags": [{"metric": m, "tag": t} for m, t in prefixed],
+            "suggestions": {m: h for m, h in hints.items() if h},
             "error": message,
         }
         json.dump(doc, out, indent=2, allow_nan=False)
@@ -287,6 +331,8 @@ def _finish(
         f"checked {len(run_names)} run(s) against: " + "; ".join(t.describe() for t in thresholds),
         file=out,
     )
+    for metric, tag in prefixed:
+        print(f"  note: {metric} read from the tag {tag}", file=out)
     for name in run_names:
         bad = [r for r in results if r.run == name and not r.ok]
         absent = [m for run_name, m in missing if run_name == name]
@@ -303,10 +349,12 @@ def _finish(
             )
         for metric in absent:
             print(
-                f"        {metric}: not logged in this run (missing metrics never pass)", file=out
+                f"        {metric}: not logged in this run (missing metrics never pass)"
+                + (f"; did you mean {hints[metric]!r}?" if hints.get(metric) else ""),
+                file=out,
             )
     if missing:
-        listing = ", ".join(f"{metric!r} in {run!r}" for run, metric in missing)
+        listing = ", ".join(_missing_text(metric, run, hints) for run, metric in missing)
         print(f"lazy-monitor check: error: metric not found: {listing}", file=err)
         if any(not r.ok for r in results):
             print(

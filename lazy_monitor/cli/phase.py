@@ -1,7 +1,7 @@
 r"""``lazy-monitor demo --phase``: the lazy / rich phase diagram over width × output scale α.
 
-What it runs (plain PyTorch loop, no Lightning, one CPU thread; ~45–50 s of CPU time with the
-defaults, 1.5–2.5 min wall time on a busy 2-core machine, see ``run_phase``):
+What it runs (plain PyTorch loop, no Lightning, one CPU thread; 42–51 s of CPU time per
+initialisation of the default grid, the default is 3, see ``run_phase``):
 
 * the task: ``n_train`` points of two interleaved spirals (:func:`lazy_monitor.datasets.two_spirals`,
   generated in code), labels ±1, squared error ``½·mean_n (F(x_n) − y_n)²``, full-batch gradient
@@ -27,18 +27,22 @@ fit ``log α* = s·log h + b`` gives the exponent ``s``. Geiger, Spigler, Jacot 
 ("Disentangling feature and lazy training in deep neural networks") find the crossover at
 ``α·√h ≈ const``, i.e. ``s = −½``; the figure shows both the free fit and the line
 ``α·√h = c`` with ``c`` fitted to the boundary points. What we measure depends on the training
-time (``lr·steps``) and, strongly, on the seed: narrow ReLU nets have a noisy boundary (their
-kernel jumps when activation patterns flip). The printed comparison says plainly whether the fit
-agrees with −½.
+time (``lr·steps``) and, strongly, on the initialisation: narrow ReLU nets have a noisy
+boundary (their kernel jumps when activation patterns flip). So the exponent is fitted once per
+initialisation (``seeds`` of them, default 3) and reported as their mean with a Student-t 95 %
+interval; the summary says "consistent with -1/2" only when the interval contains −½, and gives
+no verdict for a single initialisation.
 
 Measured here (default grid: widths 16, 64, 256, 1024 × 9 α in [0.1, 100], 500 steps, lr 2/α²,
-128 points; ``--seed`` S, initialisations ``1000·S + k``): with 1 initialisation per cell
-s = −0.49 (seed 0), −0.82 (seed 1), −1.06 (seed 2); with ``--phase-seeds 3`` s = −0.71
-(seed 1), −0.87 (seed 2) (and −0.58 for seed 0 on an 8-α grid up to 31.6). So the boundary
-follows a power law but is on average *steeper* than Geiger et al.'s −½ on this task (about
-−0.7 ± 0.2), mostly because the width-16 boundary scatters between α* ≈ 6 and 55; fitted on widths
-64–1024 only, the 3-initialisation runs give −0.59 and −0.69. Cost: 42–51 s of CPU time for the
-default grid (one thread), 85–145 s wall time on a 2-core machine shared with other jobs.
+128 points; ``--seed`` S = 0, 1, 2, initialisations ``1000·S + k``, k = 0, 1, 2; 9 fits,
+``benchmarks/bench_science.py``): s = −0.49, −0.63, −0.63, −0.82, −0.60, −0.55, −1.06, −0.70,
+−0.72, mean **−0.69, 95 % interval [−0.82, −0.56]**: steeper than Geiger et al.'s −½, which lies
+outside. One ``--seed`` with the default 3 initialisations gives intervals ±0.2 to ±0.5 wide
+(−0.58 [−0.79, −0.38], −0.66 [−1.01, −0.30], −0.83 [−1.34, −0.32]), each containing −½: three
+initialisations cannot tell −½ from −0.69. Fitted on widths 64–1024 only: −0.59 [−0.69, −0.49].
+In the lazy cells ``ntk/rel_change ∝ width^p · α^-q`` with p = −0.55 [−0.63, −0.46],
+q = 0.52 [0.49, 0.55] (see docs/science.md for what this says about the exponent). Wall time:
+about 17 min per ``--seed`` with 3 initialisations on a 2-core machine at load ~20.
 """
 
 from __future__ import annotations
@@ -56,11 +60,14 @@ from typing import Any, Optional, Sequence, TextIO
 from lazy_monitor._extras import require
 
 __all__ = [
+    "ExponentInterval",
     "PhaseCell",
     "PhaseResult",
     "add_arguments",
     "boundary_alpha",
+    "exponent_interval",
     "fit_exponent",
+    "fit_lazy_scaling",
     "main",
     "run_phase",
 ]
@@ -77,7 +84,13 @@ DEFAULT_LR = 2.0
 DEFAULT_THRESHOLD = 0.1
 DEFAULT_N_TRAIN = 128
 DEFAULT_PROBE_SIZE = 64
+#: Initialisations per cell: the exponent's interval is taken across them (>= 2 needed).
+DEFAULT_SEEDS = 3
 GEIGER_EXPONENT = -0.5
+#: Two-sided 95 % quantiles t_{0.975}(df) of Student's t for df = 1..30.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
 
 
 @dataclass
@@ -97,12 +110,41 @@ class PhaseCell:
 
 
 @dataclass
+class ExponentInterval:
+    """The boundary exponent of each initialisation and their mean with a 95 % interval.
+
+    ``per_init[k]`` is the exponent fitted to initialisation ``k``'s own grid (NaN where fewer
+    than two widths cross the threshold inside the α grid); ``mean``, ``low``, ``high`` are the
+    mean of the finite ones and its Student-t 95 % interval (``low``/``high`` NaN with fewer than
+    two finite values: no interval from one initialisation).
+    """
+
+    per_init: list[float]
+    mean: float
+    low: float
+    high: float
+
+    @property
+    def n(self) -> int:
+        """Number of initialisations with a finite exponent."""
+        return sum(1 for v in self.per_init if math.isfinite(v))
+
+    def contains(self, value: float) -> bool:
+        """``value`` lies inside the interval (False without an interval)."""
+        return bool(self.low <= value <= self.high)
+
+
+@dataclass
 class PhaseResult:
     """What :func:`run_phase` measured and wrote.
 
     ``boundary`` maps each width to ``α*`` (NaN where the grid has no crossing); ``exponent`` is
     the fitted ``s`` of ``α* ∝ width^s`` (NaN with fewer than two boundary points);
-    ``sqrt_const`` the ``c`` of the ``α·√width = c`` line fitted to the boundary points.
+    ``sqrt_const`` the ``c`` of the ``α·√width = c`` line fitted to the boundary points (all
+    three from the per-cell medians). ``interval``: the exponent per initialisation, their mean
+    and 95 % interval. ``lazy_width_slope`` ``p`` and ``lazy_alpha_slope`` ``q``: the fit
+    ``ntk/rel_change ∝ width^p · α^-q`` over the lazy cells of the median grid (NaN where the
+    lazy cells do not span two widths and two α).
     """
 
     cells: list[PhaseCell]
@@ -120,6 +162,11 @@ class PhaseResult:
     csv_path: Path
     png_path: Optional[Path]
     seconds: float
+    interval: ExponentInterval = field(
+        default_factory=lambda: ExponentInterval([], math.nan, math.nan, math.nan)
+    )
+    lazy_width_slope: float = math.nan
+    lazy_alpha_slope: float = math.nan
 
     def cell(self, width: int, alpha: float) -> PhaseCell:
         """The cell at ``(width, alpha)`` (KeyError if not in the grid)."""
@@ -174,6 +221,57 @@ def fit_exponent(widths: Sequence[float], alpha_star: Sequence[float]) -> tuple[
     sxx = sum((p[0] - mx) ** 2 for p in pts)
     s = sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
     return s, my - s * mx
+
+
+def exponent_interval(exponents: Sequence[float]) -> ExponentInterval:
+    r"""Mean of the finite ``exponents`` (one per initialisation) and its 95 % Student-t interval
+    ``mean ± t_{0.975}(k−1)·sd/√k`` (NaN bounds with fewer than two finite values)."""
+    finite = [float(v) for v in exponents if math.isfinite(v)]
+    k = len(finite)
+    if k == 0:
+        return ExponentInterval(list(exponents), math.nan, math.nan, math.nan)
+    mean = sum(finite) / k
+    if k < 2:
+        return ExponentInterval(list(exponents), mean, math.nan, math.nan)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in finite) / (k - 1))
+    # beyond the table: the Cornish-Fisher first correction to the normal quantile
+    t = _T975[k - 2] if k - 1 <= len(_T975) else 1.95996 * (1 + 1.2104 / (k - 1))
+    half = t * sd / math.sqrt(k)
+    return ExponentInterval(list(exponents), mean, mean - half, mean + half)
+
+
+def fit_lazy_scaling(
+    widths: Sequence[float], alphas: Sequence[float], values: Sequence[float], threshold: float
+) -> tuple[float, float]:
+    r"""Least-squares fit ``log v = p·log width − q·log α + c`` over the lazy cells.
+
+    If the kernel moved in proportion to the weights' displacement (``∝ 1/α``, first order)
+    ``q`` would be 1, and if ``v`` were one power law the threshold would be crossed at
+    ``α ∝ width^(p/q)``. Measured on the default grid (docs/science.md) ``q ≈ 0.5``: the kernel
+    of these ReLU nets moves like the square root of the displacement in the lazy cells, and the
+    boundary exponent is not ``p/q``, so the two are reported side by side.
+
+    Args:
+        widths, alphas, values: one entry per cell (same length).
+        threshold: cells with ``0 < v ≤ threshold`` enter the fit.
+
+    Returns:
+        ``(p, q)``; ``(NaN, NaN)`` when the lazy cells span fewer than two widths or two α.
+    """
+    pts = [
+        (math.log(w), math.log(a), math.log(v))
+        for w, a, v in zip(widths, alphas, values)
+        if math.isfinite(v) and 0 < v <= threshold
+    ]
+    if len({p[0] for p in pts}) < 2 or len({p[1] for p in pts}) < 2 or len(pts) < 4:
+        return math.nan, math.nan
+    import numpy as np
+
+    a = np.array([[lw, la, 1.0] for lw, la, _ in pts])
+    coef, _, rank, _ = np.linalg.lstsq(a, np.array([lv for *_, lv in pts]), rcond=None)
+    if rank < 3:
+        return math.nan, math.nan
+    return float(coef[0]), float(-coef[1])
 
 
 def _sqrt_const(widths: Sequence[float], alpha_star: Sequence[float]) -> float:
@@ -263,7 +361,7 @@ def run_phase(
     steps: int = DEFAULT_STEPS,
     lr: float = DEFAULT_LR,
     seed: int = 0,
-    seeds: int = 1,
+    seeds: int = DEFAULT_SEEDS,
     threshold: float = DEFAULT_THRESHOLD,
     n_train: int = DEFAULT_N_TRAIN,
     probe_size: int = DEFAULT_PROBE_SIZE,
@@ -273,7 +371,7 @@ def run_phase(
     r"""Train the width × α grid, write ``phase.csv`` (and ``phase.png``), print the grid and fit.
 
     Runtime: ``len(widths)·len(alphas)·seeds`` runs of ``steps`` full-batch steps; the defaults
-    (4 × 9 × 1 runs of 500 steps on 128 points) take 42–51 s of CPU time on one thread (85–145 s wall on a shared 2-core CPU).
+    (4 × 9 × 3 runs of 500 steps on 128 points) take 3 × (42–51 s) of CPU time on one thread.
 
     Args:
         out_dir: folder for ``phase.csv`` / ``phase.png`` (created).
@@ -282,7 +380,8 @@ def run_phase(
         steps: gradient-descent steps per run.
         lr: learning rate at α = 1; each run uses ``lr/α²``.
         seed: seed of the data; initialisation ``k`` of a run uses seed ``1000·seed + k``.
-        seeds: initialisations per cell (the cell shows their median).
+        seeds: initialisations per cell (the cell shows their median; the exponent's interval
+            is taken across them, so >= 2 for an interval).
         threshold: lazy threshold on the final ``ntk/rel_change`` (> 0).
         n_train: training points; probe_size: the first ``probe_size`` of them form the probe.
         plot: write ``phase.png`` (needs matplotlib).
@@ -358,11 +457,20 @@ def run_phase(
     }
     s, b = fit_exponent(widths, [boundary[w] for w in widths])
     c = _sqrt_const(widths, [boundary[w] for w in widths])
+    per_init = []
+    for k in range(seeds):
+        runs = {(cl.width, cl.alpha): cl.ntk_rel_change_runs[k] for cl in cells}
+        stars = [boundary_alpha(alphas, [runs[(w, a)] for a in alphas], threshold) for w in widths]
+        per_init.append(fit_exponent(widths, stars)[0])
+    p, q = fit_lazy_scaling(
+        [cl.width for cl in cells], [cl.alpha for cl in cells], [cl.ntk_rel_change for cl in cells],
+        threshold,
+    )  # fmt: skip
     csv_path = out_dir / "phase.csv"
     _write_csv(csv_path, cells, threshold)
     result = PhaseResult(
         cells, widths, alphas, threshold, steps, lr, seed, seeds, boundary, s, b, c, csv_path,
-        None, 0.0,
+        None, 0.0, exponent_interval(per_init), p, q,
     )  # fmt: skip
     if plot:
         result.png_path = out_dir / "phase.png"
@@ -408,28 +516,59 @@ def format_grid(result: PhaseResult) -> str:
 
 
 def summary(result: PhaseResult) -> str:
-    """The fitted exponent against Geiger et al.'s −½, in words."""
+    """The fitted exponent with its interval against Geiger et al.'s −½, in words.
+
+    "consistent with -1/2" only when the 95 % interval across initialisations contains −½; one
+    initialisation gives no interval and no verdict.
+    """
     lr_eig = max(
         (c.lr_eig_max0 for c in result.cells if math.isfinite(c.lr_eig_max0)), default=math.nan
     )
     lines = [f"lr*eig_max/N at step 0: at most {lr_eig:.3g} (MSE stability edge: 2)"]
-    s = result.exponent
-    if math.isnan(s):
+    iv = result.interval
+    if math.isnan(result.exponent) and iv.n == 0:
         lines.append(
             "boundary exponent: undefined (fewer than two widths have a lazy/rich crossing inside "
-            "the alpha grid; widen --alphas)"
+            "the alpha grid; widen --phase-alphas)"
         )
     else:
-        delta = s - GEIGER_EXPONENT
-        verdict = (
-            "agrees with -1/2 within 0.1"
-            if abs(delta) <= 0.1
-            else f"differs from -1/2 by {delta:+.2f}"
-        )
+        per_init = ", ".join(f"{v:+.2f}" if math.isfinite(v) else "none" for v in iv.per_init)
+        over = f"{iv.n} initialisations"
+        if iv.n < len(iv.per_init):
+            over = (
+                f"{iv.n} of {len(iv.per_init)} initialisations (none: fewer than two widths "
+                "cross inside the alpha grid)"
+            )
+        if iv.n >= 2:
+            if iv.contains(GEIGER_EXPONENT):
+                half = (iv.high - iv.low) / 2
+                verdict = (
+                    f"consistent with -1/2 at this precision (±{half:.2f}; more inits narrow it)"
+                )
+            else:
+                side = "steeper" if iv.high < GEIGER_EXPONENT else "shallower"
+                verdict = f"excludes -1/2 ({side})"
+            lines.append(
+                f"boundary alpha* ∝ width^s over {over}: s = {iv.mean:+.2f}, "
+                f"95% interval [{iv.low:+.2f}, {iv.high:+.2f}] (Student t across inits: "
+                f"{per_init}); Geiger et al. 2020: -1/2 -> {verdict}"
+            )
+        else:
+            lines.append(
+                f"boundary alpha* ∝ width^s: s = {iv.mean:+.2f} from one initialisation "
+                f"({per_init}): no interval, so no verdict against Geiger et al.'s -1/2 "
+                "(use --phase-seeds >= 3)"
+            )
         lines.append(
-            f"fitted boundary alpha* ∝ width^s: s = {s:+.2f}  (Geiger et al. 2020: -1/2, i.e. "
-            f"alpha*sqrt(width) = const; this fit {verdict}); alpha*sqrt(width) ≈ "
-            f"{result.sqrt_const:.3g}"
+            f"fit to the per-cell medians: s = {result.exponent:+.2f}; "
+            f"alpha*sqrt(width) ≈ {result.sqrt_const:.3g}"
+        )
+    p, q = result.lazy_width_slope, result.lazy_alpha_slope
+    if math.isfinite(p) and math.isfinite(q):
+        lines.append(
+            f"lazy cells: ntk/rel_change ∝ width^{p:+.2f} · alpha^-{q:.2f} (least squares; the "
+            "width slope at fixed alpha, compare the plain demo's; alpha^-1 would be a kernel "
+            "moving linearly with the weights, see docs/science.md)"
         )
     lines.append(f"seed {result.seed}, {result.seeds} init(s) per cell; {result.seconds:.0f} s")
     lines.append(
@@ -553,8 +692,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="full-batch GD steps per run (default: %(default)s)")  # fmt: skip
     g.add_argument("--phase-lr", type=_positive(float), default=DEFAULT_LR,
                    help="learning rate at alpha=1 (default: %(default)s)")  # fmt: skip
-    g.add_argument("--phase-seeds", type=_positive(int), default=1, metavar="K",
-                   help="initialisations per cell (default: %(default)s)")  # fmt: skip
+    g.add_argument("--phase-seeds", type=_positive(int), default=DEFAULT_SEEDS, metavar="K",
+                   help="initialisations per cell; the exponent's 95%% interval is taken "
+                        "across them (default: %(default)s)")  # fmt: skip
     g.add_argument("--phase-threshold", type=_positive(float), default=DEFAULT_THRESHOLD,
                    help="lazy threshold on ntk/rel_change (default: %(default)s)")  # fmt: skip
     if not any("--seed" in a.option_strings for a in parser._actions):

@@ -11,7 +11,7 @@ and the maximum over all logged steps of
 and the verdict: ``lazy`` / ``non-lazy`` from the last logged ``regime/lazy`` (the tracker's
 thresholds), ``non-finite`` if ``health/nonfinite`` was ever raised, ``unknown`` if the run
 logged no ``regime/lazy``. ``--json`` gives every tag (final, min, max and their steps);
-``--plot FILE.png`` draws the drift curves (log axes; one colour per configuration, the
+``--plot [FILE.png]`` draws the drift curves (default ``LOGDIR/drift.png``; log axes; one colour per configuration, the
 line style is the verdict).
 A ``phase.png`` in LOGDIR (the phase diagram ``lazy-monitor demo --phase --out LOGDIR`` writes)
 is named in the output (``"phase_image"`` in ``--json``), also when LOGDIR holds no runs.
@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Optional, TextIO
 
@@ -50,10 +52,10 @@ VERDICT_METRIC, HEALTH_METRIC = "regime/lazy", "health/nonfinite"
 
 def verdict(run: Run) -> str:
     """``"non-finite"``, ``"lazy"``, ``"non-lazy"`` or ``"unknown"`` for a logged run."""
-    health = run.curves.get(HEALTH_METRIC)
+    health = run.curve(HEALTH_METRIC)
     if health is not None and any(v != 0 for v in health.values):
         return "non-finite"
-    lazy = run.curves.get(VERDICT_METRIC)
+    lazy = run.curve(VERDICT_METRIC)
     if lazy is None:
         return "unknown"
     if math.isnan(lazy.final):
@@ -83,7 +85,7 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
 def _row(run: Run) -> list[str]:
     cells = [run.name, _num(run.last_step)]
     for metric in KEY_METRICS:
-        curve = run.curves.get(metric)
+        curve = run.curve(metric)
         if curve is None:
             cells += ["-", "-"]
         else:
@@ -124,7 +126,35 @@ def _run_json(run: Run) -> dict:
         "last_step": run.last_step,
         "verdict": verdict(run),
         "metrics": metrics,
+        "matched_tags": matched_tags(run),
     }
+
+
+#: The names ``report`` reads from a run (table, verdict, plot).
+READ_METRICS = tuple(dict.fromkeys([*KEY_METRICS, VERDICT_METRIC, HEALTH_METRIC, *PLOT_METRICS]))
+
+
+def matched_tags(run: Run) -> dict[str, str]:
+    """``{metric: tag}`` for the metrics ``report`` read from a tag under a logger prefix
+    (``ntk/rel_change`` from ``train/ntk/rel_change`` in a Hugging Face Trainer run)."""
+    tags = {m: run.tag(m) for m in READ_METRICS}
+    return {m: t for m, t in tags.items() if t is not None and t != m}
+
+
+def _prefix_notes(runs: list[Run]) -> list[str]:
+    """One line per run whose metrics were read under a logger prefix, naming an example."""
+    notes = []
+    for run in runs:
+        matched = matched_tags(run)
+        if matched:
+            prefixes = sorted({t[: -len(m) - 1] for m, t in matched.items()})
+            metric, tag = next(iter(matched.items()))
+            notes.append(
+                f"note: {run.name}: metrics read from tags under "
+                + ", ".join(f"'{p}/'" for p in prefixes)
+                + f" (e.g. {metric} = {tag})"
+            )
+    return notes
 
 
 _REPEAT = re.compile(r"(^|[_/.-])(init|seed|version|rep|run)[_=-]?\d+(?=$|[_/.-])")
@@ -194,7 +224,7 @@ def plot_runs(runs: list[Run], path: str | Path, title: Optional[str] = None) ->
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    metrics = [m for m in PLOT_METRICS if any(m in r.curves for r in runs)]
+    metrics = [m for m in PLOT_METRICS if any(r.curve(m) is not None for r in runs)]
     if not metrics:
         raise ValueError("nothing to plot: no run logged any of " + ", ".join(PLOT_METRICS))
     path = Path(path)
@@ -203,7 +233,7 @@ def plot_runs(runs: list[Run], path: str | Path, title: Optional[str] = None) ->
     for ax, metric in zip(axes[0], metrics):
         positive = True
         for run in runs:
-            curve = run.curves.get(metric)
+            curve = run.curve(metric)
             if curve is None:
                 continue
             ax.plot(
@@ -254,14 +284,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "and max of " + ", ".join(KEY_METRICS) + ", and the lazy/non-lazy verdict."
         ),
     )
-    parser.add_argument("logdir", metavar="LOGDIR", help="directory searched recursively for runs")
-    parser.add_argument("--plot", metavar="FILE.png", help="also save drift curves to this image")
+    parser.add_argument(
+        "logdir", metavar="LOGDIR", nargs="?", help="directory searched recursively for runs"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        nargs="?",
+        const=DEFAULT_PLOT,
+        help=f"also save drift curves to this image (.png, .pdf, .svg; without a name: "
+        f"LOGDIR/{DEFAULT_PLOT})",
+    )
     parser.add_argument(
         "--json", action="store_true", help="print every metric of every run as JSON on stdout"
     )
     parser.set_defaults(func=run)
     return parser
 
+
+#: ``--plot`` without a file name writes this image into LOGDIR (next to the runs it draws).
+DEFAULT_PLOT = "drift.png"
+#: Image formats ``--plot`` writes (matplotlib's, by extension).
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 #: File name of the phase diagram written by ``lazy-monitor demo --phase``.
 PHASE_IMAGE = "phase.png"
@@ -272,8 +316,51 @@ def _phase_image(logdir: str) -> Optional[Path]:
     return path if path.is_file() else None
 
 
+def _plot_path(args: argparse.Namespace) -> Optional[str]:
+    """Where ``--plot`` writes, or an error message: ``--plot`` alone -> LOGDIR/drift.png;
+    ``report --plot LOGDIR`` (argparse reads LOGDIR as the image) is understood the same way."""
+    if args.logdir is None:
+        if args.plot is not None and Path(args.plot).is_dir():
+            args.logdir, args.plot = args.plot, DEFAULT_PLOT
+        else:
+            return "the LOGDIR argument is required, e.g. lazy-monitor report runs/ --plot"
+    if args.plot is None:
+        return None
+    if args.plot == DEFAULT_PLOT:
+        args.plot = str(Path(args.logdir) / DEFAULT_PLOT)
+    if Path(args.plot).suffix.lower() not in PLOT_FORMATS:
+        return (
+            f"--plot {args.plot!r}: give an image file name ending in "
+            + ", ".join(PLOT_FORMATS)
+            + f" (or --plot alone for LOGDIR/{DEFAULT_PLOT})"
+        )
+    return None
+
+
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Execute ``report``; 0 on success, 2 when LOGDIR is missing/empty or the plot fails."""
+    """Execute ``report``; 0 on success, 2 when LOGDIR is missing/empty or the plot fails. A
+    reader that stops early (``report --json | head``) ends the output quietly."""
+    try:
+        return _report(args, out, err)
+    except BrokenPipeError:
+        quiet_broken_pipe(out)
+        return 0
+
+
+def quiet_broken_pipe(out: TextIO) -> None:
+    """After the reader of ``out`` went away (``... | head``): point stdout at /dev/null so
+    the interpreter's final flush does not print a second BrokenPipeError."""
+    if out is sys.stdout:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    problem = _plot_path(args)
+    if problem is not None:
+        print(f"lazy-monitor report: error: {problem}", file=err)
+        return 2
     try:
         runs = load_runs(args.logdir)
     except (FileNotFoundError, NotADirectoryError) as exc:
@@ -305,9 +392,12 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             doc["phase_image"] = str(phase)
         json.dump(doc, out, indent=2, allow_nan=False)
         out.write("\n")
+        out.flush()  # a closed pipe raises here, inside run()'s guard
         return 0
     print(format_table(_headers(), [_row(r) for r in runs]), file=out)
-    missing = [r.name for r in runs if not any(m in r.curves for m in KEY_METRICS)]
+    for note in _prefix_notes(runs):
+        print(note, file=out)
+    missing = [r.name for r in runs if not any(r.curve(m) is not None for m in KEY_METRICS)]
     if missing:
         print(
             "note: no lazy_monitor metrics in: "
@@ -319,4 +409,5 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(f"drift curves saved to {written}", file=out)
     if phase is not None:
         print(phase_line, file=out)
+    out.flush()
     return 0

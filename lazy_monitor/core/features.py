@@ -58,8 +58,8 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
         y: ``(N, D2)`` features of the same examples (same order).
 
     Returns:
-        CKA in ``[0, 1]`` (up to rounding). NaN if either input contains NaN/inf, or if either
-        centred Gram matrix is zero (features constant across the examples: CKA is undefined).
+        CKA in ``[0, 1]`` (up to rounding); the constant-feature cases as :func:`gram_cka`
+        (both constant: 1, one constant: 0). NaN if either input contains NaN/inf.
 
     Raises:
         ValueError: inputs not 2-D, different ``N``, or ``N < 2``.
@@ -88,8 +88,8 @@ def centered_gram(features: Tensor) -> Tensor:
     """``H X Xᵀ H`` in float64: the ``(N, N)`` centred Gram matrix of ``(N, D)`` features.
 
     All that linear CKA needs of one side: a tracker can store this for the reference features
-    at θ₀ (``N²`` numbers per layer) instead of the ``N·D`` features themselves. NaN-filled if the
-    features contain NaN/inf.
+    at θ₀ (``N²`` numbers per layer) instead of the ``N·D`` features themselves. Exactly 0 for
+    features that are the same for every example; NaN-filled if the features contain NaN/inf.
     """
     if not isinstance(features, Tensor) or features.dim() != 2:
         raise ValueError(
@@ -100,13 +100,24 @@ def centered_gram(features: Tensor) -> Tensor:
         return torch.full(
             (x.shape[0], x.shape[0]), float("nan"), dtype=torch.float64, device=x.device
         )
-    xc = x - x.mean(dim=0, keepdim=True)  # centring the columns = H X
+    # H X = H (X − 1 x₀ᵀ): subtracting the first example first is exact, so features that are
+    # constant across the examples give exactly 0 (the mean of N equal values can round off)
+    xs = x - x[:1]
+    xc = xs - xs.mean(dim=0, keepdim=True)  # centring the columns = H X
     return xc @ xc.T
 
 
 def gram_cka(gram_x: Tensor, gram_y: Tensor) -> float:
     """Linear CKA from two centred Gram matrices (:func:`centered_gram`), ``(N, N)`` each:
-    ``⟨Gx, Gy⟩_F / (‖Gx‖_F ‖Gy‖_F)``; NaN if either is non-finite or zero."""
+    ``⟨Gx, Gy⟩_F / (‖Gx‖_F ‖Gy‖_F)``.
+
+    Constant features (the same for every probe example) have a zero centred Gram, where the
+    ratio is 0/0. They carry no information about the examples, and CKA compares what the
+    features tell the examples apart by, so: both zero -> 1 (the same, empty, representation);
+    exactly one zero -> 0 (nothing in common: e.g. a layer whose output collapsed to a constant,
+    or one that was constant at θ₀ -- the tracker omits such layers when it is built). NaN if
+    either Gram is non-finite.
+    """
     if gram_x.shape != gram_y.shape or gram_x.dim() != 2:
         raise ValueError(
             f"gram_x and gram_y must be (N, N) of the same N, got {tuple(gram_x.shape)} and "
@@ -116,12 +127,12 @@ def gram_cka(gram_x: Tensor, gram_y: Tensor) -> float:
     gy = gram_y.to(device=gx.device, dtype=torch.float64)
     if not (bool(torch.isfinite(gx).all()) and bool(torch.isfinite(gy).all())):
         return float("nan")
-    denom = torch.linalg.matrix_norm(gx) * torch.linalg.matrix_norm(gy)
-    if float(denom) == 0.0:
-        return float("nan")
+    nx, ny = torch.linalg.matrix_norm(gx), torch.linalg.matrix_norm(gy)
+    if float(nx) == 0.0 or float(ny) == 0.0:
+        return 1.0 if float(nx) == float(ny) else 0.0
     if torch.equal(gx, gy):
         return 1.0  # identical features: exactly 1, not 1 - rounding (e.g. at the reference step)
-    return float((gx * gy).sum() / denom)
+    return float((gx * gy).sum() / (nx * ny))
 
 
 def _on_model_device(model: nn.Module, probe: InputBatch) -> InputBatch:
@@ -164,6 +175,36 @@ def _first_tensor(out: Any) -> Optional[Tensor]:
     return None
 
 
+def _output_size(out: Any, n: int) -> Optional[int]:
+    """Values per example of a model's output (its ``logits`` for a ``ModelOutput``-like)."""
+    if not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
+        out = out.logits
+    t = _first_tensor(out)
+    if t is None or t.dim() == 0 or t.shape[0] != n:
+        return None
+    return t.numel() // n
+
+
+def _output_layer(
+    model: nn.Module, order: Sequence[str], dims: Mapping[str, int], out_size: Optional[int]
+) -> Optional[str]:
+    """The recorded module that computes the model's output: the last one to finish, if no
+    other module with parameters of its own runs after it (its enclosing modules aside) and it
+    has as many values per example as the output. Follows parameter-free tails (a scale, a
+    softmax, a view, ``output_fn``); an output computed by a parametrised module that is not
+    recorded (a frozen or tied LM head) gives None."""
+    named = dict(model.named_modules())
+    last = max((i for i, name in enumerate(order) if name in dims), default=None)
+    if last is None or out_size is None:
+        return None
+    name = order[last]
+    for later in order[last + 1 :]:
+        encloses = later == "" or name.startswith(later + ".")
+        if not encloses and next(named[later].parameters(recurse=False), None) is not None:
+            return None
+    return name if dims[name] == out_size else None
+
+
 @contextlib.contextmanager
 def feature_hooks(
     model: nn.Module,
@@ -172,6 +213,7 @@ def feature_hooks(
     *,
     strict: bool = True,
     transform: Optional[Callable[[Tensor], Tensor]] = None,
+    select: Optional[dict[str, str]] = None,
 ) -> Iterator[dict[str, Tensor]]:
     """Record the outputs of ``modules`` during the forwards run inside the ``with`` block.
 
@@ -189,6 +231,15 @@ def feature_hooks(
         transform: applied to each ``(n, D)`` feature matrix inside the hook, e.g.
             :func:`centered_gram` to keep only ``(n, n)`` per module instead of ``n·D`` (the
             features of a wide layer are then freed as the forward goes on).
+        select: choose the modules worth tracking (a tracker's first forward): filled with
+            ``{module: reason}`` for each module left out of the dict -- ``"constant"``
+            (the same features for every example: CKA is undefined), ``"output"`` (only with
+            ``strict=False``: the module computing the model's output, see below) and, with
+            ``strict=False``, ``"untrackable"`` (not called once, not batched, no tensor).
+            The output layer is the last recorded module to finish when no other module with
+            parameters of its own runs after it (enclosing modules and parameter-free tails
+            such as a scale or a softmax aside) and its output has as many values per example
+            as the model's (its ``logits`` for a ``ModelOutput``).
 
     Raises:
         ValueError: an unknown module name (on entry); on exit, a module that was not called, was
@@ -206,6 +257,10 @@ def feature_hooks(
     captured: dict[str, Tensor] = {}
     problems: list[str] = []
     bad: set[str] = set()
+    constant: set[str] = set()
+    dims: dict[str, int] = {}
+    order: list[str] = []  # every module, in the order its forward finishes (select only)
+    out_size: list[Optional[int]] = [None]
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: Any, out: Any) -> None:
@@ -221,23 +276,47 @@ def feature_hooks(
                 )
             else:
                 feats = t.detach().reshape(n, -1)
+                dims[name] = feats.shape[1]
+                if select is not None and bool((feats == feats[:1]).all()):
+                    constant.add(name)
                 captured[name] = feats if transform is None else transform(feats)
                 return
             bad.add(name)
 
         return hook
 
+    def record(name: str):
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            order.append(name)
+            if name == "":
+                out_size[0] = _output_size(out, n)
+
+        return hook
+
     handles = [named[m].register_forward_hook(make_hook(m)) for m in modules]
+    if select is not None and not strict:
+        handles += [m.register_forward_hook(record(k)) for k, m in named.items()]
     try:
         yield captured
     finally:
         for h in handles:
             h.remove()
+    if select is not None:
+        out = None if strict else _output_layer(model, order, dims, out_size[0])
+        for name in modules:
+            if name in constant:
+                select[name] = "constant"
+            elif name == out:
+                select[name] = "output"
+            elif not strict and (name in bad or name not in captured):
+                select[name] = "untrackable"
+        for name in select:
+            captured.pop(name, None)
     if not strict:
         for name in bad:
             captured.pop(name, None)
         return
-    missing = [m for m in modules if m not in captured and not problems]
+    missing = [m for m in modules if m not in captured and m not in constant and not problems]
     if missing:
         problems.append(f"modules {missing} were not called by the forward")
     if problems:

@@ -54,6 +54,7 @@ __all__ = [
     "group_by_layer",
     "kernel_alignment",
     "kernel_distance",
+    "kernel_layer_changes",
     "kernel_matrix",
     "kernel_rel_change",
     "kernel_spectrum",
@@ -200,6 +201,58 @@ def kernel_rel_change(kernel: Tensor, kernel0: Tensor) -> Tensor:
     if torch.equal(k, k0):
         return torch.zeros((), dtype=torch.float64, device=k.device)
     return _ratio(torch.linalg.vector_norm(k - k0), torch.linalg.vector_norm(k0))
+
+
+def kernel_layer_changes(
+    layer_kernels: Mapping[str, Tensor],
+    layer_kernels0: Mapping[str, Tensor],
+    kernel0: Tensor,
+) -> dict[str, Tensor]:
+    r"""Per-layer kernel change in units of the whole reference kernel.
+
+    .. math:: \Delta K_l = \|K_l - K_{l,0}\|_F / \|K_0\|_F,\qquad K = \textstyle\sum_l K_l
+
+    where ``K_l`` is layer ``l``'s block of the kernel (the sum over its parameters of
+    ``J_p J_pᵀ``) and ``K₀`` the *total* reference kernel. One scale for every layer: the
+    values compare across layers, ``Σ_l ΔK_l ≥ ‖K − K₀‖ / ‖K₀‖`` (the triangle inequality, with
+    equality when the layers' changes point the same way), and ``ΔK_l`` is finite whenever
+    ``K₀ ≠ 0``, also for a layer whose own ``K_{l,0}`` is exactly 0 (LoRA's ``lora_A`` while
+    ``lora_B = 0``), where ``‖K_l − K_{l,0}‖ / ‖K_{l,0}‖`` would be ``+inf``. For one layer it
+    equals :func:`kernel_rel_change`.
+
+    Args:
+        layer_kernels: ``{layer: K_l}``, kernels of one kind and shape.
+        layer_kernels0: ``{layer: K_{l,0}}``, the same layers and shape.
+        kernel0: the total reference kernel ``K₀``, same shape.
+
+    Returns:
+        ``{layer: ΔK_l}`` in ``layer_kernels`` order, 0-dim float64 tensors. ``K₀ = 0``: 0 for an
+        unchanged layer, else ``+inf``. NaN for every layer if ``K₀`` is non-finite, for a layer
+        whose ``K_l`` or ``K_{l,0}`` is.
+
+    Raises:
+        ValueError: shapes differ or are not kernel shapes, or a layer has no reference.
+    """
+    _kind(kernel0, "kernel0")
+    missing = [k for k in layer_kernels if k not in layer_kernels0]
+    if missing:
+        raise ValueError(f"layers {missing} have no reference kernel in layer_kernels0")
+    norm0 = (
+        torch.linalg.vector_norm(kernel0.detach().to(torch.float64)) if _finite(kernel0) else None
+    )
+    out = {}
+    for layer, k in layer_kernels.items():
+        k0 = layer_kernels0[layer]
+        _same_shape(k, kernel0, (f"layer_kernels[{layer!r}]", "kernel0"))
+        _same_shape(k, k0, (f"layer_kernels[{layer!r}]", f"layer_kernels0[{layer!r}]"))
+        if norm0 is None or not (_finite(k) and _finite(k0)):
+            out[layer] = _nan(kernel0)
+            continue
+        a = k.detach().to(device=norm0.device, dtype=torch.float64)
+        b = k0.detach().to(device=norm0.device, dtype=torch.float64)
+        num = torch.zeros_like(norm0) if torch.equal(a, b) else torch.linalg.vector_norm(a - b)
+        out[layer] = _ratio(num, norm0)
+    return out
 
 
 def kernel_distance(kernel1: Tensor, kernel2: Tensor) -> Tensor:
@@ -372,16 +425,25 @@ def kernel_alignment(
     scale invariant. Since ``L_c`` is centred, ``⟨K_c, L_c⟩ = ⟨K, L_c⟩``.
 
     The target kernel has the same kind as ``K``: ``L[(n,a),(m,b)] = Y_c[n,a] Y_c[m,b]`` (full),
-    ``Σ_a Y_c[n,a] Y_c[m,a]`` (trace), ``Y_c[n,a] Y_c[m,a]`` (diagonal). Cost ``O(N² O²)``.
+    ``Σ_a Y_c[n,a] Y_c[m,a]`` (trace), ``Y_c[n,a] Y_c[m,a]`` (diagonal). The trace form is the
+    same trace over outputs as the kernel's, taken on the targets: ``L = H Y Yᵀ H``, an
+    ``N × N`` matrix whatever ``O`` is. For class indices ``(Y Yᵀ)[n, m] = [y_n = y_m]``, so a
+    language-model head (``O`` = vocabulary) needs neither the ``(N, O)`` one-hot nor any
+    ``O × O`` matrix: ``O(N²)`` time and memory. A projected trace kernel (``projection=k``, an
+    estimate of the trace kernel) is aligned with the same ``L``; a projected full/diagonal
+    kernel is aligned with the targets projected like its outputs (the tracker does this,
+    :func:`lazy_monitor.tracking.kernel_config.project_targets`). Cost ``O(N² O²)`` (full),
+    ``O(N² O)`` (diagonal), ``O(N² C)`` (trace; ``C`` = 1 for class indices): never more than
+    the kernel itself.
 
     Args:
         kernel: square kernel ``K(x, x)``: ``(N, N, O, O)``, ``(N, N)`` or ``(N, N, O)``.
-        targets: class indices ``(N,)`` (integer; one-hot encoded with ``O`` classes, or
-            ``num_classes`` for a trace kernel, default ``max + 1``) or regression targets
+        targets: class indices ``(N,)`` (integer; one-hot encoded with ``O`` classes; for a
+            trace kernel only their equality matters) or regression targets
             ``(N,)``/``(N, C)`` (float; ``C`` must equal ``O`` for full/diagonal kernels). With
             ``O = 1`` integer targets are used as the scalar target (binary classifier).
-        num_classes: number of classes for one-hot encoding (default: ``O``, or ``max + 1`` for a
-            trace kernel).
+        num_classes: number of classes (default: ``O``; for a trace kernel only a range check
+            of the indices).
 
     Returns:
         0-dim float64 tensor. ``K_c = 0`` (the kernel carries no centred structure): 0.
@@ -393,29 +455,71 @@ def kernel_alignment(
     """
     kind = _square_kind(kernel)
     n = kernel.shape[0]
-    outputs = None if kind == "trace" else kernel.shape[2]
+    if kind == "trace":
+        return _trace_alignment(kernel, _target_gram(targets, n, num_classes))
+    outputs = kernel.shape[2]
     y = _target_matrix(targets, n, outputs, num_classes).to(kernel.device)
     if not (_finite(kernel) and _finite(y)):
         return _nan(kernel)
-    k = kernel.detach().to(torch.float64)
-    k = k - k.mean(0, keepdim=True)
-    k = k - k.mean(1, keepdim=True)  # K_c = H K H, per output pair
+    k = _centred(kernel)  # K_c = H K H, per output pair
     yc = y - y.mean(0, keepdim=True)
     if kind == "full":
         inner = torch.einsum("nmab,na,mb->", k, yc, yc)
         l_norm = (yc * yc).sum()  # ‖vec(Yc) vec(Yc)ᵀ‖_F = ‖Yc‖²_F
-    elif kind == "diagonal":
+    else:
         inner = torch.einsum("nma,na,ma->", k, yc, yc)
         l_norm = (yc * yc).sum(0).square().sum().sqrt()
-    else:
-        inner = torch.einsum("nm,na,ma->", k, yc, yc)
-        l_norm = torch.linalg.matrix_norm(yc.T @ yc)  # ‖Yc Ycᵀ‖_F = ‖Ycᵀ Yc‖_F
-    k_norm = torch.linalg.vector_norm(k)
+    return _aligned(inner, torch.linalg.vector_norm(k), l_norm)
+
+
+def _centred(kernel: Tensor) -> Tensor:
+    """``H K H`` over the example axes in float64, in one kernel-sized copy (centred in place)."""
+    k = kernel.detach().to(torch.float64, copy=True)
+    k.sub_(k.mean(0, keepdim=True))
+    return k.sub_(k.mean(1, keepdim=True))
+
+
+def _aligned(inner: Tensor, k_norm: Tensor, l_norm: Tensor) -> Tensor:
+    """``inner / (‖K_c‖ ‖L_c‖)`` with :func:`kernel_alignment`'s zero cases."""
     if l_norm == 0:
-        return _nan(k)
+        return _nan(inner)
     if k_norm == 0:
-        return torch.zeros((), dtype=torch.float64, device=k.device)
+        return torch.zeros((), dtype=torch.float64, device=inner.device)
     return (inner / (k_norm * l_norm)).clamp(-1.0, 1.0)
+
+
+def _target_gram(targets: Tensor, n: int, num_classes: Optional[int]) -> Tensor:
+    """The target kernel of a trace kernel, ``Y Yᵀ`` ``(N, N)`` float64, built without an
+    ``O``-sized (let alone ``O × O``) intermediate for class indices: the one-hot rows give
+    ``(Y Yᵀ)[n, m] = [y_n = y_m]`` whatever the number of classes."""
+    if check_targets(targets, n):
+        idx = targets.detach().long()
+        bad = idx < 0
+        if num_classes is not None:
+            bad |= idx >= num_classes
+        if bool(bad.any()):
+            raise ValueError(
+                f"class index {int(idx[bad][0])} is outside [0, {num_classes}); pass class "
+                "indices below num_classes (or omit num_classes)"
+            )
+        return (idx[:, None] == idx[None, :]).to(torch.float64)
+    y = targets.detach().to(torch.float64).reshape(n, -1)
+    if not _finite(y):
+        return torch.full((n, n), math.nan, dtype=torch.float64, device=y.device)
+    y = y - y[:1]  # an exact shift (centring removes it): constant targets give exactly 0
+    return y @ y.T
+
+
+def _trace_alignment(kernel: Tensor, gram: Tensor) -> Tensor:
+    """:func:`kernel_alignment` of a trace kernel ``(N, N)`` against a target Gram ``Y Yᵀ``:
+    ``⟨K, H G H⟩ / (‖H K H‖ ‖H G H‖)``, ``O(N²)`` memory."""
+    gram = gram.to(kernel.device)
+    if not (_finite(kernel) and _finite(gram)):
+        return _nan(kernel)
+    k = _centred(kernel)  # K_c = H K H
+    lc = gram - gram.mean(0, keepdim=True)
+    lc = lc - lc.mean(1, keepdim=True)  # L_c = H Y Yᵀ H = Y_c Y_cᵀ
+    return _aligned((k * lc).sum(), torch.linalg.vector_norm(k), torch.linalg.vector_norm(lc))
 
 
 # ----------------------------------------------------------------------------- spectrum
@@ -697,18 +801,28 @@ def param_changes(
     params: Mapping[str, Tensor],
     params0: Mapping[str, Tensor],
     groups: Optional[Mapping[str, Iterable[str]]] = None,
+    *,
+    relative_to: str = "model",
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     r"""Distance, relative change and per-group relative change of the parameters, in one pass.
 
     .. math::
         d = \|\theta - \theta_0\|_2,\qquad
         r = \|\theta - \theta_0\|_2 / \|\theta_0\|_2,\qquad
-        r_g = \|\theta_g - \theta_{0,g}\|_2 / \|\theta_{0,g}\|_2
+        r_g = \|\theta_g - \theta_{0,g}\|_2 / \|\theta_0\|_2
 
     over all parameters (``θ`` is the concatenation of every tensor) and over the parameters of
     each group ``g``. Under NTK parameterization ``r`` decays like ``width^{-1/2}`` (Lee et al.
     2019). Use this when you need several of them (one float64 pass over the parameters); the
     single-value functions below are thin wrappers.
+
+    **Per-group normalisation.** ``r_g`` divides group ``g``'s movement by the *whole model's*
+    ``‖θ₀‖`` (``relative_to="model"``, the default and the tracker's ``params_layer/*``): the
+    groups then share one scale, ``Σ_g r_g² = r²`` when the groups partition the parameters
+    (each ``r_g`` is the part of ``r`` that happens in ``g``), and ``r_g`` is finite whenever
+    ``r`` is, also for a group initialised at exactly 0 (LoRA's ``lora_B``, zero biases), whose
+    own ratio ``‖Δθ_g‖ / ‖θ₀,g‖`` is ``+inf`` after one step. ``relative_to="group"`` gives
+    that own ratio (a zero ``θ₀,g``: 0 if unchanged, else ``+inf``).
 
     Args:
         params: current parameters by name (e.g. ``dict(model.named_parameters())``).
@@ -716,18 +830,25 @@ def param_changes(
         groups: ``{group: [param names]}``; default :func:`group_by_layer` (module prefix, so a
             layer's weight and bias form one group). Pass ``{name: [name] for name in params}``
             for per-parameter values.
+        relative_to: ``"model"`` (divide by ``‖θ₀‖`` of all parameters) or ``"group"`` (by the
+            group's own ``‖θ₀,g‖``).
 
     Returns:
-        ``(d, r, {group: r_g})``, 0-dim float64 tensors. A zero ``θ₀`` (of a group) gives 0 if
-        unchanged, else ``+inf``. All NaN on non-finite input.
+        ``(d, r, {group: r_g})``, 0-dim float64 tensors. A zero denominator gives 0 if the
+        numerator is 0, else ``+inf`` (``relative_to="model"``: only for an all-zero ``θ₀``).
+        All NaN on non-finite input.
 
     Raises:
-        ValueError: names or shapes differ, or a group names an unknown parameter.
+        ValueError: names or shapes differ, a group names an unknown parameter, or
+            ``relative_to`` is not ``"model"``/``"group"``.
     """
+    if relative_to not in ("model", "group"):
+        raise ValueError(f"relative_to must be 'model' or 'group', got {relative_to!r}")
     sums = _param_sums(params, params0)
     groups = group_by_layer(params) if groups is None else groups
     first = next(iter(params.values()))
     by_group = {}
+    total0 = None if sums is None else torch.stack([r for _, r in sums.values()]).sum().sqrt()
     for group, names in groups.items():
         names = list(names)
         unknown = [n for n in names if n not in params]
@@ -737,13 +858,15 @@ def param_changes(
             by_group[group] = _nan(first)
             continue
         num = torch.stack([sums[n][0] for n in names]).sum().sqrt()
-        den = torch.stack([sums[n][1] for n in names]).sum().sqrt()
+        if relative_to == "group":
+            den = torch.stack([sums[n][1] for n in names]).sum().sqrt()
+        else:
+            den = total0
         by_group[group] = _ratio(num, den)
     if sums is None:
         return _nan(first), _nan(first), by_group
     num = torch.stack([d for d, _ in sums.values()]).sum().sqrt()
-    den = torch.stack([r for _, r in sums.values()]).sum().sqrt()
-    return num, _ratio(num, den), by_group
+    return num, _ratio(num, total0), by_group
 
 
 def param_distance(params: Mapping[str, Tensor], params0: Mapping[str, Tensor]) -> Tensor:
@@ -761,10 +884,12 @@ def param_rel_change_by_layer(
     params: Mapping[str, Tensor],
     params0: Mapping[str, Tensor],
     groups: Optional[Mapping[str, Iterable[str]]] = None,
+    *,
+    relative_to: str = "model",
 ) -> dict[str, Tensor]:
-    """``{group: ‖θ_g − θ_{0,g}‖ / ‖θ_{0,g}‖}``, groups by layer by default; see
-    :func:`param_changes`."""
-    return param_changes(params, params0, groups)[2]
+    """``{group: ‖θ_g − θ_{0,g}‖ / ‖θ₀‖}`` (the whole model's ``‖θ₀‖``; ``relative_to="group"``:
+    the group's own), groups by layer by default; see :func:`param_changes`."""
+    return param_changes(params, params0, groups, relative_to=relative_to)[2]
 
 
 # ----------------------------------------------------------------------------- linearization

@@ -17,9 +17,10 @@ Lewkowycz, Bahri, Dyer, Sohl-Dickstein & Gur-Ari 2020 ("The large learning rate 
 learning: the catapult mechanism") show for wide networks trained with this loss that
 
 * ``lr_eig_max < 2``: lazy phase, λmax stays about constant;
-* ``2 < lr_eig_max < ~4`` (``~12`` for ReLU networks, whose curvature grows differently): the
-  *catapult* phase -- the loss first grows (a spike), then λmax drops until ``η λmax/N < 2``
-  and training converges in a flatter region;
+* ``2 < lr_eig_max < 4`` (derived for their two-layer linear model; they report about 12 for
+  their wide ReLU nets; measured by this tool: about 4 with one hidden layer, 8-9 with three,
+  docs/science.md): the *catapult* phase -- the loss first grows (a spike), then λmax drops
+  until ``η λmax/N < 2`` and training converges in a flatter region;
 * above that window training diverges.
 
 The numbers 2 and 4 are for this loss normalisation. With a loss that averages over all ``N·O``
@@ -80,8 +81,8 @@ def lr_eig_max(lr: float, eig_max: float, n: int) -> float:
     r"""``η · λmax(K) / N``: the MSE stability number of gradient descent (Lewkowycz et al. 2020).
 
     Linearised GD on ``1/(2N) Σ_n ‖f(x_n) − y_n‖²`` is stable iff this is below 2; between 2 and
-    about 4 (about 12 for ReLU nets) the catapult phase, above it divergence. See the module
-    docstring for other loss normalisations, cross-entropy and adaptive optimisers.
+    about 4 the catapult phase (more for deeper ReLU nets, docs/science.md), above it divergence.
+    See the module docstring for other loss normalisations, cross-entropy and adaptive optimisers.
 
     Args:
         lr: learning rate η (>= 0, finite).

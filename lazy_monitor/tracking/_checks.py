@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from lazy_monitor import catalogue
 from lazy_monitor._validation import check_float, check_int, check_mapping
 from lazy_monitor.core import _functional as F
+from lazy_monitor.core.kernels import errors as kernel_errors
 from lazy_monitor.thresholds import Threshold
 from lazy_monitor.tracking._state import same_fingerprint
 
@@ -154,29 +155,6 @@ def check_saved_config(
 
 
 def probe_error(err: Exception, model: nn.Module, probe: F.InputBatch) -> Exception:
-    """The model's own error on the probe, with the probe's shape, what the model's first
-    layer expects, and the tuple hint for several positional inputs."""
-    shapes = F.map_batch(probe, lambda t: tuple(t.shape))
-    hints = [f"the probe has shape {shapes}"]
-    first = next(
-        (m for m in model.modules() if not list(m.children()) and list(m.parameters(False))), None
-    )
-    if first is not None:
-        for attr, axis in (
-            ("in_features", "last dim"),
-            ("in_channels", "dim 1"),
-            ("input_size", "last dim"),
-        ):
-            if hasattr(first, attr):
-                hints.append(
-                    f"the model's first layer {type(first).__name__} expects {axis} = "
-                    f"{getattr(first, attr)} ({attr})"
-                )
-                break
-    text = str(err)
-    if isinstance(err, TypeError) and "argument" in text:
-        hints.append(
-            "a model with several inputs forward(a, b) takes the probe as a tuple of tensors "
-            "(a, b), all batched on dim 0"
-        )
-    return type(err)(f"the model cannot run on the probe: {text}; " + "; ".join(hints))
+    """The model's own error on the probe, reworded (the engine's one wording:
+    :func:`lazy_monitor.core.kernels.errors.probe_error`)."""
+    return kernel_errors.probe_error(err, model, probe)

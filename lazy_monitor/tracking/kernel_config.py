@@ -65,6 +65,7 @@ from lazy_monitor._validation import check_choice, check_int, check_mapping
 from lazy_monitor.core._functional import as_device
 from lazy_monitor.core.kernels import DEFAULT_MAX_MEMORY, NtkImplementation, projection_matrix
 from lazy_monitor.core.kernels.config import KINDS, check_projection, check_projection_seed
+from lazy_monitor.core.kernels.errors import NtkBudgetError
 
 __all__ = [
     "KERNEL_COPIES",
@@ -347,8 +348,11 @@ class KernelEstimator(Protocol):
     def engine_memory(self, budget: Optional[int]) -> Optional[int]:
         """The engine's share of ``max_memory`` (its factor budget)."""
 
-    def estimate(self, kind: str, projection: Projection) -> dict[str, Any]:
-        """``{"bytes", "seconds" (NaN: no time model), ...}`` of one measurement."""
+    def estimate(
+        self, kind: str, projection: Projection, max_memory: Optional[int]
+    ) -> dict[str, Any]:
+        """``{"bytes", "seconds" (NaN: no time model), ...}`` of one measurement under the
+        budget ``max_memory``."""
 
     def describe(self, est: Mapping[str, Any]) -> str:
         """The estimate's breakdown, for the error when it does not fit."""
@@ -362,21 +366,22 @@ def resolve(
     requested: KernelConfig,
     estimator: KernelEstimator,
     *,
+    max_memory: Optional[int],
     num_outputs: int,
     max_seconds: Optional[float],
     stacklevel: int,
 ) -> ResolvedKernel:
     """The one resolver of ``kind="auto"``: the first of ``full``, ``trace`` and ``trace`` with
     ``projection=16`` (only when ``16 < O``; with a forced projection: ``full`` and ``trace`` of
-    it) whose estimate fits ``max_memory`` bytes and ``max_seconds`` (where the estimator has a
-    time model), else the cheapest. A forced kind is estimated as given. Warns (``stacklevel``
+    it) whose estimate fits ``max_memory`` bytes (the kernel's share of the requested budget)
+    and ``max_seconds`` (where the estimator has a time model), else the cheapest. A forced kind is estimated as given. Warns (``stacklevel``
     counts from this function) when ``"auto"`` does not keep the full kernel.
 
     Raises:
         ValueError: the choice's estimate exceeds ``max_memory`` (a forced configuration, or
             even the cheapest candidate), with the estimate and the fix.
     """
-    budget, projection = requested.max_memory, requested.projection
+    budget, projection = max_memory, requested.projection
     if requested.kind == "auto":
         candidates: list[tuple[str, Projection]] = [("full", projection), ("trace", projection)]
         if projection is None and AUTO_PROJECTION < num_outputs:
@@ -391,13 +396,13 @@ def resolve(
 
     estimates = []
     for candidate in candidates:  # lazily: each estimate costs a forward
-        estimates.append(estimator.estimate(*candidate))
+        estimates.append(estimator.estimate(*candidate, budget))
         if fits(estimates[-1]):
             break
     (kind, proj), est = candidates[len(estimates) - 1], estimates[-1]
     if budget is not None and est["bytes"] > budget:
         forced = requested.kind != "auto" or projection is not None
-        raise ValueError(
+        raise NtkBudgetError(
             f"the kernel kind={kind!r}, projection={proj!r} is estimated at "
             f"{_gib(est['bytes'])} per measurement ({estimator.describe(est)}), more than "
             f"max_memory={_gib(budget)}; "
@@ -433,7 +438,11 @@ def resolve(
         projection_seed=requested.projection_seed,
         implementation=estimator.implementation(requested),
         max_memory=estimator.engine_memory(budget),
-        requested={"kind": requested.kind, "projection": projection, "max_memory": budget},
+        requested={
+            "kind": requested.kind,
+            "projection": projection,
+            "max_memory": budget,  # the kernel's share (feature Grams take the rest)
+        },
         estimated_bytes=int(est["bytes"]),
         estimated_seconds=seconds,
         estimate={k: v for k, v in est.items() if isinstance(v, (int, float))},

@@ -84,7 +84,9 @@ class LocalMeasurement:
         # and eigendecompositions
         return None if budget is None else max(1, budget // 2)
 
-    def estimate(self, kind: str, projection: kc.Projection) -> dict[str, Any]:
+    def estimate(
+        self, kind: str, projection: kc.Projection, max_memory: Optional[int]
+    ) -> dict[str, Any]:
         t = self.t
         return estimate_ntk_cost(
             t.model,
@@ -94,7 +96,7 @@ class LocalMeasurement:
             per_layer=t.per_layer,
             output_fn=t.output_fn,
             params=self.params(),
-            max_memory=self.engine_memory(t.kernel.max_memory),
+            max_memory=self.engine_memory(max_memory),
             kernel_copies=kc.KERNEL_COPIES,
         )
 

@@ -119,10 +119,13 @@ def regime_metrics(
     values["lin/rmse"] = M.linearization_rmse(f, f_lin)
     if classification:
         values["lin/agreement"] = M.argmax_agreement(f, f_lin)
-    for layer, k in current.layer_kernels.items():
-        values[f"ntk_layer/{layer}/rel_change"] = M.kernel_rel_change(
-            k, reference.layer_kernels0[layer]
-        )
+    # per layer: in units of the whole model's ‖K₀‖ / ‖θ₀‖ (finite for a layer whose own K₀ or
+    # θ₀ block is 0, e.g. LoRA at init; see M.kernel_layer_changes / M.param_changes)
+    layer_changes = M.kernel_layer_changes(
+        current.layer_kernels, reference.layer_kernels0, reference.kernel0
+    )
+    for layer, v in layer_changes.items():
+        values[f"ntk_layer/{layer}/rel_change"] = v
     for layer, v in by_layer.items():
         values[f"params_layer/{layer}/rel_change"] = v
     values["opt/lr"] = math.nan if lr is None else lr

@@ -316,7 +316,9 @@ class ShardedMeasurement:
     def engine_memory(self, budget: Optional[int]) -> Optional[int]:
         return budget  # no engine: the whole budget bounds the rows and kernels
 
-    def estimate(self, kind: str, projection: kc.Projection) -> dict[str, Any]:
+    def estimate(
+        self, kind: str, projection: kc.Projection, max_memory: Optional[int]
+    ) -> dict[str, Any]:
         """Bytes per process of a measurement: the local rows ``(N, R, P_local)``, ``J(θ₀)``'s
         rows when they fit (else recomputed at each measurement), the kernels and the
         eigendecomposition. No time model for the model's own backward (``seconds`` NaN)."""
@@ -334,7 +336,7 @@ class ShardedMeasurement:
         )
         itemsize = torch.finfo(next(iter(live.values())).dtype).bits // 8
         layers = len(t._layers) if t.per_layer else 0
-        budget = t.kernel.max_memory
+        budget = max_memory
         r = kc.kernel_outputs("full", projection, o)  # rows per example
         m = n * kc.kernel_outputs(kind, projection, o)  # kernel matrix size
         numel = {"full": m * m, "trace": n * n, "diagonal": n * n * r}[kind]

@@ -75,12 +75,20 @@ from lazy_monitor.core._functional import InputBatch, OutputFn
 from lazy_monitor.core.kernels import (
     DEFAULT_MAX_MEMORY,
 )
+from lazy_monitor.core.kernels import errors as kernel_errors
+from lazy_monitor.core.kernels import estimate as kernel_estimate
 from lazy_monitor.core.stability import CatapultDetector
 from lazy_monitor.tracking import _checks, _persist
 from lazy_monitor.tracking import kernel_config as kc
 from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint
 from lazy_monitor.tracking.distributed import KernelSharding
-from lazy_monitor.tracking.features import check_feature_modules, gram_hooks
+from lazy_monitor.tracking.features import (
+    check_feature_modules,
+    fit_feature_budget,
+    gram_hooks,
+    kernel_budget,
+    report_feature_selection,
+)
 from lazy_monitor.tracking.kernel_config import (  # noqa: F401 - re-exported
     KERNEL_COPIES,
     MAX_SPECTRUM_SIZE,
@@ -167,12 +175,15 @@ class KernelTracker:
             (``ntk/rel_change ≤ 0.1`` and ``lin/rel_error ≤ 0.1``), a heuristic.
         output_fn: maps the model's output to a tensor (e.g. ``lambda out: out.logits``).
         feature_modules: modules whose output features are tracked (``features/<name>/cka``):
-            ``True`` (default) -- the modules owning trainable parameters
-            (:func:`~lazy_monitor.core.features.default_feature_modules`, the grouping of the
-            per-layer kernel), skipping with a warning those that cannot be tracked (not called
-            exactly once per forward, output not batched on dim 0); a list of names from
-            ``model.named_modules()`` (each must be trackable: an error at construction
-            otherwise); ``False`` or ``None``: no feature metrics.
+            ``True`` (default) -- the hidden representations: the modules owning trainable
+            parameters (:func:`~lazy_monitor.core.features.default_feature_modules`, the
+            grouping of the per-layer kernel) less the output layer, skipping with a warning
+            those that cannot be tracked (not called exactly once per forward, output not
+            batched on dim 0); a list of names from ``model.named_modules()`` (each must be
+            trackable: an error at construction otherwise; the output layer may be named);
+            ``False`` or ``None``: no feature metrics. Either way a module whose features are
+            the same for every probe example is omitted (one info line), and the Grams count
+            against ``max_memory`` (:mod:`lazy_monitor.tracking.features`).
         sharding: split each kernel computation across the processes of a distributed run
             (:class:`~lazy_monitor.tracking.distributed.KernelSharding`): every process
             computes the blocks of its share of the parameters and one sum-reduction completes
@@ -267,24 +278,23 @@ class KernelTracker:
         self._layers = self._group_layers()
 
         _checks.check_probe_finite(probe)
+        kernel_errors.check_materialized(model)
+        kernel_estimate.check_probe_size(
+            self.probe_size, self.kernel.max_memory, kernel_copies=kc.KERNEL_COPIES
+        )
         # One side-effect-free forward: checks the model runs on the probe, gives O and which
         # feature modules can be tracked.
         candidates, strict = check_feature_modules(model, feature_modules)
+        candidates = fit_feature_budget(candidates, strict, self.probe_size, self.kernel.max_memory)
         self._features_default = feature_modules is True
         self._feature_modules = candidates
+        self._feature_select: Optional[dict[str, str]] = {}  # this forward chooses the modules
         try:
             f, feats = self.measurement.forward(strict=strict)
         except (RuntimeError, TypeError) as err:
             raise _checks.probe_error(err, model, probe) from err
-        self._feature_modules = [m for m in candidates if m in feats]
-        dropped = [m for m in candidates if m not in feats]
-        if dropped:
-            warnings.warn(
-                f"KernelTracker does not track the features of {dropped}: not called exactly once "
-                "per forward, or output not batched on dim 0 with the probe's examples. Pass "
-                "feature_modules=[...] to choose the modules (or False for none).",
-                stacklevel=2,
-            )
+        self._feature_modules = report_feature_selection(candidates, feats, self._feature_select)
+        self._feature_select = None
         self.num_outputs = f.shape[1]
         kind = self.kernel.kind
         if kind != "auto":
@@ -425,7 +435,9 @@ class KernelTracker:
     def _hooks(self, strict: bool = True) -> Any:
         """Forward hooks recording the centred Gram ``(N, N)`` of each tracked module's output
         (see :func:`lazy_monitor.tracking.features.gram_hooks`)."""
-        return gram_hooks(self.model, self._feature_modules, self.probe_size, strict=strict)
+        return gram_hooks(
+            self.model, self._feature_modules, self.probe_size, strict, self._feature_select
+        )
 
     def _on_metric_device(self, grams: Mapping[str, Tensor]) -> dict[str, Tensor]:
         dev = self._metric_device()
@@ -448,13 +460,19 @@ class KernelTracker:
     def _resolve(self) -> kc.ResolvedKernel:
         """``kind="auto"`` resolved (or a forced kind checked) against ``max_memory`` and
         :data:`MAX_SECONDS` with the measurement's estimate (:func:`kc.resolve`)."""
-        return kc.resolve(
+        cfg = kc.resolve(
             self.kernel,
             self.measurement,
+            # the feature Grams are held beside the kernel: the kernel gets the rest
+            max_memory=kernel_budget(
+                self.kernel.max_memory, len(self._feature_modules), self.probe_size
+            ),
             num_outputs=self.num_outputs,
             max_seconds=MAX_SECONDS,  # read here: tests patch this module's constant
             stacklevel=3,  # the caller of start()
         )
+        kernel_estimate.check_seconds(cfg.estimate, kind=cfg.kind)  # forced settings too
+        return cfg
 
     def _apply_kernel_config(self, cfg: kc.ResolvedKernel, warn: bool) -> None:
         """Adopt a resolved (or restored) kernel configuration: ``topk`` and the alignment
@@ -585,6 +603,11 @@ class KernelTracker:
         self._last.to(dev)
         kernel, layer_kernels = self.measurement.kernel()
         f, grams = self.measurement.forward()
+        if f.shape[1] != self.num_outputs:
+            return self._nan_metrics(
+                f"the model gives {f.shape[1]} outputs per probe example, {self.num_outputs} at "
+                "start()"
+            )
         f = f.to(dev)
         out0, f_lin = self._lin.f0_and_f_lin(
             self._probe_on_model_device(), params=self.measurement.params()

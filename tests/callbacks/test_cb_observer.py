@@ -28,7 +28,7 @@ def test_final_weights_buffers_and_rng_are_bit_identical_with_the_monitor(tmp_pa
     # with the stability and feature metrics on (hooks in the tracker's forward, lr read)
     last = monitor.last_metrics
     cka = [k for k in last if k.startswith("features/")]
-    assert len(cka) >= 3 and all(0.0 < last[k] <= 1.0 for k in cka), last
+    assert len(cka) >= 2 and all(0.0 < last[k] <= 1.0 for k in cka), last  # hidden layers
     assert last["opt/lr"] == 0.1 and last["ntk/lr_eig_max"] > 0
     plain_state, watched_state = plain.state_dict(), watched.state_dict()
     assert plain_state.keys() == watched_state.keys()

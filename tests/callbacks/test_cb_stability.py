@@ -41,9 +41,9 @@ def test_monitor_logs_the_scheduled_lr_and_lr_times_eig_max_over_n(tmp_path):
     for k in lr:
         assert ratio[k] == pytest.approx(lr[k] * eig[k] / 8, rel=1e-12)
     assert set(logger.series("regime/catapult").values()) == {0.0}  # far below the edge
-    cka = logger.series("features/net.3/cka")  # the readout (Linear, Tanh, Dropout, Linear)
+    cka = logger.series("features/net.0/cka")  # hidden (Linear, Tanh, Dropout, Linear)
     assert cka[0] == 1.0 and all(0.0 < v <= 1.0 for v in cka.values())
-    assert "features/net.0/cka" in monitor.metric_names()
+    assert "features/net.3/cka" not in monitor.metric_names()  # the readout: only by name
 
 
 def test_feature_modules_can_be_chosen_or_switched_off(tmp_path):

@@ -37,9 +37,18 @@ def test_checkpoint_of_version_0_1_resumes_with_the_same_metrics(tmp_path):
     assert not gate.tripped
     got = {s: m for s, m in logger.calls if "ntk/rel_change" in m}
     assert sorted(got) == sorted(expected)
+    factors: dict[str, set] = {}
     for step, metrics in expected.items():
         # health/* is logged only once non-zero since issue 12 (0.1 logged it at every step)
         metrics = {k: v for k, v in metrics.items() if not (k.startswith("health/") and v == 0)}
         assert set(got[step]) >= set(metrics)
         for name, value in metrics.items():
+            if "_layer/" in name and value > 0:
+                # per layer in units of the whole model's ‖K₀‖/‖θ₀‖ since issue 18 (0.1: the
+                # layer's own): the same reference-norm factor <= 1 at every step
+                factors.setdefault(name, set()).add(round(got[step][name] / value, 5))
+                continue
             assert math.isclose(got[step][name], value, rel_tol=1e-5, abs_tol=1e-8), (step, name)
+    assert len(factors) == 4
+    for name, values in factors.items():
+        assert len(values) == 1 and 0 < next(iter(values)) <= 1, (name, values)

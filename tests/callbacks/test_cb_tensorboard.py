@@ -178,3 +178,25 @@ def test_early_stopping_can_monitor_kernel_drift(tmp_path):
     )
     trainer.fit(LitLightning(n=32, batch_size=8))
     assert trainer.current_epoch == 1 and stop.stopped_epoch == 0
+
+
+def test_run_summary_counts_are_pluralised():
+    from lazy_monitor.callbacks._tensorboard import run_summary
+
+    def text(n: int) -> str:
+        summary = run_summary(
+            step=3,
+            lazy=True,
+            reason="",
+            thresholds=[],
+            final={},
+            maxima={},
+            transitions=n,
+            measurements=n,
+            seconds=0.5,
+        )
+        return summary.splitlines()[2]
+
+    assert text(1).endswith("1 measurement (0.5 s), 1 regime transition")
+    assert text(2).endswith("2 measurements (0.5 s), 2 regime transitions")
+    assert text(0).endswith("0 measurements (0.5 s), 0 regime transitions")

@@ -243,11 +243,19 @@ def test_param_change_global_and_per_layer():
     # ‖Δθ‖ = 5, ‖θ0‖ = sqrt(4 + 16) = sqrt(20)
     assert M.param_distance(p, p0).item() == pytest.approx(5.0)
     assert M.param_rel_change(p, p0).item() == pytest.approx(5 / math.sqrt(20))
+    # per layer, in units of the whole model's ‖θ0‖: the squares add up to the total's
     layers = M.param_rel_change_by_layer(p, p0)
     assert list(layers) == ["a", "b"]
-    assert layers["a"].item() == pytest.approx(5 / 2) and layers["b"].item() == 0.0
+    assert layers["a"].item() == pytest.approx(5 / math.sqrt(20)) and layers["b"].item() == 0.0
     per_param = M.param_rel_change_by_layer(p, p0, groups={k: [k] for k in p})
-    assert per_param["a.bias"].item() == math.inf  # zero-initialised bias that moved
+    assert per_param["a.bias"].item() == pytest.approx(5 / math.sqrt(20))  # θ0 = 0: finite
+    assert sum(v.item() ** 2 for v in per_param.values()) == pytest.approx(5**2 / 20)
+    # relative_to="group": the group's own ‖θ0,g‖ (inf for the zero-initialised bias)
+    own = M.param_rel_change_by_layer(p, p0, groups={k: [k] for k in p}, relative_to="group")
+    assert own["a.bias"].item() == math.inf and own["a.weight"].item() == 0.0
+    assert M.param_rel_change_by_layer(p, p0, relative_to="group")["a"].item() == 2.5
+    with pytest.raises(ValueError, match="relative_to must be 'model' or 'group', got 'layer'"):
+        M.param_changes(p, p0, relative_to="layer")
     assert M.layer_name("scale") == "scale" and M.layer_name("net.0.weight") == "net.0"
 
 
@@ -323,3 +331,81 @@ def test_results_are_float64_even_for_float32_inputs():
     k1 = k0.clone()
     k1[0, 0] += 1e-3
     assert M.kernel_rel_change(k1, k0).item() == pytest.approx(1e-3 / 1000, rel=1e-3)
+
+
+def test_trace_alignment_with_class_indices_equals_one_hot_brute_force():
+    # The trace alignment is built from [y_n = y_m] (no one-hot): same value as the explicit
+    # one-hot formula ⟨HKH, H Y Yᵀ H⟩ / (‖HKH‖ ‖H Y Yᵀ H‖), for class counts far above max + 1.
+    g = torch.Generator().manual_seed(3)
+    j = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    k = j @ j.T
+    y = torch.tensor([4, 0, 4, 2, 0, 0, 9])
+    h = torch.eye(7, dtype=torch.float64) - 1.0 / 7
+    yy = torch.nn.functional.one_hot(y, 12).double()
+    kc, lc = h @ k @ h, h @ yy @ yy.T @ h
+    expected = (kc * lc).sum() / (kc.norm() * lc.norm())
+    for num_classes in (None, 12, 50257):
+        got = M.kernel_alignment(k, y, num_classes=num_classes)
+        assert got.item() == pytest.approx(expected.item(), abs=1e-12)
+    with pytest.raises(ValueError, match="class index 9 is outside"):
+        M.kernel_alignment(k, y, num_classes=5)
+
+
+def test_kernel_layer_changes_in_units_of_the_total_reference_kernel():
+    # Two layers; layer "b"'s reference block is exactly 0 (LoRA's lora_A while lora_B = 0).
+    g = torch.Generator().manual_seed(5)
+    ja, jb = (torch.randn(5, 2, 7, generator=g, dtype=torch.float64) for _ in range(2))
+    ka0 = torch.einsum("nap,mbp->nmab", ja, ja)
+    kb0 = torch.zeros_like(ka0)
+    ka = ka0 * 1.1
+    kb = 0.01 * torch.einsum("nap,mbp->nmab", jb, jb)
+    k0 = ka0 + kb0
+    out = M.kernel_layer_changes({"a": ka, "b": kb}, {"a": ka0, "b": kb0}, k0)
+    assert list(out) == ["a", "b"]
+    assert out["a"].item() == pytest.approx(0.1, rel=1e-12)  # ‖0.1 K_a0‖ / ‖K0‖, K0 = K_a0
+    assert out["b"].item() == pytest.approx((kb.norm() / k0.norm()).item(), rel=1e-12)
+    assert math.isfinite(out["b"].item()) and M.kernel_rel_change(kb, kb0).item() == math.inf
+    # the sum bounds the total change (triangle inequality)
+    total = M.kernel_rel_change(ka + kb, k0).item()
+    assert total <= out["a"].item() + out["b"].item() + 1e-12
+    # one layer: the kernel's own relative change; unchanged layers exactly 0
+    assert M.kernel_layer_changes({"a": ka}, {"a": ka0}, ka0)["a"].item() == pytest.approx(0.1)
+    assert M.kernel_layer_changes({"a": ka0}, {"a": ka0}, k0)["a"].item() == 0.0
+    # non-finite input: NaN for that layer only; K0 = 0: 0 unchanged, inf moved
+    bad = M.kernel_layer_changes({"a": ka * math.nan, "b": kb}, {"a": ka0, "b": kb0}, k0)
+    assert math.isnan(bad["a"].item()) and math.isfinite(bad["b"].item())
+    z = torch.zeros_like(k0)
+    assert M.kernel_layer_changes({"a": z}, {"a": z}, z)["a"].item() == 0.0
+    assert M.kernel_layer_changes({"a": kb}, {"a": z}, z)["a"].item() == math.inf
+    with pytest.raises(ValueError, match="layers \\['c'\\] have no reference"):
+        M.kernel_layer_changes({"c": ka}, {"a": ka0}, k0)
+
+
+@pytest.mark.parametrize("kind", ["full", "diagonal", "trace"])
+def test_alignment_equals_explicit_matrix_formula(kind):
+    # ⟨HKH, HLH⟩ / (‖HKH‖ ‖HLH‖) on the (N·O) × (N·O) matrices (N × N for trace), H = H_N ⊗ I_O
+    g = torch.Generator().manual_seed(7)
+    n, o = 6, 3
+    j = torch.randn(n, o, 5, generator=g, dtype=torch.float64)
+    full = torch.einsum("nap,mbp->nmab", j, j)
+    kernel = {
+        "full": full,
+        "diagonal": torch.diagonal(full, dim1=2, dim2=3),
+        "trace": torch.einsum("nmaa->nm", full),
+    }[kind]
+    y = torch.randn(n, o, generator=g, dtype=torch.float64)
+    hn = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    if kind == "trace":
+        h, mat, lmat = hn, kernel, y @ y.T
+    else:
+        h = torch.kron(hn, torch.eye(o, dtype=torch.float64))
+        mat, v = M.kernel_matrix(kernel), y.reshape(-1)
+        lmat = torch.outer(v, v)
+        if kind == "diagonal":  # keep the δ_ab blocks only
+            same = torch.eye(o, dtype=torch.bool).repeat(n, n)
+            lmat = torch.where(same, lmat, torch.zeros_like(lmat))
+    kc, lc = h @ mat @ h, h @ lmat @ h
+    expected = (kc * lc).sum() / (kc.norm() * lc.norm())
+    before = kernel.clone()
+    assert M.kernel_alignment(kernel, y).item() == pytest.approx(expected.item(), abs=1e-12)
+    assert torch.equal(kernel, before)  # a float64 kernel is not centred in place

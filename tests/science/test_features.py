@@ -13,6 +13,7 @@ from lazy_monitor.core.features import (
     centered_gram,
     default_feature_modules,
     feature_cka,
+    feature_hooks,
     gram_cka,
     linear_cka,
 )
@@ -71,12 +72,17 @@ def test_cka_is_symmetric_and_in_unit_interval_for_unrelated_features():
     assert linear_cka(y, x) == pytest.approx(value, rel=1e-12)
 
 
-def test_cka_is_nan_for_nonfinite_or_constant_features():
+def test_cka_is_nan_for_nonfinite_features_and_finite_for_constant_ones():
     x = _features()
     bad = x.clone()
     bad[3, 2] = math.inf
     assert math.isnan(linear_cka(bad, x))
-    assert math.isnan(linear_cka(x, torch.ones(20, 4)))
+    # constant features (same for every example): zero centred Gram, exactly (the shift by the
+    # first example makes the centring exact even where the mean of equal values rounds off)
+    const = torch.full((20, 4), 0.1, dtype=torch.float64)
+    assert torch.count_nonzero(centered_gram(const)) == 0
+    assert linear_cka(x, const) == 0.0 and linear_cka(const, x) == 0.0  # nothing in common
+    assert linear_cka(const, torch.zeros(20, 3)) == 1.0  # both constant: the same (empty) one
 
 
 def test_cka_rejects_bad_shapes():
@@ -217,3 +223,84 @@ def test_feature_cka_requires_matching_layers():
     x = _features()
     with pytest.raises(ValueError, match="lack the layers"):
         feature_cka({"a": x}, {"b": x})
+
+
+# ------------------------------------------------------------------ the default selection
+
+
+class _Tail(nn.Module):
+    """fc -> tanh -> readout, then parameter-free work on the output (a log-softmax)."""
+
+    def __init__(self, frozen_head: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 6)
+        self.readout = nn.Linear(6, 4)
+        self.head = nn.Linear(4, 4) if frozen_head else None
+        if self.head is not None:
+            self.head.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.readout(torch.tanh(self.fc(x)))
+        out = self.head(out) if self.head is not None else out
+        return out.log_softmax(-1)
+
+
+def _select(model: nn.Module, x, modules, strict: bool = False):
+    reasons: dict[str, str] = {}
+    with torch.no_grad(), feature_hooks(model, modules, 5, strict=strict, select=reasons) as f:
+        model(x)
+    return list(f), reasons
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_selection_leaves_out_the_output_layer_through_parameter_free_tails(scale):
+    model = mlp(3, 8, 2, depth=2, output_scale=scale, seed=0)  # ..., readout(, scale)
+    x = torch.randn(5, 3)
+    kept, reasons = _select(model, x, default_feature_modules(model))
+    assert kept == ["fc1", "fc2"] and reasons == {"readout": "output"}
+    # named explicitly (strict), the output layer is tracked
+    assert _select(model, x, ["fc1", "readout"], strict=True) == (["fc1", "readout"], {})
+    kept, reasons = _select(_Tail(), x, ["fc", "readout"])  # functional log-softmax tail
+    assert kept == ["fc"] and reasons == {"readout": "output"}
+
+
+def test_selection_keeps_a_layer_followed_by_a_parametrised_module_or_of_another_size():
+    x = torch.randn(5, 3)
+    # a frozen head (not tracked) computes the output: readout is hidden
+    assert _select(_Tail(frozen_head=True), x, ["fc", "readout"]) == (["fc", "readout"], {})
+    # the last tracked module has 6 values per example, the output 4: not the output layer
+    assert _select(_Tail(), x, ["fc"]) == (["fc"], {})
+
+
+class _Branch(nn.Module):
+    """A constant branch (like LoRA's lora_B = 0, or one token-type embedding) added in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.head = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+        with torch.no_grad():
+            self.c.weight.zero_()
+            self.c.bias.fill_(0.3)  # the same output for every example
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.a(x)) + self.c(x))
+
+
+def test_selection_omits_constant_features_also_when_named():
+    model, x = _Branch(), torch.randn(5, 3)
+    assert _select(model, x, ["a", "c", "head"]) == (["a"], {"c": "constant", "head": "output"})
+    assert _select(model, x, ["c", "head"], strict=True) == (["head"], {"c": "constant"})
+
+
+def test_selection_on_gpt2_with_tied_head_tracks_the_final_norm():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 11, (5, 4))
+    names = default_feature_modules(model)
+    assert "lm_head" not in names  # tied to wte: its weight is named under wte
+    reasons: dict[str, str] = {}
+    with torch.no_grad(), feature_hooks(model, names, 5, strict=False, select=reasons) as f:
+        model(input_ids=ids)
+    assert "transformer.ln_f" in f and "output" not in reasons.values()

@@ -6,6 +6,7 @@ import argparse
 import csv
 import io
 import math
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,53 @@ def test_fit_exponent_recovers_a_power_law():
     assert all(math.isnan(v) for v in phase.fit_exponent([16, 64], [1.0, math.nan]))
 
 
+def test_exponent_interval_is_the_student_t_interval_across_initialisations():
+    iv = phase.exponent_interval([-0.4, -0.6, -0.8, math.nan])
+    assert iv.n == 3 and iv.mean == pytest.approx(-0.6)
+    # sd = 0.2, t_0.975(2) = 4.303: half-width 4.303 * 0.2 / sqrt(3)
+    assert iv.high - iv.mean == pytest.approx(4.303 * 0.2 / math.sqrt(3), rel=1e-12)
+    assert iv.contains(-0.5) and not iv.contains(-2.0)
+    # 41 values (df 40, beyond the table): within 0.2 % of t_0.975(40) = 2.021
+    wide = phase.exponent_interval([(-1.0) ** k for k in range(41)])
+    sd = math.sqrt(sum((v - wide.mean) ** 2 for v in wide.per_init) / 40)
+    assert (wide.high - wide.mean) / (sd / math.sqrt(41)) == pytest.approx(2.021, rel=2e-3)
+    one = phase.exponent_interval([-0.5])
+    assert one.mean == -0.5 and math.isnan(one.low) and not one.contains(-0.5)
+
+
+def _result_with(per_init: list[float]) -> phase.PhaseResult:
+    return phase.PhaseResult(
+        [phase.PhaseCell(16, 1.0, 2.0, lr_eig_max0=0.7)], [16, 64], [1.0, 10.0], 0.1, 10, 2.0,
+        0, len(per_init), {16: 3.0, 64: 1.5}, -0.5, 1.0, 12.0, Path("x.csv"), None, 1.0,
+        phase.exponent_interval(per_init),
+    )  # fmt: skip
+
+
+def test_summary_says_consistent_only_when_the_interval_contains_minus_one_half():
+    assert "-> consistent with -1/2" in phase.summary(_result_with([-0.45, -0.6, -0.7]))
+    text = phase.summary(_result_with([-0.8, -0.82, -0.85]))
+    assert "excludes -1/2 (steeper)" in text and "consistent" not in text
+    assert "excludes -1/2 (shallower)" in phase.summary(_result_with([-0.3, -0.32, -0.31]))
+    # one initialisation: no interval, no verdict (even when it lands on -1/2 exactly)
+    text = phase.summary(_result_with([-0.5]))
+    assert "no verdict" in text and "consistent" not in text
+    text = phase.summary(_result_with([-0.6, math.nan, -0.7]))
+    assert "over 2 of 3 initialisations" in text and "inits: -0.60, none, -0.70)" in text
+
+
+def test_fit_lazy_scaling_recovers_width_and_alpha_exponents_and_ignores_rich_cells():
+    widths, alphas, values = [], [], []
+    for w in (16, 64, 256):
+        for a in (1.0, 3.0, 10.0, 30.0):
+            widths.append(w)
+            alphas.append(a)
+            v = 2.0 * w**-0.7 / a
+            values.append(v if v <= 0.1 else 5.0)  # rich cells off the power law
+    p, q = phase.fit_lazy_scaling(widths, alphas, values, 0.1)
+    assert p == pytest.approx(-0.7, abs=1e-9) and q == pytest.approx(1.0, abs=1e-9)
+    assert all(math.isnan(v) for v in phase.fit_lazy_scaling([16, 64], [1.0, 1.0], [0.01] * 2, 0.1))
+
+
 def test_cell_value_is_median_robust_to_one_blow_up_and_nan_if_any_run_diverged():
     assert phase._median([0.5, 6e30, 0.7]) == 0.7
     assert phase._median([0.2, 0.4]) == pytest.approx(0.3)
@@ -76,8 +124,13 @@ def test_smoke_run_writes_png_and_csv_and_fits_a_finite_exponent(tmp_path):
     for w in (8, 64):
         assert result.cell(w, 30.0).ntk_rel_change < result.cell(w, 0.3).ntk_rel_change
     assert result.cell(64, 1.0).ntk_rel_change < result.cell(8, 1.0).ntk_rel_change
+    # the default 3 initialisations: one exponent each, the interval across them
+    assert result.seeds == phase.DEFAULT_SEEDS == 3 and len(result.interval.per_init) == 3
+    assert result.interval.low <= result.interval.mean <= result.interval.high
     text = stream.getvalue()
-    assert "fitted boundary alpha*" in text and "Geiger" in text
+    assert "initialisations" in text and "95% interval" in text and "Geiger" in text
+    # an initialisation without a crossing is named, not printed as nan
+    assert "nan" not in text.split("lr*eig_max/N")[1]
 
 
 def test_cli_pair_parses_and_runs(tmp_path):

@@ -121,6 +121,7 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
     import torch.distributed as dist
 
     from lazy_monitor import KernelTracker
+    from lazy_monitor.tracking.features import feature_gram_bytes
     from lazy_monitor.tracking.sharded import ShardedMeasurement, _row_exchange_layout
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -145,7 +146,9 @@ def _worker(rank: int, port: int, name: str, configs: list, out_dir: str) -> Non
             if recompute:  # a max_memory that holds the kernel's rows but not J(θ₀)'s
                 tracker.start()
                 est = tracker.kernel_config["estimate"]
-                cfg["max_memory"] = est["bytes"] - est["j0_bytes"]
+                # (plus the feature Grams, which max_memory holds beside the kernel)
+                grams = feature_gram_bytes(len(tracker._feature_modules), tracker.probe_size)
+                cfg["max_memory"] = est["bytes"] - est["j0_bytes"] + grams
                 tracker = KernelTracker(model, probe, **_kwargs(cfg))
             tracker.measurement.exchange_rows = (
                 exchange  # False: every rank every row (FSDP2's reduce)

@@ -53,7 +53,7 @@ def test_names_are_exactly_the_documented_ones_for_a_classifier():
         + [f"ntk_layer/{name}/rel_change" for name in layers]
         + [f"params_layer/{name}/rel_change" for name in layers]
         + ["regime/lazy", "health/nonfinite", "opt/lr", "ntk/lr_eig_max", "regime/catapult"]
-        + [f"features/{name}/cka" for name in layers]
+        + [f"features/{name}/cka" for name in layers[:-1]]  # hidden layers, not the readout
     )
     assert tracker.metric_names() == expected
     assert list(tracker.start()) == expected
@@ -396,7 +396,13 @@ def test_tuple_probe_and_root_level_parameter():
     with torch.no_grad():
         model.scale.mul_(1.5)
     out = tracker.measure(1)
-    assert out["params_layer/scale/rel_change"] == pytest.approx(0.5)
+    # per layer in units of the whole model's ‖θ0‖ (= the total's change: only scale moved)
+    assert out["params_layer/scale/rel_change"] == pytest.approx(out["params/rel_change"])
+    assert out["params/rel_change"] == pytest.approx(
+        0.5
+        / torch.cat([p.detach().flatten() for p in tracker._lin.params0.values()]).norm().item(),
+        rel=1e-6,
+    )
     assert out["params_layer/a/rel_change"] == 0.0
     assert out["ntk/rel_change"] > 0
 

@@ -110,7 +110,8 @@ def test_catapult_fires_after_the_edge_and_a_drop_of_lambda_max_and_survives_a_r
 
 def test_feature_cka_is_one_at_start_and_for_unchanged_weights_and_drops_when_features_move():
     model, x = _mlp(), _x()
-    tracker = KernelTracker(model, x)
+    assert KernelTracker(model, x).feature_modules == ["0"]  # default: hidden layers only
+    tracker = KernelTracker(model, x, feature_modules=["0", "2"])  # the output layer by name
     assert tracker.feature_modules == ["0", "2"]
     start = tracker.start()
     assert start["features/0/cka"] == 1.0 and start["features/2/cka"] == 1.0
@@ -146,7 +147,7 @@ def test_feature_state_round_trips_and_a_different_choice_is_rejected():
     tracker = KernelTracker(model, x)
     tracker.start()
     state = tracker.state_dict()
-    assert set(state["feature_grams0"]) == {"0", "2"}
+    assert set(state["feature_grams0"]) == {"0"}
     assert state["feature_grams0"]["0"].shape == (4, 4)
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -196,6 +197,7 @@ def test_untrackable_default_modules_are_skipped_with_a_warning_explicit_ones_ra
     x = _x()
     with pytest.warns(UserWarning, match=r"does not track the features of \['inner'\]"):
         tracker = KernelTracker(_Shared(), x)
-    assert tracker.feature_modules == ["head"]
+    assert tracker.feature_modules == []  # 'head' is the output layer: tracked only by name
+    assert KernelTracker(_Shared(), x, feature_modules=["head"]).feature_modules == ["head"]
     with pytest.raises(ValueError, match="called more than once"):
         KernelTracker(_Shared(), x, feature_modules=["inner"])

@@ -2,12 +2,13 @@
 
 from .config import NtkConfig, NtkImplementation
 from .empirical import empirical_ntk, empirical_ntk_fn, projection_matrix
-from .errors import ForwardADUnsupportedError, StructuredPlanError
+from .errors import ForwardADUnsupportedError, NtkBudgetError, StructuredPlanError
 from .estimate import DEFAULT_MAX_MEMORY, estimate_ntk_cost, resolve_kernel_config
 
 __all__ = [
     "DEFAULT_MAX_MEMORY",
     "ForwardADUnsupportedError",
+    "NtkBudgetError",
     "NtkConfig",
     "NtkImplementation",
     "StructuredPlanError",

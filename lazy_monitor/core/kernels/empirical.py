@@ -26,7 +26,8 @@ from .._functional import (
 )
 from ._common import _FACTOR_BUDGET, _BlockSink, check_same_outputs, finalize, kernel_shape
 from .config import NtkConfig, NtkImplementation
-from .errors import StructuredPlanError
+from .errors import NtkBudgetError, StructuredPlanError, check_materialized, probe_error
+from .estimate import check_engine_memory
 from .jacobian import JacobianRows, jacobian_ntk
 from .ntvp import ntvp_ntk
 from .structured import structured_ntk
@@ -45,6 +46,69 @@ def _probe_output_size(fm: FunctionalModel, params: Mapping[str, Tensor], x: Inp
     if out.shape[1] == 0:
         raise ValueError("the model output has 0 entries per example; nothing to differentiate")
     return out.shape[1]
+
+
+def _output_shape(
+    model: nn.Module,
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    x: InputBatch,
+    name: str,
+) -> tuple[int, ...]:
+    """The selected output's shape per example (e.g. ``(T, V)``), from one example's forward
+    (no graph). The model's own error on its input names the user's batch shape (the forward is
+    rerun on the whole batch for the message, not on the internal one-example slice)."""
+    try:
+        with torch.no_grad():
+            raw = fm.raw(params, slice_batch(x, slice(0, 1)))
+    except (RuntimeError, TypeError) as err:
+        try:
+            with torch.no_grad():
+                fm.raw(params, x)
+        except (RuntimeError, TypeError) as whole:
+            raise probe_error(whole, model, x, name) from whole
+        raise probe_error(err, model, x, name) from err
+    out = select_output(raw, fm.output_fn)
+    if out.dim() == 0 or out.shape[0] != 1:
+        raise ValueError(
+            f"the model output has shape {tuple(out.shape)} for one example, which has no batch "
+            "dimension of size 1 on dim 0; the output must be batched like the inputs"
+        )
+    if out[0].numel() == 0:
+        raise ValueError("the model output has 0 entries per example; nothing to differentiate")
+    return tuple(out.shape[1:])
+
+
+def _jacobian_numel(
+    model: nn.Module, params: Mapping[str, Tensor], implementation: NtkImplementation
+) -> int:
+    """Size of the largest parameter whose per-example Jacobian rows the call builds for sure:
+    any parameter for ``"jacobian"``/``"ntvp"``; for the structured path a tied parameter (used
+    under several names, e.g. GPT-2's embedding and LM head), which has no structured rule."""
+    if implementation in (NtkImplementation.JACOBIAN, NtkImplementation.NTVP):
+        return max(v.numel() for v in params.values())
+    names: dict[int, int] = {}
+    for _, t in model.named_parameters(remove_duplicate=False):
+        names[id(t)] = names.get(id(t), 0) + 1
+    live = dict(model.named_parameters())
+    tied = [params[k].numel() for k in params if k in live and names.get(id(live[k]), 0) > 1]
+    return max(tied, default=0)
+
+
+def _projected_outputs(projection: Union[None, int, str], o_raw: int) -> int:
+    """Outputs per example after ``projection``; a projection to ``k >= O`` is refused."""
+    if projection is None:
+        return o_raw
+    if projection == "sum":
+        return 1
+    k = int(projection)
+    if k >= o_raw:
+        raise ValueError(
+            f"projection={k} is not smaller than the model's O={o_raw} outputs per example: a "
+            "random projection only saves work when k < O (and is an estimate, not the "
+            "kernel); use projection=None for the exact kernel, which is cheaper here"
+        )
+    return k
 
 
 def _check_examples_independent(model: nn.Module) -> None:
@@ -118,12 +182,22 @@ def empirical_ntk(
             so kernels measured at different times are comparable). ``kind="trace"`` is then
             an unbiased estimate of the exact trace kernel (``E[R Rᵀ] = k·I``) and
             ``kind="full"`` gives ``(N1, N2, k, k)``. The projection is applied to the output
-            before any derivative is taken, so the cost scales with ``k``, not ``O``.
+            before any derivative is taken, so the cost scales with ``k``, not ``O``; ``k``
+            must be smaller than ``O`` (a projection to ``k >= O`` saves nothing and is still
+            an estimate: use ``None``).
             ``"sum"``: the pseudo-NTK (Mohamadi & Sutherland 2023), the kernel of
             ``Σ_o f_o(x) / √O``, ``(N1, N2)`` (``(N1, N2, 1, 1)`` for ``kind="full"``).
             Sequence outputs ``(N, T, V)`` are flattened to ``O = T·V`` first.
         projection_seed: seed of ``R`` (its own ``torch.Generator``; global RNG untouched).
-        max_memory: bytes of per-example factors held at once (default ~1 GiB). When the
+        max_memory: bytes of per-example factors held at once (default: 1 GiB minus the
+            kernel). Before anything large is allocated, the call's peak is estimated from one
+            example's forward -- the kernel (with its blocks and its final layout copy) and
+            one example's rows (``O × O_raw`` output-gradient rows, ``3·O·numel`` for a
+            parameter the Jacobian path builds, e.g. a tied embedding) -- and the call is
+            refused with :class:`~lazy_monitor.core.kernels.errors.NtkBudgetError` when it
+            exceeds ``max(max_memory, 1 GiB)`` (a smaller ``max_memory`` only makes the blocks
+            below smaller; see :func:`~lazy_monitor.core.kernels.estimate.check_engine_memory`).
+            When the
             structured factors of all layers for all examples do not fit, consecutive groups
             of layers whose factors fit are contracted one after the other (one forward and
             backward per group); a layer too large on its own, and the other implementations,
@@ -142,12 +216,20 @@ def empirical_ntk(
             mismatched batch sizes, an output without a batch dimension, no trainable
             parameter, ``x2`` structured differently from ``x1`` or giving a different output
             size, or a BatchNorm without running statistics (examples not independent).
+            A ``projection`` ``k >= O``; parameters without data (meta device, lazy modules):
+            materialise the model first.
+        NtkBudgetError: (a ValueError) the estimated peak exceeds the memory limit above; the
+            message has the estimate and the fixes (``output_fn``, ``projection``, ``kind``, a
+            smaller probe, ``max_memory``).
         TypeError: inputs that are not tensors (or containers of tensors), floating inputs
             needed where integer tensors were given, a non-tensor output without
             ``output_fn``.
-        StructuredPlanError: (``"structured"`` only; a RuntimeError) a parameter used
-            differently on some examples than on the probe examples (data-dependent control
-            flow): ``"auto"`` switches to the Jacobian contraction by itself.
+        RuntimeError: (or TypeError) the model cannot run on ``x1``/``x2``: the model's own
+            error with the inputs' shapes and what its first layer expects.
+        StructuredPlanError: (``"structured"`` only; a RuntimeError) the structured plan could
+            not be made or verified on this model (e.g. data-dependent control flow):
+            ``"auto"`` switches to the Jacobian contraction by itself, with one warning, on
+            any failure of the structured attempt other than a memory refusal.
         ForwardADUnsupportedError: (``"ntvp"`` only; a NotImplementedError) an op of the model
             has no forward-mode AD rule: use ``"auto"`` or ``"jacobian"``.
 
@@ -280,22 +362,52 @@ def _run_explicit(
 
 
 def _run_auto(*args: Any) -> _BlockSink:
+    """``STRUCTURED``; ``JACOBIAN`` when its plan cannot be made or verified on this model.
+
+    Any exception of the structured attempt counts (typed plan errors, and the autograd errors
+    of a plan pass on a data-dependent branch such as "element 0 of tensors does not require
+    grad"), except a memory refusal or exhaustion, which the Jacobian path would only make
+    worse. The warning is given once the Jacobian kernel exists, so an error of the model
+    itself is raised as the Jacobian path's error, without a misleading fallback note."""
     try:
         return _run_explicit(NtkImplementation.STRUCTURED, *args)
-    except StructuredPlanError as err:
+    except (NtkBudgetError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - see docstring: any failed plan falls back
+        # the Jacobian path's own notes (e.g. its per-example loop) join the one warning
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always")
+            sink = _run_explicit(NtkImplementation.JACOBIAN, *args)
+        also = "".join(f"; {str(n.message)[:300]}" for n in notes)
         warnings.warn(
-            f"empirical_ntk(implementation='auto'): {err}; this call uses the Jacobian "
-            "contraction (same kernel)",
+            f"empirical_ntk(implementation='auto'): the structured plan could not be verified "
+            f"on this model ({type(err).__name__}: {err}); this call used the Jacobian "
+            f"contraction (same kernel){also}",
             RuntimeWarning,
             stacklevel=4,
         )
-        return _run_explicit(NtkImplementation.JACOBIAN, *args)
+        return sink
+
+
+def _run_structured(*args: Any) -> _BlockSink:
+    """``STRUCTURED`` only: a failure of its plan is a :class:`StructuredPlanError` that says
+    what to use instead."""
+    try:
+        return _run_explicit(NtkImplementation.STRUCTURED, *args)
+    except (StructuredPlanError, NtkBudgetError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except RuntimeError as err:
+        raise StructuredPlanError(
+            f"implementation='structured' could not build or verify its per-layer plan on this "
+            f"model ({err}), e.g. because of data-dependent control flow; use "
+            "implementation='auto' (falls back by itself) or 'jacobian'"
+        ) from err
 
 
 # One entry per implementation: what runs for it.
 _DISPATCH: dict[NtkImplementation, Callable[..., _BlockSink]] = {
     NtkImplementation.AUTO: _run_auto,
-    NtkImplementation.STRUCTURED: lambda *a: _run_explicit(NtkImplementation.STRUCTURED, *a),
+    NtkImplementation.STRUCTURED: _run_structured,
     NtkImplementation.JACOBIAN: lambda *a: _run_explicit(NtkImplementation.JACOBIAN, *a),
     NtkImplementation.NTVP: lambda *a: _run_explicit(NtkImplementation.NTVP, *a),
 }
@@ -324,51 +436,60 @@ def _compute(
             f"x1 is a {type(x1).__name__} but x2 is a {type(x2).__name__}; both must have the "
             "same structure"
         )
+    check_materialized(model)
     named = resolve_params(model, params)
     _check_examples_independent(model)
     dtype = compute_dtype(named, x1 if x2 is None else [*_flat(x1), *_flat(x2)])
     device = _device_of(x1)
 
-    budget = _FACTOR_BUDGET.set(config.max_memory) if config.max_memory is not None else None
-    try:
-        with side_effect_guard(model):
-            fm = FunctionalModel(model, output_fn, dtype)
-            # Parameters that are not differentiated are constants; cast the ones whose dtype
-            # differs (e.g. a frozen float16 layer) so the forward runs in one dtype.
-            fm.buffers.update(
-                {
-                    k: v.detach().to(dtype)
-                    for k, v in model.named_parameters()
-                    if k not in named and v.is_floating_point() and v.dtype != dtype
-                }
-            )
-            # Cloned so that nothing the forward might do in place reaches the module's weights.
-            p = {k: v.clone() for k, v in fm.cast_params(named).items()}
-            xa = fm.cast_inputs(x1)
-            xb = None if x2 is None else fm.cast_inputs(x2)
-            if config.projection is not None:
-                o_raw = _probe_output_size(fm, p, slice_batch(xa, slice(0, 1)))
-                if xb is not None:  # before projecting: R is sized for x1's outputs
-                    check_same_outputs(
-                        o_raw, _probe_output_size(fm, p, slice_batch(xb, slice(0, 1)))
-                    )
-                if config.projection == "sum":
-                    fm.output_fn = _Projected(output_fn, None, 1.0 / math.sqrt(o_raw))
-                else:
-                    k = int(config.projection)
-                    r = projection_matrix(
-                        o_raw, k, config.projection_seed, dtype=dtype, device=device
-                    )
-                    fm.output_fn = _Projected(output_fn, r, 1.0 / math.sqrt(k))
+    with side_effect_guard(model):
+        fm = FunctionalModel(model, output_fn, dtype)
+        # Parameters that are not differentiated are constants; cast the ones whose dtype
+        # differs (e.g. a frozen float16 layer) so the forward runs in one dtype.
+        fm.buffers.update(
+            {
+                k: v.detach().to(dtype)
+                for k, v in model.named_parameters()
+                if k not in named and v.is_floating_point() and v.dtype != dtype
+            }
+        )
+        # Cloned so that nothing the forward might do in place reaches the module's weights.
+        p = {k: v.clone() for k, v in fm.cast_params(named).items()}
+        xa = fm.cast_inputs(x1)
+        xb = None if x2 is None else fm.cast_inputs(x2)
+        # One example's forward (no graph): O, and the memory rule before any allocation.
+        shape = _output_shape(model, fm, p, xa, "x1")
+        o_raw = math.prod(shape)
+        if xb is not None:  # before projecting: R is sized for x1's outputs
+            check_same_outputs(o_raw, math.prod(_output_shape(model, fm, p, xb, "x2")))
+        o = _projected_outputs(config.projection, o_raw)
+        budget = check_engine_memory(
+            kind=kind,
+            n1=n1,
+            n2=n2,
+            o=o,
+            o_raw=o_raw,
+            output_shape=shape,
+            blocks=len(p) if return_blocks else 0,
+            itemsize=dtype.itemsize,
+            max_memory=config.max_memory,
+            jacobian_numel=_jacobian_numel(model, p, config.implementation),
+        )
+        if config.projection == "sum":
+            fm.output_fn = _Projected(output_fn, None, 1.0 / math.sqrt(o_raw))
+        elif config.projection is not None:
+            r = projection_matrix(o_raw, o, config.projection_seed, dtype=dtype, device=device)
+            fm.output_fn = _Projected(output_fn, r, 1.0 / math.sqrt(o))
+        token = _FACTOR_BUDGET.set(budget)
+        try:
             sink = _DISPATCH[config.implementation](
                 fm, p, xa, xb, n1, n2, config, dtype, device, return_blocks, JacobianRows()
             )
-            if sink.blocks is not None:
-                for name in p:
-                    sink.declare(name)
-    finally:
-        if budget is not None:
-            _FACTOR_BUDGET.reset(budget)
+        finally:
+            _FACTOR_BUDGET.reset(token)
+        if sink.blocks is not None:
+            for name in p:
+                sink.declare(name)
     kernel = finalize(sink.kernel.detach(), kind)
     if return_blocks:
         assert sink.blocks is not None

@@ -234,7 +234,8 @@ CATALOGUE: tuple[MetricInfo, ...] = (
                "the learning rate the optimizer used at this step (NaN if not given)"),
     MetricInfo("ntk/lr_eig_max", "max", (_STAB, "η·λmax/N (catapult above 2)"),
                "η λmax(K) / N (full kernel; NaN for trace/diagonal with O > 1)",
-               "MSE stability number: < 2 stable, 2 to ~4 (ReLU ~12) catapult, above diverges; "
+               "MSE stability number: < 2 stable, 2 to ~4 catapult (more for deeper ReLU nets, "
+               "docs/science.md), above diverges; "
                "no stability meaning for cross-entropy or Adam",
                "Lewkowycz et al. 2020; Cohen et al. 2021"),
     MetricInfo("regime/catapult", None, (_STAB, "catapult phase (1 = catapult)"),

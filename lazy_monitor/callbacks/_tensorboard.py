@@ -262,7 +262,7 @@ def layer_drift_figure(
         same in every run and image so runs compare by colour; colour bar, labelled axes) for
         ``SummaryWriter.add_figure``, which closes it.
     """
-    matplotlib = require("matplotlib", "the per-layer drift heatmap (log_layer_image=True)")
+    matplotlib = require("matplotlib", "the per-layer drift heatmap (tensorboard='basic' has none)")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
@@ -337,7 +337,7 @@ def write_layer_heatmap(
     except ImportError as exc:
         if not _heatmap_warned:
             _heatmap_warned = True
-            warn(f"no per-layer drift heatmap in TensorBoard: {exc}", UserWarning)
+            warn(f"TensorBoard gets no heatmap: {exc}", UserWarning)
         return False
     writer.add_figure(LAYER_IMAGE_TAG, figure, step)
     return True

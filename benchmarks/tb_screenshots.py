@@ -50,6 +50,8 @@ Run::
     python benchmarks/tb_screenshots.py /tmp/demo /tmp/shots --views timeseries,hparams \\
         --window-size 1600,2400 --extra pinned='/?pinnedCards=[{"plugin":"scalars","tag":"ntk/rel_change"}]'
 
+    python benchmarks/tb_screenshots.py /tmp/demo /tmp/shots --readme docs/tensorboard.png
+
 Then look at the PNGs. Exit status 1 if the server does not come up or a screenshot is missing.
 """
 
@@ -172,6 +174,17 @@ def screenshot(
     return out.exists() and out.stat().st_size > 0
 
 
+def shrink(png: Path, width: int, colours: int) -> None:
+    """Scale ``png`` down to ``width`` pixels and to a ``colours``-colour palette, in place."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        rgb = image.convert("RGB")
+    if rgb.width > width:
+        rgb = rgb.resize((width, round(rgb.height * width / rgb.width)), Image.LANCZOS)
+    rgb.quantize(colours, method=Image.Quantize.MEDIANCUT).save(png, optimize=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("logdir", type=Path, help="TensorBoard log directory")
@@ -209,6 +222,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="extra view: PNG name and URL path, e.g. hist=/#histograms (repeatable)",
     )
     p.add_argument("--window-size", default="1600,1800", help="W,H in CSS pixels")
+    p.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="also write the README's picture here: the custom-scalars view at 1400x820, "
+        "scaled to 1000 px wide and reduced to 64 colours (needs Pillow, a dependency of "
+        "matplotlib) so that it stays well under 300 KB",
+    )
     p.add_argument("--budget-ms", type=int, default=15000, help="chromium virtual-time budget")
     p.add_argument("--start-timeout", type=float, default=120.0, help="seconds to wait for TB")
     args = p.parse_args(argv)
@@ -259,6 +281,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{status:6s} {out}  <- {path}  ({time.monotonic() - t0:.1f} s)")
             if not ok:
                 failed.append(name)
+        if args.readme is not None:
+            ok = screenshot(
+                browser,
+                base + with_force_svg(VIEWS["custom_scalars"]),
+                args.readme,
+                "1400,820",
+                args.budget_ms,
+                args.start_timeout,
+            )
+            if ok:
+                shrink(args.readme, width=1000, colours=64)
+                print(f"ok     {args.readme} ({args.readme.stat().st_size // 1024} KB)")
+            else:
+                failed.append("readme")
     except (RuntimeError, TimeoutError) as err:
         print(f"error: {err}; see {tb_log}", file=sys.stderr)
         return 1

@@ -49,6 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--max-drift", type=float, default=0.5, help="gate on ntk/rel_change")
     parser.add_argument("--output-dir", default="hf_trainer_out")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # tiny CPU demo: more threads only spin-wait (10x slower if busy)
 
     torch.manual_seed(0)
     vocab, seq_len = 32, 16

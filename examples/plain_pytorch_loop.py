@@ -58,6 +58,7 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     """Train, track, print; return the metrics of the last measurement."""
     args = _parse(argv)
+    torch.set_num_threads(1)  # tiny CPU demo: more threads only spin-wait (10x slower if busy)
     x, y = gaussian_mixture(args.n_train, args.dim, args.classes, seed=args.seed)
     model = mlp(args.dim, args.width, args.classes, depth=args.depth, seed=args.seed)
     # The probe is a fixed slice of the training set; its labels give ntk/alignment. An exact

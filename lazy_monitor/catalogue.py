@@ -5,7 +5,7 @@ Everything that lists metrics derives the list from :data:`CATALOGUE`: the names
 :class:`~lazy_monitor.KernelDriftGate` threshold may name (:func:`is_known`), the direction of a
 lazy threshold (:func:`direction_of`), the TensorBoard custom-scalar layout
 (:func:`tensorboard_layout`), the HParams metrics (:func:`hparams_metrics`), the columns of
-``lazy-monitor report`` (:func:`report_metrics`) and the metric table of the README
+``lazy-monitor report`` (:func:`report_metrics`) and the metric table of docs/metrics.md
 (:func:`markdown_table`; ``tests/test_catalogue.py`` fails when they disagree).
 
 Adding a metric is one :class:`MetricInfo` entry here plus its computation.
@@ -34,6 +34,7 @@ __all__ = [
     "LAYER",
     "LOG10_COMPANIONS",
     "LOG10_FLOOR",
+    "THRESHOLD_PREFIX",
     "MetricInfo",
     "direction_of",
     "hparams_metrics",
@@ -44,6 +45,7 @@ __all__ = [
     "report_metrics",
     "plot_metrics",
     "tensorboard_layout",
+    "threshold_series",
     "tracker_metric_names",
 ]
 
@@ -69,7 +71,7 @@ class MetricInfo:
             maximum; ``"min"`` -- lazy means large (close to 1), a threshold is a minimum;
             ``None`` -- no lazy side (descriptive metrics, the verdict itself).
         chart: ``(category, chart title)`` in the TensorBoard custom-scalars layout.
-        formula: the formula, in the README's notation.
+        formula: the formula, in the notation of docs/theory.md.
         description: one line on how to read it.
         paper: where it comes from (empty if nowhere in particular).
         source: ``"tracker"`` (:class:`KernelTracker` computes it) or ``"monitor"`` (the
@@ -122,6 +124,9 @@ _LOG10, _HEALTH = "drift (log10)", "health"
 CHART_CATEGORIES = (_LOG10, _DRIFT, _LIN, _SPEC, _PARAMS, _STAB, _FEAT, _COST, _HEALTH)
 #: Floor of the ``drift/log10_*`` companions (a change below it reads as "no change").
 LOG10_FLOOR = 1e-8
+#: Prefix of the constant series that draw a lazy threshold in its metric's custom-scalars chart
+#: (``threshold/ntk/rel_change``, ``threshold/drift/log10_ntk_rel_change``).
+THRESHOLD_PREFIX = "threshold/"
 #: The ``drift/`` log10 companions: companion name -> the metric it is the log10 of.
 LOG10_COMPANIONS = {
     "drift/log10_ntk_rel_change": "ntk/rel_change",
@@ -229,7 +234,8 @@ CATALOGUE: tuple[MetricInfo, ...] = (
                "the learning rate the optimizer used at this step (NaN if not given)"),
     MetricInfo("ntk/lr_eig_max", "max", (_STAB, "η·λmax/N (catapult above 2)"),
                "η λmax(K) / N (full kernel; NaN for trace/diagonal with O > 1)",
-               "MSE stability number: < 2 stable, 2 to ~4 (ReLU ~12) catapult, above diverges; "
+               "MSE stability number: < 2 stable, 2 to ~4 catapult (more for deeper ReLU nets, "
+               "docs/science.md), above diverges; "
                "no stability meaning for cross-entropy or Adam",
                "Lewkowycz et al. 2020; Cohen et al. 2021"),
     MetricInfo("regime/catapult", None, (_STAB, "catapult phase (1 = catapult)"),
@@ -357,6 +363,21 @@ def log10_companions(metrics: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
+def threshold_series(thresholds: Mapping[str, float]) -> dict[str, float]:
+    """Constant series that draw each lazy threshold as a line in the custom-scalars chart of its
+    metric (:func:`tensorboard_layout`), and of its ``drift/`` log10 companion. Thresholds given
+    as globs have no single chart and are left out.
+
+    >>> threshold_series({"ntk/rel_change": 0.1, "ntk_layer/*/rel_change": 0.5})
+    {'threshold/ntk/rel_change': 0.1, 'threshold/drift/log10_ntk_rel_change': -1.0}
+    """
+    exact = {n: float(v) for n, v in thresholds.items() if not _GLOB.search(n)}
+    out = {THRESHOLD_PREFIX + n: v for n, v in exact.items()}
+    positive = {n: v for n, v in exact.items() if v > 0}  # log10 of a bound <= 0: no line
+    out.update({THRESHOLD_PREFIX + n: v for n, v in log10_companions(positive).items()})
+    return out
+
+
 def lazy_threshold_names(metric_names: Iterable[str]) -> list[str]:
     """The names among ``metric_names`` that have a lazy direction (may carry a lazy threshold)."""
     out = []
@@ -372,13 +393,17 @@ def tensorboard_layout(metric_names: Sequence[str]) -> dict[str, dict[str, list[
 
     One category per chart category of the catalogue ("kernel drift", "linearization",
     "spectrum", "parameters", ...), one multiline chart per title, its tags as anchored regular
-    expressions. A chart is kept only if one of its tags is logged, a category only if it has a
-    chart.
+    expressions; a metric with a lazy side also brings its threshold series
+    (:func:`threshold_series`), so the chart shows the threshold as a flat line. A chart is
+    kept only if one of its metrics is logged, a category only if it has a chart.
     """
     charts: dict[str, dict[str, list[str]]] = {c: {} for c in CHART_CATEGORIES}
     for info in CATALOGUE:
         category, title = info.chart
-        charts.setdefault(category, {}).setdefault(title, []).append(info.regex())
+        patterns = charts.setdefault(category, {}).setdefault(title, [])
+        patterns.append(info.regex())
+        if info.direction is not None:
+            patterns.append("^" + re.escape(THRESHOLD_PREFIX) + info.regex()[1:])
     layout: dict[str, dict[str, list[object]]] = {}
     for category, by_title in charts.items():
         kept: dict[str, list[object]] = {}
@@ -406,7 +431,7 @@ def plot_metrics() -> tuple[str, ...]:
 
 
 def markdown_table() -> str:
-    """The README's metric table (computed metrics only, in catalogue order)."""
+    """The metric table of ``docs/metrics.md`` (computed metrics only, in catalogue order)."""
     rows = ["| name | formula | how to read it | source |", "|---|---|---|---|"]
     for info in CATALOGUE:
         if not info.planned:

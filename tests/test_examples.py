@@ -7,6 +7,7 @@ Every ``examples/*.py`` must have an entry in ``CASES``: a new example without o
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -70,6 +71,7 @@ def _lightning_cli(namespace: str, config: str) -> Callable[[Path, Any], None]:
         assert cli.trainer.global_step == 6
         assert "ntk/rel_change" in cli.trainer.callback_metrics
         assert _events(tmp)
+        assert re.search(r"ntk/rel_change \S+ .*-> (lazy|NOT lazy)", capsys.readouterr().out)
 
     return case
 
@@ -93,6 +95,7 @@ def _linearized_vs_real(tmp: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert code == 0
     assert "width 16" in out and "width 128" in out
+    assert len(re.findall(r"-> (lazy|NOT lazy): relative gap", out)) == 2
 
 
 def _plain_loop(tmp: Path, capsys) -> None:

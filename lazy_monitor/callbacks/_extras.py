@@ -81,6 +81,8 @@ class TensorBoardExtras:
                 charted = names + list(catalogue.log10_companions(dict.fromkeys(names, 1.0)))
                 tb.write_layout(writer, charted)
                 self._layout_written.add(id(writer))
+            if tb.thresholds_due(session.num_measurements):
+                tb.write_thresholds(writer, tracker.lazy_thresholds, log_step)
             eigenvalues = getattr(tracker, "last_eigenvalues", None)
             if self.standard and isinstance(eigenvalues, Tensor) and eigenvalues.numel():
                 values = eigenvalues.detach().cpu().to(torch.float64)
@@ -121,6 +123,8 @@ class TensorBoardExtras:
             measurements=session.num_measurements,
             seconds=session.seconds,
         )
+        for writer in writers:  # the threshold lines end where the run ends
+            tb.write_thresholds(writer, tracker.lazy_thresholds, log_step)
         _text(writers, tb.SUMMARY_TAG, text, log_step)
 
     # ------------------------------------------------------------------ internals
@@ -190,8 +194,7 @@ class TensorBoardExtras:
         steps = [s for s, _ in self._layer_history]
         values = [[row.get(n, float("nan")) for n in names] for _, row in self._layer_history]
         for writer in writers:
-            figure = tb.layer_drift_figure(steps, names, values)
-            writer.add_figure(tb.LAYER_IMAGE_TAG, figure, self._layer_log_step)
+            tb.write_layer_heatmap(writer, steps, names, values, self._layer_log_step)
         self._layer_images += 1
         self._layer_drawn = len(self._layer_history)
 

@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 
 from lazy_monitor import catalogue
+from lazy_monitor._extras import require
+from lazy_monitor._warnings import warn
 
 __all__ = [
     "CLOSED_CATEGORIES",
@@ -47,33 +49,43 @@ __all__ = [
     "log_hparams",
     "run_summary",
     "tensorboard_writers",
+    "thresholds_due",
+    "write_layer_heatmap",
     "write_layout",
+    "write_thresholds",
 ]
 
 HISTOGRAM_TAG = "ntk/eigenvalues"
-IMAGE_TAG = "ntk/kernel"
+#: Images live under their own ``images/`` prefix: Time Series shows a group per prefix and
+#: expands the first two (``drift``, ``drift_layer``), which must stay the scalar charts; one
+#: heatmap card per run there buried the per-layer drift charts on page 2 (issue 20).
+IMAGE_TAG = "images/ntk_kernel"
 #: Per-layer drift heatmap (layer groups × measurements, log colour).
-LAYER_IMAGE_TAG = "drift_layer/heatmap"
+LAYER_IMAGE_TAG = "images/layer_drift"
 #: Colour range of the heatmap: 1e-4 (0.01 %, and the reference column) to 10 (1000 %).
 HEATMAP_RANGE = (1e-4, 10.0)
-#: Text events: regime transitions / health alarms, and the markdown summary at train end.
-VERDICT_TAG = "lazy_monitor/verdicts"
-SUMMARY_TAG = "lazy_monitor/summary"
+#: Text events. The TEXT tab orders cards by tag, then run: first the alerts (regime transitions,
+#: health alarms), which only runs that left the lazy regime or went non-finite have, then one
+#: verdict card per run (the markdown summary at train end).
+VERDICT_TAG = "lazy_monitor/0_alerts"
+SUMMARY_TAG = "lazy_monitor/1_verdict"
 #: TensorBoard keeps 10 text entries per tag by default: never write more.
 MAX_TEXTS = 10
 #: Custom-scalars categories that start collapsed (the drift categories stay open).
 CLOSED_CATEGORIES = frozenset({"spectrum", "parameters", "health", "stability", "monitor cost"})
 #: The HParams metrics: one fixed list for every run (the first run's experiment defines the
 #: columns of the whole table), read by TensorBoard from the scalar series of the same tags.
+#: The HParams table shows the first five by default: the verdict and the three drift numbers
+#: of the lazy thresholds come first.
 HPARAMS_METRICS = (
+    "regime/lazy",
     "ntk/rel_change",
     "lin/rel_error",
     "params/rel_change",
-    "drift/log10_ntk_rel_change",
     "ntk/distance",
+    "drift/log10_ntk_rel_change",
     "ntk/eff_rank",
     "ntk/log10_cond",
-    "regime/lazy",
 )
 
 
@@ -183,9 +195,11 @@ def log_hparams(
     """Write one HParams entry: the model's hyperparameters and the monitor's settings.
 
     ``model_hparams`` (the LightningModule's ``hparams_initial``, nested mappings flattened with
-    ``/``) are marked ``differs=True`` -- the HParams table lists those columns first, so a sweep
-    sorts by width or learning rate at once; ``params`` (the monitor's ``lazy_monitor/*``
-    settings) follow. Each metric's value is read by TensorBoard from the scalar series of that
+    ``/``) are the table's columns (``differs=True``), so a sweep sorts by width or learning rate
+    at once. ``params`` (the monitor's ``lazy_monitor/*`` settings) are stored in every session
+    but are columns only when the module has no hyperparameters: they are the same in almost
+    every sweep, and the table shows only its first five columns by default. The metric columns
+    are ``metric_names`` in order (the first five shown). Each metric's value is read by TensorBoard from the scalar series of that
     tag, so no extra scalar is written. Call it once per run, before any other hparams write
     (the first one in an event file wins).
 
@@ -212,7 +226,8 @@ def log_hparams(
         else:
             start.hparams[name].string_value = str(value)
             dtype = api_pb2.DATA_TYPE_STRING
-        infos.append(api_pb2.HParamInfo(name=name, type=dtype, differs=name in model))
+        if name in model or not model:
+            infos.append(api_pb2.HParamInfo(name=name, type=dtype, differs=name in model))
     experiment = api_pb2.Experiment(
         hparam_infos=infos,
         metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in metric_names],
@@ -247,16 +262,16 @@ def layer_drift_figure(
         same in every run and image so runs compare by colour; colour bar, labelled axes) for
         ``SummaryWriter.add_figure``, which closes it.
     """
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the per-layer drift heatmap (tensorboard='basic' has none)")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
     data = torch.tensor(values, dtype=torch.float64).T.numpy()  # (L, T)
     lo, hi = HEATMAP_RANGE
-    height = 1.6 + 0.28 * len(layers)
-    fig, ax = plt.subplots(figsize=(6.4, min(height, 12.0)))
+    # TensorBoard scales an image down to its card (~400 px wide): a small canvas with large
+    # type keeps the labels readable there
+    fig, ax = plt.subplots(figsize=(4.8, min(1.5 + 0.32 * len(layers), 10.0)), dpi=100)
     image = ax.imshow(
         data.clip(lo, hi),
         aspect="auto",
@@ -264,15 +279,68 @@ def layer_drift_figure(
         cmap="viridis",
         norm=LogNorm(lo, hi),
     )
-    ax.set_yticks(range(len(layers)), labels=list(layers), fontsize=7)
-    ticks = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 6))})
-    ax.set_xticks(ticks, labels=[str(steps[t]) for t in ticks], fontsize=7)
-    ax.set_xlabel("step (one column per measurement)")
-    ax.set_ylabel("layer group")
-    ax.set_title("relative kernel change per layer group |K_l-K_l0|/|K_l0|", fontsize=9)
-    fig.colorbar(image, ax=ax, label="rel. change (log)", extend="both")
+    ax.set_yticks(range(len(layers)), labels=list(layers), fontsize=10)
+    ticks = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 4))})
+    if len(ticks) > 2 and ticks[-1] - ticks[-2] < max(1, len(steps) // 8):
+        ticks.pop(-2)  # two labels side by side would overlap
+    ax.set_xticks(ticks, labels=[str(steps[t]) for t in ticks], fontsize=10)
+    ax.set_xlabel("step (one column per measurement)", fontsize=10)
+    ax.set_title("|K_l - K_l0| / |K_l0| per layer group", fontsize=10)
+    bar = fig.colorbar(image, ax=ax, extend="both", pad=0.02)
+    bar.ax.tick_params(labelsize=9)
     fig.tight_layout()
     return fig
+
+
+def thresholds_due(count: int) -> bool:
+    """Whether the ``count``-th measurement (1-based) writes the threshold series: 1, 8, 64, 512,
+    ... (and the caller writes them once more at train end). Two points draw the flat line, a few
+    more extend it while a run is live. Every extra point counts in TensorBoard's "ignore
+    outliers" scaling (a 5-95 % quantile range over all points of a chart): one per measurement
+    and run pushed a single non-lazy run of the 13-run demo off the log10 chart."""
+    while count >= 8 and count % 8 == 0:
+        count //= 8
+    return count == 1
+
+
+def write_thresholds(writer: Any, thresholds: Mapping[str, float], step: int) -> None:
+    """Write the lazy thresholds as constant scalar series at ``step`` (at the measurements of
+    :func:`thresholds_due` and at train end): the custom-scalars chart of each thresholded metric
+    draws its threshold as a flat line next to the runs
+    (:func:`lazy_monitor.catalogue.threshold_series`). TensorBoard only, so other loggers' tables
+    do not grow a column per threshold."""
+    for tag, value in catalogue.threshold_series(thresholds).items():
+        writer.add_scalar(tag, value, global_step=step)
+
+
+_heatmap_warned = False
+
+
+def write_layer_heatmap(
+    writer: Any,
+    steps: Sequence[int],
+    layers: Sequence[str],
+    values: Sequence[Sequence[float]],
+    step: int,
+) -> bool:
+    """Draw :func:`layer_drift_figure` into ``writer`` as :data:`LAYER_IMAGE_TAG` at ``step``.
+
+    Without matplotlib (the ``viz`` extra) nothing is drawn and one warning per process names the
+    install command: the heatmap is a default extra of the monitor, not a reason to stop training.
+
+    Returns:
+        Whether an image was written.
+    """
+    global _heatmap_warned
+    try:
+        figure = layer_drift_figure(steps, layers, values)
+    except ImportError as exc:
+        if not _heatmap_warned:
+            _heatmap_warned = True
+            warn(f"TensorBoard gets no heatmap: {exc}", UserWarning)
+        return False
+    writer.add_figure(LAYER_IMAGE_TAG, figure, step)
+    return True
 
 
 def _fmt(value: Optional[float]) -> str:

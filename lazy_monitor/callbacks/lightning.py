@@ -15,7 +15,12 @@ interchangeable.
 
 from __future__ import annotations
 
-from lightning.pytorch import Callback
+from lazy_monitor._extras import raise_missing
+
+try:
+    from lightning.pytorch import Callback
+except ModuleNotFoundError as exc:
+    raise_missing(exc, "lazy_monitor.callbacks.lightning")
 
 from lazy_monitor.callbacks._gate import KernelDriftError, KernelDriftWarning, _KernelDriftGateBase
 from lazy_monitor.callbacks._monitor import _KernelRegimeMonitorBase

@@ -37,6 +37,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -152,7 +153,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "The slope: Lee et al. 2019 bound the relative kernel change by O(width^-1/2); the "
             "leading-order change is O(1/width) (Dyer & Gur-Ari 2020) and ReLU activation flips "
             "decay more slowly, so expect a slope between -1/2 and -1 (about -0.7 here). See the "
-            "README section 'Reading the demo'."
+            "docs/theory.md, 'Reading the demo'."
         ),
     )
     parser.add_argument(
@@ -261,10 +262,12 @@ def _train(
             return x, y
 
     class _Classifier(pl.LightningModule):
-        def __init__(self, net: torch.nn.Module, width: int, lr: float, alpha: float) -> None:
+        def __init__(
+            self, net: torch.nn.Module, width: int, lr: float, alpha: float, init: int
+        ) -> None:
             super().__init__()
             # the sweep's variables: the monitor puts them in TensorBoard's HParams table
-            self.save_hyperparameters({"width": width, "lr": lr, "alpha": alpha})
+            self.save_hyperparameters({"width": width, "alpha": alpha, "lr": lr, "init": init})
             self.net = net
             self.lr = lr
 
@@ -282,12 +285,17 @@ def _train(
             return torch.optim.SGD(self.parameters(), lr=self.lr)
 
     net = mlp(2, spec.width, 1, depth=1, output_scale=spec.alpha, seed=seed)
-    module = _Classifier(net, spec.width, spec.lr, spec.alpha)
-    logger = TensorBoardLogger(save_dir=str(out_dir), name=spec.name, default_hp_metric=False)
+    module = _Classifier(net, spec.width, spec.lr, spec.alpha, spec.init)
+    # one folder per run, no version_N below it: the run name is what TensorBoard shows (the
+    # HParams table cuts names after ~15 characters); _clear_previous removes an older demo's
+    logger = TensorBoardLogger(
+        save_dir=str(out_dir), name=spec.name, version="", default_hp_metric=False
+    )
     monitor = KernelRegimeMonitor(
         probe=probe,
         every_n_steps=max(1, steps // _MEASUREMENTS),
         log_spaced_until=max(1, steps // _MEASUREMENTS),
+        max_overhead=None,  # every scheduled measurement: the demo is about the curves
         submodule="net",
     )
     trainer_kwargs = dict(
@@ -327,15 +335,17 @@ def _read_back(spec: DemoRun) -> None:
 
 
 def _plan(args: argparse.Namespace) -> list[DemoRun]:
+    """The runs, named short (TensorBoard's HParams table shows ~15 characters) and so that they
+    sort by width (zero-padded) with the non-lazy run first ("n" < "w")."""
     runs = [
-        DemoRun(f"lazy_w{w:05d}_init{i}", w, 1.0, args.lr, True, Path(), init=i)
+        DemoRun(f"w{w:04d}_init{i}", w, 1.0, args.lr, True, Path(), init=i)
         for w in args.widths
         for i in range(args.inits)
     ]
     narrow = args.widths[0]
     runs.append(
         DemoRun(
-            f"nonlazy_w{narrow:05d}_alpha{NONLAZY_ALPHA:g}",
+            f"nonlazy_w{narrow:04d}",
             narrow,
             NONLAZY_ALPHA,
             args.lr / NONLAZY_ALPHA**2,
@@ -344,6 +354,27 @@ def _plan(args: argparse.Namespace) -> list[DemoRun]:
         )
     )
     return runs
+
+
+#: What a run folder of an earlier demo holds (anything else: not ours to delete).
+_DEMO_FILES = ("events.out.tfevents.", "hparams.yaml")
+
+
+def _clear_previous(out_dir: Path, plan: list[DemoRun]) -> list[str]:
+    """Remove the run folders of an earlier demo in ``out_dir`` (a second demo would otherwise add
+    its curves to the same runs). Returns the names of folders that hold other files: those are
+    left alone and reported."""
+    blocked = []
+    for spec in plan:
+        folder = out_dir / spec.name
+        if not folder.is_dir():
+            continue
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        if all(p.name.startswith(_DEMO_FILES) for p in files):
+            shutil.rmtree(folder)
+        else:
+            blocked.append(str(folder))
+    return blocked
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -367,6 +398,14 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     x, labels = two_spirals(_N_TRAIN, seed=args.seed)
     probe = (x[:_PROBE_SIZE], labels[:_PROBE_SIZE])
     plan = _plan(args)
+    blocked = _clear_previous(out_dir, plan) if out_dir.is_dir() else []
+    if blocked:
+        print(
+            f"lazy-monitor demo: error: {', '.join(blocked)} holds files that are not demo logs; "
+            "choose another --out",
+            file=err,
+        )
+        return 2
     print(
         f"lazy-monitor demo: two spirals, {_N_TRAIN} points, 1-hidden-layer ReLU MLP (NTK "
         f"parameterisation), full-batch GD for {args.steps} steps, probe of {_PROBE_SIZE} points, "
@@ -411,7 +450,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         print(
             f"log-log slope of ntk/rel_change vs width: {slope:+.2f}  (theory: -1/2 bound, Lee et "
-            "al. 2019; expect -1/2 to -1 for ReLU nets, README 'Reading the demo')",
+            "al. 2019; expect -1/2 to -1 for ReLU nets, docs/theory.md 'Reading the demo')",
             file=out,
         )
     print(f"trained {len(plan)} runs in {time.perf_counter() - total:.0f} s", file=out)

@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
+from lazy_monitor._extras import require
+
 __all__ = [
     "ExponentInterval",
     "PhaseCell",
@@ -577,8 +579,9 @@ def summary(result: PhaseResult) -> str:
 
 def _plot(result: PhaseResult, path: Path) -> None:
     """Heatmap of the final ntk/rel_change (log colours), threshold contour, boundary fits."""
-    import matplotlib
     import numpy as np
+
+    matplotlib = require("matplotlib", "lazy-monitor demo --phase")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional, TextIO
 
 from lazy_monitor import catalogue
+from lazy_monitor._extras import require
 from lazy_monitor.cli._events import Run, load_runs
 
 __all__ = [
@@ -182,8 +183,7 @@ LINESTYLES = {"lazy": "-", "non-lazy": "--", "non-finite": ":", "unknown": ":"}
 def line_styles(runs: list[Run]) -> tuple[dict[str, tuple], dict[str, tuple[tuple, str]]]:
     """Colours and line styles of :func:`plot_runs`: ``({group: colour}, {run name: (colour,
     linestyle)})``, groups ordered by width (then name)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "lazy-monitor report --plot")
     groups = sorted(
         {run_group(r.name) for r in runs},
         key=lambda g: (_width(g) is None, _width(g) or 0, g),
@@ -219,16 +219,10 @@ def plot_runs(runs: list[Run], path: str | Path, title: Optional[str] = None) ->
         ImportError: if matplotlib is not installed, with the install command.
         ValueError: if no run logged any of :data:`PLOT_METRICS`.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # headless: never open a window from a CLI
-        import matplotlib.pyplot as plt
-        from matplotlib.lines import Line2D
-    except ImportError as exc:
-        raise ImportError(
-            "--plot needs matplotlib (a dependency of lazy-monitor): pip install matplotlib"
-        ) from exc
+    matplotlib = require("matplotlib", "lazy-monitor report --plot")
+    matplotlib.use("Agg")  # headless: never open a window from a CLI
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     metrics = [m for m in PLOT_METRICS if any(r.curve(m) is not None for r in runs)]
     if not metrics:

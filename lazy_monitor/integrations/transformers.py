@@ -40,8 +40,14 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from torch import Tensor
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from lazy_monitor._extras import raise_missing
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+except ModuleNotFoundError as exc:
+    raise_missing(exc, "lazy_monitor.integrations.transformers")
 
 from lazy_monitor import _warnings, catalogue
 from lazy_monitor._state import check_schema, stamp

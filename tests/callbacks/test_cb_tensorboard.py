@@ -84,10 +84,10 @@ def test_custom_layout_histogram_and_image_per_measurement(run):
     hist = acc.Histograms("ntk/eigenvalues")
     assert [h.step for h in hist] == [0, 1, 2, 5, 10, 12]
     assert hist[0].histogram_value.num == 8 * 3  # N*O eigenvalues of the full kernel
-    assert [i.step for i in acc.Images("ntk/kernel")] == [0, 1, 2, 5, 10, 12]
+    assert [i.step for i in acc.Images("images/ntk_kernel")] == [0, 1, 2, 5, 10, 12]
 
 
-def test_hparams_session_lists_the_module_hparams_first_and_the_monitor_settings(run):
+def test_hparams_columns_are_the_module_hparams_and_sessions_keep_the_monitor_settings(run):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     from lazy_monitor.callbacks._tensorboard import HPARAMS_METRICS
@@ -99,9 +99,11 @@ def test_hparams_session_lists_the_module_hparams_first_and_the_monitor_settings
     differs = {h.name: h.differs for h in exp.experiment.hparam_infos}
     # the module's save_hyperparameters values are the columns that differ between runs
     assert differs["lr"] and differs["batch_size"]
-    assert not differs["lazy_monitor/every_n_steps"] and "lazy_monitor/probe_size" in differs
+    # the monitor's settings (the same in a sweep) are no columns, but each session has them
+    assert not any(name.startswith("lazy_monitor/") for name in differs)
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     assert start.session_start_info.hparams["lr"].number_value > 0
+    assert start.session_start_info.hparams["lazy_monitor/every_n_steps"].number_value == 5
     # every metric of the table is a logged scalar series (TensorBoard reads the values there)
     assert set(HPARAMS_METRICS) <= set(acc.Tags()["scalars"])
 
@@ -120,12 +122,29 @@ def test_log10_companions_skip_the_reference_and_match_the_metric(run):
 
 def test_run_summary_text_and_layer_heatmap(run):
     _, _, acc = run
-    (summary,) = acc.Tensors("lazy_monitor/summary/text_summary")
+    (summary,) = acc.Tensors("lazy_monitor/1_verdict/text_summary")
     text = summary.tensor_proto.string_val[0].decode()
     assert text.startswith("### lazy_monitor: ") and "| `ntk/rel_change` |" in text
     assert "ntk/rel_change ≤ 0.1" in text
     # heatmap at measurements 2, 4 and at the end (6 measurements)
-    assert [i.step for i in acc.Images("drift_layer/heatmap")] == [1, 5, 12]
+    assert [i.step for i in acc.Images("images/layer_drift")] == [1, 5, 12]
+
+
+def test_thresholds_are_flat_series_in_their_metrics_charts(run):
+    trainer, _, acc = run
+    # the default thresholds at the first measurement (step 0) and at train end (12),
+    # TensorBoard only (not in callback_metrics)
+    flat = scalars(acc, "threshold/ntk/rel_change")  # float32 in the event file
+    assert flat == dict.fromkeys([0, 12], pytest.approx(0.1))
+    assert "threshold/ntk/rel_change" not in trainer.callback_metrics
+    log = scalars(acc, "threshold/drift/log10_ntk_rel_change")
+    assert list(log.values()) == [pytest.approx(-1.0)] * 2
+    layout = layout_pb2.Layout.FromString(
+        acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    )
+    tags = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert "^threshold/drift/log10_ntk_rel_change$" in tags["log10 |K-K0|/|K0|"]
+    assert "^threshold/lin/rel_error$" in tags["relative error |f-f_lin|"]
 
 
 def test_callback_metrics_hold_the_last_measurement_as_tensors(run):

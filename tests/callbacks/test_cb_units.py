@@ -185,9 +185,11 @@ def test_custom_layout_has_the_four_categories_and_only_logged_tags():
     with_log10 = custom_layout([*names, "drift/log10_ntk_rel_change"])
     assert list(with_log10)[0] == "drift (log10)"
     assert "kernel-target alignment" not in layout["kernel drift"]
-    (per_layer,) = layout["kernel drift"]["relative change per layer"][1]
+    # the metric's pattern, then its lazy threshold's (a flat line in the same chart)
+    per_layer, threshold = layout["kernel drift"]["relative change per layer"][1]
     assert re.search(per_layer, "ntk_layer/net.0/rel_change")
     assert not re.search(per_layer, "params_layer/net.0/rel_change")
+    assert re.search(threshold, "threshold/ntk_layer/net.0/rel_change")
 
 
 def test_kernel_image_maps_zero_to_grey_and_extremes_to_black_white():

@@ -21,8 +21,8 @@ import pytest
 from lazy_monitor.cli.main import main
 
 KEY_TAGS = {"ntk/rel_change", "params/rel_change", "lin/rel_error", "regime/lazy"}
-RUNS = ("lazy_w00016", "lazy_w00064", "nonlazy_w00016_alpha0.1")  # table rows
-LOGGED = [f"lazy_w{w:05d}_init{i}" for w in (16, 64) for i in range(2)] + [RUNS[2]]  # run dirs
+RUNS = ("w0016", "w0064", "nonlazy_w0016")  # table rows
+LOGGED = [f"w{w:04d}_init{i}" for w in (16, 64) for i in range(2)] + [RUNS[2]]  # run dirs
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,8 @@ def demo(tmp_path_factory):
 
 
 def _width(run: str) -> int:
-    """The width in a run directory name (``lazy_w00016_init0``, ``nonlazy_w00064_...``)."""
-    return int(re.search(r"_w(\d+)", run).group(1))
+    """The width in a run directory name (``w0016_init0``, ``nonlazy_w0064``)."""
+    return int(re.search(r"(?:^|_)w(\d+)", run).group(1))
 
 
 def _table(text: str) -> dict[str, list[str]]:
@@ -60,23 +60,24 @@ def test_demo_exits_0_and_prints_one_row_per_width(demo):
     rows = _table(text)
     assert set(rows) == set(RUNS)
     # run, width, inits, alpha, lr, ntk/rel_change, params/rel_change, lin/rel_error, verdict
-    assert rows["lazy_w00064"][1:5] == ["64", "2", "1", "1"]
-    assert rows["nonlazy_w00016_alpha0.1"][1:5] == ["16", "1", "0.1", "100"]
+    assert rows["w0064"][1:5] == ["64", "2", "1", "1"]
+    assert rows["nonlazy_w0016"][1:5] == ["16", "1", "0.1", "100"]
     for row in rows.values():
         assert all(float(v) >= 0 for v in row[5:8])
 
 
 def test_demo_non_lazy_run_is_judged_non_lazy(demo):
     rows = _table(demo[1])
-    assert rows["nonlazy_w00016_alpha0.1"][-1] == "non-lazy"
+    assert rows["nonlazy_w0016"][-1] == "non-lazy"
     # α = 0.1 must move the kernel far more than the lazy sweep at the same width
-    assert float(rows["nonlazy_w00016_alpha0.1"][5]) > 5 * float(rows["lazy_w00016"][5])
+    assert float(rows["nonlazy_w0016"][5]) > 5 * float(rows["w0016"][5])
 
 
 def test_demo_writes_event_files_that_report_reads_back(demo, capsys):
     _, text, out_dir = demo
     for run in LOGGED:
-        assert list((out_dir / run).glob("version_*/events.out.tfevents.*")), run
+        # one folder per run, no version_N: the run name is what TensorBoard's tables show
+        assert list((out_dir / run).glob("events.out.tfevents.*")), run
     logged = _report(out_dir, capsys)
     assert set(logged) == set(LOGGED)
     for run in LOGGED:
@@ -84,8 +85,8 @@ def test_demo_writes_event_files_that_report_reads_back(demo, capsys):
         assert logged[run]["last_step"] == 20
     rows = _table(text)
     for width in (16, 64):  # the table shows the mean over the initialisations
-        mean = sum(_final(logged, f"lazy_w{width:05d}_init{i}") for i in range(2)) / 2
-        assert float(rows[f"lazy_w{width:05d}"][5]) == pytest.approx(mean, rel=1e-3)
+        mean = sum(_final(logged, f"w{width:04d}_init{i}") for i in range(2)) / 2
+        assert float(rows[f"w{width:04d}"][5]) == pytest.approx(mean, rel=1e-3)
 
 
 def test_demo_prints_the_slope_fitted_to_every_run_and_the_tensorboard_line(demo, capsys):
@@ -94,7 +95,7 @@ def test_demo_prints_the_slope_fitted_to_every_run_and_the_tensorboard_line(demo
     assert match, text
     logged = _report(out_dir, capsys)
     points = [
-        (math.log(w), math.log(_final(logged, f"lazy_w{w:05d}_init{i}")))
+        (math.log(w), math.log(_final(logged, f"w{w:04d}_init{i}")))
         for w in (16, 64)
         for i in range(2)
     ]
@@ -109,7 +110,7 @@ def test_check_gates_the_demo_runs(demo, capsys):
     out_dir = demo[2]
     assert main(["check", str(out_dir), "--max", "ntk/rel_change=0.5"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL  nonlazy_w00016_alpha0.1" in out and "PASS  lazy_w00064_init0" in out
+    assert "FAIL  nonlazy_w0016" in out and "PASS  w0064_init0" in out
     assert main(["check", str(out_dir), "--max", "ntk/rel_change=1000"]) == 0
 
 
@@ -177,7 +178,7 @@ def test_tensorboard_serves_the_demo_metric_tags(demo):
             time.sleep(0.5)
         else:
             pytest.fail(f"tensorboard did not serve the metric tags in 90 s; served: {served}")
-        run = next(r for r in served if r.startswith("lazy_w00064_init0"))
+        run = next(r for r in served if r.startswith("w0064_init0"))
         points = _get_json(
             f"{base}/data/plugin/scalars/scalars?run={urllib.parse.quote(run)}&tag=ntk/rel_change"
         )
@@ -211,9 +212,31 @@ def test_demo_hparams_table_has_the_sweep_variables_first(demo):
         acc.Reload()
         content = acc.PluginTagToContent("hparams")
         exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-        differs = sorted(h.name for h in exp.experiment.hparam_infos if h.differs)
-        assert differs == ["alpha", "lr", "width"]
+        # the sweep's variables are the columns, in this order; the monitor's settings are not
+        columns = [h.name for h in exp.experiment.hparam_infos]
+        assert columns == ["width", "alpha", "lr", "init"]
+        assert all(h.differs for h in exp.experiment.hparam_infos)
+        assert [m.name.tag for m in exp.experiment.metric_infos][:2] == [
+            "regime/lazy",
+            "ntk/rel_change",
+        ]
         start = plugin_data_pb2.HParamsPluginData.FromString(
             content["_hparams_/session_start_info"]
         )
         assert start.session_start_info.hparams["width"].number_value == _width(run)
+
+
+def test_a_second_demo_replaces_the_runs_of_the_first_and_spares_other_files(tmp_path):
+    from lazy_monitor.cli import demo as demo_cli
+
+    plan = [demo_cli.DemoRun(n, 16, 1.0, 1.0, True, Path()) for n in ("w0016_init0", "other")]
+    old = tmp_path / "w0016_init0"
+    old.mkdir()
+    (old / "events.out.tfevents.1.host").write_bytes(b"")
+    (old / "hparams.yaml").write_text("width: 16\n")
+    assert demo_cli._clear_previous(tmp_path, plan) == [] and not old.exists()
+    mine = tmp_path / "other"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert demo_cli._clear_previous(tmp_path, plan) == [str(mine)]
+    assert (mine / "notes.txt").read_text() == "keep"

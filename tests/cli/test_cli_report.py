@@ -93,7 +93,7 @@ def test_plot_writes_a_png(logdir, tmp_path, capsys):
 def test_plot_without_matplotlib_is_a_clear_error(logdir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     assert main(["report", str(logdir), "--plot", str(tmp_path / "x.png")]) == 2
-    assert "pip install matplotlib" in capsys.readouterr().err
+    assert 'pip install "lazy-monitor[viz]"' in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 

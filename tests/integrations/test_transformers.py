@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
+from lazy_monitor.callbacks._tensorboard import IMAGE_TAG, LAYER_IMAGE_TAG, SUMMARY_TAG  # noqa: E402
 from lazy_monitor.integrations.transformers import (  # noqa: E402
     MONITOR_STATE_FILE,
     KernelDriftError,
@@ -163,12 +165,34 @@ def test_tensorboard_extras_of_a_lightning_run_and_a_headline_console(tmp_path, 
     tags = _tags(tmp_path)
     assert "custom_scalars__config__" in tags["tensors"]  # the layout
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= tags["hparams"]
-    assert {"lazy_monitor/summary/text_summary"} <= tags["tensors"]
-    assert "ntk/eigenvalues" in tags["histograms"] and "ntk/kernel" in tags["images"]
-    assert "drift_layer/heatmap" in tags["images"]  # per-layer heatmap (per_layer default)
+    assert f"{SUMMARY_TAG}/text_summary" in tags["tensors"]  # the run's verdict card
+    assert "ntk/eigenvalues" in tags["histograms"] and IMAGE_TAG in tags["images"]
+    assert LAYER_IMAGE_TAG in tags["images"]  # per-layer heatmap (per_layer default)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "[lazy_monitor]" in ln]
     assert len(lines) == 3 and all(len(ln) < 200 for ln in lines)  # headline values only
     assert "ntk/rel_change=" in lines[-1] and "features/" not in lines[-1]
+
+
+def test_the_cli_reads_an_hf_run_folder(tmp_path: Path, capsys) -> None:
+    # `lazy-monitor check/report/report --plot` on the Trainer's output_dir, as a user would
+    pytest.importorskip("matplotlib")
+    from lazy_monitor.cli.main import main
+
+    trainer = _trainer(tmp_path, max_steps=4, callbacks=[])
+    _monitor(every_n_steps=2).attach(trainer)
+    trainer.train()
+    final = _scalars(tmp_path)[4]
+    assert final > 0
+    capsys.readouterr()
+    assert main(["check", str(tmp_path), "--max", f"ntk/rel_change={2 * final}"]) == 0
+    assert main(["check", str(tmp_path), "--max", f"ntk/rel_change={final / 2}"]) == 1
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert len(runs) == 1 and runs[0]["verdict"] in ("lazy", "non-lazy")
+    png = tmp_path / "drift.png"
+    assert main(["report", str(tmp_path), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 10_000  # a drawn figure, not an empty canvas
 
 
 @pytest.mark.parametrize("logging_steps, every", [(2, 2), (1, 3), (3, 2)])

@@ -235,7 +235,8 @@ def feature_hooks(
             ``{module: reason}`` for each module left out of the dict -- ``"constant"``
             (the same features for every example: CKA is undefined), ``"output"`` (only with
             ``strict=False``: the module computing the model's output, see below) and, with
-            ``strict=False``, ``"untrackable"`` (not called once, not batched, no tensor).
+            ``strict=False``, ``"unbatched"`` (an output shared by the batch, e.g. position embeddings),
+            ``"untrackable"`` (not called once, no tensor).
             The output layer is the last recorded module to finish when no other module with
             parameters of its own runs after it (enclosing modules and parameter-free tails
             such as a scale or a softmax aside) and its output has as many values per example
@@ -258,6 +259,7 @@ def feature_hooks(
     problems: list[str] = []
     bad: set[str] = set()
     constant: set[str] = set()
+    unbatched: set[str] = set()  # shared by the batch (e.g. position embeddings): no features
     dims: dict[str, int] = {}
     order: list[str] = []  # every module, in the order its forward finishes (select only)
     out_size: list[Optional[int]] = [None]
@@ -270,6 +272,7 @@ def feature_hooks(
             elif name in captured or name in bad:
                 problems.append(f"module {name!r} was called more than once in one forward")
             elif t.dim() == 0 or t.shape[0] != n:
+                unbatched.add(name)
                 problems.append(
                     f"module {name!r} output has shape {tuple(t.shape)}, not batched with {n} "
                     "examples on dim 0"
@@ -308,6 +311,8 @@ def feature_hooks(
                 select[name] = "constant"
             elif name == out:
                 select[name] = "output"
+            elif not strict and name in unbatched and name not in captured:
+                select[name] = "unbatched"
             elif not strict and (name in bad or name not in captured):
                 select[name] = "untrackable"
         for name in select:

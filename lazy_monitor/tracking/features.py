@@ -114,7 +114,8 @@ def report_feature_selection(
 ) -> list[str]:
     """The tracked modules (candidates with a Gram, in candidate order) after the selecting
     forward (:func:`gram_hooks` with ``select=reasons``); one warning for untrackable default
-    modules, one info line for the output layer and constant features."""
+    modules (called more than once, no tensor), one info line for the output layer, outputs
+    shared by the batch and constant features."""
     kept = [m for m in candidates if m in tracked and m not in reasons]
     by = {r: [m for m in candidates if reasons.get(m) == r] for r in set(reasons.values())}
 
@@ -134,6 +135,11 @@ def report_feature_selection(
         parts.append(
             f"{short(by['output'])} is the output layer (its output is the model's: lin/* "
             "tracks it; name it in feature_modules to get its CKA)"
+        )
+    if by.get("unbatched"):
+        parts.append(
+            f"{short(by['unbatched'])} output(s) one tensor shared by the whole batch (e.g. "
+            "position embeddings): no per-example features"
         )
     if by.get("constant"):
         parts.append(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -201,3 +203,28 @@ def test_untrackable_default_modules_are_skipped_with_a_warning_explicit_ones_ra
     assert KernelTracker(_Shared(), x, feature_modules=["head"]).feature_modules == ["head"]
     with pytest.raises(ValueError, match="called more than once"):
         KernelTracker(_Shared(), x, feature_modules=["inner"])
+
+
+class _PositionEmbedded(nn.Module):
+    """A position embedding: its output is one tensor shared by the whole batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pos = nn.Embedding(4, 3).double()
+        self.body = nn.Linear(3, 3).double()
+        self.head = nn.Linear(3, 1).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, 4, 3)
+        h = x + self.pos(torch.arange(4))  # (4, 3), broadcast over the batch
+        return self.head(torch.tanh(self.body(h)).mean(1))
+
+
+def test_batch_shared_default_modules_are_left_out_with_an_info_line_not_a_warning(caplog):
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all
+        with caplog.at_level(logging.INFO, logger="lazy_monitor"):
+            tracker = KernelTracker(_PositionEmbedded(), x)
+    assert tracker.feature_modules == ["body"]
+    assert "['pos'] output(s) one tensor shared by the whole batch" in caplog.text

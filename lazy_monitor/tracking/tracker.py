@@ -1136,6 +1136,8 @@ class KernelTracker:
 def _probe_error(err: Exception, model: nn.Module, probe: InputBatch) -> Exception:
     """The model's own error on the probe, with the probe's shape, what the model's first
     layer expects, and the tuple hint for several positional inputs."""
+    if isinstance(err, F.OutputSelectionError):  # the output, not the probe: output_fn is the fix
+        return err
     shapes = F.map_batch(probe, lambda t: tuple(t.shape))
     hints = [f"the probe has shape {shapes}"]
     first = next(

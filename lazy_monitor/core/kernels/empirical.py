@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
@@ -24,7 +23,14 @@ from .._functional import (
     side_effect_guard,
     slice_batch,
 )
-from ._common import _FACTOR_BUDGET, _BlockSink, check_same_outputs, finalize, kernel_shape
+from ._common import (
+    _FACTOR_BUDGET,
+    _BlockSink,
+    check_same_outputs,
+    finalize,
+    kernel_shape,
+    warn_once,
+)
 from .config import NtkConfig, NtkImplementation
 from .errors import StructuredPlanError
 from .jacobian import JacobianRows, jacobian_ntk
@@ -246,7 +252,7 @@ def _run_explicit(
     rows_fn: JacobianRows,
 ) -> _BlockSink:
     names = list(p)
-    if impl is NtkImplementation.STRUCTURED:
+    if impl in (NtkImplementation.STRUCTURED, NtkImplementation.AUTO):
         return structured_ntk(
             fm,
             p,
@@ -260,6 +266,7 @@ def _run_explicit(
             keep_blocks,
             config.chunk_size,
             rows_fn,
+            choose=impl is NtkImplementation.AUTO,  # auto: priced against the Jacobian path
         )
     n_out = _probe_output_size(fm, p, slice_batch(xa, slice(0, 1)))
     if xb is not None:
@@ -281,12 +288,14 @@ def _run_explicit(
 
 def _run_auto(*args: Any) -> _BlockSink:
     try:
-        return _run_explicit(NtkImplementation.STRUCTURED, *args)
+        return _run_explicit(NtkImplementation.AUTO, *args)
     except StructuredPlanError as err:
-        warnings.warn(
-            f"empirical_ntk(implementation='auto'): {err}; this call uses the Jacobian "
-            "contraction (same kernel)",
-            RuntimeWarning,
+        reason = getattr(err, "reason", str(err))
+        warn_once(
+            args[0].model,
+            f"plan: {reason}",
+            f"empirical_ntk: {reason}, so the structured plan does not hold; this model's "
+            "kernels use the Jacobian contraction (same kernel)",
             stacklevel=4,
         )
         return _run_explicit(NtkImplementation.JACOBIAN, *args)

@@ -4,7 +4,7 @@ Every model is built from a tiny config (no download), float32, ``N = 32`` probe
 the full kernel ``(N, N, O, O)`` of a small output (classifier logits, or a language model's
 last-token logits over a 16-token vocabulary). In one process, per model: one warm-up call of
 each implementation, then ``--repeats`` rounds alternating ``auto`` and ``jacobian`` (so both
-see the same machine load); the row reports the medians, their ratio, and the plan the
+see the same machine load; ABBA order); the row reports the medians, their ratio, and the plan the
 default path used (:func:`lazy_monitor.core.kernels.plan.describe_plan`: which parameters are
 factorised, which go to the Jacobian remainder, or the whole call on the Jacobian path).
 
@@ -85,46 +85,13 @@ def _causal_lm(name: str) -> Case:
     import transformers as tf
 
     common = dict(vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0)
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    kv = dict(num_key_value_heads=2)
     configs = {
-        "llama": lambda: tf.LlamaForCausalLM(
-            tf.LlamaConfig(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                **common,
-            )
-        ),
-        "mistral": lambda: tf.MistralForCausalLM(
-            tf.MistralConfig(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                **common,
-            )
-        ),
-        "qwen2": lambda: tf.Qwen2ForCausalLM(
-            tf.Qwen2Config(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                **common,
-            )
-        ),
-        "gpt_neox": lambda: tf.GPTNeoXForCausalLM(
-            tf.GPTNeoXConfig(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                **common,
-            )
-        ),
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**sizes, **kv, **common)),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**sizes, **kv, **common)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**sizes, **kv, **common)),
+        "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**sizes, **common)),
         "gpt2": lambda: tf.GPT2LMHeadModel(
             tf.GPT2Config(
                 vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4, pad_token_id=0
@@ -362,8 +329,8 @@ def bench_model(name: str, repeats: int) -> dict[str, Any]:
         k_auto, k_jac = runs["auto"](), runs["jacobian"]()  # warm-up (and a check)
         err = float((k_auto - k_jac).abs().max() / k_jac.abs().max())
         times: dict[str, list[float]] = {"auto": [], "jacobian": []}
-        for _ in range(repeats):
-            for impl in ("auto", "jacobian"):
+        for i in range(repeats):  # ABBA order: neither implementation always runs first
+            for impl in ("auto", "jacobian") if i % 2 == 0 else ("jacobian", "auto"):
                 times[impl].append(_time(runs[impl]))
     loop = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     plan = describe_plan(model, x, output_fn=output_fn)
@@ -382,16 +349,11 @@ def bench_model(name: str, repeats: int) -> dict[str, Any]:
 
 
 def _mlp() -> nn.Module:
+    """MLP 784-1024-1024-1024-10 (benchmarks/bench_kernels.py's ``mlp``)."""
+    from bench_kernels import mlp
+
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(784, 1024),
-        nn.ReLU(),
-        nn.Linear(1024, 1024),
-        nn.ReLU(),
-        nn.Linear(1024, 1024),
-        nn.ReLU(),
-        nn.Linear(1024, 10),
-    )
+    return mlp()
 
 
 def _spin(stop: Any) -> None:

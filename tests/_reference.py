@@ -64,8 +64,14 @@ def reference_jacobian(
         rows: list[list[Tensor]] = [[] for _ in wrt]
         for i in range(n):
             for a in range(out.shape[1]):
-                grads = torch.autograd.grad(out[i, a], wrt, retain_graph=True, allow_unused=True)
-                for j, (g, p) in enumerate(zip(grads, wrt)):
+                # .backward() and .grad rather than autograd.grad(inputs=...): the reentrant
+                # torch.utils.checkpoint (which a model may call even in eval mode) supports
+                # only the former.
+                for p in wrt:
+                    p.grad = None
+                out[i, a].backward(retain_graph=True)
+                for j, p in enumerate(wrt):
+                    g = p.grad
                     rows[j].append(torch.zeros_like(p).flatten() if g is None else g.flatten())
     o = out.shape[1]
     return {k: torch.stack(r).reshape(n, o, -1) for k, r in zip(names, rows)}

@@ -8,12 +8,13 @@ and tiny, so that the float64 brute-force reference of ``tests/_reference.py`` s
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ZOO", "ZooCase", "build"]
+__all__ = ["ZOO", "ZOO_MULTI_INPUT", "ZooCase", "build"]
 
 
 @dataclasses.dataclass
@@ -62,7 +63,7 @@ def gpt2(dtype: torch.dtype = torch.float64, n_layer: int = 1, n: int = 3) -> Zo
     )
     model = GPT2LMHeadModel(cfg).to(dtype).eval()
     x = torch.randint(0, 11, (n, 4), generator=torch.Generator().manual_seed(1))
-    return ZooCase(model, x, lambda out: out.logits[:, -1], no_forward_ad=True)
+    return ZooCase(model, x, lambda out: out.logits[:, -1])
 
 
 class _SeqFirstEncoder(nn.Module):
@@ -87,7 +88,9 @@ def encoder(batch_first: bool, dtype: torch.dtype = torch.float64, layers: int =
     else:
         body = _SeqFirstEncoder(d)
     model = _Head(body, d).to(dtype)
-    return ZooCase(model, torch.randn(3, 5, d, dtype=dtype), no_forward_ad=True)  # SDPA
+    # SDPA and the encoder fast path have no forward-mode AD rule, but a measurement runs
+    # attention on SDPA's math backend without the fast path (measurement_mode)
+    return ZooCase(model, torch.randn(3, 5, d, dtype=dtype))
 
 
 class _Mha(nn.Module):
@@ -104,10 +107,7 @@ class _Mha(nn.Module):
 
 def mha(dtype: torch.dtype = torch.float64) -> ZooCase:
     torch.manual_seed(0)
-    # scaled_dot_product_attention on CPU has no forward-mode AD rule.
-    return ZooCase(
-        _Head(_Mha(8), 8).to(dtype), torch.randn(3, 4, 8, dtype=dtype), no_forward_ad=True
-    )
+    return ZooCase(_Head(_Mha(8), 8).to(dtype), torch.randn(3, 4, 8, dtype=dtype))
 
 
 class _Rnn(nn.Module):
@@ -257,6 +257,160 @@ def norm(name: str, dtype: torch.dtype = torch.float64) -> ZooCase:
     return ZooCase(model, x)
 
 
+class _CheckpointedBlock(nn.Module):
+    """Pre-norm residual MLP block."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+class _Checkpointed(nn.Module):
+    """timm-style: every block runs through ``torch.utils.checkpoint.checkpoint`` whatever the
+    mode (``checkpoint`` imported by name, as such code does)."""
+
+    def __init__(self, d: int, use_reentrant: bool) -> None:
+        super().__init__()
+        self.use_reentrant = use_reentrant
+        self.stem = nn.Linear(4, d)
+        self.blocks = nn.ModuleList([_CheckpointedBlock(d) for _ in range(2)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.stem(x)
+        for block in self.blocks:
+            h = checkpoint(block, h, use_reentrant=self.use_reentrant)
+        return self.head(h.mean(1))
+
+
+def checkpointed(use_reentrant: bool, dtype: torch.dtype = torch.float64) -> ZooCase:
+    """Blocks checkpointed unconditionally; built in training mode (as during fine-tuning)."""
+    torch.manual_seed(0)
+    model = _Checkpointed(8, use_reentrant).to(dtype).train()
+    return ZooCase(model, torch.randn(3, 5, 4, dtype=dtype))
+
+
+def _left_padded(n: int, t: int, vocab: int, pad: int = 0) -> dict[str, Tensor]:
+    """``input_ids``/``attention_mask`` of ``n`` sequences, left-padded to ``t`` (lengths
+    ``t, t-1, t-2, ...``)."""
+    ids = torch.randint(1, vocab, (n, t), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(n, t, dtype=torch.long)
+    for i in range(n):
+        mask[i, : min(i, t - 1)] = 0
+    return {"input_ids": ids.masked_fill(mask == 0, pad), "attention_mask": mask}
+
+
+def llama_lora(dtype: torch.dtype = torch.float64) -> ZooCase:
+    """HF ``LlamaForCausalLM`` from a tiny config (SDPA attention, the default) with peft LoRA
+    on ``q_proj``/``v_proj`` at its default init (``lora_B = 0``), gradient checkpointing
+    enabled, in training mode; left-padded ``attention_mask``; last-token logits (O = 13)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=13,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        pad_token_id=0,
+    )
+    base = LlamaForCausalLM(cfg).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the gradient_checkpointing_* renames
+        base.gradient_checkpointing_enable()
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    model = get_peft_model(base, lora).train()
+    return ZooCase(model, _left_padded(3, 5, 13), lambda out: out.logits[:, -1])
+
+
+def vit(dtype: torch.dtype = torch.float64) -> ZooCase:
+    """HF ``ViTForImageClassification`` from a tiny config (class token, learned position
+    embeddings, SDPA attention)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=2,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        num_labels=3,
+    )
+    model = ViTForImageClassification(cfg).to(dtype).eval()
+    return ZooCase(model, torch.randn(3, 2, 8, 8, dtype=dtype), lambda out: out.logits)
+
+
+class _MhaPadded(nn.Module):
+    """Batch-first ``nn.MultiheadAttention`` with a ``key_padding_mask`` (fast path eligible in
+    eval mode; ``need_weights=False`` takes the SDPA path)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor) -> Tensor:
+        h = self.attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        return self.head(torch.tanh(h).mean(1))
+
+
+def _padding_mask(n: int, t: int) -> Tensor:
+    """``True`` at padded positions: example ``i`` has its last ``min(i, t - 1)`` padded."""
+    mask = torch.zeros(n, t, dtype=torch.bool)
+    for i in range(n):
+        mask[i, t - min(i, t - 1) :] = True
+    return mask
+
+
+def mha_padded(dtype: torch.dtype = torch.float64) -> ZooCase:
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=dtype)
+    return ZooCase(_MhaPadded(8).to(dtype).eval(), (x, _padding_mask(3, 5)))
+
+
+class _EncoderPadded(nn.Module):
+    """``nn.TransformerEncoder`` (nested-tensor fast path enabled) with a key padding mask."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: Tensor, src_key_padding_mask: Tensor) -> Tensor:
+        h = self.enc(x, src_key_padding_mask=src_key_padding_mask)
+        return self.head(h[:, 0])
+
+
+def encoder_padded(dtype: torch.dtype = torch.float64) -> ZooCase:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the nested-tensor prototype note
+        model = _EncoderPadded(8).to(dtype).eval()
+    x = torch.randn(3, 5, 8, dtype=dtype)
+    return ZooCase(model, (x, _padding_mask(3, 5)))
+
+
 ZOO: dict[str, Callable[[], ZooCase]] = {
     "gpt2": gpt2,
     "encoder_batch_first": lambda: encoder(True),
@@ -272,6 +426,9 @@ ZOO: dict[str, Callable[[], ZooCase]] = {
     "class_token": class_token,
     "conv_transpose": conv_transpose,
     "depthwise_conv": depthwise_conv,
+    "checkpoint_reentrant": lambda: checkpointed(True),
+    "checkpoint_nonreentrant": lambda: checkpointed(False),
+    "vit": vit,
     **{
         f"norm_{k}": (lambda k=k: norm(k))
         for k in ("batchnorm", "layernorm", "groupnorm", "instancenorm", "rmsnorm")
@@ -279,5 +436,14 @@ ZOO: dict[str, Callable[[], ZooCase]] = {
 }
 
 
+# Models whose probe is a dict or tuple of tensors (keyword arguments, masks): every engine
+# test covers them; tests that need a single input tensor (a TensorDataset fit) use ZOO only.
+ZOO_MULTI_INPUT: dict[str, Callable[[], ZooCase]] = {
+    "llama_lora": llama_lora,
+    "mha_padded": mha_padded,
+    "encoder_padded": encoder_padded,
+}
+
+
 def build(name: str) -> ZooCase:
-    return ZOO[name]()
+    return {**ZOO, **ZOO_MULTI_INPUT}[name]()

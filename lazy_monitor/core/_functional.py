@@ -8,12 +8,18 @@ The kernel engine and the linearization both need the same four things:
 * a pure function ``f(params, x) -> (N, O)`` of those parameters, with the batch dimension kept
   and every other output dimension flattened into ``O``;
 * a guard that evaluates in eval semantics, in full precision, with gradients enabled, and
-  leaves the module exactly as it found it (training flags, buffers, RNG state, ``.grad``).
+  leaves the module exactly as it found it (training flags, buffers, RNG state, ``.grad``);
+* :func:`measurement_mode`, the one place that decides how attention and activation
+  checkpointing run while a model is measured (entered by :func:`side_effect_guard`, so every
+  entry point of the engine, the linearization and the trackers goes through it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
@@ -26,6 +32,7 @@ OutputFn = Callable[[Any], Tensor]
 __all__ = [
     "InputBatch",
     "OutputFn",
+    "OutputSelectionError",
     "as_device",
     "FunctionalModel",
     "batch_size",
@@ -34,6 +41,8 @@ __all__ = [
     "eval_mode",
     "linear_jvp",
     "map_batch",
+    "measurement_mode",
+    "measurement_threads",
     "resolve_params",
     "select_output",
     "side_effect_guard",
@@ -193,6 +202,21 @@ def resolve_params(
     return {name: p.detach() for name, p in selected.items()}
 
 
+class OutputSelectionError(TypeError):
+    """The model's output is not a tensor and ``output_fn`` does not (or cannot) pick one: the
+    fix is ``output_fn``, whatever the inputs were."""
+
+
+def _tensor_fields(out: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of the tensor fields of a ``ModelOutput``/dict/dataclass-like output."""
+    items: Any = ()
+    if isinstance(out, Mapping):
+        items = out.items()
+    elif hasattr(out, "__dict__"):
+        items = vars(out).items()
+    return [(str(k), tuple(v.shape)) for k, v in items if isinstance(v, Tensor)]
+
+
 def select_output(out: Any, output_fn: Optional[OutputFn]) -> Tensor:
     """``output_fn(out)`` (by default: ``out`` itself, or ``out.logits`` when ``out`` is not a
     Tensor but has a Tensor attribute ``logits``, e.g. a Hugging Face ``ModelOutput``), which
@@ -206,9 +230,17 @@ def select_output(out: Any, output_fn: Optional[OutputFn]) -> Tensor:
     elif not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
         out = out.logits
     if not isinstance(out, Tensor):
-        raise TypeError(
-            f"the model returned {type(out).__name__}, not a Tensor; pass "
-            "output_fn=... to select the output tensor (e.g. lambda out: out.logits)"
+        what = "output_fn returned" if output_fn is not None else "the model returned"
+        fields = _tensor_fields(out)
+        if fields:
+            name = fields[-1][0] if fields[-1][0] == "pooler_output" else fields[0][0]
+            listing = ", ".join(f"{k} {shape}" for k, shape in fields)
+            hint = f"its tensors: {listing}; e.g. output_fn=lambda out: out.{name}"
+        else:
+            hint = "e.g. output_fn=lambda out: out.logits"
+        raise OutputSelectionError(
+            f"{what} {type(out).__name__}, not a Tensor (no `logits`); pass output_fn=... "
+            f"to select the output to measure ({hint})"
         )
     return out
 
@@ -309,6 +341,244 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+class _PlainCall:
+    """Stands in for ``torch.utils.checkpoint.CheckpointFunction`` (the reentrant checkpoint):
+    ``apply(function, preserve_rng_state, *args)`` calls the function once, nothing saved."""
+
+    @staticmethod
+    def apply(function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
+        del preserve_rng_state
+        return function(*args)
+
+
+def _plain_generator(*args: Any, **kwargs: Any) -> Iterator[None]:
+    """Stands in for the non-reentrant checkpoint's context generator: ``checkpoint`` advances
+    it once before and once after calling the function; here both steps do nothing."""
+    del args, kwargs
+    yield
+
+
+class _CheckpointSwitch:
+    """Process-wide switch (reference-counted, so nested and concurrent measurements compose)
+    that turns ``torch.utils.checkpoint.checkpoint`` into a plain call of its function.
+
+    ``checkpoint`` looks up ``CheckpointFunction`` and ``_checkpoint_without_reentrant_generator``
+    in its module at call time, so replacing those two names reaches every caller, however it
+    imported ``checkpoint`` (``from torch.utils.checkpoint import checkpoint``, HF's
+    ``functools.partial(checkpoint, ...)``, ``checkpoint_sequential``)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.saved: Optional[tuple[Any, Any]] = None
+
+    @contextlib.contextmanager
+    def off(self) -> Iterator[None]:
+        import torch.utils.checkpoint as cp
+
+        if not hasattr(cp, "CheckpointFunction") or not hasattr(
+            cp, "_checkpoint_without_reentrant_generator"
+        ):  # pragma: no cover - a torch without these internals: leave checkpointing alone
+            yield
+            return
+        with self.lock:
+            if self.depth == 0:
+                self.saved = (cp.CheckpointFunction, cp._checkpoint_without_reentrant_generator)
+                cp.CheckpointFunction = _PlainCall
+                cp._checkpoint_without_reentrant_generator = _plain_generator
+            self.depth += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.depth -= 1
+                if self.depth == 0 and self.saved is not None:
+                    cp.CheckpointFunction, cp._checkpoint_without_reentrant_generator = self.saved
+                    self.saved = None
+
+
+_CHECKPOINT = _CheckpointSwitch()
+
+
+# The Hugging Face attention implementation measurements run with: SDPA (math backend, see
+# :func:`measurement_mode`) with the mask always materialised as a boolean tensor. HF's own
+# "sdpa" decides whether it may skip the mask with data-dependent checks (``padding_mask.all()``)
+# that ``vmap`` cannot run; its "eager" softmax runs in float32, where a float64 model's
+# fully-masked (left-padding) rows become NaN.
+_HF_ATTENTION = "lazy_monitor_sdpa"
+_HF_REGISTERED: list[bool] = []
+
+
+def _hf_measurement_attention() -> Optional[str]:
+    """Register (once) and return the name of the measurement attention in transformers'
+    ``AttentionInterface``/``AttentionMaskInterface``; None where that API is missing."""
+    if not _HF_REGISTERED:
+        try:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+            from transformers.modeling_utils import AttentionInterface
+        except Exception:  # noqa: BLE001 - transformers missing or another version's layout
+            _HF_REGISTERED.append(False)
+            return None
+
+        def mask(*args: Any, **kwargs: Any) -> Any:
+            kwargs["allow_is_causal_skip"] = False
+            kwargs["allow_is_bidirectional_skip"] = False
+            return sdpa_mask(*args, **kwargs)
+
+        AttentionInterface.register(_HF_ATTENTION, sdpa_attention_forward)
+        AttentionMaskInterface.register(_HF_ATTENTION, mask)
+        _HF_REGISTERED.append(True)
+    return _HF_ATTENTION if _HF_REGISTERED[0] else None
+
+
+def _attention_configs(model: nn.Module) -> list[tuple[Any, str, Any]]:
+    """``(config, attribute, value)`` of every Hugging Face config reachable from the model
+    (each submodule's ``config`` and their ``sub_configs``) whose attention implementation is
+    set and not ``"eager"``."""
+    found: list[tuple[Any, str, Any]] = []
+    seen: set[int] = set()
+    stack = [getattr(m, "config", None) for m in model.modules()]
+    while stack:
+        config = stack.pop()
+        if config is None or id(config) in seen or not hasattr(config, "_attn_implementation"):
+            continue
+        seen.add(id(config))
+        # transformers keeps the value in ``_attn_implementation_internal`` behind a property
+        # whose setter recurses into sub-configs: restore the stored value itself, per config.
+        attr = (
+            "_attn_implementation_internal"
+            if hasattr(config, "_attn_implementation_internal")
+            else "_attn_implementation"
+        )
+        value = getattr(config, attr)
+        if value is not None and value != "eager":
+            found.append((config, attr, value))
+        for key in getattr(config, "sub_configs", None) or ():
+            stack.append(getattr(config, key, None))
+    return found
+
+
+def _input_grad_hooks(model: nn.Module) -> list[tuple[dict, list]]:
+    """``(hooks dict, its items)`` of every module carrying the forward hook that Hugging Face /
+    peft install with gradient checkpointing (``enable_input_require_grads``: the embedding
+    output gets ``requires_grad_(True)`` so a reentrant checkpoint has a graph input)."""
+    found = []
+    for module in model.modules():
+        hooks = module._forward_hooks
+        if any(
+            getattr(h, "__name__", "").startswith("make_inputs_require_grad")
+            for h in hooks.values()
+        ):
+            found.append((hooks, list(hooks.items())))
+    return found
+
+
+@contextlib.contextmanager
+def measurement_mode(model: nn.Module) -> Iterator[None]:
+    """How attention and activation checkpointing run while ``model`` is measured; everything
+    is restored on exit (the model's own settings, torch's global switches).
+
+    * **Attention.** Hugging Face models (``config._attn_implementation``, each config and
+      sub-config) that use ``"sdpa"`` run with SDPA and an always materialised boolean mask
+      (:data:`_HF_ATTENTION`): HF's own SDPA path decides whether to skip the mask with
+      data-dependent checks that ``vmap`` cannot run (the Jacobian rows would fall back to a
+      per-example loop, Llama 7x slower); other non-eager implementations (flash, flex) run
+      eager. ``scaled_dot_product_attention`` is restricted to its
+      math backend (the fused kernels have no forward-mode AD rule), and the fused fast path of
+      ``nn.MultiheadAttention`` / ``nn.TransformerEncoder`` is off (``torch.backends.mha``;
+      no ``vmap`` or forward AD either). All compute the same function.
+    * **Checkpointing.** ``torch.utils.checkpoint.checkpoint`` (reentrant or not, HF's
+      ``gradient_checkpointing_enable``, timm-style unconditional calls) becomes a plain call
+      of its function, and the ``enable_input_require_grads`` hook is detached. Why: the
+      reentrant variant cannot be differentiated with ``torch.autograd.grad(inputs=...)`` and
+      the non-reentrant one recomputes under the batching of the backward (``vmap``, the
+      structured engine's per-example checks) and aborts when the saved tensors differ.
+      Checkpointing only trades memory for recomputation, and a measurement's memory is
+      bounded by its own ``max_memory`` (passes split into example blocks), so dropping it
+      gives the same values with fewer passes.
+
+    Entered by :func:`side_effect_guard`, so :func:`~lazy_monitor.empirical_ntk`,
+    ``empirical_ntk_fn``, :class:`~lazy_monitor.Linearization` and every tracker measurement go
+    through it. The checkpoint switch is process-wide for its duration (another thread calling
+    ``checkpoint`` meanwhile runs without recomputation: same values, more memory).
+    """
+    configs = _attention_configs(model)
+    hooks = _input_grad_hooks(model)
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
+    try:
+        if configs:
+            sdpa = _hf_measurement_attention() or "eager"
+            for config, attr, value in configs:
+                setattr(config, attr, sdpa if value == "sdpa" else "eager")
+        for d, items in hooks:
+            for key, hook in items:
+                if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
+                    del d[key]
+        if fastpath:
+            mha.set_fastpath_enabled(False)
+        with _math_attention(), _CHECKPOINT.off():
+            yield
+    finally:
+        if fastpath:
+            mha.set_fastpath_enabled(True)
+        for d, items in hooks:  # same dict object (hook handles refer to it), same order
+            d.clear()
+            d.update(items)
+        for config, attr, value in reversed(configs):
+            setattr(config, attr, value)
+
+
+def _other_running_threads() -> Optional[int]:
+    """Threads of *other* processes running right now (``/proc/loadavg``'s instantaneous
+    runnable count minus this process's running threads); None where /proc is missing."""
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        own = 0
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                # the state follows the parenthesised command name, which may contain spaces
+                own += f.read().rpartition(")")[2].split()[0] == "R"
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, running - own)
+
+
+@contextlib.contextmanager
+def measurement_threads() -> Iterator[None]:
+    """Intra-op threads for a measurement: no more than the cores other processes leave free
+    (at least one), restored on exit.
+
+    A measurement is many small and mid-size ops; with every core's OpenMP thread spinning at
+    each op's barrier, one descheduled thread (another job on the machine) stalls every op by
+    a scheduler time slice: the MLP 784-1024x3-10 kernel at N = 32 went from 0.023 s to 3.6 s
+    with one busy-loop process beside it on 2 cores. Fewer threads than busy cores never wait
+    on a descheduled partner. Sampled three times 1 ms apart (the most others seen counts).
+    """
+    threads = torch.get_num_threads()
+    seen: list[int] = []
+    for i in range(3 if threads > 1 else 0):
+        if i:
+            time.sleep(0.001)
+        k = _other_running_threads()
+        if k is not None:
+            seen.append(k)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or threads
+    want = threads if not seen else max(1, min(threads, cores - max(seen)))
+    if want != threads:
+        torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        if want != threads:
+            torch.set_num_threads(threads)
+
+
 @contextlib.contextmanager
 def side_effect_guard(model: nn.Module) -> Iterator[None]:
     """Evaluate ``model`` in eval semantics and full precision, leaving no trace.
@@ -317,6 +587,8 @@ def side_effect_guard(model: nn.Module) -> Iterator[None]:
     off), TF32 and reduced-precision matmuls off, autocast off, gradients enabled even inside a
     caller's ``no_grad``/``inference_mode``. On exit the ``training`` flag of each submodule,
     the float32 matmul precision, TF32 flags and the CPU/CUDA RNG states are exactly restored.
+    Attention and checkpointing run as :func:`measurement_mode` decides, with the intra-op
+    threads of :func:`measurement_threads`.
     """
     cudnn_tf32 = torch.backends.cudnn.allow_tf32
     with contextlib.ExitStack() as stack:
@@ -330,6 +602,8 @@ def side_effect_guard(model: nn.Module) -> Iterator[None]:
         try:
             torch.backends.cudnn.allow_tf32 = False
             stack.enter_context(eval_mode(model))
+            stack.enter_context(measurement_mode(model))
+            stack.enter_context(measurement_threads())
             yield
         finally:
             torch.backends.cudnn.allow_tf32 = cudnn_tf32

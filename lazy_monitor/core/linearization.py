@@ -36,6 +36,7 @@ from lazy_monitor.core._functional import (
     compute_dtype,
     eval_mode,
     linear_jvp,
+    measurement_mode,
     resolve_params,
     select_output,
     side_effect_guard,
@@ -456,7 +457,8 @@ class LinearizedModel(nn.Module):
             )
             return select_output(out, self.output_fn)
 
-        with eval_mode(self.model):
+        # the measurement's attention and checkpointing (a jvp through a checkpoint cannot run)
+        with eval_mode(self.model), measurement_mode(self.model):
             out0, jv = linear_jvp(f, theta0, tangent, differentiable=True)
         return out0 + jv
 

@@ -91,7 +91,7 @@ def test_supported_layers_never_use_the_jacobian_fallback(
 
     monkeypatch.setattr(structured, "jacobian_ntk", fail)
     model, x1, x2, output_fn, refs = _case(case)
-    kernel = empirical_ntk(model, x1, x2, implementation="auto", output_fn=output_fn)
+    kernel = empirical_ntk(model, x1, x2, implementation="structured", output_fn=output_fn)
     _assert_matches(kernel, refs["full"][0])
 
 

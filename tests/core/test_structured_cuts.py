@@ -185,7 +185,7 @@ def test_groups_starting_at_cuts_give_the_exact_kernel(
     x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
     budget = _budget_with_cuts(model, x, 3)
     roots = _spy_roots(monkeypatch)
-    k = empirical_ntk(model, x, kind=kind, max_memory=budget)
+    k = empirical_ntk(model, x, kind=kind, implementation="structured", max_memory=budget)
     ref, _ = reference_ntk(model, x, kind=kind)
     torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
     assert any(used for _, used in roots), "no factor pass started its backward at a cut"
@@ -197,7 +197,9 @@ def test_per_layer_blocks_with_cuts_are_exact(monkeypatch: pytest.MonkeyPatch) -
     x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
     budget = _budget_with_cuts(model, x, 3)
     roots = _spy_roots(monkeypatch)
-    k, blocks = empirical_ntk(model, x, max_memory=budget, return_blocks=True)
+    k, blocks = empirical_ntk(
+        model, x, implementation="structured", max_memory=budget, return_blocks=True
+    )
     ref, ref_blocks = reference_ntk(model, x)
     torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
     assert set(blocks) == set(ref_blocks)
@@ -219,7 +221,7 @@ def test_a_cut_that_fails_in_a_factor_pass_falls_back_to_the_output(
     assert "convs.2.weight" in st._cut_points(out, cap, order)
     budget = _budget_with_cuts(model, x, 3, end="convs.2.weight")
     roots = _spy_roots(monkeypatch)
-    k = empirical_ntk(model, x, max_memory=budget)
+    k = empirical_ntk(model, x, implementation="structured", max_memory=budget)
     ref, _ = reference_ntk(model, x)
     torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
     ends = [used for end, used in roots if end == "convs.2.weight"]
@@ -269,7 +271,9 @@ def test_zoo_models_with_cuts_engaged_are_exact(monkeypatch: pytest.MonkeyPatch,
         o = (case.output_fn(y) if case.output_fn is not None else y).shape[1]
     budget = _budget_with_cuts(case.model, case.x, o, output_fn=case.output_fn)
     roots = _spy_roots(monkeypatch)
-    k = empirical_ntk(case.model, case.x, output_fn=case.output_fn, max_memory=budget)
+    k = empirical_ntk(
+        case.model, case.x, output_fn=case.output_fn, implementation="structured", max_memory=budget
+    )
     ref, _ = reference_ntk(case.model, case.x, output_fn=case.output_fn)
     torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
     assert any(used for _, used in roots)

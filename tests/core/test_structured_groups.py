@@ -85,7 +85,7 @@ def test_groups_of_layers_give_the_exact_kernel(monkeypatch: pytest.MonkeyPatch,
     budget = 12 * max(sizes.values()) + 64
     assert 12 * sum(sizes.values()) > budget
     seen = _spy(monkeypatch)
-    k = empirical_ntk(model, x, kind=kind, max_memory=budget)
+    k = empirical_ntk(model, x, kind=kind, implementation="structured", max_memory=budget)
     ref, _ = reference_ntk(model, x, kind=kind)
     torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
     (work,) = seen["work"]
@@ -102,7 +102,9 @@ def test_groups_with_per_layer_blocks_and_cross_kernel(monkeypatch: pytest.Monke
     x2 = torch.randn(7, 3, 8, 8, dtype=torch.float64)
     budget = 10 * max(_bytes(model, x1, 5).values()) * 2
     seen = _spy(monkeypatch)
-    k, blocks = empirical_ntk(model, x1, x2, max_memory=budget, return_blocks=True)
+    k, blocks = empirical_ntk(
+        model, x1, x2, implementation="structured", max_memory=budget, return_blocks=True
+    )
     ref, ref_blocks = reference_ntk(model, x1, x2)
     torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
     assert set(blocks) == set(ref_blocks)
@@ -120,7 +122,7 @@ def test_a_parameter_too_large_alone_falls_back_to_example_blocks(
     big = max(sizes.values())
     budget = 6 * big  # the largest parameter fits 6 examples at a time, not 12
     seen = _spy(monkeypatch)
-    k = empirical_ntk(model, x, max_memory=budget)
+    k = empirical_ntk(model, x, implementation="structured", max_memory=budget)
     ref, _ = reference_ntk(model, x)
     torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
     assert any(rows < 12 for rows in seen["passes"])  # example blocks for the large one
@@ -135,7 +137,7 @@ def test_forward_backward_passes_split_by_activation_memory(
     # half the 4 GiB budget holds the activations of 2 examples; factors fit in one piece
     monkeypatch.setattr(st, "_activation_bytes_per_example", lambda cap, plan, o: 2**30)
     seen = _spy(monkeypatch, passes_by_activations=True)
-    k = empirical_ntk(model, x, max_memory=4 * 2**30)
+    k = empirical_ntk(model, x, implementation="structured", max_memory=4 * 2**30)
     ref, _ = reference_ntk(model, x)
     torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
     assert len(seen["work"][0]) == 1
@@ -158,7 +160,7 @@ def test_stored_weights_give_the_exact_kernel(monkeypatch: pytest.MonkeyPatch) -
         return plans[-1]
 
     monkeypatch.setattr(st, "_make_plan", spy)
-    k = empirical_ntk(model, x, kind="full")
+    k = empirical_ntk(model, x, kind="full", implementation="structured")
     assert plans[0].weights["0.weight"] == "stored"
     ref, _ = reference_ntk(model, x)
     torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
@@ -185,7 +187,9 @@ def test_zoo_models_under_a_tiny_budget_are_exact(
 
     case = build(name)
     seen = _spy(monkeypatch)
-    k = empirical_ntk(case.model, case.x, output_fn=case.output_fn, max_memory=1024)
+    k = empirical_ntk(
+        case.model, case.x, output_fn=case.output_fn, implementation="structured", max_memory=1024
+    )
     ref, _ = reference_ntk(case.model, case.x, output_fn=case.output_fn)
     torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
     assert len(seen["work"][0]) > 1

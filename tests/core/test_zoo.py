@@ -18,7 +18,7 @@ import torch
 
 from lazy_monitor.core.kernels import ForwardADUnsupportedError, empirical_ntk
 from tests._reference import reference_ntk
-from tests._zoo import ZOO, ZooCase
+from tests._zoo import ZOO, ZOO_MULTI_INPUT, ZooCase
 from tests._zoo import build as _build
 
 IMPLEMENTATIONS = ("auto", "structured", "jacobian", "ntvp")
@@ -44,7 +44,7 @@ def _reference(name: str, kind: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("name", sorted({**ZOO, **ZOO_MULTI_INPUT}))
 def test_zoo_kernel_matches_reference(name: str, implementation: str) -> None:
     case = build(name)
     float32 = next(case.model.parameters()).dtype == torch.float32

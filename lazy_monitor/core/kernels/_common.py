@@ -9,8 +9,10 @@ processed in blocks whose size is set by a memory budget.
 from __future__ import annotations
 
 import contextvars
+import warnings
+import weakref
 from collections.abc import Iterator
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -104,6 +106,12 @@ def symmetric_fraction(n: int) -> float:
     """Fraction of the ``n²`` example pairs that :func:`symmetric_blocks` contracts."""
     p = ceil_div(n, _symmetric_piece(n))
     return (p + 1) / (2 * p)
+
+
+def symmetric_pairs(n: int) -> int:
+    """Sub-block pairs ``(i, j)``, ``i <= j``, that :func:`symmetric_blocks` visits."""
+    p = ceil_div(n, _symmetric_piece(n))
+    return p * (p + 1) // 2
 
 
 def symmetric_blocks(
@@ -250,3 +258,21 @@ def check_same_outputs(o1: int, o2: int) -> None:
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# (model, reason) pairs already warned about: one warning per model and reason, not per call
+# (a tracker measures the same model hundreds of times).
+_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def warn_once(model: Any, reason: str, message: str, stacklevel: int = 2) -> None:
+    """``warnings.warn(message, RuntimeWarning)`` the first time ``reason`` comes up for
+    ``model`` (every time for an object that cannot be weakly referenced)."""
+    try:
+        seen = _WARNED.setdefault(model, set())
+    except TypeError:
+        seen = set()
+    if reason in seen:
+        return
+    seen.add(reason)
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)

@@ -54,10 +54,14 @@ class NtkImplementation(str, enum.Enum):
       ``JACOBIAN`` inside the same call, so the result is always exact. Raises
       :class:`~lazy_monitor.core.kernels.errors.StructuredPlanError` if the uses change
       between examples (data-dependent control flow).
-    * ``AUTO`` -- the default: ``STRUCTURED``, and ``JACOBIAN`` for the whole call (one
-      warning) when the structured plan cannot be made or verified (any failure of the
-      structured attempt but a memory refusal, e.g. data-dependent control flow). Never picks
-      ``NTVP``.
+    * ``AUTO`` -- the default: the cheapest of ``STRUCTURED`` (with its Jacobian remainder),
+      a mix (parameters cheaper as Jacobian rows join the remainder) and ``JACOBIAN`` for the
+      whole call, priced by :func:`lazy_monitor.core.kernels.cost.choose_path` (passes,
+      contractions and per-call costs; the decision is reused for the same shapes); and
+      ``JACOBIAN`` for the whole call (one warning) when the structured plan cannot be made or
+      verified (any failure of the structured attempt but a memory refusal, e.g.
+      data-dependent control flow).
+      Never picks ``NTVP``.
 
     When to choose: ``AUTO`` always, except to cross-check (``JACOBIAN`` is the most direct
     formula) or when ``N`` is tiny and a single Jacobian row block would not fit (``NTVP``).

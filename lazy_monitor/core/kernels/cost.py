@@ -53,9 +53,22 @@ start their backward at the cut, so that is about one backward of the network in
 
 from __future__ import annotations
 
-__all__ = ["GRAM_INEFFICIENCY", "choose_strategy", "strategy_costs"]
+import dataclasses
+import math
+from collections.abc import Mapping
+
+__all__ = [
+    "GRAM_INEFFICIENCY",
+    "OP_COST",
+    "PassModel",
+    "choose_path",
+    "choose_strategy",
+    "contraction_calls",
+    "strategy_costs",
+]
 
 GRAM_INEFFICIENCY = 2.5
+GRAM_MIN_OUTPUTS = 8
 
 
 def strategy_costs(
@@ -78,12 +91,16 @@ def strategy_costs(
     kernel contracts only its upper sub-blocks: :func:`~._common.symmetric_fraction`); it
     scales every pairwise term but not the per-example builds, so it favours Gram at small N.
     """
+    # the product that reads Z, G_n (O x T·d_out) Z (T·d_out x O) per row example, is a
+    # batch of tiny O x O results below GRAM_MIN_OUTPUTS outputs: proportionally slower (BERT
+    # layers at O = 4, T = 8: ~0.7·10⁹ vs ~1.7·10⁹ multiply-adds/s for the other strategies)
+    gamma = GRAM_INEFFICIENCY * max(1.0, GRAM_MIN_OUTPUTS / o)
     costs = {
         "gram": pairs
         * groups
         * n
         * n
-        * (t * t * d_in + GRAM_INEFFICIENCY * (t * t * o * d_out + t * o * o * d_out)),
+        * (t * t * d_in + gamma * (t * t * o * d_out + t * o * o * d_out)),
         "per_example": groups
         * (builds * n * o * t * d_out * d_in + pairs * n * n * o * o * d_out * d_in),
     }
@@ -109,3 +126,114 @@ def choose_strategy(
     if not dense_input:
         costs.pop("per_example")
     return min(costs, key=costs.__getitem__)
+
+
+# Whole-call choice (``implementation="auto"``): structured blocks, a Jacobian remainder, or the
+# Jacobian path for everything. Time in multiply-add equivalents: arithmetic plus a fixed cost
+# per torch call, ``OP_COST`` (dispatch and Python, ~10 µs on the reference 2-core CPU at
+# ~2·10⁹ multiply-adds/s), ``VMAP_CALL_FACTOR`` times more under ``vmap`` (batching rules,
+# wrapper tensors). On tiny transformers the calls dominate: a structured kernel of a 2-layer
+# Llama makes ~10x more calls than the Jacobian path's two vmapped passes.
+OP_COST = 2.0e4
+VMAP_CALL_FACTOR = 3.0
+# The structured passes and contractions are many mid-size calls (per-layer factors, Gram
+# loops, symmetric sub-blocks) against the Jacobian path's few large vmapped GEMMs: priced
+# this much dearer per multiply-add, so that ``auto`` leaves the Jacobian path only for a
+# clear gain (calibrated on benchmarks/bench_transformers.py, N = 32).
+STRUCTURED_OVERHEAD = 1.5
+# Jacobian rows held per parameter group (:data:`.jacobian._GROUP_ELEMENTS`): every group
+# repeats the vmapped forward and backward passes.
+JACOBIAN_GROUP_ELEMENTS = 2**24
+
+
+@dataclasses.dataclass(frozen=True)
+class PassModel:
+    """What the passes of one kernel cost: ``n`` examples, ``o`` outputs, ``fp`` multiply-adds
+    of one example's forward, ``calls`` torch calls of one forward, ``pairs`` the fraction
+    of example pairs contracted (:func:`~._common.symmetric_fraction`), ``sym_blocks`` the
+    sub-block pairs a symmetric contraction visits (1 for a rectangular kernel)."""
+
+    n: int
+    o: int
+    fp: float
+    calls: int
+    pairs: float = 1.0
+    sym_blocks: int = 1
+
+    def jacobian_rows(self, numel: int, weight_macs: float) -> float:
+        """``vmap(jacrev)`` rows of parameters with ``numel`` entries and ``weight_macs``
+        multiply-adds per example in the ops that use them, plus their contraction: a forward
+        and ``O`` backward passes (input gradients ~[FP] each) per parameter group."""
+        if numel == 0:
+            return 0.0
+        n, o = self.n, self.o
+        groups = max(1, math.ceil(n * o * numel / JACOBIAN_GROUP_ELEMENTS))
+        calls = 3 * self.calls * VMAP_CALL_FACTOR * OP_COST
+        passes = groups * (n * self.fp + n * o * self.fp + calls)
+        return passes + n * o * weight_macs + self.pairs * n * n * o * o * numel
+
+    def factor_passes(self) -> float:
+        """The structured factor passes: a forward and one batched backward of ``O``
+        cotangents (``is_grads_batched``: vmapped calls)."""
+        calls = self.calls * (1 + 2 * VMAP_CALL_FACTOR) * OP_COST
+        return self.n * self.fp + self.n * self.o * self.fp + calls
+
+
+def contraction_calls(strategy: str, n: int, sym_blocks: int, d_out: int = 1) -> int:
+    """Rough torch calls of one parameter's contraction (per symmetric sub-block pair: the
+    Gram strategy loops over the column examples of each pair, per-example builds loop over
+    output-channel chunks)."""
+    per_pair = {"outer": 8, "stored": 3, "row": 3, "per_example": 8}.get(strategy)
+    if strategy == "gram":
+        per_pair = 6 + 2 * max(1, n // max(1, sym_blocks))
+    return sym_blocks * (per_pair or 8) + 6
+
+
+def choose_path(
+    model: PassModel,
+    structured: Mapping[str, tuple[float, int, float]],
+    forced: Mapping[str, tuple[int, float]],
+) -> tuple[str, set[str], dict[str, float]]:
+    """``(path, moved, costs)``: the cheapest of three plans for one kernel.
+
+    ``structured``: name -> (cost of its structured contraction, numel, multiply-adds of its
+    uses per example) for every parameter with a structured rule; ``forced``: name -> (numel,
+    multiply-adds) for those without (the Jacobian remainder). Plans:
+
+    * ``"structured"``: every structured parameter factorised, the remainder (if any) by
+      Jacobian rows: factor passes + contractions + the remainder's passes;
+    * ``"mixed"``: as above, but a structured parameter whose Jacobian rows cost less than
+      its contraction, once the remainder's passes are paid anyway, joins the remainder
+      (``moved``); without a remainder, the passes are paid for the first parameter moved;
+    * ``"jacobian"``: the Jacobian path for every parameter.
+
+    The remainder's passes cost about a whole Jacobian path's passes, so a structured plan
+    with a remainder must save more in contractions than its factor passes cost; ``auto``
+    takes whichever is cheapest and is therefore never priced above the Jacobian path.
+    """
+    f_numel = sum(v[0] for v in forced.values())
+    f_macs = sum(v[1] for v in forced.values())
+    all_numel = f_numel + sum(v[1] for v in structured.values())
+    all_macs = f_macs + sum(v[2] for v in structured.values())
+    costs = {"jacobian": model.jacobian_rows(all_numel, all_macs)}
+    s_total = sum(v[0] for v in structured.values())
+    costs["structured"] = STRUCTURED_OVERHEAD * (
+        (model.factor_passes() if structured else 0.0) + s_total
+    ) + model.jacobian_rows(f_numel, f_macs)
+    # marginal Jacobian cost of one more parameter once the remainder's passes are paid
+    pairwise = model.pairs * model.n * model.n * model.o * model.o
+    moved = {
+        k
+        for k, (cost, numel, macs) in structured.items()
+        if model.n * model.o * macs + pairwise * numel < STRUCTURED_OVERHEAD * cost
+    }
+    if moved and len(moved) < len(structured):
+        keep = {k: v for k, v in structured.items() if k not in moved}
+        costs["mixed"] = STRUCTURED_OVERHEAD * (
+            model.factor_passes() + sum(v[0] for v in keep.values())
+        ) + model.jacobian_rows(
+            f_numel + sum(structured[k][1] for k in moved),
+            f_macs + sum(structured[k][2] for k in moved),
+        )
+    path = min(costs, key=costs.__getitem__)
+    return path, (moved if path == "mixed" else set()), costs

@@ -24,7 +24,14 @@ from .._functional import (
     side_effect_guard,
     slice_batch,
 )
-from ._common import _FACTOR_BUDGET, _BlockSink, check_same_outputs, finalize, kernel_shape
+from ._common import (
+    _FACTOR_BUDGET,
+    _BlockSink,
+    check_same_outputs,
+    finalize,
+    kernel_shape,
+    warn_once,
+)
 from .config import NtkConfig, NtkImplementation
 from .errors import NtkBudgetError, StructuredPlanError, check_materialized, probe_error
 from .estimate import check_engine_memory
@@ -328,7 +335,7 @@ def _run_explicit(
     rows_fn: JacobianRows,
 ) -> _BlockSink:
     names = list(p)
-    if impl is NtkImplementation.STRUCTURED:
+    if impl in (NtkImplementation.STRUCTURED, NtkImplementation.AUTO):
         return structured_ntk(
             fm,
             p,
@@ -342,6 +349,7 @@ def _run_explicit(
             keep_blocks,
             config.chunk_size,
             rows_fn,
+            choose=impl is NtkImplementation.AUTO,  # auto: priced against the Jacobian path
         )
     n_out = _probe_output_size(fm, p, slice_batch(xa, slice(0, 1)))
     if xb is not None:
@@ -362,7 +370,8 @@ def _run_explicit(
 
 
 def _run_auto(*args: Any) -> _BlockSink:
-    """``STRUCTURED``; ``JACOBIAN`` when its plan cannot be made or verified on this model.
+    """``AUTO`` (the cheapest priced plan, see :func:`~lazy_monitor.core.kernels.cost.choose_path`);
+    ``JACOBIAN`` when its plan cannot be made or verified on this model.
 
     Any exception of the structured attempt counts (typed plan errors, and the autograd errors
     of a plan pass on a data-dependent branch such as "element 0 of tensors does not require
@@ -370,7 +379,7 @@ def _run_auto(*args: Any) -> _BlockSink:
     worse. The warning is given once the Jacobian kernel exists, so an error of the model
     itself is raised as the Jacobian path's error, without a misleading fallback note."""
     try:
-        return _run_explicit(NtkImplementation.STRUCTURED, *args)
+        return _run_explicit(NtkImplementation.AUTO, *args)
     except (NtkBudgetError, MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as err:  # noqa: BLE001 - see docstring: any failed plan falls back
@@ -379,11 +388,12 @@ def _run_auto(*args: Any) -> _BlockSink:
             warnings.simplefilter("always")
             sink = _run_explicit(NtkImplementation.JACOBIAN, *args)
         also = "".join(f"; {str(n.message)[:300]}" for n in notes)
-        warnings.warn(
-            f"empirical_ntk(implementation='auto'): the structured plan could not be verified "
-            f"on this model ({type(err).__name__}: {err}); this call used the Jacobian "
-            f"contraction (same kernel){also}",
-            RuntimeWarning,
+        reason = getattr(err, "reason", None) or f"{type(err).__name__}: {err}"
+        warn_once(
+            args[0].model,
+            f"plan: {reason}",
+            f"empirical_ntk(implementation='auto'): the structured plan could not be verified on "
+            f"this model ({reason}); its kernels use the Jacobian contraction (same kernel){also}",
             stacklevel=4,
         )
         return sink

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
+from .._functional import OutputSelectionError
+
 __all__ = [
     "ForwardADUnsupportedError",
     "NtkBudgetError",
@@ -95,7 +97,11 @@ def probe_error(err: Exception, model: nn.Module, probe: Any, name: str = "the p
     """The model's own error on ``probe`` (its forward failed), reworded for the user: with the
     probe's shape, what the model's first layer expects and the tuple hint for several
     positional inputs; an allocation failure is a :class:`NtkBudgetError` (the probe is too
-    large, not misshapen) and a model without data gets :func:`check_materialized`'s message."""
+    large, not misshapen) and a model without data gets :func:`check_materialized`'s message.
+    An :class:`~lazy_monitor.core._functional.OutputSelectionError` is returned as it is: the
+    output, not the probe, needs the fix (``output_fn``)."""
+    if isinstance(err, OutputSelectionError):
+        return err
     text = str(err)
     shapes = _shapes(probe)
     try:

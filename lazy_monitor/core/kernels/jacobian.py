@@ -16,6 +16,7 @@ structured rule (normalisation layers, custom ops, tied weights with mixed uses)
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Optional
@@ -30,6 +31,7 @@ from ._common import (
     blocked_contract,
     contract_rows,
     symmetric_block,
+    warn_once,
 )
 
 __all__ = ["JacobianRows", "jacobian_ntk", "loop_jacobian", "per_example_jacobian"]
@@ -138,16 +140,73 @@ class JacobianRows:
             except Exception as err:  # noqa: BLE001 - any vmap failure: try the plain loop
                 result = loop_jacobian(fm, params, names, x)
                 self.use_loop = True
-                self.reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                warnings.warn(
-                    "torch.func.vmap cannot run this model "
-                    f"({self.reason}); the empirical NTK uses a per-example loop of "
-                    "torch.autograd.grad instead (same kernel, slower)",
-                    RuntimeWarning,
+                where, what, fix = vmap_failure(fm.model, err)
+                self.reason = f"{what} in {where}"
+                warn_once(
+                    fm.model,
+                    f"vmap: {self.reason}",
+                    f"torch.func.vmap cannot run {where}: {what}. The empirical NTK uses a "
+                    f"per-example loop of torch.autograd.grad there (same kernel, slower); "
+                    f"fix: {fix}",
                     stacklevel=2,
                 )
                 return result
         return loop_jacobian(fm, params, names, x)
+
+
+# (pattern in the error text, what it means, how to get the batched path back)
+_VMAP_CAUSES = (
+    (
+        r"\.item\(\)|data-dependent control flow",
+        "a .item() call or Python control flow on tensor values",
+        "compute on tensors instead (torch.where, masks) in {where}'s forward",
+    ),
+    (
+        r"requires_grad_\(\)",
+        "a requires_grad_() call on an activation",
+        "drop requires_grad_() from {where}'s forward (or its forward hook)",
+    ),
+    (
+        r"autograd\.Function",
+        "a custom torch.autograd.Function without a vmap rule",
+        "give it generate_vmap_rule = True and a separate setup_context",
+    ),
+    (
+        r"[Bb]atching rule not implemented for (aten::[\w.]+)",
+        "{op} has no vmap batching rule in this torch version",
+        "none needed for the values; a torch version with a batching rule for {op} "
+        "restores the batched path",
+    ),
+)
+
+
+def vmap_failure(model: torch.nn.Module, err: BaseException) -> tuple[str, str, str]:
+    """``(where, what, fix)`` of a ``vmap`` failure: the innermost submodule of ``model`` on
+    the error's traceback (by name), the cause in words (the op where torch names one) and
+    what to change. torch's message is quoted only when it is one short line, never cut."""
+    names = {id(m): (name, m) for name, m in model.named_modules()}
+    where_text = type(model).__name__
+    tb = err.__traceback__
+    while tb is not None:  # the innermost frame whose ``self`` is one of the model's modules
+        obj = tb.tb_frame.f_locals.get("self")
+        if isinstance(obj, torch.nn.Module) and id(obj) in names:
+            name, module = names[id(obj)]
+            where_text = f"{name!r} ({type(module).__name__})" if name else type(model).__name__
+        tb = tb.tb_next
+    text = str(err)
+    for pattern, what, fix in _VMAP_CAUSES:
+        match = re.search(pattern, text)
+        if match:
+            op = match.group(1) if match.groups() else ""
+            return where_text, what.format(op=op), fix.format(op=op, where=where_text)
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    quoted = f": {type(err).__name__}: {first}" if 0 < len(first) <= 160 else ""
+    return (
+        where_text,
+        f"an op in its forward or backward has no working batching rule{quoted}",
+        f"make {where_text}'s forward vmap-compatible (no in-place writes into tensors of "
+        "another shape, no .item(), no ops without batching rules)",
+    )
 
 
 def jacobian_ntk(

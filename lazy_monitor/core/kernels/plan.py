@@ -11,7 +11,7 @@ probe.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional
+from typing import Any, Optional
 
 from torch import Tensor, nn
 
@@ -26,9 +26,9 @@ from .._functional import (
     slice_batch,
 )
 from .cost import strategy_costs
-from .structured import _forward
+from .structured import _forward, _probe_plan
 
-__all__ = ["estimate_param_costs"]
+__all__ = ["describe_plan", "estimate_param_costs"]
 
 
 def estimate_param_costs(
@@ -89,3 +89,46 @@ def estimate_param_costs(
             options = strategy_costs(n, o, t, w[0].numel(), w.shape[0] // groups, groups)
         costs[name] = float(min(options.values()))
     return {k: max(v, 1.0) for k, v in costs.items()}
+
+
+def describe_plan(
+    model: nn.Module,
+    x: InputBatch,
+    *,
+    params: Optional[Mapping[str, Tensor]] = None,
+    output_fn: Optional[OutputFn] = None,
+    keep_blocks: bool = False,
+) -> dict[str, Any]:
+    """What ``empirical_ntk(model, x)`` (``implementation="auto"``, symmetric kernel) runs.
+
+    Returns:
+        ``{"path": "structured" | "mixed" | "jacobian", "costs": {plan: estimated cost},
+        "parameters": {name: strategy}, "reason": str}``; a strategy is ``"outer"``,
+        ``"gram"``, ``"per_example"``, ``"stored"`` (structured weights), ``"rows"`` (biases
+        and norm affines, direct per-example rows), ``"folded"`` (a bias folded into its
+        weight) or ``"jacobian"`` (the Jacobian remainder). Costs are the cost model's
+        multiply-add equivalents (:func:`~.cost.choose_path`).
+    """
+    named = resolve_params(model, params)
+    n = batch_size(x)
+    dtype = compute_dtype(named, x)
+    with side_effect_guard(model):
+        fm = FunctionalModel(model, output_fn, dtype)
+        p = {k: v.detach().to(dtype) for k, v in named.items()}
+        plan, out, _, _ = _probe_plan(fm, p, fm.cast_inputs(x), None, n, None, keep_blocks, True)
+        del out
+    strategies: dict[str, str] = {k: "jacobian" for k in plan.fallback}
+    strategies.update(plan.weights)
+    strategies.update({k: "rows" for k in plan.biases})
+    strategies.update({b: "folded" for b in (*plan.folded.values(), *plan.shared.values())})
+    reasons = {
+        "structured": "every factorisable parameter factorised",
+        "mixed": "parameters cheaper as Jacobian rows moved to the remainder",
+        "jacobian": "the Jacobian path is estimated cheaper for the whole kernel",
+    }
+    return {
+        "path": plan.path,
+        "costs": dict(plan.path_costs),
+        "parameters": {k: strategies[k] for k in named},
+        "reason": reasons[plan.path],
+    }

@@ -72,8 +72,16 @@ from ._common import (
     symmetric_block,
     symmetric_blocks,
     symmetric_fraction,
+    symmetric_pairs,
 )
-from .cost import choose_strategy
+from .cost import (
+    OP_COST,
+    PassModel,
+    choose_path,
+    choose_strategy,
+    contraction_calls,
+    strategy_costs,
+)
 from .errors import StructuredPlanError
 from .jacobian import JacobianRows, jacobian_ntk
 
@@ -179,6 +187,64 @@ def _affine_norm(func: Any, layout: str, bound: dict) -> tuple[Tensor, Tensor]:
     return xhat, (y if bias is None else y + bias)
 
 
+def _first(args: tuple, kwargs: dict, *names: str) -> Optional[Tensor]:
+    """The first of ``args`` or, by name, of ``kwargs``; None if it is not a Tensor."""
+    t = args[0] if args else next((kwargs[k] for k in names if k in kwargs), None)
+    return t if isinstance(t, Tensor) else None
+
+
+def _matmul_macs(args: tuple, kwargs: dict, out: Any) -> int:
+    """``|out| · k`` with ``k`` the contracted size (last dim of the left operand)."""
+    a = args[1] if len(args) > 2 else kwargs.get("mat1", kwargs.get("batch1"))
+    if isinstance(a, Tensor) and isinstance(out, Tensor) and a.dim() >= 1:
+        return out.numel() * a.shape[-1]
+    return 0
+
+
+def _left_macs(args: tuple, kwargs: dict, out: Any) -> int:
+    a = _first(args, kwargs, "input")
+    if isinstance(a, Tensor) and isinstance(out, Tensor) and a.dim() >= 1:
+        return out.numel() * a.shape[-1]
+    return 0
+
+
+def _conv_macs(args: tuple, kwargs: dict, out: Any) -> int:
+    w = args[1] if len(args) > 1 else kwargs.get("weight")
+    if isinstance(w, Tensor) and isinstance(out, Tensor) and w.dim() >= 1:
+        return out.numel() * (w.numel() // w.shape[0])
+    return 0
+
+
+def _attention_macs(args: tuple, kwargs: dict, out: Any) -> int:
+    q = _first(args, kwargs, "query")
+    k = args[1] if len(args) > 1 else kwargs.get("key")
+    if isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() >= 2 and k.dim() >= 2:
+        return 2 * (q.numel() // q.shape[-1]) * k.shape[-2] * q.shape[-1]
+    return 0
+
+
+# Multiply-adds of the calls that dominate a forward pass (the cost model's [FP]).
+_MAC_COUNTERS = {
+    F.linear: _left_macs,
+    torch.matmul: _left_macs,
+    Tensor.matmul: _left_macs,
+    Tensor.__matmul__: _left_macs,
+    torch.mm: _left_macs,
+    Tensor.mm: _left_macs,
+    torch.bmm: _left_macs,
+    Tensor.bmm: _left_macs,
+    torch.addmm: _matmul_macs,
+    Tensor.addmm: _matmul_macs,
+    torch.baddbmm: _matmul_macs,
+    Tensor.baddbmm: _matmul_macs,
+    F.conv1d: _conv_macs,
+    F.conv2d: _conv_macs,
+    F.conv_transpose1d: _conv_macs,
+    F.conv_transpose2d: _conv_macs,
+    F.scaled_dot_product_attention: _attention_macs,
+}
+
+
 @dataclasses.dataclass
 class _Use:
     """One call of a supported op on a differentiated parameter."""
@@ -207,6 +273,10 @@ class _Capture(torch.overrides.TorchFunctionMode):
         self.uses: list[_Use] = []
         self.other: set[str] = set()
         self.n = 0  # examples in the pass (dim 0 of the output), set by _forward
+        # for the cost model (:func:`~.cost.path_costs`): torch calls and multiply-adds of the
+        # pass (matmul-family, convolution and attention calls, whatever their operands)
+        self.ops = 0
+        self.macs = 0
         # entries: name -> (input tensor, its version) of the parameter's first call, the
         # candidate cut points of :func:`_cut_points` (None: first call is no supported op)
         self.entry_ids = {id(t): k for k, t in (entries_of or {}).items()}
@@ -238,6 +308,9 @@ class _Capture(torch.overrides.TorchFunctionMode):
         if self.entry_ids:
             self._record_entries(func, args, kwargs, flat)
         out = func(*args, **kwargs)
+        self.ops += 1
+        if func in _MAC_COUNTERS:
+            self.macs += _MAC_COUNTERS[func](args, kwargs, out)
         if not hit:
             return out
         norm = _NORMS.get(func)
@@ -720,6 +793,12 @@ class _Plan:
     shared: dict[str, str] = dataclasses.field(default_factory=dict)
     use_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     row_ratios: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # for the whole-call choice (:func:`_choose_path`): per structured parameter the cost of
+    # its contraction (multiply-add equivalents) and multiply-adds per example of its uses
+    costs: dict[str, float] = dataclasses.field(default_factory=dict)
+    macs: dict[str, float] = dataclasses.field(default_factory=dict)
+    path: str = "structured"  # "structured" | "mixed" | "jacobian" (auto's choice)
+    path_costs: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _make_plan(
@@ -740,6 +819,9 @@ def _make_plan(
                 by_name.setdefault(name, []).append((role, use))
     weights: dict[str, str] = {}
     biases: list[str] = []
+    costs: dict[str, float] = {}
+    macs: dict[str, float] = {}
+    blocks = symmetric_pairs(n) if pairs < 1.0 else 1
     for name, roles in by_name.items():
         if name in cap.other:
             continue
@@ -758,11 +840,21 @@ def _make_plan(
         role, op, groups, _, _ = kinds.pop()
         if role == "bias" or op == "norm":
             biases.append(name)
+            numel = params[name].numel()
+            costs[name] = pairs * n * n * o * o * numel + OP_COST * contraction_calls(
+                "row", n, blocks
+            )
+            macs[name] = float(sum(u.out.numel() for _, u in roles) // max(1, cap.n))
             continue
         w = params[name]
         if op == "embedding":
             t = sum(use.inp[0].numel() for _, use in roles)
-            weights[name] = choose_strategy(n, o, t, 1, w.shape[1], dense_input=False, pairs=pairs)
+            strategy = choose_strategy(n, o, t, 1, w.shape[1], dense_input=False, pairs=pairs)
+            weights[name] = strategy
+            options = strategy_costs(n, o, t, 1, w.shape[1], pairs=pairs)
+            costs[name] = options.get(strategy, options["gram"])
+            costs[name] += OP_COST * contraction_calls(strategy, n, blocks)
+            macs[name] = float(t * w.shape[1])
         else:
             shape = _weight_shape(roles[0][1], w)
             t = sum(use.out.numel() // cap.n // shape[0] for _, use in roles)
@@ -771,12 +863,18 @@ def _make_plan(
                 n, o, t, d_in, shape[0] // int(groups), int(groups), builds=builds, pairs=pairs
             )
             factor_size = sum((o * u.out.numel() + u.inp.numel()) // cap.n for _, u in roles)
+            g = int(groups)
+            options = strategy_costs(n, o, t, d_in, shape[0] // g, g, builds=builds, pairs=pairs)
+            costs[name] = options.get(strategy, options["per_example"])
             if strategy == "per_example" and o * (w.numel() + shape[0]) <= factor_size:
                 # Per-example gradients are no larger than the factors they are built from:
                 # build them once per block instead of once per contraction.
                 strategy = "stored"
             weights[name] = strategy
+            costs[name] += OP_COST * contraction_calls(strategy, n, blocks, shape[0])
+            macs[name] = float(t * shape[0] * (d_in - 1))
     plan = _Plan(weights, biases, [k for k in params if k not in set(weights) | set(biases)])
+    plan.costs, plan.macs = costs, macs
     plan.use_counts = {k: len(v) for k, v in by_name.items()}
     plan.row_ratios = {
         k: tuple(_rows_per_example(u, cap.n) for _, u in v) for k, v in by_name.items()
@@ -797,6 +895,42 @@ def _make_plan(
             continue
         plan.biases.remove(b)
     return plan
+
+
+def _choose_path(
+    plan: _Plan, params: Mapping[str, Tensor], cap: _Capture, n: int, o: int, pairs: float
+) -> None:
+    """``implementation="auto"``: price the plan against a Jacobian remainder and the
+    Jacobian path (:func:`~.cost.choose_path`) and move parameters to ``plan.fallback``
+    accordingly (a moved weight takes its folded/shared bias along)."""
+    model = PassModel(
+        n=n,
+        o=o,
+        fp=cap.macs / max(1, cap.n),
+        calls=cap.ops,
+        pairs=pairs,
+        sym_blocks=symmetric_pairs(n) if pairs < 1.0 else 1,
+    )
+    planned = [*plan.weights, *plan.biases]
+    structured = {k: (plan.costs[k], params[k].numel(), plan.macs[k]) for k in planned}
+    for w, b in (*plan.folded.items(), *plan.shared.items()):
+        cost, numel, macs = structured[w]
+        structured[w] = (cost, numel + params[b].numel(), macs)
+    forced = {k: (params[k].numel(), float(params[k].numel())) for k in plan.fallback}
+    path, moved, costs = choose_path(model, structured, forced)
+    plan.path, plan.path_costs = path, costs
+    if path == "jacobian":
+        moved = set(planned)
+    for w in list(moved):
+        moved.update(b for b in (plan.folded.get(w), plan.shared.get(w)) if b is not None)
+    if not moved:
+        return
+    plan.weights = {k: v for k, v in plan.weights.items() if k not in moved}
+    plan.biases = [k for k in plan.biases if k not in moved]
+    plan.folded = {w: b for w, b in plan.folded.items() if w not in moved}
+    plan.shared = {w: b for w, b in plan.shared.items() if w not in moved}
+    kept = {*plan.weights, *plan.biases, *plan.folded.values(), *plan.shared.values()}
+    plan.fallback = [k for k in params if k not in kept]
 
 
 # Above this many bytes of output-gradients for all O outputs at once, backpropagate the O
@@ -991,11 +1125,15 @@ def _factors(
                     changed.add(k)
     changed.update(k for k in wrt if ratios.get(k, ()) != plan.row_ratios.get(k, ()))
     if changed:  # the plan was made on the probe examples; its uses must hold for every example
-        raise StructuredPlanError(
-            f"parameters {sorted(changed)} were used differently on these examples than on the "
-            "probe examples (data-dependent control flow); use implementation='jacobian' (or "
-            "'auto', which switches by itself)"
+        reason = (
+            f"parameters {sorted(changed)} are used differently on some examples than on the "
+            "probe examples (data-dependent control flow)"
         )
+        err = StructuredPlanError(
+            f"{reason}; use implementation='jacobian' (or 'auto', which switches by itself)"
+        )
+        err.reason = reason  # type: ignore[attr-defined] - auto's warning, without the advice
+        raise err
     uses = [u for u in cap.uses if (u.weight in wrt) or (u.bias in wrt)]
     weight_uses = [u for u in uses if u.weight in plan.weights]
     row_uses = [(name, u) for name in plan.biases for u in uses if name in (u.bias, u.weight)]
@@ -1223,39 +1361,36 @@ def structured_ntk(
     keep_blocks: bool,
     chunk_size: Optional[int],
     rows_fn: Optional[JacobianRows] = None,
+    choose: bool = False,
 ) -> _BlockSink:
     """Compute the kernel with structured rules where they apply, the Jacobian path elsewhere.
 
     A probe pass on the first example finds the parameter uses and sizes the example blocks
     (factors of ``row`` examples are kept while blocks of ``col`` examples stream past).
+    ``choose`` (``implementation="auto"``): parameters whose structured contraction would cost
+    more than Jacobian rows -- or all of them, when the Jacobian path is cheaper for the whole
+    kernel -- go to the Jacobian remainder (:func:`_choose_path`).
     """
-    # Two probe examples (the first one twice if there is only one), so that the batch mapping
-    # of every use can be verified: a leading dim of 2 that carries the examples row by row.
-    probe_x = (
-        slice_batch(x1, slice(0, 2))
-        if n1 >= 2
-        else map_batch(x1, lambda t: t.repeat(2, *[1] * (t.dim() - 1)))
-    )
-    wrt = {k: v.detach().requires_grad_() for k, v in params.items()}
-    out, cap = _forward(fm, {}, wrt, probe_x, list(wrt))
-    o = out.shape[1]
-    if o == 0:
-        raise ValueError("the model output has 0 entries per example; nothing to differentiate")
-    if x2 is not None:
+    path_key = _path_key(fm, params, x1, x2, keep_blocks) if choose else None
+    if path_key is not None and _cached_path(fm, path_key) == "jacobian":
+        # auto chose the Jacobian path for this model and these shapes before: skip the probe
         with torch.no_grad():
-            check_same_outputs(o, fm(params, slice_batch(x2, slice(0, 1))).shape[1])
-    _cached_verification(fm, params, probe_x, out, cap)
-    n_max = max(n1, n2 or 0)
-    # a symmetric kernel contracts only the upper example blocks (builds are not halved)
-    pairs = symmetric_fraction(n1) if x2 is None else 1.0
-    plan = _make_plan(params, cap, n_max, o, keep_blocks, pairs=pairs)
+            o = fm(params, slice_batch(x1, slice(0, 1))).shape[1]
+        sink = _BlockSink(
+            kind, kernel_shape(kind, n1, n2 or n1, o), dtype, device, keep_blocks, x2 is None
+        )
+        jacobian_ntk(fm, params, list(params), x1, x2, n1, n2, o, sink, chunk_size, rows_fn)
+        return sink
+    plan, out, cap, o = _probe_plan(fm, params, x1, x2, n1, n2, keep_blocks, choose)
+    if path_key is not None:
+        _store_path(fm, path_key, plan.path)
     work = [
         (part, size, _activation_bytes_per_example(cap, part, o), spec)
         for part, size, spec in _work_plan(
             params, cap, plan, n1, n2, o, keep_blocks, chunk_size, out
         )
     ]
-    del out, cap, wrt
+    del out, cap
     sink = _BlockSink(
         kind,
         kernel_shape(kind, n1, n2 or n1, o),
@@ -1288,6 +1423,90 @@ def structured_ntk(
     if plan.fallback:
         jacobian_ntk(fm, params, plan.fallback, x1, x2, n1, n2, o, sink, chunk_size, rows_fn)
     return sink
+
+
+# auto's whole-call decision per module, for repeated calls with the same shapes (a tracker
+# measures the same probe every time): the cost model reads shapes only.
+_PATH_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _path_key(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    x1: InputBatch,
+    x2: Optional[InputBatch],
+    keep_blocks: bool,
+) -> Optional[tuple]:
+    """Everything :func:`_choose_path` depends on but values: parameter and input shapes,
+    the output function (by identity) and the modules' plain attributes."""
+    fn = fm.output_fn
+    leaves = [t for t in tree_flatten((x1, x2))[0] if isinstance(t, Tensor)]
+    return (
+        id(fn),
+        str(tree_flatten((x1, x2))[1]),
+        tuple((tuple(t.shape), t.dtype, t.device) for t in leaves),
+        tuple((k, tuple(v.shape), v.dtype) for k, v in params.items()),
+        keep_blocks,
+        _module_state(fm.model),
+    )
+
+
+def _cached_path(fm: FunctionalModel, key: tuple) -> Optional[str]:
+    try:
+        entry = _PATH_CACHE.get(fm.model)
+    except TypeError:  # a module that cannot be weakly referenced
+        return None
+    if entry is None or entry[0] != key or entry[1]() is not fm.output_fn:
+        return None
+    return entry[2]
+
+
+def _store_path(fm: FunctionalModel, key: tuple, path: str) -> None:
+    fn = fm.output_fn
+    try:
+        fn_ref = weakref.ref(fn) if fn is not None else (lambda: None)
+    except TypeError:  # an output function that cannot be weakly referenced: never reused
+        return
+    try:
+        _PATH_CACHE[fm.model] = (key, fn_ref, path)
+    except TypeError:
+        pass
+
+
+def _probe_plan(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    x1: InputBatch,
+    x2: Optional[InputBatch],
+    n1: int,
+    n2: Optional[int],
+    keep_blocks: bool,
+    choose: bool,
+) -> tuple[_Plan, Tensor, _Capture, int]:
+    """``(plan, probe output, capture, O)`` from a probe pass on two examples (the first one
+    twice if there is only one), so that the batch mapping of every use can be verified: a
+    leading dim of 2 that carries the examples row by row."""
+    probe_x = (
+        slice_batch(x1, slice(0, 2))
+        if n1 >= 2
+        else map_batch(x1, lambda t: t.repeat(2, *[1] * (t.dim() - 1)))
+    )
+    wrt = {k: v.detach().requires_grad_() for k, v in params.items()}
+    out, cap = _forward(fm, {}, wrt, probe_x, list(wrt))
+    o = out.shape[1]
+    if o == 0:
+        raise ValueError("the model output has 0 entries per example; nothing to differentiate")
+    if x2 is not None:
+        with torch.no_grad():
+            check_same_outputs(o, fm(params, slice_batch(x2, slice(0, 1))).shape[1])
+    _cached_verification(fm, params, probe_x, out, cap)
+    n_max = max(n1, n2 or 0)
+    # a symmetric kernel contracts only the upper example blocks (builds are not halved)
+    pairs = symmetric_fraction(n1) if x2 is None else 1.0
+    plan = _make_plan(params, cap, n_max, o, keep_blocks, pairs=pairs)
+    if choose:
+        _choose_path(plan, params, cap, n_max, o, pairs)
+    return plan, out, cap, o
 
 
 def _work_plan(

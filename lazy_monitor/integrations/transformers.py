@@ -113,18 +113,10 @@ def last_token_logits(output: Any) -> Tensor:
 
 @contextlib.contextmanager
 def _measuring(model: torch.nn.Module) -> Iterator[None]:
-    """Measure with eager attention and the forward's ``attention_mask`` visible to
-    :func:`last_token_logits`; restore both afterwards.
-
-    PyTorch's fused SDPA kernels have no forward-mode AD (the linearization's ``jvp``) and no
-    ``vmap`` batching rule (the kernel engine); eager attention computes the same function.
-    """
-    configs = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        impl = getattr(config, "_attn_implementation", None)
-        if impl is not None and impl != "eager":
-            configs[id(config)] = (config, impl)
+    """Make the forward's ``attention_mask`` visible to :func:`last_token_logits` while
+    measuring; restore afterwards. (How attention runs during a measurement is the engine's
+    one decision, :func:`lazy_monitor.core._functional.measurement_mode`, entered by every
+    measurement: not switched here.)"""
 
     def keep_mask(_module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         _MASK.set(kwargs.get("attention_mask"))
@@ -132,14 +124,10 @@ def _measuring(model: torch.nn.Module) -> Iterator[None]:
     hook = model.register_forward_pre_hook(keep_mask, with_kwargs=True)
     token = _MASK.set(None)
     try:
-        for config, _ in configs.values():
-            config._attn_implementation = "eager"
         yield
     finally:
         hook.remove()
         _MASK.reset(token)
-        for config, impl in configs.values():
-            config._attn_implementation = impl
 
 
 def _checkpoint_file(args: TrainingArguments, state: TrainerState, name: str) -> Optional[str]:
@@ -191,7 +179,8 @@ class KernelRegimeCallback(TrainerCallback):
     Language models by default: ``output_fn=last_token_logits`` (the next-token logits at the
     last real token of each probe sequence, from its ``attention_mask``), ``(N, V)``;
     ``kernel`` ``kind="auto"`` then picks the full kernel, the trace or a projected trace under
-    ``max_memory``. Measurements run with eager attention (switched and restored).
+    ``max_memory``. How attention and checkpointing run during a measurement is decided by
+    the engine (:func:`lazy_monitor.core._functional.measurement_mode`), restored afterwards.
 
     Probe: ``probe`` (a dict of tensors is passed as keyword arguments), or ``probe_size``
     (default 8) examples drawn from ``trainer.train_dataset`` with an own generator seeded by

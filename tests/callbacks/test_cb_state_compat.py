@@ -42,4 +42,8 @@ def test_checkpoint_of_version_0_1_resumes_with_the_same_metrics(tmp_path):
         metrics = {k: v for k, v in metrics.items() if not (k.startswith("health/") and v == 0)}
         assert set(got[step]) >= set(metrics)
         for name, value in metrics.items():
-            assert math.isclose(got[step][name], value, rel_tol=1e-5, abs_tol=1e-8), (step, name)
+            # the kernel's float32 rounding depends on the engine path (auto may now take the
+            # Jacobian path where the fixture was made with the structured one): the smallest
+            # eigenvalue carries an absolute error ~eps·λmax, 1.2e-5 relative to λmin here
+            tol = 1e-4 if name in ("ntk/cond", "ntk/eig_min") else 1e-5
+            assert math.isclose(got[step][name], value, rel_tol=tol, abs_tol=1e-8), (step, name)

@@ -48,7 +48,11 @@ def test_checkpoint_of_version_0_1_resumes_with_the_same_metrics(tmp_path):
                 # layer's own): the same reference-norm factor <= 1 at every step
                 factors.setdefault(name, set()).add(round(got[step][name] / value, 5))
                 continue
-            assert math.isclose(got[step][name], value, rel_tol=1e-5, abs_tol=1e-8), (step, name)
+            # the kernel's float32 rounding depends on the engine path (auto may now take the
+            # Jacobian path where the fixture was made with the structured one): the smallest
+            # eigenvalue carries an absolute error ~eps·λmax, 1.2e-5 relative to λmin here
+            tol = 1e-4 if name in ("ntk/cond", "ntk/eig_min") else 1e-5
+            assert math.isclose(got[step][name], value, rel_tol=tol, abs_tol=1e-8), (step, name)
     assert len(factors) == 4
     for name, values in factors.items():
         assert len(values) == 1 and 0 < next(iter(values)) <= 1, (name, values)

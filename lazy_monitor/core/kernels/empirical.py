@@ -392,8 +392,8 @@ def _run_auto(*args: Any) -> _BlockSink:
         warn_once(
             args[0].model,
             f"plan: {reason}",
-            f"empirical_ntk(implementation='auto'): the structured plan could not be verified on "
-            f"this model ({reason}); its kernels use the Jacobian contraction (same kernel){also}",
+            f"empirical_ntk: the structured plan could not be verified on this model ({reason}); "
+            f"its kernels use the Jacobian contraction (same kernel){also}",
             stacklevel=4,
         )
         return sink

@@ -163,9 +163,9 @@ def test_tensorboard_extras_of_a_lightning_run_and_a_headline_console(tmp_path, 
     tags = _tags(tmp_path)
     assert "custom_scalars__config__" in tags["tensors"]  # the layout
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= tags["hparams"]
-    assert {"lazy_monitor/summary/text_summary"} <= tags["tensors"]
-    assert "ntk/eigenvalues" in tags["histograms"] and "ntk/kernel" in tags["images"]
-    assert "drift_layer/heatmap" in tags["images"]  # per-layer heatmap (per_layer default)
+    assert {"lazy_monitor/1_verdict/text_summary"} <= tags["tensors"]
+    assert "ntk/eigenvalues" in tags["histograms"] and "images/ntk_kernel" in tags["images"]
+    assert "images/layer_drift" in tags["images"]  # per-layer heatmap (per_layer default)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "[lazy_monitor]" in ln]
     assert len(lines) == 3 and all(len(ln) < 200 for ln in lines)  # headline values only
     assert "ntk/rel_change=" in lines[-1] and "features/" not in lines[-1]

@@ -23,6 +23,7 @@ SLOW = (
     "tests/callbacks/test_cb_ddp_amp.py::test_ddp_spawn_logs_once_and_the_gate_acts_on_every_rank_together",
     "tests/callbacks/test_cb_distributed.py::test_split_across_two_ddp_ranks_equals_a_single_process_run",
     "tests/callbacks/test_cb_fsdp.py::test_model_parallel_fsdp2_metrics_equal_a_single_process_run",
+    "tests/integrations/test_transformers_torchrun.py::",
     # GPT-2-sized models with default settings (the memory-cap and auto-kind paths)
     "tests/tracking/test_tracker_auto.py::test_large_vocabulary_lm_with_defaults_runs_under_a_memory_cap",
     "tests/tracking/test_tracker_auto.py::test_gpt2_with_default_arguments_starts_and_measures",

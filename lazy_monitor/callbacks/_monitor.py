@@ -84,7 +84,7 @@ class _KernelRegimeMonitorBase(_Identified):
     :math:`K_t`, the parameter change and the linearization
     :math:`f_{lin}(x) = f(x;\theta_0) + J(\theta_0)(\theta_t-\theta_0)` (Lee et al. 2019) and logs
     the metrics (``ntk/rel_change`` :math:`=\|K_t-K_0\|_F/\|K_0\|_F`, ``lin/rel_error``,
-    ``params/rel_change``, ``regime/lazy``, ... see README). The work is
+    ``params/rel_change``, ``regime/lazy``, ... see docs/metrics.md). The work is
     :class:`~lazy_monitor.tracking.session.MonitorSession`'s; this callback maps Lightning's
     hooks onto it.
 

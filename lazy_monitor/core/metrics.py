@@ -180,7 +180,7 @@ def kernel_rel_change(kernel: Tensor, kernel0: Tensor) -> Tensor:
     Under NTK parameterization it is bounded by ``O(width^{-1/2})`` during training (Lee et al.
     2019, "Wide Neural Networks of Any Depth Evolve as Linear Models Under Gradient Descent");
     the measured decay is faster, a log-log slope of about −0.7 to −1 against width (the leading
-    change is ``O(1/width)``, Dyer & Gur-Ari 2020; README "Reading the demo",
+    change is ``O(1/width)``, Dyer & Gur-Ari 2020; docs/theory.md "Reading the demo",
     ``benchmarks/RESULTS.md``). A scaled kernel ``c K_0`` has ``ΔK = |c - 1|``.
 
     Args:

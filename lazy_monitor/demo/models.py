@@ -10,7 +10,7 @@ initialisation instead, ``W ~ N(0, σ_w²/fan_in)``, ``b ~ N(0, σ_b²)``, ``y =
 differ in their training dynamics: under the NTK parameterisation a fixed learning rate gives
 a width-independent kernel, a relative change of the weights that shrinks like
 ``width^(-1/2)`` and a relative change of the kernel bounded by ``O(width^(-1/2))`` (Lee et al.
-2019; measured: a log-log slope of about −0.7 to −1, README "Reading the demo"), which is the
+2019; measured: a log-log slope of about −0.7 to −1, docs/theory.md "Reading the demo"), which is the
 setting of the lazy-regime width sweeps.
 """
 

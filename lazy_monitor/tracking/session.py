@@ -649,7 +649,7 @@ class MonitorSession:
                 warnings.warn(
                     f"{self.owner}: the measurement at step {step} failed "
                     f"({type(err).__name__}: {err}); training continues, the metrics are NaN "
-                    "with health/nonfinite = 1 (see README, Troubleshooting)",
+                    "with health/nonfinite = 1 (see docs/troubleshooting.md)",
                     RuntimeWarning,
                     stacklevel=2,
                 )

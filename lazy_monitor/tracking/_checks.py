@@ -19,12 +19,14 @@ from lazy_monitor.core import _functional as F
 from lazy_monitor.core.kernels import errors as kernel_errors
 from lazy_monitor.thresholds import Threshold
 from lazy_monitor.tracking._state import same_fingerprint
+from lazy_monitor.tracking.distributed import KernelSharding
 
 __all__ = [
     "check_batch_independent",
     "check_lr",
     "check_probe_finite",
     "check_saved_config",
+    "check_sharding",
     "check_step",
     "check_thresholds",
     "probe_error",
@@ -48,6 +50,15 @@ def check_lr(lr: Any) -> Optional[float]:
     return check_float(
         "lr", lr, minimum=0.0, optional=True, fix="pass the optimizer's learning rate or None"
     )
+
+
+def check_sharding(sharding: Any) -> None:
+    """``sharding``: a :class:`KernelSharding` or None."""
+    if sharding is not None and not isinstance(sharding, KernelSharding):
+        raise TypeError(
+            f"sharding must be a KernelSharding or None, got {type(sharding).__name__}; "
+            "e.g. KernelSharding.from_process_group()"
+        )
 
 
 def check_probe_finite(probe: F.InputBatch) -> None:

@@ -60,7 +60,7 @@ def load(t: Any, state: Mapping[str, Any]) -> None:
     mine = config(t)
     if kernel_config is not None:  # compare with what this tracker will measure
         mine["kind"] = kernel_config.kind
-        mine["topk"] = t._check_topk(kernel_config.kind, kernel_config.projection)
+        mine["topk"] = t._layout.check_topk(kernel_config.kind, kernel_config.projection)
     saved_features = saved.get("feature_modules")
     if (
         t._features_default
@@ -73,17 +73,17 @@ def load(t: Any, state: Mapping[str, Any]) -> None:
     _checks.check_saved_config(saved, mine, started=state["started"], model=t.model)
     if mine["feature_modules"] != t._feature_modules:
         t._feature_modules = list(mine["feature_modules"])
-        t._names = t._build_names()
-        t._set_thresholds(t.lazy_thresholds)
+        t._layout.build_names(t._feature_modules, t.lazy_thresholds)
     t._reset()
     if not state["started"]:
         return
     # the saved per-layer K₀ fixes the grouping (states before layer_groups: per module)
     regroup = saved.get("layer_groups") != t.layer_groups
-    t.layer_groups = saved.get("layer_groups")
-    t._set_param_names(list(saved["param_names"]), regroup=regroup)
+    t._layout.layer_groups = saved.get("layer_groups")
+    t._layout.set_param_names(list(saved["param_names"]), t._feature_modules, regroup=regroup)
     assert kernel_config is not None
-    t._apply_kernel_config(kernel_config, warn=False)
+    t._layout.apply(kernel_config, warn=False)
+    t._resolved = kernel_config
     lin = t.measurement.snapshot()
     lin.load_state_dict(state["linearization"])
     dev = t._metric_device()

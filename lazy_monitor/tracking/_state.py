@@ -141,12 +141,14 @@ class TrackerState(Protocol):
     num_outputs: int
     kernel: KernelConfig
     sharding: Optional[KernelSharding]
-    _param_names: list[str]
-    _layers: dict[str, list[str]]
     _resolved: Optional[ResolvedKernel]
     _reference: Reference
     _lin: Any  # the θ₀ snapshot once started (the backend's own type)
 
+    @property
+    def _param_names(self) -> list[str]: ...
+    @property
+    def _layers(self) -> dict[str, list[str]]: ...
     def _probe_on_model_device(self) -> F.InputBatch: ...
     def _model_device(self) -> torch.device: ...
     def _metric_device(self) -> torch.device: ...

@@ -4,6 +4,14 @@ Framework-agnostic: a plain training loop, a Lightning callback or any other tra
 :meth:`KernelTracker.start` once before training and :meth:`KernelTracker.measure` every few
 steps, and gets a flat ``dict[str, float]`` to log.
 
+Metric names: their formulas, directions and papers are the entries of
+:data:`lazy_monitor.catalogue.CATALOGUE` with ``source="tracker"`` (``ntk/*``, ``params/*``,
+``lin/*``, the per-layer ``ntk_layer/<layer>/rel_change`` and
+``params_layer/<layer>/rel_change``, ``regime/lazy``, ``health/nonfinite``, ``opt/lr``,
+``ntk/lr_eig_max``, ``regime/catapult`` and ``features/<layer>/cka``);
+``ntk/alignment`` needs ``targets``, ``lin/agreement`` class-index targets, the per-layer
+names ``per_layer=True``, the feature names tracked ``feature_modules``.
+
 Stability (Lewkowycz et al. 2020, :mod:`lazy_monitor.core.stability`): pass the learning
 rate of the step, ``start(lr=...)`` / ``measure(step, lr=...)``, to get ``opt/lr`` and
 ``ntk/lr_eig_max = lr · λmax(K) / N`` (the MSE stability number, catapult above 2), and
@@ -51,12 +59,26 @@ jvp (a few plain forwards), and one ``eigh`` of the ``M × M`` float64 kernel ma
 ``"diagonal"``), growing like ``M³`` (a warning is issued above ``MAX_SPECTRUM_SIZE =
 2048``; measured times in ``benchmarks/RESULTS.md``). Memory:
 one copy of the parameters (θ₀), ``K₀`` and, with ``per_layer``, one kernel per layer.
+
+Example, run as a doctest:
+
+>>> import torch
+>>> from torch import nn
+>>> _ = torch.manual_seed(0)
+>>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+>>> tracker = KernelTracker(model, torch.randn(6, 3), targets=torch.tensor([0, 1] * 3))
+>>> start = tracker.start()
+>>> start["ntk/rel_change"], start["regime/lazy"]
+(0.0, 1.0)
+>>> with torch.no_grad():
+...     _ = model[0].weight.mul_(3.0)  # a large weight change: features move
+>>> after = tracker.measure(step=1)
+>>> after["ntk/rel_change"] > 0.1, after["regime/lazy"]
+(True, 0.0)
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -80,6 +102,7 @@ from lazy_monitor.core.kernels import estimate as kernel_estimate
 from lazy_monitor.core.stability import CatapultDetector
 from lazy_monitor.tracking import _checks, _persist
 from lazy_monitor.tracking import kernel_config as kc
+from lazy_monitor.tracking._layout import MetricLayout
 from lazy_monitor.tracking._state import LastMeasurement, Reference, fingerprint
 from lazy_monitor.tracking.distributed import KernelSharding
 from lazy_monitor.tracking.features import (
@@ -94,9 +117,8 @@ from lazy_monitor.tracking.kernel_config import (  # noqa: F401 - re-exported
     MAX_SPECTRUM_SIZE,
     KernelConfig,
 )
-from lazy_monitor.tracking.layers import group_layers
 from lazy_monitor.tracking.measurement import choose as choose_measurement
-from lazy_monitor.tracking.regime import Measurement, lazy_decision, regime_metrics
+from lazy_monitor.tracking.regime import Measurement, regime_metrics
 
 __all__ = [
     "KernelTracker",
@@ -133,20 +155,10 @@ class KernelTracker:
     the top-k eigenvectors of ``K₀``. Each :meth:`measure` recomputes the kernel at the current
     parameters with one engine call (total and per-layer blocks together), one float64
     eigendecomposition, one forward pass for ``f`` and one ``torch.func.jvp`` for
-    ``f_lin = f₀ + J(θ₀)(θ − θ₀)``, and returns these metrics (see :mod:`lazy_monitor.metrics`
-    for the formulas and references):
-
-    The names, their formulas, directions and papers are the entries of
-    :data:`lazy_monitor.catalogue.CATALOGUE` with ``source="tracker"`` (``ntk/*``, ``params/*``,
-    ``lin/*``, the per-layer ``ntk_layer/<layer>/rel_change`` and
-    ``params_layer/<layer>/rel_change``, ``regime/lazy``, ``health/nonfinite``, ``opt/lr``,
-    ``ntk/lr_eig_max``, ``regime/catapult`` and ``features/<layer>/cka``);
-    ``ntk/alignment`` needs ``targets``, ``lin/agreement`` class-index targets, the per-layer
-    names ``per_layer=True``, the feature names tracked ``feature_modules``.
-
-    :meth:`metric_names` returns exactly these keys, in this order, for the configuration.
-    Stability (``opt/lr``, ``ntk/lr_eig_max``, ``regime/catapult``), features, evaluation
-    semantics, tracked parameters and the batch-independence check: see
+    ``f_lin = f₀ + J(θ₀)(θ − θ₀)``, and returns the metrics :meth:`metric_names` lists, in that
+    order, for the configuration (formulas and references: :mod:`lazy_monitor.metrics`). Which
+    names, stability (``opt/lr``, ``ntk/lr_eig_max``, ``regime/catapult``), features, evaluation
+    semantics, tracked parameters, the batch-independence check and a doctest: see
     :mod:`lazy_monitor.tracking.tracker`. Which kernel ``kind="auto"`` measures and what the
     metrics of a trace or projected kernel mean: :mod:`lazy_monitor.tracking.kernel_config`.
     How the model is evaluated (locally, split across processes, FSDP2 shards):
@@ -213,22 +225,6 @@ class KernelTracker:
             train_step()
             if step % 50 == 0:
                 logger.log(tracker.measure(step))        # {"ntk/rel_change": ..., ...}
-
-    Run as a doctest:
-
-    >>> import torch
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
-    >>> tracker = KernelTracker(model, torch.randn(6, 3), targets=torch.tensor([0, 1] * 3))
-    >>> start = tracker.start()
-    >>> start["ntk/rel_change"], start["regime/lazy"]
-    (0.0, 1.0)
-    >>> with torch.no_grad():
-    ...     _ = model[0].weight.mul_(3.0)  # a large weight change: features move
-    >>> after = tracker.measure(step=1)
-    >>> after["ntk/rel_change"] > 0.1, after["regime/lazy"]
-    (True, 0.0)
     """
 
     def __init__(
@@ -253,17 +249,11 @@ class KernelTracker:
         check_callable("output_fn", output_fn, fix="e.g. output_fn=lambda out: out.logits")
         check_bool("per_layer", per_layer)
         check_int("layer_groups", layer_groups, minimum=1, optional=True, fix="None: per module")
-        #: at most this many per-layer groups (tracking/layers.py); None: one per module
-        self.layer_groups = layer_groups
         self.model = model
         self._resolved: Optional[kc.ResolvedKernel] = None
         self.per_layer = per_layer
         self.output_fn = output_fn
-        if sharding is not None and not isinstance(sharding, KernelSharding):
-            raise TypeError(
-                f"sharding must be a KernelSharding or None, got {type(sharding).__name__}; "
-                "e.g. KernelSharding.from_process_group()"
-            )
+        _checks.check_sharding(sharding)
         #: how this tracker evaluates the model: local, split across processes, or
         #: FSDP2-sharded (:mod:`lazy_monitor.tracking.measurement`)
         self.measurement = choose_measurement(self, sharding)
@@ -274,8 +264,8 @@ class KernelTracker:
         #: Number of probe examples ``N``.
         self.probe_size = F.batch_size(probe)
         self._probe_cache: Optional[tuple[torch.device, InputBatch]] = None
-        self._param_names = list(F.resolve_params(model))
-        self._layers = self._group_layers()
+        #: the tracked parameters, their layer groups, the metric names and the thresholds
+        self._layout = MetricLayout(model, self.kernel, per_layer, layer_groups, self.probe_size)
 
         _checks.check_probe_finite(probe)
         kernel_errors.check_materialized(model)
@@ -296,64 +286,21 @@ class KernelTracker:
         self._feature_modules = report_feature_selection(candidates, feats, self._feature_select)
         self._feature_select = None
         self.num_outputs = f.shape[1]
-        kind = self.kernel.kind
-        if kind != "auto":
-            kc.warn_spectrum_size(
-                kind,
-                self.kernel.projection,
-                probe_size=self.probe_size,
-                num_outputs=self.num_outputs,
-                stacklevel=3,
-            )
-
-        self.targets, self.classification = self._check_targets(targets)
-        # the largest kernel matrix the configuration can give (before "auto" is resolved)
-        self._check_topk(kind if kind != "auto" else "full", self.kernel.projection)
+        #: the probe targets as checked (None without ``targets``); class indices or not
+        self.targets, self.classification = self._layout.check_outputs(self.num_outputs, targets)
         self.measurement.validate()
-        self._names = self._build_names()
-        self._set_thresholds(lazy_thresholds)
+        given = DEFAULT_LAZY_THRESHOLDS if lazy_thresholds is None else lazy_thresholds
+        self._layout.build_names(self._feature_modules, given)
         self._probe_fingerprint = fingerprint(probe)
         self._reference = Reference()
         self._last = LastMeasurement()
         self._catapult = CatapultDetector()
         self._reset()
 
-    def _check_targets(self, targets: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
-        if targets is None:
-            return None, False
-        # only an explicit trace kernel accepts regression targets of another width than O
-        # ("auto" may resolve to "full")
-        outputs = None if self.kernel.kind == "trace" else self.num_outputs
-        return M.alignment_targets(targets, self.probe_size, self.num_outputs, outputs)
-
-    def _check_topk(self, kind: str, projection: Union[None, int, str]) -> int:
-        """``topk`` for a kernel of this kind/projection (see :func:`kc.check_topk`)."""
-        return kc.check_topk(
-            self.kernel.topk,
-            kind,
-            projection,
-            probe_size=self.probe_size,
-            num_outputs=self.num_outputs,
-        )
-
-    def _set_thresholds(self, thresholds: Optional[Mapping[str, float]]) -> None:
-        """Check ``lazy_thresholds`` against the metric names (:func:`_checks.check_thresholds`)."""
-        given = DEFAULT_LAZY_THRESHOLDS if thresholds is None else thresholds
-        self.lazy_thresholds, self._thresholds = _checks.check_thresholds(given, self._names)
-
-    def _build_names(self) -> list[str]:
-        return catalogue.tracker_metric_names(
-            list(self._layers),
-            targets=self.targets is not None,
-            classification=self.classification,
-            per_layer=self.per_layer,
-            feature_layers=self._feature_modules,
-        )
-
     # ------------------------------------------------------------------ public state
     def metric_names(self) -> list[str]:
         """Exactly the keys :meth:`start` and :meth:`measure` return, in order."""
-        return list(self._names)
+        return list(self._layout.names)
 
     @property
     def layers(self) -> list[str]:
@@ -398,7 +345,25 @@ class KernelTracker:
     @property
     def topk(self) -> Optional[int]:
         """``k`` of ``ntk/eig_overlap`` for the measured kernel (None before it is resolved)."""
-        return self._topk_resolved
+        return self._layout.topk
+
+    @property
+    def lazy_thresholds(self) -> dict[str, float]:
+        """The ``regime/lazy`` thresholds ``{metric name or glob: bound}`` (checked)."""
+        return self._layout.lazy_thresholds
+
+    @property
+    def layer_groups(self) -> Optional[int]:
+        """At most this many per-layer groups (tracking/layers.py); None: one per module."""
+        return self._layout.layer_groups
+
+    @property
+    def _param_names(self) -> list[str]:
+        return self._layout.param_names  # the measurement backends read these two
+
+    @property
+    def _layers(self) -> dict[str, list[str]]:
+        return self._layout.layers
 
     @property
     def last_step(self) -> Optional[int]:
@@ -409,12 +374,10 @@ class KernelTracker:
         #: θ₀: a frozen Linearization (the sharded backend: its own snapshot of local shards)
         self._lin: Any = None
         self._resolved = None
-        self._topk_resolved: Optional[int] = None
-        self._kernel_targets: Optional[Tensor] = None
+        self._layout.reset()
         self._reference.reset()
         self._last.reset()
         self._catapult.reset()
-        self._warned_params = False
 
     # ------------------------------------------------------------------ computation
     def _model_device(self) -> torch.device:
@@ -443,19 +406,6 @@ class KernelTracker:
         dev = self._metric_device()
         return {m: grams[m].to(dev) for m in self._feature_modules if m in grams}
 
-    def _full_spectrum(self) -> bool:
-        """Whether λmax of the measured kernel matrix is that of the ``(N·O) × (N·O)`` NTK
-        (what ``ntk/lr_eig_max`` is defined with): a full kernel, or a trace/diagonal kernel of a
-        single output (then the same matrix). Any other kind (e.g. a projected kernel) is not.
-        Tests the kind resolved at start (``"auto"`` is resolved there)."""
-        cfg = self._resolved
-        kind = self.kernel.kind if cfg is None else cfg.kind
-        if cfg is not None and cfg.projection is not None:
-            return False  # the kernel of projected outputs, not the NTK's spectrum
-        if kind == "full":
-            return True
-        return kind in ("trace", "diagonal") and self.num_outputs == 1
-
     # ------------------------------------------------------------------ kernel configuration
     def _resolve(self) -> kc.ResolvedKernel:
         """``kind="auto"`` resolved (or a forced kind checked) against ``max_memory`` and
@@ -473,49 +423,6 @@ class KernelTracker:
         )
         kernel_estimate.check_seconds(cfg.estimate, kind=cfg.kind)  # forced settings too
         return cfg
-
-    def _apply_kernel_config(self, cfg: kc.ResolvedKernel, warn: bool) -> None:
-        """Adopt a resolved (or restored) kernel configuration: ``topk`` and the alignment
-        targets follow the kernel's outputs."""
-        kind, projection = cfg.kind, cfg.projection
-        self._topk_resolved = self._check_topk(kind, projection)
-        shape = {"probe_size": self.probe_size, "num_outputs": self.num_outputs}
-        if warn and self.kernel.kind == "auto":
-            kc.warn_spectrum_size(kind, projection, stacklevel=5, **shape)
-        self._kernel_targets = kc.project_targets(
-            self.targets, self.classification, kind, projection, cfg.projection_seed, **shape
-        )
-        self._resolved = cfg
-
-    def _group_layers(self) -> dict[str, list[str]]:
-        if self.layer_groups is None:
-            return M.group_by_layer(self._param_names)
-        return group_layers(self.model, self._param_names, self.layer_groups)
-
-    def _set_param_names(self, names: list[str], regroup: bool = False) -> None:
-        """Fix the tracked parameter set (and the per-layer metric names that follow from it)."""
-        if names == self._param_names and not regroup:
-            return
-        self._param_names = list(names)
-        self._layers = self._group_layers()
-        self._names = self._build_names()
-        self._set_thresholds(self.lazy_thresholds)
-
-    def _nan_metrics(self, problem: str) -> dict[str, float]:
-        """NaN metrics with ``health/nonfinite = 1`` (warned once) when the tracked parameters
-        cannot be measured any more."""
-        if not self._warned_params:
-            self._warned_params = True
-            warnings.warn(
-                f"KernelTracker cannot measure: {problem}; the metrics are NaN with "
-                "health/nonfinite=1 from now on. Build a new KernelTracker for the changed model.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        out = {name: math.nan for name in self._names}
-        out["regime/lazy"] = 0.0
-        out["health/nonfinite"] = 1.0
-        return out
 
     def start(self, step: int = 0, *, lr: Optional[float] = None) -> dict[str, float]:
         """Snapshot θ₀, ``f₀``, ``K₀`` (and per-layer ``K₀``) and the top-k eigenvectors of ``K₀``.
@@ -555,12 +462,14 @@ class KernelTracker:
         step = _checks.check_step(step, None)
         lr = _checks.check_lr(lr)
         self._reset()
-        self._set_param_names(list(F.resolve_params(self.model)))
+        self._layout.set_param_names(list(F.resolve_params(self.model)), self._feature_modules)
         lin = self.measurement.snapshot()
         _checks.check_batch_independent(
             self.measurement.eval_forward(lin), self._probe_on_model_device()
         )
-        self._apply_kernel_config(self._resolve(), warn=True)
+        cfg = self._resolve()
+        self._layout.apply(cfg, warn=True)  # topk checked before the kernel is adopted
+        self._resolved = cfg
         kernel, layer_kernels = self.measurement.kernel()
         f0, grams0 = self.measurement.forward()
         f0 = f0.to(self._metric_device())
@@ -601,14 +510,14 @@ class KernelTracker:
         lr = _checks.check_lr(lr)
         problem = self.measurement.params_problem(self._lin)
         if problem is not None:
-            return self._nan_metrics(problem)
+            return self._layout.nan_metrics(problem)
         dev = self._metric_device()
         self._reference.to(dev)  # follow the model (snapshot_device=None, e.g. model.cuda())
         self._last.to(dev)
         kernel, layer_kernels = self.measurement.kernel()
         f, grams = self.measurement.forward()
         if f.shape[1] != self.num_outputs:
-            return self._nan_metrics(
+            return self._layout.nan_metrics(
                 f"the model gives {f.shape[1]} outputs per probe example, {self.num_outputs} at "
                 "start()"
             )
@@ -633,18 +542,18 @@ class KernelTracker:
             params0=self.measurement.params0(self._lin),
             last=self._last,
             step=step,
-            targets=self._kernel_targets,
+            targets=self._layout.kernel_targets,
             classification=self.classification,
             topk=self.topk,
             layers=self._layers if self.per_layer else {},
-            lazy_thresholds=self._thresholds,
-            names=[n for n in self._names if n != "regime/catapult"],
+            lazy_thresholds=self._layout.thresholds,
+            names=[n for n in self._layout.names if n != "regime/catapult"],
             lr=lr,
-            full_spectrum=self._full_spectrum(),
+            full_spectrum=self._layout.full_spectrum(self._resolved),
         )
         # Stateful, so not in the pure regime_metrics: fed at every measurement, step 0 too.
         out["regime/catapult"] = self._catapult.update(out["ntk/lr_eig_max"], out["ntk/eig_max"])
-        out = {name: out[name] for name in self._names}
+        out = {name: out[name] for name in self._layout.names}
         if self.sharding is not None and self.sharding.active:
             out = self.sharding.from_rank_zero(out)  # decisions on them agree on every process
         self._last.last_kernel = current.kernel
@@ -667,12 +576,7 @@ class KernelTracker:
         Raises:
             ValueError: ``metrics`` lacks a thresholded name.
         """
-        missing = [th.metric for th in self._thresholds if not th.select(metrics)]
-        if missing:
-            raise ValueError(
-                f"metrics lack the thresholded names {missing}; pass a result of measure()"
-            )
-        return lazy_decision(self._thresholds, metrics)
+        return self._layout.decision(metrics)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:

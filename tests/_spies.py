@@ -6,17 +6,17 @@ from typing import Any
 
 import pytest
 
-from lazy_monitor.core.kernels import structured as structured_mod
+from lazy_monitor.core.kernels.structured import ntk as structured_ntk_mod
 
 
 def record_fallbacks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names the structured engine sends to the Jacobian fallback, appended per call."""
     seen: list[str] = []
-    real = structured_mod.jacobian_ntk
+    real = structured_ntk_mod.jacobian_ntk
 
     def spy(fm: Any, params: Any, names: Any, *args: Any, **kwargs: Any) -> Any:
         seen.extend(names)
         return real(fm, params, names, *args, **kwargs)
 
-    monkeypatch.setattr(structured_mod, "jacobian_ntk", spy)
+    monkeypatch.setattr(structured_ntk_mod, "jacobian_ntk", spy)
     return seen

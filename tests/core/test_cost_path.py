@@ -70,7 +70,7 @@ def test_auto_factorises_a_wide_mlp() -> None:
 @pytest.mark.parametrize("name", ["gpt2", "class_token"])
 def test_mixed_and_remainder_plans_stay_exact(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever the cost model decides, every plan gives the same kernel: force each."""
-    import lazy_monitor.core.kernels.structured as st
+    import lazy_monitor.core.kernels.structured.planning as st
 
     case = build(name)
     ref, _ = reference_ntk(case.model, case.x, output_fn=case.output_fn)
@@ -91,7 +91,7 @@ def test_mixed_and_remainder_plans_stay_exact(name: str, monkeypatch: pytest.Mon
 def test_jacobian_decision_is_reused_without_a_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """A repeated auto call with the same shapes skips the probe pass once the Jacobian path
     was chosen (the decision reads shapes only); new shapes probe again."""
-    import lazy_monitor.core.kernels.structured as st
+    import lazy_monitor.core.kernels.structured.ntk as st
 
     case = build("vit")
     first = empirical_ntk(case.model, case.x, output_fn=case.output_fn)

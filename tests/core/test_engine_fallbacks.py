@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import lazy_monitor.core.kernels.structured as st
+import lazy_monitor.core.kernels.structured.planning as st_planning
 from lazy_monitor.core.kernels import (
     ForwardADUnsupportedError,
     NtkConfig,
@@ -92,7 +92,7 @@ def test_auto_decides_internally_on_data_dependent_control_flow(
     ref, _ = reference_ntk(model, x)
     # the cost model would pick the Jacobian path for this tiny model before any plan could
     # break: make auto take the structured plan, which then does not hold on example 1
-    monkeypatch.setattr(st, "choose_path", lambda *a: ("structured", set(), {}))
+    monkeypatch.setattr(st_planning, "choose_path", lambda *a: ("structured", set(), {}))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):  # one warning per (model, reason), not per call

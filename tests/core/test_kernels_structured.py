@@ -8,7 +8,9 @@ import torch
 from test_kernels import _assert_matches, _case
 from torch import nn
 
-import lazy_monitor.core.kernels.structured as structured
+import lazy_monitor.core.kernels.structured.ntk as structured_ntk_mod
+import lazy_monitor.core.kernels.structured.passes as structured_passes
+import lazy_monitor.core.kernels.structured.planning as structured_planning
 from lazy_monitor.core.kernels import empirical_ntk
 from lazy_monitor.core.kernels._common import symmetric_blocks, symmetric_fraction
 from lazy_monitor.core.kernels.cost import choose_strategy, strategy_costs
@@ -37,7 +39,7 @@ def test_every_strategy_matches_reference(
     monkeypatch: pytest.MonkeyPatch, case: str, kind: str, strategy: str
 ) -> None:
     model, x1, x2, output_fn, refs = _case(case)
-    monkeypatch.setattr(structured, "choose_strategy", _forcing(strategy))
+    monkeypatch.setattr(structured_planning, "choose_strategy", _forcing(strategy))
     for blocks in (False, True) if kind == "full" else (False,):  # folded vs per-name biases
         out = empirical_ntk(
             model,
@@ -55,7 +57,7 @@ def test_every_strategy_matches_reference(
 def test_strategies_with_example_blocks_match_reference(
     monkeypatch: pytest.MonkeyPatch, strategy: str
 ) -> None:
-    monkeypatch.setattr(structured, "choose_strategy", _forcing(strategy))
+    monkeypatch.setattr(structured_planning, "choose_strategy", _forcing(strategy))
     for case in ("cnn", "cross_cnn"):
         model, x1, x2, _, refs = _case(case)
         _assert_matches(
@@ -71,7 +73,9 @@ def test_batched_and_per_output_backward_give_the_reference_kernel(
 ) -> None:
     # Small problems take one batched backward over the O cotangents, large ones O plain
     # passes (memory bound); both must give the reference kernel.
-    monkeypatch.setattr(structured, "_BATCHED_BACKWARD_BYTES", 2**40 if batched_backward else 0)
+    monkeypatch.setattr(
+        structured_passes, "_BATCHED_BACKWARD_BYTES", 2**40 if batched_backward else 0
+    )
     model, x1, x2, output_fn, refs = _case(case)
     for kind in ("full", "trace", "diagonal"):
         out = empirical_ntk(
@@ -89,7 +93,7 @@ def test_supported_layers_never_use_the_jacobian_fallback(
     def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("structured path fell back to the Jacobian contraction")
 
-    monkeypatch.setattr(structured, "jacobian_ntk", fail)
+    monkeypatch.setattr(structured_ntk_mod, "jacobian_ntk", fail)
     model, x1, x2, output_fn, refs = _case(case)
     kernel = empirical_ntk(model, x1, x2, implementation="structured", output_fn=output_fn)
     _assert_matches(kernel, refs["full"][0])
@@ -99,13 +103,13 @@ def test_unsupported_uses_fall_back_for_exactly_those_parameters(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: list[list[str]] = []
-    original = structured.jacobian_ntk
+    original = structured_ntk_mod.jacobian_ntk
 
     def spy(fm, params, names, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         seen.append(list(names))
         return original(fm, params, names, *args, **kwargs)
 
-    monkeypatch.setattr(structured, "jacobian_ntk", spy)
+    monkeypatch.setattr(structured_ntk_mod, "jacobian_ntk", spy)
     # `m` is used as the right operand of a matmul (`h @ m`): a Linear with a transposed
     # weight, factorised like one (tests/core/test_speed_paths.py covers the unverifiable forms).
     model, x1, _, _, refs = _case("reuse")

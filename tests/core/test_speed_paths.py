@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lazy_monitor.core.kernels import empirical_ntk
-from lazy_monitor.core.kernels import structured as structured_mod
+from lazy_monitor.core.kernels.structured import capture as structured_capture
 from tests._reference import reference_ntk
 from tests._spies import record_fallbacks
 
@@ -35,13 +35,13 @@ class _Mixer(nn.Module):
 
 def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = structured_mod._verify_batch_mapping
+    real = structured_capture._verify_batch_mapping
 
     def spy(out, cap):  # noqa: ANN001, ANN202
         calls.append(1)
         return real(out, cap)
 
-    monkeypatch.setattr(structured_mod, "_verify_batch_mapping", spy)
+    monkeypatch.setattr(structured_capture, "_verify_batch_mapping", spy)
     return calls
 
 

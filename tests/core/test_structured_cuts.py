@@ -20,6 +20,8 @@ from torch import nn
 from lazy_monitor.core._functional import FunctionalModel, slice_batch
 from lazy_monitor.core.kernels import empirical_ntk
 from lazy_monitor.core.kernels import structured as st
+from lazy_monitor.core.kernels.structured import ntk as st_ntk
+from lazy_monitor.core.kernels.structured import passes as st_passes
 from tests import _zoo
 from tests._reference import reference_ntk
 
@@ -163,16 +165,16 @@ def _work_with_budget(
 def _spy_roots(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, bool]]:
     """Record, per factor pass, its cut (None: none) and whether its backward started there;
     passes keep all rows."""
-    monkeypatch.setattr(st, "_activation_bytes_per_example", lambda cap, plan, o: 1)
+    monkeypatch.setattr(st_ntk, "_activation_bytes_per_example", lambda cap, plan, o: 1)
     roots: list[tuple[Any, bool]] = []
-    cut_roles = st._cut_roles
+    cut_roles = st_passes._cut_roles
 
     def spy(*args: Any) -> Any:
         result = cut_roles(*args)
         roots.append((args[0].end, result[0] is not None))
         return result
 
-    monkeypatch.setattr(st, "_cut_roles", spy)
+    monkeypatch.setattr(st_passes, "_cut_roles", spy)
     return roots
 
 

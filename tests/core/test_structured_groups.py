@@ -17,6 +17,8 @@ from torch import nn
 
 from lazy_monitor.core.kernels import empirical_ntk
 from lazy_monitor.core.kernels import structured as st
+from lazy_monitor.core.kernels.structured import ntk as st_ntk
+from lazy_monitor.core.kernels.structured import passes as st_passes
 from tests._reference import reference_ntk
 
 
@@ -47,9 +49,9 @@ def _spy(
     """Record the work plans and the rows of every forward/backward pass (tiny budgets would
     also split the passes by activation memory: off unless asked for)."""
     if not passes_by_activations:
-        monkeypatch.setattr(st, "_activation_bytes_per_example", lambda cap, plan, o: 1)
+        monkeypatch.setattr(st_ntk, "_activation_bytes_per_example", lambda cap, plan, o: 1)
     seen: dict[str, list[Any]] = {"work": [], "passes": []}
-    work_plan, factors = st._work_plan, st._factors
+    work_plan, factors = st_ntk._work_plan, st_passes._factors
 
     def spy_work(*args: Any, **kwargs: Any) -> Any:
         out = work_plan(*args, **kwargs)
@@ -60,8 +62,8 @@ def _spy(
         seen["passes"].append(x.shape[0])
         return factors(fm, params, plan, x, cuts)
 
-    monkeypatch.setattr(st, "_work_plan", spy_work)
-    monkeypatch.setattr(st, "_factors", spy_factors)
+    monkeypatch.setattr(st_ntk, "_work_plan", spy_work)
+    monkeypatch.setattr(st_passes, "_factors", spy_factors)
     return seen
 
 
@@ -135,7 +137,7 @@ def test_forward_backward_passes_split_by_activation_memory(
     model = _cnn()
     x = torch.randn(12, 3, 8, 8, dtype=torch.float64)
     # half the 4 GiB budget holds the activations of 2 examples; factors fit in one piece
-    monkeypatch.setattr(st, "_activation_bytes_per_example", lambda cap, plan, o: 2**30)
+    monkeypatch.setattr(st_ntk, "_activation_bytes_per_example", lambda cap, plan, o: 2**30)
     seen = _spy(monkeypatch, passes_by_activations=True)
     k = empirical_ntk(model, x, implementation="structured", max_memory=4 * 2**30)
     ref, _ = reference_ntk(model, x)
@@ -153,13 +155,13 @@ def test_stored_weights_give_the_exact_kernel(monkeypatch: pytest.MonkeyPatch) -
     ).double()
     x = torch.randn(5, 2, 16, 16, dtype=torch.float64)
     plans: list[Any] = []
-    make_plan = st._make_plan
+    make_plan = st_ntk._make_plan
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         plans.append(make_plan(*args, **kwargs))
         return plans[-1]
 
-    monkeypatch.setattr(st, "_make_plan", spy)
+    monkeypatch.setattr(st_ntk, "_make_plan", spy)
     k = empirical_ntk(model, x, kind="full", implementation="structured")
     assert plans[0].weights["0.weight"] == "stored"
     ref, _ = reference_ntk(model, x)

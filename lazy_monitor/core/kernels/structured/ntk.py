@@ -1,0 +1,273 @@
+"""The structured kernel: probe plan, auto's cached path choice, layer groups run one after
+the other over example blocks, Jacobian contraction of the fallback parameters."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+from ..._functional import FunctionalModel, InputBatch, map_batch, slice_batch
+from .._common import (
+    _BlockSink,
+    check_same_outputs,
+    contract_rows,
+    factor_budget,
+    kernel_shape,
+    symmetric_block,
+    symmetric_blocks,
+    symmetric_fraction,
+)
+from ..jacobian import JacobianRows, jacobian_ntk
+from .capture import _cached_verification, _Capture, _forward, _module_state
+from .contract import _contract_gram, _contract_outer, _contract_per_example
+from .cuts import _CutPass
+from .memory import _activation_bytes_per_example, _block_sizes, _work_plan
+from .passes import _factors_in_passes
+from .planning import _choose_path, _make_plan, _Plan
+
+
+def structured_ntk(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    x1: InputBatch,
+    x2: Optional[InputBatch],
+    n1: int,
+    n2: Optional[int],
+    kind: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    keep_blocks: bool,
+    chunk_size: Optional[int],
+    rows_fn: Optional[JacobianRows] = None,
+    choose: bool = False,
+) -> _BlockSink:
+    """Compute the kernel with structured rules where they apply, the Jacobian path elsewhere.
+
+    A probe pass on the first example finds the parameter uses and sizes the example blocks
+    (factors of ``row`` examples are kept while blocks of ``col`` examples stream past).
+    ``choose`` (``implementation="auto"``): parameters whose structured contraction would cost
+    more than Jacobian rows -- or all of them, when the Jacobian path is cheaper for the whole
+    kernel -- go to the Jacobian remainder (:func:`_choose_path`).
+    """
+    path_key = _path_key(fm, params, x1, x2, keep_blocks) if choose else None
+    if path_key is not None and _cached_path(fm, path_key) == "jacobian":
+        # auto chose the Jacobian path for this model and these shapes before: skip the probe
+        with torch.no_grad():
+            o = fm(params, slice_batch(x1, slice(0, 1))).shape[1]
+        sink = _BlockSink(
+            kind, kernel_shape(kind, n1, n2 or n1, o), dtype, device, keep_blocks, x2 is None
+        )
+        jacobian_ntk(fm, params, list(params), x1, x2, n1, n2, o, sink, chunk_size, rows_fn)
+        return sink
+    plan, out, cap, o = _probe_plan(fm, params, x1, x2, n1, n2, keep_blocks, choose)
+    if path_key is not None:
+        _store_path(fm, path_key, plan.path)
+    work = [
+        (part, size, _activation_bytes_per_example(cap, part, o), spec)
+        for part, size, spec in _work_plan(
+            params, cap, plan, n1, n2, o, keep_blocks, chunk_size, out
+        )
+    ]
+    del out, cap
+    sink = _BlockSink(
+        kind,
+        kernel_shape(kind, n1, n2 or n1, o),
+        dtype,
+        device,
+        keep_blocks,
+        symmetric=x2 is None,
+    )
+    cache: dict[str, Tensor] = {}  # cut name -> (N, O, *cut) cached ∂out/∂cut
+    for i, (part, part_bytes, act_bytes, spec) in enumerate(work):
+        cuts = None
+        if spec is not None:
+            stores = {
+                k: torch.empty((n1, o, *shape), dtype=cut_dtype, device=device)
+                for k, (shape, cut_dtype) in spec.stores.items()
+            }
+            end_cot = cache.get(spec.end) if spec.end is not None else None
+            cuts = _CutPass(spec.end, end_cot, stores, spec.grad_names)
+        if part.weights or part.biases:
+            _structured_blocks(
+                fm, params, part, x1, x2, n1, n2, o, sink, chunk_size, part_bytes, act_bytes, cuts
+            )
+        if cuts is not None:
+            if cuts.done:
+                cache.update((k, v) for k, v in cuts.stores.items() if k not in cuts.failed)
+            later = {w[3].end for w in work[i + 1 :] if w[3] is not None}
+            for k in [k for k in cache if k not in later]:
+                del cache[k]  # no group left starts its backward there
+            del cuts
+    if plan.fallback:
+        jacobian_ntk(fm, params, plan.fallback, x1, x2, n1, n2, o, sink, chunk_size, rows_fn)
+    return sink
+
+
+# auto's whole-call decision per module, for repeated calls with the same shapes (a tracker
+# measures the same probe every time): the cost model reads shapes only.
+_PATH_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _path_key(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    x1: InputBatch,
+    x2: Optional[InputBatch],
+    keep_blocks: bool,
+) -> Optional[tuple]:
+    """Everything :func:`_choose_path` depends on but values: parameter and input shapes,
+    the output function (by identity) and the modules' plain attributes."""
+    fn = fm.output_fn
+    leaves = [t for t in tree_flatten((x1, x2))[0] if isinstance(t, Tensor)]
+    return (
+        id(fn),
+        str(tree_flatten((x1, x2))[1]),
+        tuple((tuple(t.shape), t.dtype, t.device) for t in leaves),
+        tuple((k, tuple(v.shape), v.dtype) for k, v in params.items()),
+        keep_blocks,
+        _module_state(fm.model),
+    )
+
+
+def _cached_path(fm: FunctionalModel, key: tuple) -> Optional[str]:
+    try:
+        entry = _PATH_CACHE.get(fm.model)
+    except TypeError:  # a module that cannot be weakly referenced
+        return None
+    if entry is None or entry[0] != key or entry[1]() is not fm.output_fn:
+        return None
+    return entry[2]
+
+
+def _store_path(fm: FunctionalModel, key: tuple, path: str) -> None:
+    fn = fm.output_fn
+    try:
+        fn_ref = weakref.ref(fn) if fn is not None else (lambda: None)
+    except TypeError:  # an output function that cannot be weakly referenced: never reused
+        return
+    try:
+        _PATH_CACHE[fm.model] = (key, fn_ref, path)
+    except TypeError:
+        pass
+
+
+def _probe_plan(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    x1: InputBatch,
+    x2: Optional[InputBatch],
+    n1: int,
+    n2: Optional[int],
+    keep_blocks: bool,
+    choose: bool,
+) -> tuple[_Plan, Tensor, _Capture, int]:
+    """``(plan, probe output, capture, O)`` from a probe pass on two examples (the first one
+    twice if there is only one), so that the batch mapping of every use can be verified: a
+    leading dim of 2 that carries the examples row by row."""
+    probe_x = (
+        slice_batch(x1, slice(0, 2))
+        if n1 >= 2
+        else map_batch(x1, lambda t: t.repeat(2, *[1] * (t.dim() - 1)))
+    )
+    wrt = {k: v.detach().requires_grad_() for k, v in params.items()}
+    out, cap = _forward(fm, {}, wrt, probe_x, list(wrt))
+    o = out.shape[1]
+    if o == 0:
+        raise ValueError("the model output has 0 entries per example; nothing to differentiate")
+    if x2 is not None:
+        with torch.no_grad():
+            check_same_outputs(o, fm(params, slice_batch(x2, slice(0, 1))).shape[1])
+    _cached_verification(fm, params, probe_x, out, cap)
+    n_max = max(n1, n2 or 0)
+    # a symmetric kernel contracts only the upper example blocks (builds are not halved)
+    pairs = symmetric_fraction(n1) if x2 is None else 1.0
+    plan = _make_plan(params, cap, n_max, o, keep_blocks, pairs=pairs)
+    if choose:
+        _choose_path(plan, params, cap, n_max, o, pairs)
+    return plan, out, cap, o
+
+
+def _structured_blocks(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    plan: _Plan,
+    x1: InputBatch,
+    x2: Optional[InputBatch],
+    n1: int,
+    n2: Optional[int],
+    o: int,
+    sink: _BlockSink,
+    chunk_size: Optional[int],
+    per_example_bytes: int,
+    activation_bytes: int = 1,
+    cuts: Optional[_CutPass] = None,
+) -> None:
+    kind = sink.kind
+    # Examples per forward/backward pass while factors are built: activations of half the
+    # budget (the factors' own budget is separate).
+    pass_rows = max(1, int(0.5 * factor_budget()) // max(1, activation_bytes))
+
+    def factors(side: int, rows: slice) -> dict[str, Any]:
+        x = slice_batch(x1 if side == 1 else x2, rows)
+        n = rows.stop - rows.start
+        # cut caches hold all n1 row examples: used only for the one symmetric block
+        c = cuts if (side == 1 and n == n1 and x2 is None) else None
+        return _factors_in_passes(fm, params, plan, x, n, pass_rows, c)
+
+    def contract(fr: dict, fc: dict, rows: slice, cols: slice, same: bool) -> None:
+        n = rows.stop - rows.start
+        for name, strategy in plan.weights.items():
+            a, b = fr[name], fc[name]
+            if strategy == "stored":
+                if same:
+                    k = symmetric_block(n, kind, lambda i, j, d=a: contract_rows(d[i], d[j], kind))
+                else:
+                    k = contract_rows(a, b, kind)
+                blocks: tuple[Tensor, ...] = (k,)
+            elif strategy == "per_example":
+                blocks = (_contract_per_example(a, b, kind, same),)
+            else:
+                if strategy == "outer":
+                    bias = name in plan.shared
+
+                    def fn(i: slice, j: slice, a=a, b=b, bias=bias) -> tuple[Tensor, ...]:
+                        return _contract_outer(a.rows(i), b.rows(j), kind, bias)
+                else:
+
+                    def fn(i: slice, j: slice, a=a, b=b) -> tuple[Tensor, ...]:
+                        return (_contract_gram(a.rows(i), b.rows(j), kind),)
+
+                blocks = symmetric_blocks(n, kind, fn) if same else fn(slice(None), slice(None))
+            sink.add(name, blocks[0], rows, cols)
+            if name in plan.shared:
+                sink.add(plan.shared[name], blocks[1], rows, cols)
+        for name in plan.biases:
+            if same:
+                block = symmetric_block(
+                    n, kind, lambda i, j, d=fr[name]: contract_rows(d[i], d[j], kind)
+                )
+            else:
+                block = contract_rows(fr[name], fc[name], kind)
+            sink.add(name, block, rows, cols)
+
+    n_cols = n1 if n2 is None else n2
+    row_block, col_block = _block_sizes(n1, n2, chunk_size, per_example_bytes)
+    for r0 in range(0, n1, row_block):
+        rows = slice(r0, min(n1, r0 + row_block))
+        fr = factors(1, rows)
+        if x2 is None:
+            contract(fr, fr, rows, rows, True)
+            start = rows.stop
+        else:
+            start = 0
+        for c0 in range(start, n_cols, col_block):
+            cols = slice(c0, min(n_cols, c0 + col_block))
+            fc = factors(1 if x2 is None else 2, cols)
+            contract(fr, fc, rows, cols, False)
+            del fc
+        del fr

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from lazy_monitor import KernelTracker
-from lazy_monitor.datasets import gaussian_mixture, teacher_regression
-from lazy_monitor.models import mlp
+from lazy_monitor.demo.datasets import gaussian_mixture, teacher_regression
+from lazy_monitor.demo.models import mlp
 
 METRICS = ("ntk/rel_change", "params/rel_change", "lin/rel_error", "params_layer/fc1/rel_change")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import re
@@ -160,13 +161,11 @@ def test_public_surface():
     assert callable(lazy_monitor.metrics.kernel_rel_change)
 
 
-def test_old_demo_paths_still_work_with_a_deprecation_warning():
-    from lazy_monitor.demo.models import mlp
-
-    sys.modules.pop("lazy_monitor.models", None)
-    with pytest.warns(DeprecationWarning, match="lazy_monitor.demo.models"):
-        from lazy_monitor.models import mlp as old_mlp
-    assert old_mlp is mlp
+def test_the_deprecated_alias_modules_are_gone():
+    # 0.1 is unreleased: lazy_monitor.models / lazy_monitor.datasets were aliases of demo/
+    for name in ("lazy_monitor.models", "lazy_monitor.datasets"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(name)
 
 
 def _module_imports() -> dict[str, set[str]]:

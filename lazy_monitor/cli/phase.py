@@ -3,11 +3,11 @@ r"""``lazy-monitor demo --phase``: the lazy / rich phase diagram over width × o
 What it runs (plain PyTorch loop, no Lightning, one CPU thread; 42–51 s of CPU time per
 initialisation of the default grid, the default is 3, see ``run_phase``):
 
-* the task: ``n_train`` points of two interleaved spirals (:func:`lazy_monitor.datasets.two_spirals`,
+* the task: ``n_train`` points of two interleaved spirals (:func:`lazy_monitor.demo.datasets.two_spirals`,
   generated in code), labels ±1, squared error ``½·mean_n (F(x_n) − y_n)²``, full-batch gradient
   descent for ``steps`` steps;
 * the model: a one-hidden-layer ReLU MLP in the NTK parameterisation
-  (:func:`lazy_monitor.models.mlp`) of each width ``h``, with output scale α, *centred* at
+  (:func:`lazy_monitor.demo.models.mlp`) of each width ``h``, with output scale α, *centred* at
   initialisation as in Chizat, Oyallon & Bach 2019 ("On Lazy Training in Differentiable
   Programming"): ``F(x) = α (f(x; θ) − f(x; θ₀))``. Centring matters: without it the initial
   output ``α f(x; θ₀)`` grows with α and a large α is not lazy;
@@ -308,7 +308,7 @@ def _train_run(
     """One centred NTK MLP trained by full-batch GD on ``½·mean (F − y)²``; final tracker metrics."""
     import torch
 
-    from lazy_monitor.models import mlp
+    from lazy_monitor.demo.models import mlp
     from lazy_monitor.tracking import KernelTracker
 
     model = _centred(
@@ -395,7 +395,7 @@ def run_phase(
     """
     import torch
 
-    from lazy_monitor.datasets import two_spirals
+    from lazy_monitor.demo.datasets import two_spirals
 
     widths = sorted({int(w) for w in widths})
     alphas = sorted({float(a) for a in alphas})

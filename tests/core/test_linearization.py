@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 from lazy_monitor import Linearization, LinearizedModel
-from lazy_monitor.models import mlp
+from lazy_monitor.demo.models import mlp
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "linearized_vs_real.py"
 

@@ -17,7 +17,7 @@ from lazy_monitor.core.features import (
     gram_cka,
     linear_cka,
 )
-from lazy_monitor.models import mlp
+from lazy_monitor.demo.models import mlp
 
 
 def _features(n: int = 20, d: int = 7, seed: int = 0) -> torch.Tensor:

@@ -43,7 +43,7 @@ from .._functional import (
     side_effect_guard,
     slice_batch,
 )
-from ._common import DEFAULT_FACTOR_BUDGET
+from ._common import DEFAULT_FACTOR_BUDGET, JACOBIAN_ROW_COPIES
 from .config import NtkConfig
 from .errors import NtkBudgetError
 
@@ -75,11 +75,6 @@ DEFAULT_MAX_SECONDS = 60.0
 #: settings (forced ones too): 10x the per-measurement budget of ``kind="auto"``. A monitor that
 #: would take over 10 minutes per measurement would hold the training run it watches hostage.
 SECONDS_LIMIT = 10 * DEFAULT_MAX_SECONDS
-
-#: Copies of one example's Jacobian rows ``(O, numel)`` the Jacobian path holds at its peak (the
-#: rows, the per-use gradients summed into them, vmap's batched intermediates): measured 3.2x
-#: and 3.3x on a GPT-2 with tied embeddings (O = 2000 and 4000, peak RSS over the rows).
-JACOBIAN_ROW_COPIES = 3
 
 
 def _fixes(kind: Optional[str], memory: bool) -> str:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .._functional import FunctionalModel, InputBatch, batch_size, map_batch, slice_batch
 from ._common import (
+    JACOBIAN_ROW_COPIES,
     _BlockSink,
     block_size_for,
     blocked_contract,
@@ -235,7 +236,8 @@ def jacobian_ntk(
     per_example = max(1, n_out)
     for group in _group(params, names, per_example * n_max):
         width = sum(params[k].numel() for k in group)
-        block = block_size_for(width * n_out * itemsize, n_max, chunk_size)
+        # an example's rows cost JACOBIAN_ROW_COPIES times their size at the peak (measured)
+        block = block_size_for(JACOBIAN_ROW_COPIES * width * n_out * itemsize, n_max, chunk_size)
 
         def factors(side: int, rows: slice, group: list[str] = group) -> dict[str, Tensor]:
             x = x1 if side == 1 else x2

@@ -5,16 +5,23 @@ A saved monitor state carries the settings its reference was measured with
 session's: settings that only change how the same reference is measured (:data:`RESTORABLE`)
 are restored with their saved values, settings that name another reference (:data:`FIXED`:
 another network, another probe) refuse the state (:func:`refuse_other_reference`), unless the
-session was asked to start a new reference (``reset_reference=True``).
+session was asked to start a new reference (``reset_reference=True``); :func:`resume_settings`
+says what the saved reference is rebuilt with and :func:`continues` tells a continued ``fit``
+from a new start.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
+from torch import nn
+
 from lazy_monitor._validation import check_str, message
 from lazy_monitor.tracking._state import fingerprint, same_fingerprint
+from lazy_monitor.tracking.kernel_config import KernelConfig
 from lazy_monitor.tracking.layers import DEFAULT_LAYER_GROUPS
 from lazy_monitor.tracking.probe import Probe
 
@@ -23,8 +30,10 @@ __all__ = [
     "RESTORABLE",
     "check_feature_modules",
     "check_per_layer",
+    "continues",
     "differing_settings",
     "refuse_other_reference",
+    "resume_settings",
     "saved_settings",
 ]
 
@@ -121,3 +130,55 @@ def saved_settings(state: Mapping[str, Any]) -> dict[str, Any]:
     if "per_layer" in config:
         out["per_layer"] = bool(config["per_layer"])
     return out
+
+
+def resume_settings(
+    state: Mapping[str, Any],
+    mine: Mapping[str, Any],
+    given: Optional[Probe],
+    kernel: KernelConfig,
+    per_layer: bool,
+    owner: str,
+    step: int,
+) -> tuple[Probe, KernelConfig, bool, dict[str, Any]]:
+    """What a saved ``state`` is rebuilt with: the saved probe, the kernel configuration and
+    per-layer switch (the session's when they are the saved ones, else the saved ones, with one
+    warning naming them) and the saved settings that differ from ``mine``.
+
+    Raises:
+        ValueError: a differing setting names another reference (:func:`refuse_other_reference`).
+    """
+    probe = (state["probe_x"], state["probe_y"])
+    saved = saved_settings(state)
+    differs = differing_settings(saved, mine, given, probe)
+    refuse_other_reference(differs, owner, step)
+    if differs:
+        # the saved reference with the saved settings: the saved probe (always used), the
+        # saved kernel configuration (kind="auto" without a projection adopts any), the
+        # saved per-layer switch (the saved layer grouping is adopted by the tracker)
+        if {"kind", "projection", "projection_seed"} & set(differs):
+            kernel = dataclasses.replace(kernel, kind="auto", projection=None, topk=None)
+        if "per_layer" in differs:
+            per_layer = bool(saved["per_layer"])
+        names = ", ".join(f"{k}={s!r} (this {owner}: {m!r})" for k, (s, m) in differs.items())
+        warnings.warn(
+            f"{owner}: resuming the saved reference K0 with the settings it was "
+            f"measured with: {names}. Pass the saved settings to silence this, or "
+            "reset_reference=True to start a new reference with this monitor's settings",
+            UserWarning,
+            stacklevel=5,  # the adapter's caller (through MonitorSession._restore and start)
+        )
+    return probe, kernel, per_layer, {k: saved[k] for k in differs if k in saved}
+
+
+def continues(tracker: Any, last_step: Optional[int], network: nn.Module, step: int) -> bool:
+    """A second start on the network a session's ``tracker`` already measures, at a later step
+    (a continued ``fit``): the reference of the start of training is kept."""
+    return (
+        tracker is not None
+        and tracker.started
+        and tracker.model is network
+        and last_step is not None
+        and step >= last_step
+        and step > 0
+    )

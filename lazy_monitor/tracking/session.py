@@ -31,7 +31,6 @@ calls those three itself::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -39,10 +38,8 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, Optional, Protocol, Union
 
-import torch
 from torch import Tensor, nn
 
-from lazy_monitor import catalogue
 from lazy_monitor._state import check_schema, stamp
 from lazy_monitor._validation import (
     check_bool,
@@ -53,23 +50,21 @@ from lazy_monitor._validation import (
 )
 from lazy_monitor.core._functional import map_batch, side_effect_guard
 from lazy_monitor.core.stability import current_lr
+from lazy_monitor.tracking import _publish
+from lazy_monitor.tracking._publish import HEADLINE_METRICS
 from lazy_monitor.tracking._resume import (
     check_feature_modules,
     check_per_layer,
-    differing_settings,
-    refuse_other_reference,
-    saved_settings,
+    continues,
+    resume_settings,
 )
+from lazy_monitor.tracking._setup import build, draw
 from lazy_monitor.tracking.collectives import Collectives, default_collectives
-from lazy_monitor.tracking.distributed import KernelSharding
 from lazy_monitor.tracking.kernel_config import KernelConfig
-from lazy_monitor.tracking.network import device_of, resolve_submodule
+from lazy_monitor.tracking.network import resolve_submodule
 from lazy_monitor.tracking.probe import (
     Probe,
-    build_tracker,
     default_batch_to_probe,
-    draw_from_dataset,
-    draw_probe,
     split_probe,
     validate_probe,
 )
@@ -77,7 +72,6 @@ from lazy_monitor.tracking.probe import (
     probe_size as _probe_size,
 )
 from lazy_monitor.tracking.schedule import MeasurementSchedule, OverheadBudget
-from lazy_monitor.tracking.sharded import has_sharded_params, mesh_sharding
 from lazy_monitor.tracking.tracker import KernelTracker
 
 __all__ = [
@@ -101,14 +95,6 @@ DEFAULT_LOG_SPACED_UNTIL = 512
 DEFAULT_MAX_OVERHEAD = 0.05
 #: Probe examples when neither ``probe`` nor ``probe_size`` is given.
 DEFAULT_PROBE_SIZE = 32
-#: What a console line shows (the full set goes to the loggers).
-HEADLINE_METRICS = (
-    "ntk/rel_change",
-    "lin/rel_error",
-    "params/rel_change",
-    "regime/lazy",
-    "monitor/overhead",
-)
 #: The monitor's own cost, logged with every measurement.
 MONITOR_METRICS = ("monitor/seconds", "monitor/overhead")
 
@@ -318,24 +304,7 @@ class MonitorSession:
     def hparams(self) -> dict[str, Any]:
         """The settings as ``lazy_monitor/*`` HParams (strings for non-numbers), plus the
         measured kernel once resolved."""
-        out = {f"lazy_monitor/{k}": v for k, v in self.settings().items()}
-        out.update(
-            {
-                "lazy_monitor/every_n_steps": self.every_n_steps,
-                "lazy_monitor/log_spaced_until": self.log_spaced_until,
-                "lazy_monitor/max_overhead": str(self.max_overhead),
-                "lazy_monitor/implementation": self.kernel.implementation,
-                "lazy_monitor/max_memory": str(self.kernel.max_memory),
-            }
-        )
-        out["lazy_monitor/submodule"] = str(self.submodule)
-        out["lazy_monitor/projection"] = str(self.kernel.projection)
-        out["lazy_monitor/layer_groups"] = str(self.layer_groups)
-        cfg = self.tracker.kernel_config if self.tracker is not None else None
-        if cfg:
-            out["lazy_monitor/kernel_kind"] = cfg["kind"]
-            out["lazy_monitor/kernel_projection"] = str(cfg["projection"])
-        return out
+        return _publish.hparams(self)
 
     def add_listener(self, listener: Any) -> None:
         """Call ``listener.on_start(session)`` after :meth:`start` and ``listener.
@@ -407,13 +376,15 @@ class MonitorSession:
                 self._restore(network, restored, step)
             self._notify_start()
             return None
-        if self._continues(network, step):
+        if continues(self.tracker, self.last_step, network, step):
             self._notify_start()
             return None
         with self.busy():
-            probe = self.probe if self.probe is not None else self._draw(data)
+            probe = self.probe if self.probe is not None else draw(self, data)
             self._measured_settings = {}
-            self.tracker = self._build(network, probe, self.kernel, self.per_layer)
+            self.tracker, self.current_probe = build(
+                self, network, probe, self.kernel, self.per_layer
+            )
         self.last_step, self.last_metrics, self.previous_metrics = None, {}, {}
         self._notify_start()
         return self._run(network, step, optimizer, final=False, start=True)
@@ -491,99 +462,17 @@ class MonitorSession:
         return {**self.settings(), **self._measured_settings}
 
     # ------------------------------------------------------------------ internals
-    def _draw(self, data: Any) -> Probe:
-        if data is None:
-            raise ValueError(
-                f"{self.owner}(probe_size={self.probe_size}) draws the probe from the training "
-                "data, but none was given; pass probe=x or probe=(x, y), or start(model, "
-                "data=train_loader)"
-            )
-        if (
-            hasattr(data, "__getitem__")
-            and not hasattr(data, "dataset")
-            and hasattr(data, "__len__")
-            and not isinstance(data, (list, tuple, Mapping))
-        ):
-            return draw_from_dataset(data, self.probe_size, self.seed, self.batch_to_probe)
-        return draw_probe(data, self.probe_size, self.seed, self.batch_to_probe)
-
-    def _sharding(self, network: nn.Module) -> Optional[KernelSharding]:
-        """Split the kernel over the processes through :attr:`collectives`."""
-        collectives = self.collectives
-        if has_sharded_params(network):
-            # FSDP2: always summed over the parameters' mesh, on its process group
-            return mesh_sharding(network, lambda t, group: collectives.reduce_sum(t, group=group))
-        world = collectives.world_size
-        if not self.split_across_ranks or world <= 1:
-            return None
-        return KernelSharding(collectives.rank, world, collectives.reduce_sum)
-
-    def _build(
-        self,
-        network: nn.Module,
-        probe: Probe,
-        kernel: KernelConfig,
-        per_layer: bool,
-    ) -> KernelTracker:
-        tracker, self.current_probe = build_tracker(
-            network,
-            probe,
-            device_of(network),
-            drawn=self.probe is None,
-            sharding=self._sharding(network),
-            kernel=kernel,
-            per_layer=per_layer,
-            feature_modules=self.feature_modules,
-            layer_groups=self.layer_groups if per_layer else None,
-            lazy_thresholds=self.lazy_thresholds,
-            output_fn=self.output_fn,
-        )
-        return tracker
-
     def _restore(self, network: nn.Module, state: Mapping[str, Any], step: int) -> None:
         """Rebuild the tracker of a saved state: with this session's settings when they are the
         saved ones, else with the saved settings (and one warning naming them)."""
-        probe = (state["probe_x"], state["probe_y"])
-        saved = saved_settings(state)
-        differs = differing_settings(saved, self.settings(), self.probe, probe)
-        refuse_other_reference(differs, self.owner, step)
-        kernel, per_layer = self.kernel, self.per_layer
-        if differs:
-            # the saved reference with the saved settings: the saved probe (always used), the
-            # saved kernel configuration (kind="auto" without a projection adopts any), the
-            # saved per-layer switch (the saved layer grouping is adopted by the tracker)
-            if {"kind", "projection", "projection_seed"} & set(differs):
-                kernel = dataclasses.replace(kernel, kind="auto", projection=None, topk=None)
-            if "per_layer" in differs:
-                per_layer = bool(saved["per_layer"])
-            names = ", ".join(
-                f"{k}={s!r} (this {self.owner}: {m!r})" for k, (s, m) in differs.items()
-            )
-            warnings.warn(
-                f"{self.owner}: resuming the saved reference K0 with the settings it was "
-                f"measured with: {names}. Pass the saved settings to silence this, or "
-                "reset_reference=True to start a new reference with this monitor's settings",
-                UserWarning,
-                stacklevel=4,
-            )
-        self.tracker = self._build(network, probe, kernel, per_layer)
+        probe, kernel, per_layer, measured = resume_settings(
+            state, self.settings(), self.probe, self.kernel, self.per_layer, self.owner, step
+        )
+        self.tracker, self.current_probe = build(self, network, probe, kernel, per_layer)
         self.tracker.load_state_dict(state["tracker"])
-        self._measured_settings = {k: saved[k] for k in differs if k in saved}
+        self._measured_settings = measured
         self.last_step = state["last_step"]
         self.last_metrics = dict(state.get("last_metrics", {}))
-
-    def _continues(self, network: nn.Module, step: int) -> bool:
-        """A second start on the network this session already measures, at a later step (a
-        continued ``fit``): the reference of the start of training is kept."""
-        tracker, last = self.tracker, self.last_step
-        return (
-            tracker is not None
-            and tracker.started
-            and tracker.model is network
-            and last is not None
-            and step >= last
-            and step > 0
-        )
 
     def _run(
         self,
@@ -598,7 +487,7 @@ class MonitorSession:
         lr = _lr(optimizer)
         fn = self.tracker.start if start else self.tracker.measure
         t0 = time.perf_counter()
-        metrics = self._safely(network, lambda s: fn(s, lr=lr), step, start)
+        metrics = _safely(self, network, lambda s: fn(s, lr=lr), step, start)
         spent = time.perf_counter() - t0
         self.budget.charge(spent)
         self.seconds += spent
@@ -629,35 +518,6 @@ class MonitorSession:
         self.budget.last_seconds = spent + self._unlogged
         return dict(metrics)
 
-    def _safely(
-        self, network: nn.Module, fn: Callable[[int], dict[str, float]], step: int, start: bool
-    ) -> dict[str, float]:
-        """``fn(step)`` under the side-effect guard. Everything a measurement needs was
-        exercised when the tracker was built; a later failure nobody could foresee (an op
-        without an autograd rule on this device, out of memory, ...) must not end a training
-        run: the metrics are NaN with ``health/nonfinite = 1`` and ``regime/lazy = 0``, with one
-        warning per run. A failure of the reference measurement propagates."""
-        assert self.tracker is not None
-        try:
-            with side_effect_guard(network):
-                return {k: float(v) for k, v in fn(step).items()}
-        except Exception as err:  # noqa: BLE001 - degrade, never kill the training run
-            if start:
-                raise
-            if not self._warned_failure:
-                self._warned_failure = True
-                warnings.warn(
-                    f"{self.owner}: the measurement at step {step} failed "
-                    f"({type(err).__name__}: {err}); training continues, the metrics are NaN "
-                    "with health/nonfinite = 1 (see docs/troubleshooting.md)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            out = {name: math.nan for name in self.tracker.metric_names()}
-            out["regime/lazy"] = 0.0
-            out["health/nonfinite"] = 1.0
-            return out
-
     def _notify_start(self) -> None:
         with self.busy():
             for listener in list(self._listeners):
@@ -677,21 +537,11 @@ class MonitorSession:
     def loggable(self, metrics: Mapping[str, float]) -> dict[str, float]:
         """What goes to the loggers: the metrics, their ``drift/`` log10 companions after the
         reference, ``health/*`` only from its first non-zero value on."""
-        out: dict[str, float] = {}
-        for name, value in metrics.items():
-            if name.startswith("health/") and name not in self._health_logged:
-                if value == 0:
-                    continue
-                self._health_logged.add(name)
-            out[name] = value
-        if not self.is_reference:  # every change is 0 there: no floor value on the axis
-            out.update(catalogue.log10_companions(metrics))
-        return out
+        return _publish.loggable(metrics, self._health_logged, self.is_reference)
 
     def headline(self, step: int, metrics: Mapping[str, float]) -> str:
         """One console line: the :data:`HEADLINE_METRICS` at ``step``."""
-        parts = [f"{n}={metrics[n]:.4g}" for n in HEADLINE_METRICS if n in metrics]
-        return f"[lazy_monitor] step {step}: " + ", ".join(parts)
+        return _publish.headline(step, metrics)
 
     def check_gate(
         self, gate: Any, step: int, metrics: Mapping[str, float], *, final: bool, repeat: bool
@@ -699,27 +549,41 @@ class MonitorSession:
         """Check a :class:`~lazy_monitor.tracking.gate.DriftGate` on this measurement on every
         process; when any process trips, trip the gate everywhere with the reason of the lowest
         such rank and return it (None: no trip, or already tripped)."""
-        if gate.tripped:
-            return None
-        local = gate.check(metrics, step, final=final, repeat=repeat)
-        collectives = self.collectives
-        if collectives.world_size > 1:
-            device = device_of(self.tracker.model) if self.tracker is not None else None
-            reason = collectives.first(local, device=_collective_device(device, collectives))
-        else:
-            reason = local
-        if reason is None:
-            return None
-        gate.trip(reason, step)
-        return reason
+        return _publish.check_gate(self, gate, step, metrics, final=final, repeat=repeat)
 
 
-def _collective_device(device: Optional[torch.device], collectives: Collectives) -> Any:
-    # TorchDistributed picks the backend's device itself; others (a Lightning strategy) take
-    # tensors where the model is
-    from lazy_monitor.tracking.collectives import TorchDistributed
-
-    return None if isinstance(collectives, TorchDistributed) else device
+def _safely(
+    session: MonitorSession,
+    network: nn.Module,
+    fn: Callable[[int], dict[str, float]],
+    step: int,
+    start: bool,
+) -> dict[str, float]:
+    """``fn(step)`` under the side-effect guard. Everything a measurement needs was
+    exercised when the tracker was built; a later failure nobody could foresee (an op
+    without an autograd rule on this device, out of memory, ...) must not end a training
+    run: the metrics are NaN with ``health/nonfinite = 1`` and ``regime/lazy = 0``, with one
+    warning per run. A failure of the reference measurement propagates."""
+    assert session.tracker is not None
+    try:
+        with side_effect_guard(network):
+            return {k: float(v) for k, v in fn(step).items()}
+    except Exception as err:  # noqa: BLE001 - degrade, never kill the training run
+        if start:
+            raise
+        if not session._warned_failure:
+            session._warned_failure = True
+            warnings.warn(
+                f"{session.owner}: the measurement at step {step} failed "
+                f"({type(err).__name__}: {err}); training continues, the metrics are NaN "
+                "with health/nonfinite = 1 (see docs/troubleshooting.md)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        out = {name: math.nan for name in session.tracker.metric_names()}
+        out["regime/lazy"] = 0.0
+        out["health/nonfinite"] = 1.0
+        return out
 
 
 def _lr(optimizer: Any) -> Optional[float]:

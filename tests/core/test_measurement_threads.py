@@ -99,3 +99,68 @@ def test_other_running_threads_bound(
     monkeypatch.setattr(F.os, "listdir", fake_listdir)
     assert F._other_running_threads(enough) == expected
     assert bool(listed) == reads_tasks
+
+
+def test_deferred_samples_after_setup(
+    two_threads: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``defer``: the first sample applies at once; the others are taken by
+    :func:`settle_threads`, sleeping only for what the setup did not already wait."""
+    seen = _sampler(monkeypatch, [0, 0, 1])
+    clock = [100.0]
+    monkeypatch.setattr(F.time, "perf_counter", lambda: clock[0])
+    with F.measurement_threads(defer=True):
+        assert (len(seen), torch.get_num_threads()) == (1, 2)
+        clock[0] += 0.005  # 5 ms of setup: covers both 1 ms spacings of the first one
+        F.settle_threads()
+        assert (len(seen), torch.get_num_threads()) == (3, 1)
+        F.settle_threads()  # nothing left to sample
+        assert len(seen) == 3
+    assert torch.get_num_threads() == 2
+    assert two_threads == [pytest.approx(0.001)]  # the third sample is 1 ms after the second
+    F.settle_threads()  # outside: a no-op
+    assert len(seen) == 3
+
+
+def test_deferred_busy_first_sample(
+    two_threads: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _sampler(monkeypatch, [1, 0, 0])
+    with F.measurement_threads(defer=True):
+        assert torch.get_num_threads() == 1
+        F.settle_threads()
+        assert torch.get_num_threads() == 1
+    assert (len(seen), two_threads, torch.get_num_threads()) == (1, [], 2)
+
+
+def test_sample_threads_mid_setup_never_sleeps(
+    two_threads: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _sampler(monkeypatch, [0, 1, 0])
+    clock = [100.0]
+    monkeypatch.setattr(F.time, "perf_counter", lambda: clock[0])
+    with F.measurement_threads(defer=True):
+        clock[0] += 0.0005
+        F.sample_threads()  # 0.5 ms after the first sample: not due yet
+        assert len(seen) == 1
+        clock[0] += 0.0015
+        F.sample_threads()  # due: taken, and its choice applies
+        assert (len(seen), torch.get_num_threads()) == (2, 1)
+        # one thread already: nothing left to sample
+        F.settle_threads()
+    assert (len(seen), two_threads, torch.get_num_threads()) == (2, [], 2)
+
+
+def test_deferred_quiet_setup_hides_both_sleeps(
+    two_threads: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _sampler(monkeypatch, [0, 0, 0])
+    clock = [100.0]
+    monkeypatch.setattr(F.time, "perf_counter", lambda: clock[0])
+    with F.measurement_threads(defer=True):
+        clock[0] += 0.0015
+        F.sample_threads()
+        clock[0] += 0.0015
+        F.settle_threads()
+        assert torch.get_num_threads() == 2
+    assert (len(seen), two_threads) == (3, [])

@@ -24,6 +24,14 @@ def two_threads(monkeypatch: pytest.MonkeyPatch):
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """``time.perf_counter`` as seen by the sampler: advanced by hand (setup time)."""
+    now = [100.0]
+    monkeypatch.setattr(F.time, "perf_counter", lambda: now[0])
+    return now
+
+
 def _sampler(monkeypatch: pytest.MonkeyPatch, samples: list[int]) -> list[int]:
     taken: list[int] = []
 
@@ -102,13 +110,11 @@ def test_other_running_threads_bound(
 
 
 def test_deferred_samples_after_setup(
-    two_threads: list[float], monkeypatch: pytest.MonkeyPatch
+    two_threads: list[float], monkeypatch: pytest.MonkeyPatch, clock: list[float]
 ) -> None:
     """``defer``: the first sample applies at once; the others are taken by
     :func:`settle_threads`, sleeping only for what the setup did not already wait."""
     seen = _sampler(monkeypatch, [0, 0, 1])
-    clock = [100.0]
-    monkeypatch.setattr(F.time, "perf_counter", lambda: clock[0])
     with F.measurement_threads(defer=True):
         assert (len(seen), torch.get_num_threads()) == (1, 2)
         clock[0] += 0.005  # 5 ms of setup: covers both 1 ms spacings of the first one
@@ -134,11 +140,9 @@ def test_deferred_busy_first_sample(
 
 
 def test_sample_threads_mid_setup_never_sleeps(
-    two_threads: list[float], monkeypatch: pytest.MonkeyPatch
+    two_threads: list[float], monkeypatch: pytest.MonkeyPatch, clock: list[float]
 ) -> None:
     seen = _sampler(monkeypatch, [0, 1, 0])
-    clock = [100.0]
-    monkeypatch.setattr(F.time, "perf_counter", lambda: clock[0])
     with F.measurement_threads(defer=True):
         clock[0] += 0.0005
         F.sample_threads()  # 0.5 ms after the first sample: not due yet
@@ -152,11 +156,9 @@ def test_sample_threads_mid_setup_never_sleeps(
 
 
 def test_deferred_quiet_setup_hides_both_sleeps(
-    two_threads: list[float], monkeypatch: pytest.MonkeyPatch
+    two_threads: list[float], monkeypatch: pytest.MonkeyPatch, clock: list[float]
 ) -> None:
     seen = _sampler(monkeypatch, [0, 0, 0])
-    clock = [100.0]
-    monkeypatch.setattr(F.time, "perf_counter", lambda: clock[0])
     with F.measurement_threads(defer=True):
         clock[0] += 0.0015
         F.sample_threads()

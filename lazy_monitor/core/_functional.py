@@ -17,6 +17,7 @@ The kernel engine and the linearization both need the same four things:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
 import time
@@ -44,7 +45,9 @@ __all__ = [
     "measurement_mode",
     "measurement_threads",
     "resolve_params",
+    "sample_threads",
     "select_output",
+    "settle_threads",
     "side_effect_guard",
     "slice_batch",
 ]
@@ -530,12 +533,18 @@ def measurement_mode(model: nn.Module) -> Iterator[None]:
             setattr(config, attr, value)
 
 
-def _other_running_threads() -> Optional[int]:
+def _other_running_threads(enough: int = -1) -> Optional[int]:
     """Threads of *other* processes running right now (``/proc/loadavg``'s instantaneous
-    runnable count minus this process's running threads); None where /proc is missing."""
+    runnable count minus this process's running threads); None where /proc is missing.
+
+    The calling thread is itself runnable, so ``runnable - 1`` bounds the count from above;
+    when that bound is at most ``enough`` it is returned without reading this process's
+    threads (a quarter of a millisecond per sample: one file per thread)."""
     try:
         with open("/proc/loadavg") as f:
             running = int(f.read().split()[3].split("/")[0])
+        if running - 1 <= enough:
+            return max(0, running - 1)
         own = 0
         for tid in os.listdir("/proc/self/task"):
             with open(f"/proc/self/task/{tid}/stat") as f:
@@ -546,8 +555,59 @@ def _other_running_threads() -> Optional[int]:
     return max(0, running - own)
 
 
+class _ThreadChoice:
+    """Samples of other processes' running threads (at least 1 ms apart) and the intra-op
+    thread count they leave (:func:`measurement_threads`)."""
+
+    def __init__(self) -> None:
+        self.threads = torch.get_num_threads()
+        try:
+            self.cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            self.cores = os.cpu_count() or self.threads
+        self.left = 3 if self.threads > 1 else 0
+        self.seen: list[int] = []
+        self.last: Optional[float] = None  # time.perf_counter() of the last sample
+
+    def sample(self, all_left: bool, wait: bool = True) -> None:
+        """Take the samples left (or only the next one) and apply the choice; without
+        ``wait``, the next sample only if 1 ms has passed since the last one (no sleep)."""
+        while self.left:
+            if self.last is not None:
+                delay = self.last + 0.001 - time.perf_counter()
+                if delay > 0:
+                    if not wait:
+                        return
+                    time.sleep(delay)
+            # the exact count matters only where it could leave fewer than ``threads`` cores
+            k = _other_running_threads(self.cores - self.threads)
+            self.last = time.perf_counter()
+            self.left -= 1
+            if k is not None:
+                self.seen.append(k)
+                if self.cores - k <= 1:
+                    self.left = 0  # one thread already: later samples cannot lower it
+            if not all_left:
+                break
+        want = self.threads
+        if self.seen:
+            want = max(1, min(self.threads, self.cores - max(self.seen)))
+        if want != torch.get_num_threads():
+            torch.set_num_threads(want)
+
+    def restore(self) -> None:
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+
+
+# The choice of the innermost ``measurement_threads(defer=True)`` with samples still to take.
+_PENDING: contextvars.ContextVar[Optional[_ThreadChoice]] = contextvars.ContextVar(
+    "_PENDING", default=None
+)
+
+
 @contextlib.contextmanager
-def measurement_threads() -> Iterator[None]:
+def measurement_threads(defer: bool = False) -> Iterator[None]:
     """Intra-op threads for a measurement: no more than the cores other processes leave free
     (at least one), restored on exit.
 
@@ -555,32 +615,45 @@ def measurement_threads() -> Iterator[None]:
     each op's barrier, one descheduled thread (another job on the machine) stalls every op by
     a scheduler time slice: the MLP 784-1024x3-10 kernel at N = 32 went from 0.023 s to 3.6 s
     with one busy-loop process beside it on 2 cores. Fewer threads than busy cores never wait
-    on a descheduled partner. Sampled three times 1 ms apart (the most others seen counts).
+    on a descheduled partner. Sampled three times 1 ms apart (the most others seen counts);
+    sampling stops as soon as one sample already leaves a single thread (later samples cannot
+    lower it further), so a busy machine pays no sleep. A sample that may overcount (the
+    runnable bound of :func:`_other_running_threads`) is used only where it leaves every
+    thread, so the choice is the one exact counts give.
+
+    ``defer``: take only the first sample now (its choice applies at once) and the others in
+    :func:`sample_threads` (mid-setup) and :func:`settle_threads`, which the caller runs before
+    its heavy work: the setup in between (over 2 ms in ``empirical_ntk``) replaces the two 1 ms
+    sleeps.
     """
-    threads = torch.get_num_threads()
-    seen: list[int] = []
-    for i in range(3 if threads > 1 else 0):
-        if i:
-            time.sleep(0.001)
-        k = _other_running_threads()
-        if k is not None:
-            seen.append(k)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or threads
-    want = threads if not seen else max(1, min(threads, cores - max(seen)))
-    if want != threads:
-        torch.set_num_threads(want)
+    choice = _ThreadChoice()
+    choice.sample(all_left=not defer)
+    token = _PENDING.set(choice if defer else None)
     try:
         yield
     finally:
-        if want != threads:
-            torch.set_num_threads(threads)
+        _PENDING.reset(token)
+        choice.restore()
+
+
+def sample_threads() -> None:
+    """Within ``measurement_threads(defer=True)``: the next sample, if 1 ms has passed since
+    the last one (never sleeps), to be called in the middle of the setup; a no-op otherwise."""
+    choice = _PENDING.get()
+    if choice is not None:
+        choice.sample(all_left=False, wait=False)
+
+
+def settle_threads() -> None:
+    """Take the samples a ``measurement_threads(defer=True)`` left (sleeping only for what is
+    left of their 1 ms spacing) and apply the final thread choice; a no-op outside one."""
+    choice = _PENDING.get()
+    if choice is not None:
+        choice.sample(all_left=True)
 
 
 @contextlib.contextmanager
-def side_effect_guard(model: nn.Module) -> Iterator[None]:
+def side_effect_guard(model: nn.Module, defer_threads: bool = False) -> Iterator[None]:
     """Evaluate ``model`` in eval semantics and full precision, leaving no trace.
 
     For the duration: every submodule in eval mode (BatchNorm uses running statistics, dropout
@@ -588,7 +661,8 @@ def side_effect_guard(model: nn.Module) -> Iterator[None]:
     caller's ``no_grad``/``inference_mode``. On exit the ``training`` flag of each submodule,
     the float32 matmul precision, TF32 flags and the CPU/CUDA RNG states are exactly restored.
     Attention and checkpointing run as :func:`measurement_mode` decides, with the intra-op
-    threads of :func:`measurement_threads`.
+    threads of :func:`measurement_threads` (``defer_threads``: its ``defer``; the caller runs
+    :func:`settle_threads` before the heavy work).
     """
     cudnn_tf32 = torch.backends.cudnn.allow_tf32
     with contextlib.ExitStack() as stack:
@@ -603,7 +677,7 @@ def side_effect_guard(model: nn.Module) -> Iterator[None]:
             torch.backends.cudnn.allow_tf32 = False
             stack.enter_context(eval_mode(model))
             stack.enter_context(measurement_mode(model))
-            stack.enter_context(measurement_threads())
+            stack.enter_context(measurement_threads(defer_threads))
             yield
         finally:
             torch.backends.cudnn.allow_tf32 = cudnn_tf32

@@ -20,7 +20,9 @@ from .._functional import (
     batch_size,
     compute_dtype,
     resolve_params,
+    sample_threads,
     select_output,
+    settle_threads,
     side_effect_guard,
     slice_batch,
 )
@@ -452,7 +454,8 @@ def _compute(
     dtype = compute_dtype(named, x1 if x2 is None else [*_flat(x1), *_flat(x2)])
     device = _device_of(x1)
 
-    with side_effect_guard(model):
+    # the thread choice's last samples are taken after the setup, not in 1 ms sleeps
+    with side_effect_guard(model, defer_threads=True):
         fm = FunctionalModel(model, output_fn, dtype)
         # Parameters that are not differentiated are constants; cast the ones whose dtype
         # differs (e.g. a frozen float16 layer) so the forward runs in one dtype.
@@ -465,6 +468,7 @@ def _compute(
         )
         # Cloned so that nothing the forward might do in place reaches the module's weights.
         p = {k: v.clone() for k, v in fm.cast_params(named).items()}
+        sample_threads()  # the clone took ~1-2 ms: the thread choice's second sample
         xa = fm.cast_inputs(x1)
         xb = None if x2 is None else fm.cast_inputs(x2)
         # One example's forward (no graph): O, and the memory rule before any allocation.
@@ -490,6 +494,7 @@ def _compute(
         elif config.projection is not None:
             r = projection_matrix(o_raw, o, config.projection_seed, dtype=dtype, device=device)
             fm.output_fn = _Projected(output_fn, r, 1.0 / math.sqrt(o))
+        settle_threads()
         token = _FACTOR_BUDGET.set(budget)
         try:
             sink = _DISPATCH[config.implementation](

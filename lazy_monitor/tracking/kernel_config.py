@@ -66,6 +66,7 @@ from lazy_monitor.core._functional import as_device
 from lazy_monitor.core.kernels import DEFAULT_MAX_MEMORY, NtkImplementation, projection_matrix
 from lazy_monitor.core.kernels.config import KINDS, check_projection, check_projection_seed
 from lazy_monitor.core.kernels.errors import NtkBudgetError
+from lazy_monitor.core.kernels.estimate import AUTO_PROJECTION, auto_candidates, first_fitting
 
 __all__ = [
     "KERNEL_COPIES",
@@ -257,10 +258,6 @@ def project_targets(
     return y @ projection_matrix(o, k, seed) / math.sqrt(k)
 
 
-#: ``kind="auto"``: the projection the last candidate uses when no exact kernel fits.
-AUTO_PROJECTION = 16
-
-
 @dataclasses.dataclass(frozen=True)
 class ResolvedKernel:
     """The kernel a tracker measures: ``kind="auto"`` resolved (or a forced kind checked)
@@ -383,9 +380,7 @@ def resolve(
     """
     budget, projection = max_memory, requested.projection
     if requested.kind == "auto":
-        candidates: list[tuple[str, Projection]] = [("full", projection), ("trace", projection)]
-        if projection is None and AUTO_PROJECTION < num_outputs:
-            candidates.append(("trace", AUTO_PROJECTION))
+        candidates = auto_candidates(projection, num_outputs, AUTO_PROJECTION)
     else:
         candidates = [(requested.kind, projection)]
 
@@ -394,12 +389,11 @@ def resolve(
         slow = max_seconds is not None and math.isfinite(seconds) and seconds > max_seconds
         return (budget is None or est["bytes"] <= budget) and not slow
 
-    estimates = []
-    for candidate in candidates:  # lazily: each estimate costs a forward
-        estimates.append(estimator.estimate(*candidate, budget))
-        if fits(estimates[-1]):
-            break
-    (kind, proj), est = candidates[len(estimates) - 1], estimates[-1]
+    # lazily: each estimate costs a forward
+    (kind, proj), estimates = first_fitting(
+        candidates, lambda c: estimator.estimate(*c, budget), fits
+    )
+    est = estimates[-1]
     if budget is not None and est["bytes"] > budget:
         forced = requested.kind != "auto" or projection is not None
         raise NtkBudgetError(

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,9 @@ __all__ = [
     "check_seconds",
     "estimate_ntk_cost",
     "resolve_kernel_config",
+    "AUTO_PROJECTION",
+    "auto_candidates",
+    "first_fitting",
 ]
 
 # Default budget of kind="auto" (kernels, per-parameter blocks, their copies, factors and
@@ -223,6 +226,41 @@ def _cost(
     }
 
 
+#: The projection ``kind="auto"`` falls back to after the full and the trace kernel (a trace of
+#: ``k`` random output directions; only where ``k < O``).
+AUTO_PROJECTION = 16
+
+Candidate = tuple[str, Union[None, int, str]]
+
+
+def auto_candidates(
+    projection: Union[None, int, str], num_outputs: int, projection_k: int = AUTO_PROJECTION
+) -> list[Candidate]:
+    """``kind="auto"``'s candidates in order of preference: ``full`` and ``trace`` (of a
+    forced ``projection``), then ``trace`` with ``projection_k`` directions when nothing is
+    forced and ``projection_k < num_outputs``."""
+    candidates: list[Candidate] = [("full", projection), ("trace", projection)]
+    if projection is None and projection_k < num_outputs:
+        candidates.append(("trace", projection_k))
+    return candidates
+
+
+def first_fitting(
+    candidates: list[Candidate],
+    estimate: Callable[[Candidate], dict[str, Any]],
+    fits: Callable[[dict[str, Any]], bool],
+) -> tuple[Candidate, list[dict[str, Any]]]:
+    """The first candidate whose estimate ``fits``, else the last (the cheapest), with the
+    estimates made on the way (lazily: each may cost a forward; ``[0]`` is the first
+    candidate's, ``[-1]`` the choice's)."""
+    estimates: list[dict[str, Any]] = []
+    for candidate in candidates:
+        estimates.append(estimate(candidate))
+        if fits(estimates[-1]):
+            break
+    return candidates[len(estimates) - 1], estimates
+
+
 def resolve_kernel_config(  # noqa: PLR0913
     model: nn.Module,
     x: InputBatch,
@@ -232,7 +270,7 @@ def resolve_kernel_config(  # noqa: PLR0913
     per_layer: bool = False,
     output_fn: Optional[OutputFn] = None,
     params: Optional[Mapping[str, Tensor]] = None,
-    projection_k: int = 16,
+    projection_k: int = AUTO_PROJECTION,
     projection_seed: int = 0,
     flops_per_second: float = DEFAULT_FLOPS_PER_SECOND,
     projection: Union[None, int, str] = None,
@@ -278,14 +316,11 @@ def resolve_kernel_config(  # noqa: PLR0913
     def gib(b: float) -> str:
         return f"{b / 2**30:.3g} GiB"
 
-    candidates: list[tuple[str, Union[None, int, str], dict[str, Any]]] = [
-        ("full", projection, full)
-    ]
-    candidates.append(("trace", projection, estimate("trace", projection)))
-    if projection is None and projection_k < full["o"]:
-        candidates.append(("trace", projection_k, estimate("trace", projection_k)))
-    choice = next((c for c in candidates if fits(c[2])), None)
-    kind, proj_k, est = choice if choice is not None else candidates[-1]
+    candidates = auto_candidates(projection, full["o"], projection_k)
+    (kind, proj_k), estimates = first_fitting(
+        candidates, lambda c: full if c == candidates[0] else estimate(*c), fits
+    )
+    est = estimates[-1]
     reason = ""
     if (kind, proj_k) != ("full", projection):
         reason = (
@@ -305,7 +340,7 @@ def resolve_kernel_config(  # noqa: PLR0913
         "max_memory": factor_budget,
         "estimate": est,
         "reason": reason,
-        "fits": choice is not None,
+        "fits": fits(est),
     }
 
 

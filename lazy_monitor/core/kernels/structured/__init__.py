@@ -27,7 +27,10 @@ example). Inputs shared by the batch (position ids ``(1, T)``), sequence-first l
 (``nn.MultiheadAttention``, ``batch_first=False`` encoders, even when ``T == N``) and
 position-major ``(T·N, d)`` rows fail the check, and exactly those parameters go to the
 fallback. The verdict is cached per module for an identical traced structure, probe and module
-state (:func:`_cached_verification`), so repeated calls on one probe skip the check's backward.
+state (:func:`_cached_verification`); the whole plan with its memory split is remembered for
+identical shapes, module attributes, output function and probe examples
+(:mod:`.._memo`), so repeated calls on one probe (a tracker's) skip the probe pass entirely,
+while every factor pass still checks that the uses it captures are the plan's.
 
 Uses are found with a :class:`torch.overrides.TorchFunctionMode` that sees every torch call on
 the parameter tensors passed to ``functional_call``: a parameter gets the structured rule only

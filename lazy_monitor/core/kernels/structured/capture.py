@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from ..._functional import FunctionalModel, InputBatch
+from .._memo import module_state as _module_state
 
 _SIGNATURES = {
     "linear": ("input", "weight", "bias"),
@@ -383,28 +384,6 @@ def _mapping_key(
         frozenset(cap.other),
         _module_state(fm.model),
     )
-
-
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def _module_state(model: torch.nn.Module) -> tuple:
-    """Every submodule's type and plain Python attributes (flags such as ``batch_first``, a
-    layout switch set after construction), and any instance-level ``forward`` override: state
-    that can change how examples flow through the model without changing its parameters."""
-    state = []
-    for name, m in model.named_modules():
-        attrs = tuple(
-            sorted(
-                (k, v)
-                for k, v in vars(m).items()
-                if isinstance(v, _PLAIN)
-                or (isinstance(v, tuple) and all(isinstance(e, _PLAIN) for e in v))
-            )
-        )
-        fwd = vars(m).get("forward")
-        state.append((name, type(m), attrs, None if fwd is None else id(fwd)))
-    return tuple(state)
 
 
 def _cached_verification(

@@ -29,6 +29,7 @@ from .cuts import _CutPass
 from .memory import _activation_bytes_per_example, _block_sizes, _work_plan
 from .passes import _factors_in_passes
 from .planning import _choose_path, _make_plan, _Plan
+from .tied import contract_tied
 
 
 def structured_ntk(
@@ -256,6 +257,8 @@ def _structured_blocks(
                 blocks: tuple[Tensor, ...] = (k,)
             elif strategy == "per_example":
                 blocks = (_contract_per_example(a, b, kind, same),)
+            elif strategy.startswith("tied"):
+                blocks = (contract_tied(a, b, kind, same, strategy),)
             else:
                 if strategy == "outer":
                     bias = name in plan.shared

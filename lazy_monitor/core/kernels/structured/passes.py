@@ -17,6 +17,7 @@ from .capture import _forward, _per_example, _rows_per_example, _use_rows_ok
 from .contract import _Factors, _per_example_grads, _row_grad, _weight_factors
 from .cuts import _cut_roles, _CutPass
 from .planning import _Plan
+from .tied import _TiedFactors, tied_factors
 
 # Above this many bytes of output-gradients for all O outputs at once, backpropagate the O
 # one-hot cotangents one at a time: a batched backward also holds O copies of every
@@ -148,12 +149,15 @@ def _factors(
     result: dict[str, Any] = dict(rows)
     for name, strategy in plan.weights.items():
         sel = [u for u in weight_uses if u.weight == name]
-        f = _weight_factors(sel, [grads[id(u)] for u in sel], params[name], name in plan.folded)
+        g_sel = [grads.pop(id(u)) for u in sel]
+        if strategy.startswith("tied"):
+            result[name] = tied_factors(sel, g_sel, params[name])
+            continue
+        f = _weight_factors(sel, g_sel, params[name], name in plan.folded)
         if strategy == "stored":
             f = _per_example_grads(f.g, f.columns(), 0, f.g.shape[3])  # (N, O, P)
         result[name] = f
-        for u in sel:
-            del grads[id(u)]
+        del g_sel
     return result
 
 
@@ -161,6 +165,8 @@ def _empty_rows(value: Any, n: int) -> Any:
     """Uninitialised factors like ``value`` (one pass's rows) for ``n`` examples."""
     if isinstance(value, Tensor):
         return value.new_empty((n, *value.shape[1:]))
+    if isinstance(value, _TiedFactors):
+        return _TiedFactors({k: _empty_rows(f, n) for k, f in value.parts.items()}, value.shape)
     inputs = [(op, inp.new_empty((n, *inp.shape[1:])), meta) for op, inp, meta in value.inputs]
     g = value.g.new_empty((n, *value.g.shape[1:]))
     return _Factors(inputs, g, value.onehot, value.fold_bias, value.weight_shape)
@@ -169,6 +175,10 @@ def _empty_rows(value: Any, n: int) -> Any:
 def _copy_rows(dst: Any, src: Any, rows: slice) -> None:
     if isinstance(dst, Tensor):
         dst[rows].copy_(src)
+        return
+    if isinstance(dst, _TiedFactors):
+        for k, f in dst.parts.items():
+            _copy_rows(f, src.parts[k], rows)
         return
     for (_, d, _), (_, s, _) in zip(dst.inputs, src.inputs):
         d[rows].copy_(s)

@@ -21,6 +21,7 @@ from ..cost import (
     strategy_costs,
 )
 from .capture import _Capture, _rows_per_example, _Use, _weight_shape
+from .tied import tied_macs, tied_plan, tied_supported
 
 
 @dataclasses.dataclass
@@ -82,7 +83,16 @@ def _make_plan(
             for role, use in roles
         }
         if len(kinds) != 1:
-            continue  # mixed roles/ops (e.g. tied Embedding + Linear): Jacobian fallback
+            # uses of different kinds (tied Embedding + LM head, ``F.linear`` and ``@``): the
+            # tied rule (:mod:`.tied`) if every use is a Linear-type or Embedding weight use,
+            # else the Jacobian fallback
+            if tied_supported(roles, params[name]):
+                uses = [u for _, u in roles]
+                strategy, cost = tied_plan(uses, params[name], n, o, cap.n, builds, pairs)
+                weights[name] = strategy
+                costs[name] = cost + OP_COST * contraction_calls("per_example", n, blocks)
+                macs[name] = tied_macs(uses, params[name], cap.n)
+            continue
         role, op, groups, _, _ = kinds.pop()
         if role == "bias" or op == "norm":
             biases.append(name)
@@ -126,6 +136,8 @@ def _make_plan(
         k: tuple(_rows_per_example(u, cap.n) for _, u in v) for k, v in by_name.items()
     }
     for w, strategy in weights.items():
+        if strategy.startswith("tied"):
+            continue  # the tied rule has no bias to fold or share
         uses_w = [id(u) for role, u in by_name[w]]
         paired = {u.bias for _, u in by_name[w]}
         if len(paired) != 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _reference import reference_ntk
 from test_kernels import _assert_matches, _case
 from torch import nn
 
@@ -115,9 +116,28 @@ def test_unsupported_uses_fall_back_for_exactly_those_parameters(
     model, x1, _, _, refs = _case("reuse")
     _assert_matches(empirical_ntk(model, x1, implementation="structured"), refs["full"][0])
     assert seen == []
-    model, x1, _, _, refs = _case("tied_lm")  # embedding weight tied to a Linear head
+    # an embedding weight tied to a Linear head takes the tied rule (test_structured_tied.py)
+    model, x1, _, _, refs = _case("tied_lm")
     _assert_matches(empirical_ntk(model, x1, implementation="structured"), refs["full"][0])
-    assert seen == [["emb.weight"]]
+    assert seen == []
+    # a weight also used by an op without a rule (its norm scales the output): that weight only
+    torch.manual_seed(0)
+    model = _NormScaled().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    _assert_matches(
+        empirical_ntk(model, x, implementation="structured"), reference_ntk(model, x)[0]
+    )
+    assert seen == [["lin.weight"]]
+
+
+class _NormScaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.lin(x))) * self.lin.weight.norm()
 
 
 @pytest.mark.parametrize("implementation", ["jacobian", "ntvp", "structured", "auto"])

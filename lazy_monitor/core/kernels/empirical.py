@@ -97,16 +97,13 @@ def _jacobian_numel(
     model: nn.Module, params: Mapping[str, Tensor], implementation: NtkImplementation
 ) -> int:
     """Size of the largest parameter whose per-example Jacobian rows the call builds for sure:
-    any parameter for ``"jacobian"``/``"ntvp"``; for the structured path a tied parameter (used
-    under several names, e.g. GPT-2's embedding and LM head), which has no structured rule."""
+    any parameter for ``"jacobian"``/``"ntvp"``; none for the structured path, where a tied
+    parameter (GPT-2's embedding and LM head, a weight used by ``F.linear`` and ``@``) has a
+    structured rule too (:mod:`.structured.tied`, rows of the occurring token ids only)."""
+    del model
     if implementation in (NtkImplementation.JACOBIAN, NtkImplementation.NTVP):
         return max(v.numel() for v in params.values())
-    names: dict[int, int] = {}
-    for _, t in model.named_parameters(remove_duplicate=False):
-        names[id(t)] = names.get(id(t), 0) + 1
-    live = dict(model.named_parameters())
-    tied = [params[k].numel() for k in params if k in live and names.get(id(live[k]), 0) > 1]
-    return max(tied, default=0)
+    return 0
 
 
 def _projected_outputs(projection: Union[None, int, str], o_raw: int) -> int:

@@ -23,13 +23,20 @@ def _name_bytes(cap: _Capture, plan: _Plan, params: Mapping[str, Tensor], o: int
     """Bytes of factors per example of each planned parameter, from the probe pass:
     ``O·|y| + |x|`` per structured weight use (output-gradients and layer input), plus
     ``O·numel`` for per-example gradient rows (biases, norms, ``stored`` weights, which are
-    built one output at a time). Folded and shared biases ride with their weight."""
+    built one output at a time). Folded and shared biases ride with their weight. A tied
+    weight whose other rows take a Linear strategy (``"tied+…"``, :mod:`.tied`) holds a
+    masked copy of its dense uses' ``G`` (``F.linear``) or input (``a @ W``) during the
+    contraction: counted twice."""
     sizes = {name: 0 for name in (*plan.weights, *plan.biases)}
     for use in cap.uses:
-        if use.weight in plan.weights and plan.weights[use.weight] != "stored":
+        strategy = plan.weights.get(use.weight or "")
+        if strategy is not None and strategy != "stored":
             # G and the layer input, per example (dim 0 may hold N·r rows)
-            sizes[use.weight] += o * use.out.numel() // cap.n * use.out.element_size()
-            sizes[use.weight] += use.inp.numel() // cap.n * use.inp.element_size()
+            g_bytes = o * use.out.numel() // cap.n * use.out.element_size()
+            a_bytes = use.inp.numel() // cap.n * use.inp.element_size()
+            sizes[use.weight] += g_bytes + a_bytes
+            if strategy.startswith("tied+") and use.op == "linear":
+                sizes[use.weight] += a_bytes if use.meta.get("transposed") else g_bytes
     for name, strategy in plan.weights.items():
         if strategy == "stored":
             sizes[name] += o * params[name].numel() * params[name].element_size()

@@ -151,7 +151,9 @@ def _work_plan(
     def blocked(sub: _Plan, size: int) -> tuple[_Plan, int]:
         _, col_block = _block_sizes(n1, n2, chunk_size, size)
         col_blocks = -(-n_cols // col_block) / (2.0 if n2 is None else 1.0)
-        full = _make_plan(params, cap, n_max, o, keep_blocks, builds=1.0 + col_blocks)
+        full = _make_plan(
+            params, cap, n_max, o, keep_blocks, builds=1.0 + col_blocks, symmetric=n2 is None
+        )
         sub = _sub_plan(full, [*sub.weights, *sub.biases])
         return sub, _factor_bytes_per_example(cap, sub, params, o)
 

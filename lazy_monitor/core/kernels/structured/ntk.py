@@ -212,7 +212,7 @@ def _probe_plan(
     n_max = max(n1, n2 or 0)
     # a symmetric kernel contracts only the upper example blocks (builds are not halved)
     pairs = symmetric_fraction(n1) if x2 is None else 1.0
-    plan = _make_plan(params, cap, n_max, o, keep_blocks, pairs=pairs)
+    plan = _make_plan(params, cap, n_max, o, keep_blocks, pairs=pairs, symmetric=x2 is None)
     if choose:
         _choose_path(plan, params, cap, n_max, o, pairs)
     return plan, out, cap, o

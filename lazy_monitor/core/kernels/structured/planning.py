@@ -56,9 +56,11 @@ def _make_plan(
     keep_blocks: bool,
     builds: float = 1.0,
     pairs: float = 1.0,
+    symmetric: bool = False,
 ) -> _Plan:
     """Structured rule per parameter; ``builds`` and ``pairs`` as in
-    :func:`~.cost.strategy_costs`."""
+    :func:`~.cost.strategy_costs`; ``symmetric``: a kernel of ``x1`` with itself (a tied
+    weight's rows are the token ids of one example block, not two)."""
     by_name: dict[str, list[tuple[str, _Use]]] = {}
     for use in cap.uses:
         for role, name in (("weight", use.weight), ("bias", use.bias)):
@@ -88,7 +90,9 @@ def _make_plan(
             # else the Jacobian fallback
             if tied_supported(roles, params[name]):
                 uses = [u for _, u in roles]
-                strategy, cost = tied_plan(uses, params[name], n, o, cap.n, builds, pairs)
+                strategy, cost = tied_plan(
+                    uses, params[name], n, o, cap.n, builds, pairs, 1 if symmetric else 2
+                )
                 weights[name] = strategy
                 costs[name] = cost + OP_COST * contraction_calls("per_example", n, blocks)
                 macs[name] = tied_macs(uses, params[name], cap.n)

@@ -69,9 +69,17 @@ def tied_supported(roles: list[tuple[str, _Use]], weight: Tensor) -> bool:
 
 
 def tied_plan(
-    uses: list[_Use], weight: Tensor, n: int, o: int, probe_n: int, builds: float, pairs: float
+    uses: list[_Use],
+    weight: Tensor,
+    n: int,
+    o: int,
+    probe_n: int,
+    builds: float,
+    pairs: float,
+    id_blocks: int = 2,
 ) -> tuple[str, float]:
-    """``(strategy, cost)`` of a tied weight (``probe_n`` examples in the captured pass):
+    """``(strategy, cost)`` of a tied weight (``probe_n`` examples in the captured pass; the
+    rows of a pair of example blocks are the ids of ``id_blocks`` blocks of ``n`` examples):
     ``"tied"`` (per-example gradient of every row) or ``"tied+<rest>"`` (rows of the
     occurring ids, and the Linear strategy ``rest`` for the dense uses on the other rows),
     whichever the cost model prices lower."""
@@ -92,7 +100,7 @@ def tied_plan(
     options = {"tied": rows_cost(v)}
     dense = [p for p in ("linear", "transposed") if t[p]]
     if t["embedding"] and len(dense) == 1:
-        s = min(v, 2 * n * t["embedding"])  # the ids of a row and a column block
+        s = min(v, id_blocks * n * t["embedding"])  # at most, ids of every position
         if s < v:
             p = dense[0]
             d_in, d_out = (d, v) if p == "linear" else (v, d)

@@ -43,17 +43,27 @@ class _AllPositions(_TiedLM):
         return F.linear(torch.tanh(self.mix(self.emb(ids))), self.emb.weight).flatten(1)
 
 
-class _LinearAndMatmul(nn.Module):
-    """One square weight used as ``F.linear(x, W)`` and as ``h @ W`` (transposed role)."""
+class _TransposedHead(_TiedLM):
+    """A hand-written head ``h @ emb.weight.T`` (an alias of the weight, transposed)."""
 
-    def __init__(self, d: int = 5) -> None:
+    def forward(self, ids: Tensor) -> Tensor:
+        return torch.tanh(self.mix(self.emb(ids))).mean(1) @ self.emb.weight.T
+
+
+class _LinearAndMatmul(nn.Module):
+    """One square weight used as ``F.linear(x, W)`` and as ``h @ W`` (transposed role), or
+    ``h @ W.t()`` / ``h @ W.transpose(0, 1)`` (two Linear uses, no tied rule needed)."""
+
+    def __init__(self, mode: str = "matmul", d: int = 5) -> None:
         super().__init__()
+        self.mode = mode
         self.w = nn.Parameter(torch.randn(d, d) / math.sqrt(d))
         self.head = nn.Linear(d, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(F.linear(x, self.w))
-        return self.head(torch.tanh(h @ self.w))
+        w = {"matmul": self.w, "t": self.w.t(), "transpose": self.w.transpose(0, 1)}[self.mode]
+        return self.head(torch.tanh(h @ w))
 
 
 class _Sketch:
@@ -135,6 +145,13 @@ CASES: dict[str, Callable[[], tuple[nn.Module, Any, Any, Optional[Callable], str
         _TiedLM(vocab=60, dim=8).double(),
         _ids(4, 2, 60, 1),
         _ids(3, 2, 60, 2),
+        None,
+        "emb.weight",
+    ),
+    "transposed_head": lambda: (
+        _TransposedHead().double(),
+        _ids(5, 3, 11, 1),
+        _ids(3, 3, 11, 2),
         None,
         "emb.weight",
     ),
@@ -277,3 +294,24 @@ def test_auto_prices_the_tied_rule_and_is_exact() -> None:
     assert plan["parameters"][tied] in ("jacobian", "tied", "tied+gram", "tied+outer")
     ref, _ = reference_ntk(model, x1, output_fn=output_fn)
     _close(empirical_ntk(model, x1, output_fn=output_fn), ref)
+
+
+@pytest.mark.parametrize("mode", ["t", "transpose"])
+def test_linear_and_matmul_with_transposed_alias_is_one_linear_rule(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """``F.linear(x, W)`` and ``h @ W.t()``: both Linear uses of ``W``, one plain rule."""
+    torch.manual_seed(0)
+    model = _LinearAndMatmul(mode).double()
+    x1, x2 = torch.randn(5, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    seen = _spy(monkeypatch)
+    for x in (None, x2):
+        for kind in KINDS:
+            k, blocks = empirical_ntk(
+                model, x1, x, kind=kind, implementation="structured", return_blocks=True
+            )
+            ref, ref_blocks = reference_ntk(model, x1, x, kind=kind)
+            _close(k, ref)
+            _close(blocks["w"], ref_blocks["w"])
+    assert seen["fallback"] == []
+    assert seen["plans"][0].weights["w"] in ("outer", "gram", "per_example", "stored")

@@ -93,6 +93,28 @@ def _bind_matmul(kind: str, args: tuple, kwargs: dict) -> Optional[dict]:
     return {"input": a, "weight": w, "bias": bias}
 
 
+# ``Wᵀ`` of a 2-D parameter (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``): recorded
+# as an alias of ``W`` whose Linear/matmul uses take the other orientation (``x @ W.t()`` is
+# ``F.linear(x, W)``), so that a hand-written head ``h @ emb.weight.T`` keeps a rule.
+_TRANSPOSES = (torch.t, Tensor.t, torch.transpose, Tensor.transpose)
+_TRANSPOSE_PROPERTIES = (Tensor.T, Tensor.mT)
+
+
+def _transpose_source(func: Any, args: tuple, kwargs: dict) -> Optional[Tensor]:
+    """The 2-D tensor whose transpose ``func`` returns, or None."""
+    src = args[0] if args else kwargs.get("input")
+    if not isinstance(src, Tensor) or src.dim() != 2:
+        return None
+    owner = getattr(func, "__self__", None)
+    if any(owner is p for p in _TRANSPOSE_PROPERTIES) or func in (torch.t, Tensor.t):
+        return src
+    if func in (torch.transpose, Tensor.transpose):
+        dims = [*args[1:3], *(kwargs[k] for k in ("dim0", "dim1") if k in kwargs)]
+        if len(dims) == 2 and all(isinstance(d, int) for d in dims):
+            return src if {d % 2 for d in dims} == {0, 1} else None
+    return None
+
+
 def _bind(func: Any, args: tuple, kwargs: dict) -> Optional[dict]:
     """Arguments by name of a supported op's call (normalisation, Linear/Conv/Embedding,
     ``a @ W (+ b)``); None for any other op or matmul form."""
@@ -207,6 +229,7 @@ class _Capture(torch.overrides.TorchFunctionMode):
         self.copy_outputs = copy_outputs
         self.uses: list[_Use] = []
         self.other: set[str] = set()
+        self.aliases: dict[int, Tensor] = {}  # id -> Wᵀ of a parameter (kept alive: ids unique)
         self.n = 0  # examples in the pass (dim 0 of the output), set by _forward
         # for the cost model (:func:`~.cost.path_costs`): torch calls and multiply-adds of the
         # pass (matmul-family, convolution and attention calls, whatever their operands)
@@ -248,7 +271,15 @@ class _Capture(torch.overrides.TorchFunctionMode):
             self.macs += _MAC_COUNTERS[func](args, kwargs, out)
         if not hit:
             return out
+        src = _transpose_source(func, args, kwargs) if len(hit) == 1 else None
+        if src is not None and id(src) not in self.aliases and isinstance(out, Tensor):
+            self.by_id[id(out)], self.aliases[id(out)] = hit[0], out
+            return out
+        flipped = {id(a) for a in flat if isinstance(a, Tensor) and id(a) in self.aliases}
         norm = _NORMS.get(func)
+        if norm is not None and flipped:
+            self.other.update(hit)  # a transposed parameter as a normalisation affine
+            return out
         if norm is not None:
             layout = norm[0]
             bound = _bind(func, args, kwargs)
@@ -271,13 +302,18 @@ class _Capture(torch.overrides.TorchFunctionMode):
         bound = _bind(func, args, kwargs)
         op = _OPS.get(func, "linear" if func in _MATMULS else None)
         if bound is not None and op is not None:
-            transposed = func in _MATMULS
+            w_flipped = id(bound.get("weight")) in flipped
+            transposed = (func in _MATMULS) != w_flipped
             w = self.by_id.get(id(bound.get("weight")))
             b = self.by_id.get(id(bound.get("bias"))) if op != "embedding" else None
             if op == "embedding" and (
-                bound.get("max_norm") is not None or bound.get("scale_grad_by_freq", False)
+                w_flipped
+                or bound.get("max_norm") is not None
+                or bound.get("scale_grad_by_freq", False)
             ):
                 w = None  # renormalised / frequency-scaled weights: no structured rule
+            if id(bound.get("bias")) in flipped:
+                b = None
             roles = [k for k in (w, b) if k is not None]
             self.other.update(k for k in hit if k not in roles or hit.count(k) > 1)
             if roles:

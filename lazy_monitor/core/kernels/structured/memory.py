@@ -131,11 +131,14 @@ def _work_plan(
     n_max = max(n1, n2 or 0)
     # forward order (first use), so that a group's backward stops at its first layer: the
     # groups of late layers are cheap to differentiate
+    # A tied weight (embedding and LM head) counts at its last use: its group is the last one
+    # (its backward reaches the embedding anyway), so that the cuts between the layers still
+    # separate every earlier group from the output.
     first: dict[str, int] = {}
     for i, use in enumerate(cap.uses):
         for k in (use.weight, use.bias):
-            if k is not None:
-                first.setdefault(k, i)
+            if k is not None and (k not in first or plan.weights.get(k, "").startswith("tied")):
+                first[k] = i
     sizes = dict(
         sorted(
             _name_bytes(cap, plan, params, o).items(),

@@ -65,6 +65,7 @@ __all__ = [
     "choose_strategy",
     "contraction_calls",
     "strategy_costs",
+    "tied_costs",
 ]
 
 GRAM_INEFFICIENCY = 2.5
@@ -106,6 +107,43 @@ def strategy_costs(
     }
     if t == 1:
         costs["outer"] = pairs * groups * (n * n * o * o * d_out + n * n * d_in)
+    return costs
+
+
+def tied_costs(
+    n: int,
+    o: int,
+    positions: Mapping[str, int],
+    vocab: int,
+    d: int,
+    rows: int,
+    builds: float = 1.0,
+    pairs: float = 1.0,
+) -> dict:
+    """Estimated cost of each strategy for a weight ``W (vocab, d)`` with uses of different
+    kinds (:mod:`.structured.tied`): ``positions`` per example of its ``"linear"``
+    (``y = a Wᵀ``), ``"transposed"`` (``y = a @ W``) and ``"embedding"`` uses; ``rows``: the
+    rows of ``W`` the embedding ids of a pair of example blocks can touch, at most.
+
+    * ``tied``: per-example gradients of every row, built from the factors
+      (``N·O·T·vocab·d``) and contracted (``N²O²·vocab·d``);
+    * ``tied+<rest>`` (an embedding and dense uses of one orientation only): the same on the
+      ``rows`` rows, plus the Linear strategy ``rest`` (``gram``/``outer`` of
+      :func:`strategy_costs`) of the dense uses on the others.
+    """
+    t_all = sum(positions.values())
+
+    def rows_cost(s: int) -> float:
+        return builds * n * o * t_all * s * d + pairs * n * n * o * o * s * d
+
+    costs = {"tied": rows_cost(vocab)}
+    dense = [p for p in ("linear", "transposed") if positions.get(p)]
+    if positions.get("embedding") and len(dense) == 1 and rows < vocab:
+        d_in, d_out = (d, vocab) if dense[0] == "linear" else (vocab, d)
+        rest = strategy_costs(n, o, positions[dense[0]], d_in, d_out, builds=builds, pairs=pairs)
+        rest.pop("per_example")  # no cheaper than every row at once
+        for k, v in rest.items():
+            costs[f"tied+{k}"] = rows_cost(rows) + v
     return costs
 
 

@@ -35,9 +35,12 @@ while every factor pass still checks that the uses it captures are the plan's.
 Uses are found with a :class:`torch.overrides.TorchFunctionMode` that sees every torch call on
 the parameter tensors passed to ``functional_call``: a parameter gets the structured rule only
 if *all* its uses are supported ops in the same role (several uses of one Linear/Conv weight,
-e.g. a module applied twice, are concatenated along positions). A parameter used any other way
-(left matmul operand, ``.T``, a custom op, a tied weight shared by an Embedding and a Linear, an
-Embedding with ``max_norm``/``scale_grad_by_freq``) falls back to the Jacobian
+e.g. a module applied twice, are concatenated along positions), or if they are Linear-type and
+Embedding uses of one 2-D weight of different kinds -- a tied input embedding and LM head,
+``F.linear(x, W)`` with ``x @ W`` -- which :mod:`.tied` contracts on the rows of the occurring
+token ids plus a Linear strategy on the other rows. ``W.t()``/``W.T`` is an alias of ``W``
+with the other orientation. A parameter used any other way (left matmul operand, a custom op,
+an Embedding with ``max_norm``/``scale_grad_by_freq``) falls back to the Jacobian
 contraction in the same call. Outputs of supported ops that the model later modifies in place
 (``ReLU(inplace=True)``) are detected through their version counter and the pass is redone with
 a copy, so ``G`` is always the gradient at the op's own output.
@@ -51,7 +54,7 @@ group's backward starts there (:class:`_CutPass`, re-verified on every pass's ow
 
 Modules, each importing only those listed before it: :mod:`.capture` (uses, batch-mapping
 verification and its cache), :mod:`.contract` (factors and contraction strategies),
-:mod:`.planning` (rules, strategies, auto's choice), :mod:`.cuts` (cut points),
+:mod:`.tied` (weights with uses of different kinds), :mod:`.planning` (rules, strategies, auto's choice), :mod:`.cuts` (cut points),
 :mod:`.passes` (factor passes), :mod:`.memory` (layer groups, example blocks), :mod:`.ntk`
 (:func:`structured_ntk`). A test that monkeypatches a name patches the module that *looks it
 up* (e.g. ``ntk.jacobian_ntk``, ``planning.choose_strategy``, ``passes._factors``): a patch

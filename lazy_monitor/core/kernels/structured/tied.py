@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .._common import contract_rows, symmetric_block
-from ..cost import strategy_costs
+from ..cost import tied_costs
 from .capture import _Use
 from .contract import (
     _WORK_ELEMENTS,
@@ -91,23 +91,8 @@ def tied_plan(
             u.inp.numel() if p == "embedding" else u.out.numel() // (d if p == "transposed" else v)
         )
         t[p] += size // max(1, probe_n)
-    t_all = sum(t.values())
-
-    def rows_cost(s: int) -> float:
-        # per-example gradient rows (one bmm per kind of use and chunk), then their Gram
-        return builds * n * o * t_all * s * d + pairs * n * n * o * o * s * d
-
-    options = {"tied": rows_cost(v)}
-    dense = [p for p in ("linear", "transposed") if t[p]]
-    if t["embedding"] and len(dense) == 1:
-        s = min(v, id_blocks * n * t["embedding"])  # at most, ids of every position
-        if s < v:
-            p = dense[0]
-            d_in, d_out = (d, v) if p == "linear" else (v, d)
-            rest = strategy_costs(n, o, t[p], d_in, d_out, builds=builds, pairs=pairs)
-            rest.pop("per_example")  # no cheaper than all rows at once
-            best = min(rest, key=rest.__getitem__)
-            options[f"tied+{best}"] = rows_cost(s) + rest[best]
+    s = min(v, id_blocks * n * t["embedding"])  # at most, ids of every position
+    options = tied_costs(n, o, t, v, d, s, builds=builds, pairs=pairs)
     strategy = min(options, key=options.__getitem__)
     return strategy, options[strategy]
 
@@ -210,7 +195,7 @@ def contract_tied(
         ids = [emb_r.columns().reshape(-1)]
         if not same:
             ids.append(fc.parts["embedding"].columns().reshape(-1))
-        rows = torch.unique(torch.cat(ids))
+        rows = torch.unique(torch.cat(ids)).long()
     else:
         rows = torch.arange(fr.shape[0], device=device)
     n, o = g0.shape[:2]

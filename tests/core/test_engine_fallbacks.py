@@ -79,7 +79,8 @@ class _Branchy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x[0, 0] > 0:  # value-dependent: blocks of one example take different branches
             return self.lin(x)
-        return x @ self.lin.weight.t() + self.lin.bias
+        # a copy of Wᵀ has no rule (``x @ W.t()`` alone is a Linear use, like the other branch)
+        return x @ self.lin.weight.t().contiguous() + self.lin.bias
 
 
 class _Switch(nn.Module):

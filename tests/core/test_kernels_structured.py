@@ -207,7 +207,7 @@ def test_data_dependent_parameter_use_is_detected_not_silently_wrong() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if x[0, 0] > 0:  # the plan is made on the first example
                 return self.lin(x)
-            return x @ self.lin.weight.t() + self.lin.bias
+            return x @ self.lin.weight.t().contiguous() + self.lin.bias  # a copy: no rule
 
     x = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 2.0, 0.5]])
     with pytest.raises(RuntimeError, match="data-dependent control flow"):

@@ -99,7 +99,7 @@ def test_projection_is_part_of_what_is_remembered(monkeypatch: pytest.MonkeyPatc
 
 class _SignSwitch(nn.Module):
     """Uses ``head.weight`` through ``F.linear`` (structured rule) while ``gate > 0`` and
-    through ``.t()`` (no rule: Jacobian fallback) otherwise: a plan made at one sign is wrong
+    through a copy of ``.t()`` (no rule: Jacobian fallback) otherwise: a plan made at one sign is wrong
     at the other."""
 
     def __init__(self) -> None:
@@ -112,7 +112,7 @@ class _SignSwitch(nn.Module):
         h = torch.tanh(self.body(x)) * self.gate
         if self.gate > 0:
             return F.linear(h, self.head.weight, self.head.bias)
-        return h @ self.head.weight.t() + self.head.bias
+        return h @ self.head.weight.t().contiguous() + self.head.bias
 
 
 def test_a_remembered_plan_that_no_longer_holds_is_replanned_not_a_fallback() -> None:

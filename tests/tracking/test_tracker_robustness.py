@@ -167,7 +167,8 @@ class _Branchy(nn.Module):
         h = torch.tanh(self.a(x))
         if x[0, 0] > 0:
             return self.b(h)
-        return h @ self.b.weight.t() + self.b.bias
+        # a copy of Wᵀ has no rule (``h @ W.t()`` alone is a Linear use, like the other branch)
+        return h @ self.b.weight.t().contiguous() + self.b.bias
 
 
 def _branchy_data():

@@ -44,7 +44,6 @@ from .contract import (
     _WORK_ELEMENTS,
     _contract_gram,
     _contract_outer,
-    _contract_per_example,
     _Factors,
     _weight_factors,
 )
@@ -168,14 +167,15 @@ def _masked(f: _Factors, part: str, idx: Tensor) -> _Factors:
 
 
 def _rest(fr: _Factors, fc: _Factors, kind: str, same: bool, strategy: str) -> Tensor:
+    """The Linear strategy ``strategy`` (``outer``/``gram``, :func:`~.cost.tied_costs`) on
+    the masked dense factors."""
+
     def fn(i: slice, j: slice) -> Tensor:
         a, b = fr.rows(i), fc.rows(j)
         if strategy == "outer":
             return _contract_outer(a, b, kind, False)[0]
         return _contract_gram(a, b, kind)
 
-    if strategy == "per_example":
-        return _contract_per_example(fr, fc, kind, same)
     if same:
         return symmetric_block(fr.g.shape[0], kind, fn)
     return fn(slice(None), slice(None))

@@ -1,8 +1,9 @@
 """Capture of the parameter uses on a forward pass and verification of their batch mapping.
 
 :class:`_Capture` (a :class:`torch.overrides.TorchFunctionMode`) records every supported call
-on a differentiated parameter (Linear/Conv/Embedding, ``a @ W (+ b)``, affine normalisations)
-and flags every other use; :func:`_verify_batch_mapping` sends each use that is not
+on a differentiated parameter (Linear/Conv/Embedding, ``a @ W (+ b)``, affine normalisations,
+elementwise ``x ∘ P`` and ``P.expand(N, ...)`` of :mod:`.broadcast`; a supported op on an
+input shared by the batch is expanded to it) and flags every other use; :func:`_verify_batch_mapping` sends each use that is not
 verifiably per-example to the fallback, its verdict cached per module
 (:func:`_cached_verification`).
 """
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from ..._functional import FunctionalModel, InputBatch
+from ..._functional import FunctionalModel, InputBatch, batch_size
+from .broadcast import _bind_elementwise, _expand_rows, _expandable
 
 _SIGNATURES = {
     "linear": ("input", "weight", "bias"),
@@ -183,13 +185,22 @@ _MAC_COUNTERS = {
 class _Use:
     """One call of a supported op on a differentiated parameter."""
 
-    op: str  # "linear" | "conv" | "embedding"
+    op: str  # "linear" | "conv" | "embedding" | "norm" | "elementwise"
     weight: Optional[str]
     bias: Optional[str]
     inp: Tensor
     out: Tensor  # handle whose gradient is G
     version: int
     meta: dict
+    # version of ``inp`` at the call where the rule reads its values after the pass (``x`` of
+    # ``x * P``, kept without a copy): an in-place change afterwards redoes the pass with copies
+    inp_version: Optional[int] = None
+
+    def changed(self) -> bool:
+        """Whether the model modified the use's output (or read input) in place later on."""
+        return self.out._version != self.version or (
+            self.inp_version is not None and self.inp._version != self.inp_version
+        )
 
 
 class _Capture(torch.overrides.TorchFunctionMode):
@@ -200,10 +211,17 @@ class _Capture(torch.overrides.TorchFunctionMode):
         tensors: Mapping[str, Tensor],
         copy_outputs: bool,
         entries_of: Optional[Mapping[str, Tensor]] = None,
+        batch: int = 0,
+        shared: Optional[Mapping[str, Tensor]] = None,
     ) -> None:
         super().__init__()
         self.by_id = {id(t): k for k, t in tensors.items()}
         self.copy_outputs = copy_outputs
+        # batch > 1: supported ops on a batch-shared input of any parameter in ``shared``
+        # (differentiated or not, so that every pass expands the same uses) are expanded
+        self.batch = batch
+        self.shared_ids = {id(t) for t in (shared or {}).values()}
+        self.expanded = False
         self.uses: list[_Use] = []
         self.other: set[str] = set()
         self.n = 0  # examples in the pass (dim 0 of the output), set by _forward
@@ -246,7 +264,15 @@ class _Capture(torch.overrides.TorchFunctionMode):
         if func in _MAC_COUNTERS:
             self.macs += _MAC_COUNTERS[func](args, kwargs, out)
         if not hit:
+            if self.batch > 1 and any(id(a) in self.shared_ids for a in flat):
+                bound = _bind(func, args, kwargs)
+                if func not in _NORMS and bound is not None:
+                    if _expandable(bound.get("input"), out, self.batch):
+                        self.expanded = True
+                        return _expand_rows(out, self.batch)
             return out
+        if self._elementwise(func, args, kwargs, out, hit):
+            return self.uses[-1].out.clone() if self.copy_outputs else out
         norm = _NORMS.get(func)
         if norm is not None:
             layout = norm[0]
@@ -280,25 +306,48 @@ class _Capture(torch.overrides.TorchFunctionMode):
             roles = [k for k in (w, b) if k is not None]
             self.other.update(k for k in hit if k not in roles or hit.count(k) > 1)
             if roles:
-                handle = out
-                if self.copy_outputs:
-                    out = out.clone()
+                inp = bound["input"]
                 meta = {
                     k: v
                     for k, v in bound.items()
                     if k not in ("input", "weight", "bias", "beta", "alpha")
                 }
+                if _expandable(inp, out, self.batch):  # batch-shared input (position ids)
+                    self.expanded = meta["expanded"] = True
+                    out, inp = _expand_rows(out, self.batch), _expand_rows(inp, self.batch)
+                handle = out
+                if self.copy_outputs:
+                    out = out.clone()
                 if transposed:
                     meta["transposed"] = True
-                self.uses.append(
-                    _Use(op, w, b, bound["input"].detach(), handle, handle._version, meta)
-                )
+                self.uses.append(_Use(op, w, b, inp.detach(), handle, handle._version, meta))
             return out
         out_flat, _ = tree_flatten(out)
         name = getattr(func, "__name__", "")
-        if any(isinstance(t, Tensor) for t in out_flat) or name.endswith("_") or "set" in name:
+        if name == "__get__" and not any(isinstance(t, Tensor) for t in out_flat):
+            return out  # metadata (``P.dtype``, ``P.shape``): not a use
+        mutates = name.endswith("_") or "set" in name
+        if not mutates and any(out is t for t in flat if id(t) in self.by_id):
+            return out  # ``P.to(P.dtype)``, ``P.contiguous()``: P itself, whose uses are seen
+        if any(isinstance(t, Tensor) for t in out_flat) or mutates:
             self.other.update(hit)  # a transform / in-place use we cannot factorise
         return out
+
+    def _elementwise(self, func: Any, args: tuple, kwargs: dict, out: Any, hit: list) -> bool:
+        """Record ``x ∘ P`` / ``P.expand(N, ...)`` (:mod:`.broadcast`) if the call is one."""
+        if len(hit) != 1:
+            return False
+        found = _bind_elementwise(func, args, kwargs, out, self.by_id)
+        if found is None:
+            return False
+        name, x, meta = found
+        if x is None or not meta["mul"]:  # only G is needed: no operand values kept
+            inp, version = out.detach(), None
+        else:
+            inp = x.detach().clone() if self.copy_outputs else x.detach()
+            version = None if self.copy_outputs else x._version
+        self.uses.append(_Use("elementwise", name, None, inp, out, out._version, meta, version))
+        return True
 
 
 def _use_rows_ok(use: _Use, n: int) -> bool:
@@ -308,7 +357,7 @@ def _use_rows_ok(use: _Use, n: int) -> bool:
     if use.out.dim() < 1:
         return False
     rows = use.out.shape[0]
-    if use.op == "norm":
+    if use.op in ("norm", "elementwise"):  # x of x ∘ P has y's shape
         return rows == n
     if use.inp.dim() < 1 or use.inp.shape[0] != rows:
         return False
@@ -447,12 +496,14 @@ def _cached_verification(
         entries.append((key, fn_ref, stored, frozenset(cap.other - before)))
 
 
-def _example0_gradients(out: Tensor, tensors: list[Tensor]) -> tuple[Optional[Tensor], ...]:
-    """Gradients w.r.t. ``tensors`` of a random cotangent on example 0's outputs only: a tensor
-    whose rows are per example gets zeros on every row that is not example 0's."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
+def _example0_gradients(
+    out: Tensor, tensors: list[Tensor], example: int = 0
+) -> tuple[Optional[Tensor], ...]:
+    """Gradients w.r.t. ``tensors`` of a random cotangent on the outputs of ``example`` (0 by
+    default) only: a tensor whose rows are per example gets zeros on every other row."""
+    gen = torch.Generator(device="cpu").manual_seed(example)
     cot = torch.zeros_like(out)
-    cot[0] = torch.randn(out.shape[1:], generator=gen, dtype=out.dtype).to(out.device) + 2.0
+    cot[example] = torch.randn(out.shape[1:], generator=gen, dtype=out.dtype).to(out.device) + 2.0
     return torch.autograd.grad([out], tensors, [cot], retain_graph=True, allow_unused=True)
 
 
@@ -467,8 +518,10 @@ def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:
     sequence-first layouts), and the gradient of a random cotangent on example 0's outputs
     must vanish on every row of the use's output after its first ``r`` (catches a layout whose
     dim 0 happens to equal N, and flattened rows that are not contiguous per example, e.g.
-    ``(T·N, d)``). Example 0's rows then are ``0..r`` and, the rows being independent of
-    example 0 beyond them, the two probe examples split dim 0 into two contiguous halves.
+    ``(T·N, d)``), and that of example 1's outputs on the first ``r`` rows (catches a model
+    that reads row 0 for every example, e.g. ``pos[0]`` of a use expanded to the batch).
+    Example 0's rows then are ``0..r`` and, the rows being independent of example 0 beyond
+    them, the two probe examples split dim 0 into two contiguous halves.
     """
     n = out.shape[0]
     bad: set[str] = set()
@@ -480,13 +533,35 @@ def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:
             bad.update(k for k in (use.weight, use.bias) if k is not None)
     handles = [u.out for u in checked if u.out.requires_grad]
     if handles and n > 1:
-        grads = _example0_gradients(out, handles)
-        by_handle = {id(h): g for h, g in zip(handles, grads)}
+        first = dict(zip(map(id, handles), _example0_gradients(out, handles)))
+        second = dict(zip(map(id, handles), _example0_gradients(out, handles, 1)))
         for use in checked:
-            g = by_handle.get(id(use.out))
-            if g is not None and bool((g[_rows_per_example(use, n) :] != 0).any()):
+            r = _rows_per_example(use, n)
+            g0, g1 = first.get(id(use.out)), second.get(id(use.out))
+            if (g0 is not None and bool((g0[r:] != 0).any())) or (
+                g1 is not None and bool((g1[:r] != 0).any())
+            ):
                 bad.update(k for k in (use.weight, use.bias) if k is not None)
     cap.other.update(bad)
+
+
+def _capture_pass(
+    fm: FunctionalModel,
+    full: Mapping[str, Tensor],
+    wrt: Mapping[str, Tensor],
+    x: InputBatch,
+    entries: Sequence[str],
+    batch: int,
+) -> tuple[Tensor, _Capture]:
+    """Forward with capture; redone with copied op outputs if any was modified in place."""
+    for copy_outputs in (False, True):
+        cap = _Capture(wrt, copy_outputs, {k: full[k] for k in entries}, batch, full)
+        with cap:
+            out = fm(full, x)
+        cap.n = out.shape[0]
+        if not any(u.changed() for u in cap.uses):
+            return out, cap
+    return out, cap
 
 
 def _forward(
@@ -495,15 +570,26 @@ def _forward(
     wrt: Mapping[str, Tensor],
     x: InputBatch,
     entries: Sequence[str] = (),
+    expand: str = "verify",
 ) -> tuple[Tensor, _Capture]:
-    """Forward with capture; redone with copied op outputs if any was modified in place.
-    ``entries``: parameters whose first call's input to record (:meth:`_Capture.entry`)."""
+    """Forward with capture (:func:`_capture_pass`). ``entries``: parameters whose first call's
+    input to record (:meth:`_Capture.entry`). ``expand``: whether supported ops on batch-shared
+    inputs are expanded to the batch (:mod:`.broadcast`): ``"on"``, ``"off"``, or ``"verify"``
+    (the probe pass: on if the model's output stays bitwise that of a plain forward and the
+    forward runs, else off; ``cap.expanded`` says which)."""
     full = {**params, **wrt}
-    for copy_outputs in (False, True):
-        cap = _Capture(wrt, copy_outputs, {k: full[k] for k in entries})
-        with cap:
-            out = fm(full, x)
-        cap.n = out.shape[0]
-        if all(u.out._version == u.version for u in cap.uses):
+    batch = batch_size(x) if expand != "off" else 0
+    if expand == "verify" and batch > 1:
+        try:
+            out, cap = _capture_pass(fm, full, wrt, x, entries, batch)
+        except Exception:  # noqa: BLE001 - e.g. a view that needs dim 0 of size 1: no expansion
+            cap = None
+        if cap is not None and cap.expanded:
+            with torch.no_grad():
+                plain = fm(full, x)
+            if not (out.shape == plain.shape and torch.equal(out.detach(), plain)):
+                cap = None
+        if cap is not None:
             return out, cap
-    return out, cap
+        batch = 0
+    return _capture_pass(fm, full, wrt, x, entries, batch)

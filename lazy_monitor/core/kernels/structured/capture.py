@@ -50,6 +50,7 @@ _NORMS = {
     ),
     F.group_norm: ("channel", ("input", "num_groups", "weight", "bias", "eps")),
     F.layer_norm: ("trailing", ("input", "normalized_shape", "weight", "bias", "eps")),
+    F.rms_norm: ("trailing", ("input", "normalized_shape", "weight", "eps")),  # no bias
 }
 
 
@@ -113,7 +114,9 @@ def _bind(func: Any, args: tuple, kwargs: dict) -> Optional[dict]:
 def _affine_norm(func: Any, layout: str, bound: dict) -> tuple[Tensor, Tensor]:
     """``(x̂, y)`` for a normalisation call: the op without its affine, then the affine."""
     weight, bias = bound.get("weight"), bound.get("bias")
-    plain = dict(bound, weight=None, bias=None)
+    plain = dict(bound, weight=None)
+    if "bias" in _NORMS[func][1]:
+        plain["bias"] = None
     xhat = func(**plain)
     if layout == "channel":
         shape = (1, -1) + (1,) * (xhat.dim() - 2)

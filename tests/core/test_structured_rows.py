@@ -349,6 +349,8 @@ class _Shared(nn.Module):
     * ``"index"``: ``pe[0]`` of those embeddings -- the expanded output gives the same values,
       but every example would read row 0 (two-sided batch-mapping check);
     * ``"view"``: ``pe.view(T, d)`` -- fails on the expanded output (the probe forward raises);
+    * ``"mean0"``: ``pe.mean(0)`` -- bitwise the same for two examples, but read by every
+      example (and not bitwise for every batch size): no expansion at all;
     * ``"cls_index"``: ``cls.expand(N, 1, d)[0]`` -- every example reads row 0 of the expand.
     """
 
@@ -377,6 +379,8 @@ class _Shared(nn.Module):
             h = h + pe[0]
         elif self.mode == "view":
             h = h + pe.view(t, -1)
+        elif self.mode == "mean0":
+            h = h + pe.mean(0)
         else:
             h = h + self.cls.expand(n, 1, -1)[0]
         return self.head(torch.tanh(h + pe).mean(1))
@@ -390,6 +394,7 @@ class _Shared(nn.Module):
         ("shape", "pos.weight"),
         ("index", "pos.weight"),
         ("view", "pos.weight"),
+        ("mean0", "pos.weight"),
         ("cls_index", "cls"),
     ],
 )
@@ -412,3 +417,21 @@ def test_uses_without_per_example_rows_fall_back(
         empirical_ntk(model, x, x2, implementation="structured"), reference_ntk(model, x, x2)[0]
     )
     _assert_close(empirical_ntk(model, x, output_fn=None), ref)  # auto
+
+
+@pytest.mark.parametrize(
+    "mode, kept",
+    [("times_shared", True), ("shape", False), ("index", False), ("view", False), ("mean0", False)],
+)
+def test_expansion_is_kept_only_where_verified(mode: str, kept: bool) -> None:
+    """The probe pass keeps the expansion of batch-shared inputs only if the forward runs, the
+    output is bitwise that of a plain forward and every expanded use is read per example."""
+    from lazy_monitor.core._functional import FunctionalModel
+    from lazy_monitor.core.kernels.structured.capture import _forward
+
+    torch.manual_seed(0)
+    model = _Shared(mode).double().eval()
+    x = torch.randint(0, 7, (2, 4), generator=torch.Generator().manual_seed(2))
+    wrt = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
+    _, cap = _forward(FunctionalModel(model, None, torch.float64), {}, wrt, x)
+    assert cap.expanded is kept

@@ -477,18 +477,30 @@ def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:
             checked.append(use)
         else:
             bad.update(k for k in (use.weight, use.bias) if k is not None)
-    handles = [u.out for u in checked if u.out.requires_grad]
-    if handles and n > 1:
-        first = dict(zip(map(id, handles), _example0_gradients(out, handles)))
-        second = dict(zip(map(id, handles), _example0_gradients(out, handles, 1)))
-        for use in checked:
-            r = _rows_per_example(use, n)
-            g0, g1 = first.get(id(use.out)), second.get(id(use.out))
-            if (g0 is not None and bool((g0[r:] != 0).any())) or (
-                g1 is not None and bool((g1[:r] != 0).any())
-            ):
-                bad.update(k for k in (use.weight, use.bias) if k is not None)
+    for use in _mixing_uses(out, checked):
+        bad.update(k for k in (use.weight, use.bias) if k is not None)
     cap.other.update(bad)
+
+
+def _mixing_uses(out: Tensor, uses: Sequence[_Use]) -> list[_Use]:
+    """The uses (rows per example already checked) whose output rows the two probe examples
+    do not read separately: example 0's gradient outside its ``r`` rows, or example 1's
+    inside them."""
+    n = out.shape[0]
+    handles = [u.out for u in uses if u.out.requires_grad]
+    if not handles or n < 2:
+        return []
+    first = dict(zip(map(id, handles), _example0_gradients(out, handles)))
+    second = dict(zip(map(id, handles), _example0_gradients(out, handles, 1)))
+    mixing = []
+    for use in uses:
+        r = _rows_per_example(use, n)
+        g0, g1 = first.get(id(use.out)), second.get(id(use.out))
+        if (g0 is not None and bool((g0[r:] != 0).any())) or (
+            g1 is not None and bool((g1[:r] != 0).any())
+        ):
+            mixing.append(use)
+    return mixing
 
 
 def _capture_pass(
@@ -521,8 +533,8 @@ def _forward(
     """Forward with capture (:func:`_capture_pass`). ``entries``: parameters whose first call's
     input to record (:meth:`_Capture.entry`). ``expand``: whether supported ops on batch-shared
     inputs are expanded to the batch (:mod:`.broadcast`): ``"on"``, ``"off"``, or ``"verify"``
-    (the probe pass: on if the model's output stays bitwise that of a plain forward and the
-    forward runs, else off; ``cap.expanded`` says which)."""
+    (the probe pass: on if the forward runs, its output stays bitwise that of a plain forward
+    and every expanded use is read per example, else off; ``cap.expanded`` says which)."""
     full = {**params, **wrt}
     batch = batch_size(x) if expand != "off" else 0
     if expand == "verify" and batch > 1:
@@ -533,7 +545,12 @@ def _forward(
         if cap is not None and cap.expanded:
             with torch.no_grad():
                 plain = fm(full, x)
-            if not (out.shape == plain.shape and torch.equal(out.detach(), plain)):
+            expanded = [u for u in cap.uses if u.meta.get("expanded", False)]
+            # every expanded use must be read per example (``pe.mean(0)`` is not, and would
+            # not stay bitwise for other batch sizes): later passes expand them all again
+            if not (out.shape == plain.shape and torch.equal(out.detach(), plain)) or (
+                not all(_use_rows_ok(u, batch) for u in expanded) or _mixing_uses(out, expanded)
+            ):
                 cap = None
         if cap is not None:
             return out, cap

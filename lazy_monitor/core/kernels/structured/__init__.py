@@ -56,14 +56,15 @@ layers goes through (:func:`_cut_points`: ResNet block inputs, a transformer's r
 stream) -- and run last group first, each caching ``∂out/∂h`` at its cut so that the next
 group's backward starts there (:class:`_CutPass`, re-verified on every pass's own graph).
 
-Modules, each importing only those listed before it: :mod:`.macs` (the cost model's
-multiply-add counts), :mod:`.broadcast` (elementwise and expand rules, batch-shared inputs),
-:mod:`.capture` (uses, batch-mapping verification and its cache), :mod:`.contract` (factors
-and contraction strategies), :mod:`.planning` (rules, strategies, auto's choice), :mod:`.cuts`
-(cut points), :mod:`.passes` (factor passes), :mod:`.memory` (layer groups, example blocks),
-:mod:`.ntk` (:func:`structured_ntk`). A test that monkeypatches a name patches the module that
-*looks it up* (e.g. ``ntk.jacobian_ntk``, ``planning.choose_strategy``, ``passes._factors``):
-a patch on this package would not reach the code.
+Modules, each importing only those listed before it: :mod:`.ops` (argument binding of the
+supported ops, multiply-add counts), :mod:`.broadcast` (elementwise and expand rules,
+batch-shared inputs), :mod:`.capture` (uses, batch-mapping verification and its cache),
+:mod:`.contract` (factors and contraction strategies), :mod:`.planning` (rules, strategies,
+auto's choice), :mod:`.cuts` (cut points), :mod:`.passes` (factor passes), :mod:`.memory`
+(layer groups, example blocks), :mod:`.ntk` (:func:`structured_ntk`). A test that
+monkeypatches a name patches the module that *looks it up* (e.g. ``ntk.jacobian_ntk``,
+``planning.choose_strategy``, ``passes._factors``): a patch on this package would not reach
+the code.
 """
 
 from __future__ import annotations

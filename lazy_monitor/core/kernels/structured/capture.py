@@ -16,115 +16,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from ..._functional import FunctionalModel, InputBatch, batch_size
 from .broadcast import _bind_elementwise, _expand_rows, _expandable
-from .macs import _MAC_COUNTERS
-
-_SIGNATURES = {
-    "linear": ("input", "weight", "bias"),
-    "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-    "embedding": (
-        "input",
-        "weight",
-        "padding_idx",
-        "max_norm",
-        "norm_type",
-        "scale_grad_by_freq",
-        "sparse",
-    ),
-}
-
-
-_OPS = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.embedding: "embedding"}
-
-
-# Normalisations with an elementwise affine ``y = x̂·γ + β``: per-example rows of γ and β are
-# direct sums over positions, ``dγ = Σ G·x̂``, ``dβ = Σ G`` (channel dim 1, or trailing dims).
-_NORMS = {
-    F.batch_norm: (
-        "channel",
-        ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-    ),
-    F.group_norm: ("channel", ("input", "num_groups", "weight", "bias", "eps")),
-    F.layer_norm: ("trailing", ("input", "normalized_shape", "weight", "bias", "eps")),
-    F.rms_norm: ("trailing", ("input", "normalized_shape", "weight", "eps")),  # no bias
-}
-
-
-# ``y = a @ W (+ b)`` with the parameter ``W (d_in, d_out)`` as the right operand: HF
-# ``Conv1D`` (GPT-2: ``torch.addmm(bias, x.view(-1, d), W)``), ``x @ W``. These are Linear uses
-# with a transposed weight; the kernel does not depend on how a weight's entries are ordered,
-# so the factors are built for ``Wᵀ (d_out, d_in)``.
-_MATMULS = {
-    torch.addmm: "addmm",
-    Tensor.addmm: "addmm",
-    torch.mm: "mm",
-    Tensor.mm: "mm",
-    torch.matmul: "mm",
-    Tensor.matmul: "mm",
-    Tensor.__matmul__: "mm",
-}
-
-
-def _bind_matmul(kind: str, args: tuple, kwargs: dict) -> Optional[dict]:
-    """``{"input", "weight", "bias"}`` of a matmul-family call, or None if it is not
-    ``a @ W (+ b)`` with a 2-D right operand, a 1-D bias and ``alpha = beta = 1``."""
-    if kind == "addmm":  # torch.addmm(input=bias, mat1, mat2, *, beta, alpha)
-        names = ("bias", "input", "weight", "beta", "alpha")
-        rename = {"input": "bias", "self": "bias", "mat1": "input", "mat2": "weight"}
-    else:  # torch.mm(input, mat2), torch.matmul(input, other)
-        names = ("input", "weight")
-        rename = {"self": "input", "mat2": "weight", "other": "weight"}
-    if "out" in kwargs:
-        return None
-    bound = dict(zip(names, args))
-    bound.update({rename.get(k, k): v for k, v in kwargs.items()})
-    bias, a, w = bound.get("bias"), bound.get("input"), bound.get("weight")
-    if kind == "addmm" and (
-        bound.get("beta", 1) != 1
-        or bound.get("alpha", 1) != 1
-        or not isinstance(bias, Tensor)
-        or bias.dim() != 1
-    ):
-        return None
-    if not (isinstance(a, Tensor) and isinstance(w, Tensor) and w.dim() == 2 and a.dim() >= 2):
-        return None
-    return {"input": a, "weight": w, "bias": bias}
-
-
-def _bind(func: Any, args: tuple, kwargs: dict) -> Optional[dict]:
-    """Arguments by name of a supported op's call (normalisation, Linear/Conv/Embedding,
-    ``a @ W (+ b)``); None for any other op or matmul form."""
-    if func in _NORMS:
-        names = _NORMS[func][1]
-    elif func in _OPS:
-        names = _SIGNATURES[_OPS[func]]
-    elif func in _MATMULS:
-        return _bind_matmul(_MATMULS[func], args, kwargs)
-    else:
-        return None
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    return bound
-
-
-def _affine_norm(func: Any, layout: str, bound: dict) -> tuple[Tensor, Tensor]:
-    """``(x̂, y)`` for a normalisation call: the op without its affine, then the affine."""
-    weight, bias = bound.get("weight"), bound.get("bias")
-    plain = dict(bound, weight=None)
-    if "bias" in _NORMS[func][1]:
-        plain["bias"] = None
-    xhat = func(**plain)
-    if layout == "channel":
-        shape = (1, -1) + (1,) * (xhat.dim() - 2)
-        weight = None if weight is None else weight.reshape(shape)
-        bias = None if bias is None else bias.reshape(shape)
-    y = xhat if weight is None else xhat * weight
-    return xhat, (y if bias is None else y + bias)
+from .ops import _MAC_COUNTERS, _MATMULS, _NORMS, _OPS, _affine_norm, _bind
 
 
 @dataclasses.dataclass
@@ -402,32 +299,23 @@ def _module_state(model: torch.nn.Module) -> tuple:
     return tuple(state)
 
 
-def _cached_verification(
-    fm: FunctionalModel,
-    params: Mapping[str, Tensor],
-    probe_x: InputBatch,
-    out: Tensor,
-    cap: _Capture,
-) -> None:
-    """:func:`_verify_batch_mapping`, reusing the verdict of an earlier call whose
-    :func:`_mapping_key` and probe values are identical (same module and output function)."""
-    key = _mapping_key(fm, params, probe_x, out, cap)
+def _cached(fm: FunctionalModel, key: tuple, probe_x: InputBatch, compute: Any) -> Any:
+    """``compute()``, or its value from an earlier call on the same module and output function
+    with an identical ``key`` (:func:`_mapping_key`) and identical probe values."""
     leaves = [t for t in tree_flatten(probe_x)[0] if isinstance(t, Tensor)]
     try:
         entries = _MAPPING_CACHE.setdefault(fm.model, [])
     except TypeError:  # a module that cannot be weakly referenced: no cache
         entries = None
     for entry in entries or ():
-        e_key, e_fn, e_leaves, e_bad = entry
+        e_key, e_fn, e_leaves, value = entry
         if (
             e_key == key
             and e_fn() is fm.output_fn
             and all(torch.equal(a, b) for a, b in zip(leaves, e_leaves))
         ):
-            cap.other.update(e_bad)
-            return
-    before = set(cap.other)
-    _verify_batch_mapping(out, cap)
+            return value
+    value = compute()
     if entries is not None:
         if len(entries) >= _MAPPING_CACHE_SIZE:
             entries.pop(0)
@@ -439,7 +327,26 @@ def _cached_verification(
             fn_ref = weakref.ref(fn) if fn is not None else (lambda: None)
         except TypeError:  # not weakly referenceable: never reused
             fn_ref = lambda: object()  # noqa: E731
-        entries.append((key, fn_ref, stored, frozenset(cap.other - before)))
+        entries.append((key, fn_ref, stored, value))
+    return value
+
+
+def _cached_verification(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    probe_x: InputBatch,
+    out: Tensor,
+    cap: _Capture,
+) -> None:
+    """:func:`_verify_batch_mapping`, reusing the verdict of an earlier call whose
+    :func:`_mapping_key` and probe values are identical (same module and output function)."""
+
+    def verify() -> frozenset[str]:
+        before = set(cap.other)
+        _verify_batch_mapping(out, cap)
+        return frozenset(cap.other - before)
+
+    cap.other.update(_cached(fm, _mapping_key(fm, params, probe_x, out, cap), probe_x, verify))
 
 
 def _example0_gradients(
@@ -522,6 +429,21 @@ def _capture_pass(
     return out, cap
 
 
+def _expansion_ok(
+    fm: FunctionalModel, full: Mapping[str, Tensor], x: InputBatch, out: Tensor, cap: _Capture
+) -> bool:
+    """Whether the probe pass with batch-shared inputs expanded computed the model's own
+    output (bitwise that of a plain forward) and every expanded use is read per example
+    (``pe.mean(0)`` is not, and would not stay bitwise for other batch sizes): later passes
+    expand them all again."""
+    with torch.no_grad():
+        plain = fm(full, x)
+    if not (out.shape == plain.shape and torch.equal(out.detach(), plain)):
+        return False
+    expanded = [u for u in cap.uses if u.meta.get("expanded", False)]
+    return all(_use_rows_ok(u, out.shape[0]) for u in expanded) and not _mixing_uses(out, expanded)
+
+
 def _forward(
     fm: FunctionalModel,
     params: Mapping[str, Tensor],
@@ -543,14 +465,8 @@ def _forward(
         except Exception:  # noqa: BLE001 - e.g. a view that needs dim 0 of size 1: no expansion
             cap = None
         if cap is not None and cap.expanded:
-            with torch.no_grad():
-                plain = fm(full, x)
-            expanded = [u for u in cap.uses if u.meta.get("expanded", False)]
-            # every expanded use must be read per example (``pe.mean(0)`` is not, and would
-            # not stay bitwise for other batch sizes): later passes expand them all again
-            if not (out.shape == plain.shape and torch.equal(out.detach(), plain)) or (
-                not all(_use_rows_ok(u, batch) for u in expanded) or _mixing_uses(out, expanded)
-            ):
+            key = ("expansion", _mapping_key(fm, full, x, out, cap))
+            if not _cached(fm, key, x, lambda: _expansion_ok(fm, full, x, out, cap)):
                 cap = None
         if cap is not None:
             return out, cap

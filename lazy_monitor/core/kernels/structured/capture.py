@@ -3,9 +3,9 @@
 :class:`_Capture` (a :class:`torch.overrides.TorchFunctionMode`) records every supported call
 on a differentiated parameter (Linear/Conv/Embedding, ``a @ W (+ b)``, affine normalisations,
 elementwise ``x ∘ P`` and ``P.expand(N, ...)`` of :mod:`.broadcast`; a supported op on an
-input shared by the batch is expanded to it) and flags every other use; :func:`_verify_batch_mapping` sends each use that is not
-verifiably per-example to the fallback, its verdict cached per module
-(:func:`_cached_verification`).
+input shared by the batch is expanded to it) and flags every other use;
+:func:`_verify_batch_mapping` sends each use that is not verifiably per-example to the
+fallback, its verdict cached per module (:func:`_cached_verification`).
 """
 
 from __future__ import annotations

@@ -121,8 +121,8 @@ def _bert() -> Case:
 
 
 class _LayerScaleBlock(nn.Module):
-    """timm-style block: ``x + ls(mlp(norm(x)))`` with LayerScale ``x * gamma`` (and
-    ``gamma * x``, the parameter as first operand)."""
+    """timm-style block: ``x + ls(mlp(norm(x)))`` with LayerScale ``x * gamma`` (or
+    ``gamma * x``, the parameter as first operand, with the residual added in place)."""
 
     def __init__(self, d: int, first: bool) -> None:
         super().__init__()
@@ -133,7 +133,9 @@ class _LayerScaleBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.fc2(torch.tanh(self.fc1(self.norm(x))))
-        return x + (self.gamma * y if self.first else y * self.gamma)
+        if self.first:  # the use's output modified in place: the pass is redone with a copy
+            return (self.gamma * y).add_(x)
+        return x + y * self.gamma
 
 
 class _LayerScaleNet(nn.Module):

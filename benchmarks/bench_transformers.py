@@ -15,10 +15,10 @@ Usage::
     python benchmarks/bench_transformers.py --mlp           # MLP 784-1024x3-10, N = 32
 
 ``--mlp`` times ``auto`` on the MLP 784-1024-1024-1024-10 at N = 32 (the neural-tangents
-comparison of issue 18: its compiled structured path takes 0.014 s there on the quiet
-reference machine; neural-tangents/jax is not installed here, so that number is quoted as the
-anchor), quiet and with a busy-loop neighbour process (``--busy``: one Python process spinning
-for the duration, as another job on the same cores would).
+comparison of issue 18; neural-tangents itself runs in its own virtualenv:
+``benchmarks/bench_neural_tangents.py``), quiet and with a busy-loop neighbour process
+(``--busy``: one Python process spinning for the duration, as another job on the same cores
+would).
 """
 
 from __future__ import annotations

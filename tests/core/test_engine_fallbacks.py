@@ -82,6 +82,37 @@ class _Branchy(nn.Module):
         return x @ self.lin.weight.t() + self.lin.bias
 
 
+class _Switch(nn.Module):
+    """Examples with a negative first feature get a constant output: no gradient at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x[0, 0] > 0:
+            return torch.tanh(self.lin(x))
+        return torch.zeros(x.shape[0], 2, dtype=x.dtype)
+
+
+def test_per_example_loop_gives_zero_rows_for_outputs_without_parameters() -> None:
+    """The loop (vmap cannot run the value-dependent ``if``) differentiates one example at a
+    time: an example whose output does not depend on the parameters has zero rows (it used to
+    raise "element 0 of tensors does not require grad")."""
+    model = _Switch().double()
+    x = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 2.0, 0.5], [0.3, 1.0, 1.0]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the loop's own note
+        k = empirical_ntk(model, x, implementation="jacobian")
+    ref = torch.zeros_like(k)
+    keep = [0, 2]
+    ref_kept, _ = reference_ntk(model, x[keep])
+    ref[torch.tensor(keep)[:, None], torch.tensor(keep)] = ref_kept
+    torch.testing.assert_close(k, ref, rtol=1e-6, atol=1e-9)
+    assert k[1].abs().max() == 0 and k[:, 1].abs().max() == 0
+
+
 def test_auto_decides_internally_on_data_dependent_control_flow(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

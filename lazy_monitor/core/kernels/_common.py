@@ -98,29 +98,43 @@ def contract_rows(j1: Tensor, j2: Tensor, kind: str) -> Tensor:
     return k.sum(0) if kind == "trace" else k
 
 
-def _symmetric_piece(n: int) -> int:
+# A symmetric contraction whose GEMMs have at most this many rows (examples x rows per
+# example) is done as one block: halving the pairs of a small product saves less than the
+# extra calls and copies of its sub-blocks cost (MLP 784-1024x3-10, N = 32, O = 10: 10 sub-blocks
+# per weight made the whole kernel ~12% slower than one 320-row product per weight).
+SINGLE_BLOCK_ROWS = 512
+
+
+def _symmetric_piece(n: int, rows: Optional[int] = None) -> int:
+    """Examples per sub-block; ``rows``: GEMM rows per example of the contraction (``O`` for
+    products of per-example rows), None for contractions that loop per example (Gram)."""
+    if rows is not None and n * rows <= SINGLE_BLOCK_ROWS:
+        return max(1, n)
     return max(8, ceil_div(n, 8))
 
 
-def symmetric_fraction(n: int) -> float:
+def symmetric_fraction(n: int, rows: Optional[int] = None) -> float:
     """Fraction of the ``n²`` example pairs that :func:`symmetric_blocks` contracts."""
-    p = ceil_div(n, _symmetric_piece(n))
+    p = ceil_div(n, _symmetric_piece(n, rows))
     return (p + 1) / (2 * p)
 
 
-def symmetric_pairs(n: int) -> int:
+def symmetric_pairs(n: int, rows: Optional[int] = None) -> int:
     """Sub-block pairs ``(i, j)``, ``i <= j``, that :func:`symmetric_blocks` visits."""
-    p = ceil_div(n, _symmetric_piece(n))
+    p = ceil_div(n, _symmetric_piece(n, rows))
     return p * (p + 1) // 2
 
 
 def symmetric_blocks(
-    n: int, kind: str, fn: Callable[[slice, slice], tuple[Tensor, ...]]
+    n: int,
+    kind: str,
+    fn: Callable[[slice, slice], tuple[Tensor, ...]],
+    rows: Optional[int] = None,
 ) -> tuple[Tensor, ...]:
     """The blocks ``fn(all, all)`` of symmetric kernels computed from their upper sub-blocks
     only (``fn(i, j)``, ``i <= j``), mirroring the rest: about half the work for large ``n``
-    (:func:`symmetric_fraction`)."""
-    parts = example_blocks(n, _symmetric_piece(n))
+    (:func:`symmetric_fraction`); ``rows`` as in :func:`_symmetric_piece`."""
+    parts = example_blocks(n, _symmetric_piece(n, rows))
     if len(parts) == 1:
         return fn(parts[0], parts[0])
     outs: Optional[list[Tensor]] = None
@@ -140,9 +154,11 @@ def symmetric_blocks(
     return tuple(outs)
 
 
-def symmetric_block(n: int, kind: str, fn: Callable[[slice, slice], Tensor]) -> Tensor:
+def symmetric_block(
+    n: int, kind: str, fn: Callable[[slice, slice], Tensor], rows: Optional[int] = None
+) -> Tensor:
     """:func:`symmetric_blocks` for a single kernel."""
-    return symmetric_blocks(n, kind, lambda i, j: (fn(i, j),))[0]
+    return symmetric_blocks(n, kind, lambda i, j: (fn(i, j),), rows)[0]
 
 
 class _BlockSink:

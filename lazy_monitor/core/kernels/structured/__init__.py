@@ -30,14 +30,18 @@ instead hold ``N·r`` rows on dim 0 (positions flattened, ``x.view(-1, d)``) if 
 gradient lives only in the first ``r`` rows (contiguous per example). Sequence-first layouts
 (``nn.MultiheadAttention``, ``batch_first=False`` encoders, even when ``T == N``),
 position-major ``(T·N, d)`` rows and uses whose rows other examples read (a sum over the
-batch after them) fail the check, and exactly those parameters go to the fallback. A supported op on an input shared by the batch (GPT-2's
-and BERT's position ids ``(1, T)``) runs once and hands the model its output expanded to
-``(N, ...)`` (input expanded likewise), so that its weight gets per-example factors: kept only
-if the probe's output stays bitwise that of a plain forward (code reading ``.shape[0]`` of the
-output, or a view that needs its size-1 dim, sends those parameters to the fallback) and the
-expanded use passes the check (``pos[0]`` does not), then expanded the same way on every pass.
-The verdict is cached per module for an identical traced structure, probe and module state
-(:func:`_cached_verification`), so repeated calls on one probe skip the check's backward.
+batch after them) fail the check, and exactly those parameters go to the fallback. A
+supported op on an input shared by the batch (GPT-2's and BERT's position ids ``(1, T)``)
+runs once and hands the model its output expanded to ``(N, ...)`` (input expanded likewise),
+so that its weight gets per-example factors: kept only if the probe's output stays bitwise
+that of a plain forward (code reading ``.shape[0]`` of the output, or a view that needs its
+size-1 dim, sends those parameters to the fallback) and the expanded use passes the check
+(``pos[0]`` does not), then expanded the same way on every pass. The verdict is cached per
+module for an identical traced structure, probe and module state
+(:func:`_cached_verification`); the whole plan with its memory split is remembered for
+identical shapes, module attributes, output function and probe examples (:mod:`.._memo`), so
+repeated calls on one probe (a tracker's) skip the probe pass entirely, while every factor
+pass still checks that the uses it captures are the plan's.
 
 Uses are found with a :class:`torch.overrides.TorchFunctionMode` that sees every torch call on
 the parameter tensors passed to ``functional_call``: a parameter gets the structured rule only

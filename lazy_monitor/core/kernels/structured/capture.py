@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from ..._functional import FunctionalModel, InputBatch, batch_size
+from .._memo import module_state as _module_state
 from .broadcast import _bind_elementwise, _expand_rows, _expandable
 from .ops import _MAC_COUNTERS, _MATMULS, _NORMS, _OPS, _affine_norm, _bind
 
@@ -275,28 +276,6 @@ def _mapping_key(
         frozenset(cap.other),
         _module_state(fm.model),
     )
-
-
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def _module_state(model: torch.nn.Module) -> tuple:
-    """Every submodule's type and plain Python attributes (flags such as ``batch_first``, a
-    layout switch set after construction), and any instance-level ``forward`` override: state
-    that can change how examples flow through the model without changing its parameters."""
-    state = []
-    for name, m in model.named_modules():
-        attrs = tuple(
-            sorted(
-                (k, v)
-                for k, v in vars(m).items()
-                if isinstance(v, _PLAIN)
-                or (isinstance(v, tuple) and all(isinstance(e, _PLAIN) for e in v))
-            )
-        )
-        fwd = vars(m).get("forward")
-        state.append((name, type(m), attrs, None if fwd is None else id(fwd)))
-    return tuple(state)
 
 
 def _cached(fm: FunctionalModel, key: tuple, probe_x: InputBatch, compute: Any) -> Any:

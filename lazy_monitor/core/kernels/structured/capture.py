@@ -60,6 +60,9 @@ class _Capture(torch.overrides.TorchFunctionMode):
     ) -> None:
         super().__init__()
         self.by_id = {id(t): k for k, t in tensors.items()}
+        # the parameter tensors themselves: an elementwise rule reads P's own entry order, so a
+        # derived tensor that another rule may add to ``by_id`` (e.g. an alias) gets none
+        self.param_ids = dict(self.by_id)
         self.copy_outputs = copy_outputs
         # batch > 1: supported ops on a batch-shared input of any parameter in ``shared``
         # (differentiated or not, so that every pass expands the same uses) are expanded
@@ -181,7 +184,7 @@ class _Capture(torch.overrides.TorchFunctionMode):
         """Record ``x ∘ P`` / ``P.expand(N, ...)`` (:mod:`.broadcast`) if the call is one."""
         if len(hit) != 1:
             return False
-        found = _bind_elementwise(func, args, kwargs, out, self.by_id)
+        found = _bind_elementwise(func, args, kwargs, out, self.param_ids)
         if found is None:
             return False
         name, x, meta = found

@@ -439,3 +439,30 @@ def test_expansion_is_kept_only_where_verified(mode: str, kept: bool) -> None:
     wrt = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
     _, cap = _forward(FunctionalModel(model, None, torch.float64), {}, wrt, x)
     assert cap.expanded is kept
+
+
+class _TransposedOperand(nn.Module):
+    """``h * W.t() + h * W``: an elementwise use of a transpose of ``W`` (whose entries are in
+    Wᵀ's order) besides a direct one: the rows of the two must not be summed."""
+
+    def __init__(self, d: int = 5) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, d))
+        self.lin = nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.lin(x))
+        return self.head((h * self.w.t() + h * self.w).mean(1))
+
+
+def test_elementwise_use_of_a_transposed_parameter_falls_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    model = _TransposedOperand().double()
+    x = torch.randn(4, 5, 5, dtype=torch.float64)
+    fallbacks = record_fallbacks(monkeypatch)
+    k = empirical_ntk(model, x, implementation="structured")
+    assert "w" in fallbacks
+    _assert_close(k, reference_ntk(model, x)[0])

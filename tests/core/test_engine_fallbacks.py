@@ -31,19 +31,19 @@ def _fallback_names(monkeypatch: pytest.MonkeyPatch, case) -> list[str]:  # noqa
     return sorted(seen)
 
 
-def test_batch_shared_index_goes_to_fallback_and_only_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _fallback_names(monkeypatch, build("shared_index_embedding")) == ["pos.weight"]
+def test_batch_shared_index_is_expanded_to_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Position ids ``(1, T)`` shared by the batch: the embedding's output is expanded to the
+    batch (structured/broadcast.py), nothing falls back."""
+    assert _fallback_names(monkeypatch, build("shared_index_embedding")) == []
 
 
-def test_expanded_class_token_goes_to_fallback_and_only_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    assert _fallback_names(monkeypatch, build("class_token")) == ["cls"]
+def test_expanded_class_token_gets_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _fallback_names(monkeypatch, build("class_token")) == []
 
 
-def test_gpt2_position_embedding_is_not_factorised(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpt2_position_embedding_is_factorised(monkeypatch: pytest.MonkeyPatch) -> None:
     names = _fallback_names(monkeypatch, build("gpt2"))
-    assert "transformer.wpe.weight" in names
+    assert "transformer.wpe.weight" not in names
     assert "transformer.ln_f.weight" not in names  # LayerNorm on batched (N, T, d): structured
 
 

@@ -47,10 +47,12 @@ class NtkImplementation(str, enum.Enum):
       with any leading dims, Conv1d/2d via unfold, Embedding via index matching) the
       per-example gradient is ``G_{na}ᵀ A_n`` with ``G`` the output-gradients at the layer
       output and ``A`` the layer input, contracted per layer with the cheapest exact strategy
-      of :mod:`lazy_monitor.core.kernels.cost`. Biases and norm affines get direct per-example
-      rows. Every parameter use's batch mapping is verified on two probe examples; parameters
-      without a verified structured rule (custom ops, weights used through ``matmul``, inputs
-      shared by the batch, sequence-first layouts, tied weights with mixed uses) fall back to
+      of :mod:`lazy_monitor.core.kernels.cost`. Biases, norm affines and parameters broadcast
+      over the examples (``x * P``, ``x + P``, ``P.expand(N, ...)``) get direct per-example
+      rows; a layer on an input shared by the batch (position ids ``(1, T)``) is expanded to
+      it. Every parameter use's batch mapping is verified on two probe examples; parameters
+      without a verified structured rule (custom ops, weights used as a left ``matmul``
+      operand, sequence-first layouts, tied weights with mixed uses) fall back to
       ``JACOBIAN`` inside the same call, so the result is always exact. Raises
       :class:`~lazy_monitor.core.kernels.errors.StructuredPlanError` if the uses change
       between examples (data-dependent control flow).

@@ -71,9 +71,10 @@ def estimate_param_costs(
     costs = {k: float(n * n * o * o * v.numel() + n * o * v.numel()) for k, v in named.items()}
     seen: dict[str, list] = {}
     for use in cap.uses:
-        if use.weight is not None and use.op != "norm" and use.weight not in cap.other:
+        rows = use.op in ("norm", "elementwise")  # direct per-example rows
+        if use.weight is not None and not rows and use.weight not in cap.other:
             seen.setdefault(use.weight, []).append(use)
-        if use.bias is not None or use.op == "norm":
+        if use.bias is not None or rows:
             for name in (use.weight, use.bias):
                 if name is not None and name not in cap.other:
                     costs[name] = float(n * n * o * o * named[name].numel())

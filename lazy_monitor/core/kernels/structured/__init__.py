@@ -13,24 +13,35 @@ so ``K_W[n,m,a,b] = Σ_{t,s} (G[n,a,t]·G[m,b,s]) (A[n,t]·A[m,s])`` (Novak et a
 for the bias. ``G`` for all examples comes from ``O`` backward passes of the one-hot output
 cotangents through the *batched* output: in eval semantics examples are independent, so
 ``∂f_a(x_n)/∂y_m = 0`` for ``m ≠ n``. Affine normalisations ``y = x̂·γ + β`` (BatchNorm with
-running statistics, GroupNorm, LayerNorm) get direct per-example rows ``dγ = Σ_t G·x̂``,
-``dβ = Σ_t G``. Each layer is then contracted with the cheapest exact
+running statistics, GroupNorm, LayerNorm, ``F.rms_norm``) get direct per-example rows
+``dγ = Σ_t G·x̂``, ``dβ = Σ_t G``; so does a parameter ``P`` broadcast over the examples in an
+out-of-place ``x * P``, ``x + P``, ``x - P``, ``P - x`` or ``torch.add(x, P, alpha=c)`` against
+a per-example ``x`` (HF RMSNorm ``weight * x``, ViT ``x + position_embeddings``, LayerScale)
+or in ``P.expand(N, ...)`` (a class token): ``dP[n] = c·Σ G[n](·x[n])`` over the broadcast
+dims (:mod:`.broadcast`). Each layer is then contracted with the cheapest exact
 strategy of :mod:`.cost` (outer product, Gram over positions, or per-example gradients built
 from ``(G, A)``), with matmuls and bounded memory.
 
 Every captured use is verified to be per-example before its rule is trusted (a probe pass on
 two examples, :func:`_verify_batch_mapping`): dim 0 of the use's output and input must be the
-probe's batch, and the gradient of example 0's outputs must vanish on every other row of the
-use's output. A Linear-type use may instead hold ``N·r`` rows on dim 0 (positions flattened,
-``x.view(-1, d)``) if example 0's gradient lives only in the first ``r`` rows (contiguous per
-example). Inputs shared by the batch (position ids ``(1, T)``), sequence-first layouts
-(``nn.MultiheadAttention``, ``batch_first=False`` encoders, even when ``T == N``) and
-position-major ``(T·N, d)`` rows fail the check, and exactly those parameters go to the
-fallback. The verdict is cached per module for an identical traced structure, probe and module
-state (:func:`_cached_verification`); the whole plan with its memory split is remembered for
-identical shapes, module attributes, output function and probe examples
-(:mod:`.._memo`), so repeated calls on one probe (a tracker's) skip the probe pass entirely,
-while every factor pass still checks that the uses it captures are the plan's.
+probe's batch, the gradient of example 0's outputs must vanish on every other row of the
+use's output and that of example 1's outputs on example 0's row. A Linear-type use may
+instead hold ``N·r`` rows on dim 0 (positions flattened, ``x.view(-1, d)``) if example 0's
+gradient lives only in the first ``r`` rows (contiguous per example). Sequence-first layouts
+(``nn.MultiheadAttention``, ``batch_first=False`` encoders, even when ``T == N``),
+position-major ``(T·N, d)`` rows and uses whose rows other examples read (a sum over the
+batch after them) fail the check, and exactly those parameters go to the fallback. A
+supported op on an input shared by the batch (GPT-2's and BERT's position ids ``(1, T)``)
+runs once and hands the model its output expanded to ``(N, ...)`` (input expanded likewise),
+so that its weight gets per-example factors: kept only if the probe's output stays bitwise
+that of a plain forward (code reading ``.shape[0]`` of the output, or a view that needs its
+size-1 dim, sends those parameters to the fallback) and the expanded use passes the check
+(``pos[0]`` does not), then expanded the same way on every pass. The verdict is cached per
+module for an identical traced structure, probe and module state
+(:func:`_cached_verification`); the whole plan with its memory split is remembered for
+identical shapes, module attributes, output function and probe examples (:mod:`.._memo`), so
+repeated calls on one probe (a tracker's) skip the probe pass entirely, while every factor
+pass still checks that the uses it captures are the plan's.
 
 Uses are found with a :class:`torch.overrides.TorchFunctionMode` that sees every torch call on
 the parameter tensors passed to ``functional_call``: a parameter gets the structured rule only
@@ -52,13 +63,15 @@ layers goes through (:func:`_cut_points`: ResNet block inputs, a transformer's r
 stream) -- and run last group first, each caching ``∂out/∂h`` at its cut so that the next
 group's backward starts there (:class:`_CutPass`, re-verified on every pass's own graph).
 
-Modules, each importing only those listed before it: :mod:`.capture` (uses, batch-mapping
-verification and its cache), :mod:`.contract` (factors and contraction strategies),
-:mod:`.tied` (weights with uses of different kinds), :mod:`.planning` (rules, strategies, auto's choice), :mod:`.cuts` (cut points),
-:mod:`.passes` (factor passes), :mod:`.memory` (layer groups, example blocks), :mod:`.ntk`
-(:func:`structured_ntk`). A test that monkeypatches a name patches the module that *looks it
-up* (e.g. ``ntk.jacobian_ntk``, ``planning.choose_strategy``, ``passes._factors``): a patch
-on this package would not reach the code.
+Modules, each importing only those listed before it: :mod:`.ops` (argument binding of the
+supported ops, multiply-add counts), :mod:`.broadcast` (elementwise and expand rules,
+batch-shared inputs), :mod:`.capture` (uses, batch-mapping verification and its cache),
+:mod:`.contract` (factors and contraction strategies), :mod:`.tied` (weights with uses of
+different kinds), :mod:`.planning` (rules, strategies, auto's choice), :mod:`.cuts` (cut
+points), :mod:`.passes` (factor passes), :mod:`.memory` (layer groups, example blocks),
+:mod:`.ntk` (:func:`structured_ntk`). A test that monkeypatches a name patches the module that
+*looks it up* (e.g. ``ntk.jacobian_ntk``, ``planning.choose_strategy``, ``passes._factors``):
+a patch on this package would not reach the code.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Capture of the parameter uses on a forward pass and verification of their batch mapping.
 
 :class:`_Capture` (a :class:`torch.overrides.TorchFunctionMode`) records every supported call
-on a differentiated parameter (Linear/Conv/Embedding, ``a @ W (+ b)``, affine normalisations)
-and flags every other use; :func:`_verify_batch_mapping` sends each use that is not
-verifiably per-example to the fallback, its verdict cached per module
-(:func:`_cached_verification`).
+on a differentiated parameter (Linear/Conv/Embedding, ``a @ W (+ b)``, affine normalisations,
+elementwise ``x ∘ P`` and ``P.expand(N, ...)`` of :mod:`.broadcast`; a supported op on an
+input shared by the batch is expanded to it) and flags every other use;
+:func:`_verify_batch_mapping` sends each use that is not verifiably per-example to the
+fallback, its verdict cached per module (:func:`_cached_verification`).
 """
 
 from __future__ import annotations
@@ -15,83 +16,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from ..._functional import FunctionalModel, InputBatch
+from ..._functional import FunctionalModel, InputBatch, batch_size
 from .._memo import module_state as _module_state
-
-_SIGNATURES = {
-    "linear": ("input", "weight", "bias"),
-    "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-    "embedding": (
-        "input",
-        "weight",
-        "padding_idx",
-        "max_norm",
-        "norm_type",
-        "scale_grad_by_freq",
-        "sparse",
-    ),
-}
-
-
-_OPS = {F.linear: "linear", F.conv1d: "conv", F.conv2d: "conv", F.embedding: "embedding"}
-
-
-# Normalisations with an elementwise affine ``y = x̂·γ + β``: per-example rows of γ and β are
-# direct sums over positions, ``dγ = Σ G·x̂``, ``dβ = Σ G`` (channel dim 1, or trailing dims).
-_NORMS = {
-    F.batch_norm: (
-        "channel",
-        ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-    ),
-    F.group_norm: ("channel", ("input", "num_groups", "weight", "bias", "eps")),
-    F.layer_norm: ("trailing", ("input", "normalized_shape", "weight", "bias", "eps")),
-}
-
-
-# ``y = a @ W (+ b)`` with the parameter ``W (d_in, d_out)`` as the right operand: HF
-# ``Conv1D`` (GPT-2: ``torch.addmm(bias, x.view(-1, d), W)``), ``x @ W``. These are Linear uses
-# with a transposed weight; the kernel does not depend on how a weight's entries are ordered,
-# so the factors are built for ``Wᵀ (d_out, d_in)``.
-_MATMULS = {
-    torch.addmm: "addmm",
-    Tensor.addmm: "addmm",
-    torch.mm: "mm",
-    Tensor.mm: "mm",
-    torch.matmul: "mm",
-    Tensor.matmul: "mm",
-    Tensor.__matmul__: "mm",
-}
-
-
-def _bind_matmul(kind: str, args: tuple, kwargs: dict) -> Optional[dict]:
-    """``{"input", "weight", "bias"}`` of a matmul-family call, or None if it is not
-    ``a @ W (+ b)`` with a 2-D right operand, a 1-D bias and ``alpha = beta = 1``."""
-    if kind == "addmm":  # torch.addmm(input=bias, mat1, mat2, *, beta, alpha)
-        names = ("bias", "input", "weight", "beta", "alpha")
-        rename = {"input": "bias", "self": "bias", "mat1": "input", "mat2": "weight"}
-    else:  # torch.mm(input, mat2), torch.matmul(input, other)
-        names = ("input", "weight")
-        rename = {"self": "input", "mat2": "weight", "other": "weight"}
-    if "out" in kwargs:
-        return None
-    bound = dict(zip(names, args))
-    bound.update({rename.get(k, k): v for k, v in kwargs.items()})
-    bias, a, w = bound.get("bias"), bound.get("input"), bound.get("weight")
-    if kind == "addmm" and (
-        bound.get("beta", 1) != 1
-        or bound.get("alpha", 1) != 1
-        or not isinstance(bias, Tensor)
-        or bias.dim() != 1
-    ):
-        return None
-    if not (isinstance(a, Tensor) and isinstance(w, Tensor) and w.dim() == 2 and a.dim() >= 2):
-        return None
-    return {"input": a, "weight": w, "bias": bias}
-
+from .broadcast import _bind_elementwise, _expand_rows, _expandable
+from .ops import _MAC_COUNTERS, _MATMULS, _NORMS, _OPS, _affine_norm, _bind
 
 # ``Wᵀ`` of a 2-D parameter (``W.t()``, ``W.T``, ``W.mT``, ``W.transpose(0, 1)``): recorded
 # as an alias of ``W`` whose Linear/matmul uses take the other orientation (``x @ W.t()`` is
@@ -115,104 +46,26 @@ def _transpose_source(func: Any, args: tuple, kwargs: dict) -> Optional[Tensor]:
     return None
 
 
-def _bind(func: Any, args: tuple, kwargs: dict) -> Optional[dict]:
-    """Arguments by name of a supported op's call (normalisation, Linear/Conv/Embedding,
-    ``a @ W (+ b)``); None for any other op or matmul form."""
-    if func in _NORMS:
-        names = _NORMS[func][1]
-    elif func in _OPS:
-        names = _SIGNATURES[_OPS[func]]
-    elif func in _MATMULS:
-        return _bind_matmul(_MATMULS[func], args, kwargs)
-    else:
-        return None
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    return bound
-
-
-def _affine_norm(func: Any, layout: str, bound: dict) -> tuple[Tensor, Tensor]:
-    """``(x̂, y)`` for a normalisation call: the op without its affine, then the affine."""
-    weight, bias = bound.get("weight"), bound.get("bias")
-    plain = dict(bound, weight=None, bias=None)
-    xhat = func(**plain)
-    if layout == "channel":
-        shape = (1, -1) + (1,) * (xhat.dim() - 2)
-        weight = None if weight is None else weight.reshape(shape)
-        bias = None if bias is None else bias.reshape(shape)
-    y = xhat if weight is None else xhat * weight
-    return xhat, (y if bias is None else y + bias)
-
-
-def _first(args: tuple, kwargs: dict, *names: str) -> Optional[Tensor]:
-    """The first of ``args`` or, by name, of ``kwargs``; None if it is not a Tensor."""
-    t = args[0] if args else next((kwargs[k] for k in names if k in kwargs), None)
-    return t if isinstance(t, Tensor) else None
-
-
-def _matmul_macs(args: tuple, kwargs: dict, out: Any) -> int:
-    """``|out| · k`` with ``k`` the contracted size (last dim of the left operand)."""
-    a = args[1] if len(args) > 2 else kwargs.get("mat1", kwargs.get("batch1"))
-    if isinstance(a, Tensor) and isinstance(out, Tensor) and a.dim() >= 1:
-        return out.numel() * a.shape[-1]
-    return 0
-
-
-def _left_macs(args: tuple, kwargs: dict, out: Any) -> int:
-    a = _first(args, kwargs, "input")
-    if isinstance(a, Tensor) and isinstance(out, Tensor) and a.dim() >= 1:
-        return out.numel() * a.shape[-1]
-    return 0
-
-
-def _conv_macs(args: tuple, kwargs: dict, out: Any) -> int:
-    w = args[1] if len(args) > 1 else kwargs.get("weight")
-    if isinstance(w, Tensor) and isinstance(out, Tensor) and w.dim() >= 1:
-        return out.numel() * (w.numel() // w.shape[0])
-    return 0
-
-
-def _attention_macs(args: tuple, kwargs: dict, out: Any) -> int:
-    q = _first(args, kwargs, "query")
-    k = args[1] if len(args) > 1 else kwargs.get("key")
-    if isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() >= 2 and k.dim() >= 2:
-        return 2 * (q.numel() // q.shape[-1]) * k.shape[-2] * q.shape[-1]
-    return 0
-
-
-# Multiply-adds of the calls that dominate a forward pass (the cost model's [FP]).
-_MAC_COUNTERS = {
-    F.linear: _left_macs,
-    torch.matmul: _left_macs,
-    Tensor.matmul: _left_macs,
-    Tensor.__matmul__: _left_macs,
-    torch.mm: _left_macs,
-    Tensor.mm: _left_macs,
-    torch.bmm: _left_macs,
-    Tensor.bmm: _left_macs,
-    torch.addmm: _matmul_macs,
-    Tensor.addmm: _matmul_macs,
-    torch.baddbmm: _matmul_macs,
-    Tensor.baddbmm: _matmul_macs,
-    F.conv1d: _conv_macs,
-    F.conv2d: _conv_macs,
-    F.conv_transpose1d: _conv_macs,
-    F.conv_transpose2d: _conv_macs,
-    F.scaled_dot_product_attention: _attention_macs,
-}
-
-
 @dataclasses.dataclass
 class _Use:
     """One call of a supported op on a differentiated parameter."""
 
-    op: str  # "linear" | "conv" | "embedding"
+    op: str  # "linear" | "conv" | "embedding" | "norm" | "elementwise"
     weight: Optional[str]
     bias: Optional[str]
     inp: Tensor
     out: Tensor  # handle whose gradient is G
     version: int
     meta: dict
+    # version of ``inp`` at the call where the rule reads its values after the pass (``x`` of
+    # ``x * P``, kept without a copy): an in-place change afterwards redoes the pass with copies
+    inp_version: Optional[int] = None
+
+    def changed(self) -> bool:
+        """Whether the model modified the use's output (or read input) in place later on."""
+        return self.out._version != self.version or (
+            self.inp_version is not None and self.inp._version != self.inp_version
+        )
 
 
 class _Capture(torch.overrides.TorchFunctionMode):
@@ -223,10 +76,20 @@ class _Capture(torch.overrides.TorchFunctionMode):
         tensors: Mapping[str, Tensor],
         copy_outputs: bool,
         entries_of: Optional[Mapping[str, Tensor]] = None,
+        batch: int = 0,
+        shared: Optional[Mapping[str, Tensor]] = None,
     ) -> None:
         super().__init__()
         self.by_id = {id(t): k for k, t in tensors.items()}
+        # the parameter tensors themselves: an elementwise rule reads P's own entry order, so a
+        # derived tensor that another rule may add to ``by_id`` (e.g. an alias) gets none
+        self.param_ids = dict(self.by_id)
         self.copy_outputs = copy_outputs
+        # batch > 1: supported ops on a batch-shared input of any parameter in ``shared``
+        # (differentiated or not, so that every pass expands the same uses) are expanded
+        self.batch = batch
+        self.shared_ids = {id(t) for t in (shared or {}).values()}
+        self.expanded = False
         self.uses: list[_Use] = []
         self.other: set[str] = set()
         self.aliases: dict[int, Tensor] = {}  # id -> Wᵀ of a parameter (kept alive: ids unique)
@@ -270,12 +133,20 @@ class _Capture(torch.overrides.TorchFunctionMode):
         if func in _MAC_COUNTERS:
             self.macs += _MAC_COUNTERS[func](args, kwargs, out)
         if not hit:
+            if self.batch > 1 and any(id(a) in self.shared_ids for a in flat):
+                bound = _bind(func, args, kwargs)
+                if func not in _NORMS and bound is not None:
+                    if _expandable(bound.get("input"), out, self.batch):
+                        self.expanded = True
+                        return _expand_rows(out, self.batch)
             return out
         src = _transpose_source(func, args, kwargs) if len(hit) == 1 else None
         if src is not None and id(src) not in self.aliases and isinstance(out, Tensor):
             self.by_id[id(out)], self.aliases[id(out)] = hit[0], out
             return out
         flipped = {id(a) for a in flat if isinstance(a, Tensor) and id(a) in self.aliases}
+        if self._elementwise(func, args, kwargs, out, hit):
+            return self.uses[-1].out.clone() if self.copy_outputs else out
         norm = _NORMS.get(func)
         if norm is not None and flipped:
             self.other.update(hit)  # a transposed parameter as a normalisation affine
@@ -317,25 +188,48 @@ class _Capture(torch.overrides.TorchFunctionMode):
             roles = [k for k in (w, b) if k is not None]
             self.other.update(k for k in hit if k not in roles or hit.count(k) > 1)
             if roles:
-                handle = out
-                if self.copy_outputs:
-                    out = out.clone()
+                inp = bound["input"]
                 meta = {
                     k: v
                     for k, v in bound.items()
                     if k not in ("input", "weight", "bias", "beta", "alpha")
                 }
+                if _expandable(inp, out, self.batch):  # batch-shared input (position ids)
+                    self.expanded = meta["expanded"] = True
+                    out, inp = _expand_rows(out, self.batch), _expand_rows(inp, self.batch)
+                handle = out
+                if self.copy_outputs:
+                    out = out.clone()
                 if transposed:
                     meta["transposed"] = True
-                self.uses.append(
-                    _Use(op, w, b, bound["input"].detach(), handle, handle._version, meta)
-                )
+                self.uses.append(_Use(op, w, b, inp.detach(), handle, handle._version, meta))
             return out
         out_flat, _ = tree_flatten(out)
         name = getattr(func, "__name__", "")
-        if any(isinstance(t, Tensor) for t in out_flat) or name.endswith("_") or "set" in name:
+        if name == "__get__" and not any(isinstance(t, Tensor) for t in out_flat):
+            return out  # metadata (``P.dtype``, ``P.shape``): not a use
+        mutates = name.endswith("_") or "set" in name
+        if not mutates and any(out is t for t in flat if id(t) in self.by_id):
+            return out  # ``P.to(P.dtype)``, ``P.contiguous()``: P itself, whose uses are seen
+        if any(isinstance(t, Tensor) for t in out_flat) or mutates:
             self.other.update(hit)  # a transform / in-place use we cannot factorise
         return out
+
+    def _elementwise(self, func: Any, args: tuple, kwargs: dict, out: Any, hit: list) -> bool:
+        """Record ``x ∘ P`` / ``P.expand(N, ...)`` (:mod:`.broadcast`) if the call is one."""
+        if len(hit) != 1:
+            return False
+        found = _bind_elementwise(func, args, kwargs, out, self.param_ids)
+        if found is None:
+            return False
+        name, x, meta = found
+        if x is None or not meta["mul"]:  # only G is needed: no operand values kept
+            inp, version = out.detach(), None
+        else:
+            inp = x.detach().clone() if self.copy_outputs else x.detach()
+            version = None if self.copy_outputs else x._version
+        self.uses.append(_Use("elementwise", name, None, inp, out, out._version, meta, version))
+        return True
 
 
 def _use_rows_ok(use: _Use, n: int) -> bool:
@@ -345,7 +239,7 @@ def _use_rows_ok(use: _Use, n: int) -> bool:
     if use.out.dim() < 1:
         return False
     rows = use.out.shape[0]
-    if use.op == "norm":
+    if use.op in ("norm", "elementwise"):  # x of x ∘ P has y's shape
         return rows == n
     if use.inp.dim() < 1 or use.inp.shape[0] != rows:
         return False
@@ -422,32 +316,23 @@ def _mapping_key(
     )
 
 
-def _cached_verification(
-    fm: FunctionalModel,
-    params: Mapping[str, Tensor],
-    probe_x: InputBatch,
-    out: Tensor,
-    cap: _Capture,
-) -> None:
-    """:func:`_verify_batch_mapping`, reusing the verdict of an earlier call whose
-    :func:`_mapping_key` and probe values are identical (same module and output function)."""
-    key = _mapping_key(fm, params, probe_x, out, cap)
+def _cached(fm: FunctionalModel, key: tuple, probe_x: InputBatch, compute: Any) -> Any:
+    """``compute()``, or its value from an earlier call on the same module and output function
+    with an identical ``key`` (:func:`_mapping_key`) and identical probe values."""
     leaves = [t for t in tree_flatten(probe_x)[0] if isinstance(t, Tensor)]
     try:
         entries = _MAPPING_CACHE.setdefault(fm.model, [])
     except TypeError:  # a module that cannot be weakly referenced: no cache
         entries = None
     for entry in entries or ():
-        e_key, e_fn, e_leaves, e_bad = entry
+        e_key, e_fn, e_leaves, value = entry
         if (
             e_key == key
             and e_fn() is fm.output_fn
             and all(torch.equal(a, b) for a, b in zip(leaves, e_leaves))
         ):
-            cap.other.update(e_bad)
-            return
-    before = set(cap.other)
-    _verify_batch_mapping(out, cap)
+            return value
+    value = compute()
     if entries is not None:
         if len(entries) >= _MAPPING_CACHE_SIZE:
             entries.pop(0)
@@ -459,15 +344,36 @@ def _cached_verification(
             fn_ref = weakref.ref(fn) if fn is not None else (lambda: None)
         except TypeError:  # not weakly referenceable: never reused
             fn_ref = lambda: object()  # noqa: E731
-        entries.append((key, fn_ref, stored, frozenset(cap.other - before)))
+        entries.append((key, fn_ref, stored, value))
+    return value
 
 
-def _example0_gradients(out: Tensor, tensors: list[Tensor]) -> tuple[Optional[Tensor], ...]:
-    """Gradients w.r.t. ``tensors`` of a random cotangent on example 0's outputs only: a tensor
-    whose rows are per example gets zeros on every row that is not example 0's."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
+def _cached_verification(
+    fm: FunctionalModel,
+    params: Mapping[str, Tensor],
+    probe_x: InputBatch,
+    out: Tensor,
+    cap: _Capture,
+) -> None:
+    """:func:`_verify_batch_mapping`, reusing the verdict of an earlier call whose
+    :func:`_mapping_key` and probe values are identical (same module and output function)."""
+
+    def verify() -> frozenset[str]:
+        before = set(cap.other)
+        _verify_batch_mapping(out, cap)
+        return frozenset(cap.other - before)
+
+    cap.other.update(_cached(fm, _mapping_key(fm, params, probe_x, out, cap), probe_x, verify))
+
+
+def _example0_gradients(
+    out: Tensor, tensors: list[Tensor], example: int = 0
+) -> tuple[Optional[Tensor], ...]:
+    """Gradients w.r.t. ``tensors`` of a random cotangent on the outputs of ``example`` (0 by
+    default) only: a tensor whose rows are per example gets zeros on every other row."""
+    gen = torch.Generator(device="cpu").manual_seed(example)
     cot = torch.zeros_like(out)
-    cot[0] = torch.randn(out.shape[1:], generator=gen, dtype=out.dtype).to(out.device) + 2.0
+    cot[example] = torch.randn(out.shape[1:], generator=gen, dtype=out.dtype).to(out.device) + 2.0
     return torch.autograd.grad([out], tensors, [cot], retain_graph=True, allow_unused=True)
 
 
@@ -482,8 +388,10 @@ def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:
     sequence-first layouts), and the gradient of a random cotangent on example 0's outputs
     must vanish on every row of the use's output after its first ``r`` (catches a layout whose
     dim 0 happens to equal N, and flattened rows that are not contiguous per example, e.g.
-    ``(T·N, d)``). Example 0's rows then are ``0..r`` and, the rows being independent of
-    example 0 beyond them, the two probe examples split dim 0 into two contiguous halves.
+    ``(T·N, d)``), and that of example 1's outputs on the first ``r`` rows (catches a model
+    that reads row 0 for every example, e.g. ``pos[0]`` of a use expanded to the batch).
+    Example 0's rows then are ``0..r`` and, the rows being independent of example 0 beyond
+    them, the two probe examples split dim 0 into two contiguous halves.
     """
     n = out.shape[0]
     bad: set[str] = set()
@@ -493,15 +401,64 @@ def _verify_batch_mapping(out: Tensor, cap: _Capture) -> None:
             checked.append(use)
         else:
             bad.update(k for k in (use.weight, use.bias) if k is not None)
-    handles = [u.out for u in checked if u.out.requires_grad]
-    if handles and n > 1:
-        grads = _example0_gradients(out, handles)
-        by_handle = {id(h): g for h, g in zip(handles, grads)}
-        for use in checked:
-            g = by_handle.get(id(use.out))
-            if g is not None and bool((g[_rows_per_example(use, n) :] != 0).any()):
-                bad.update(k for k in (use.weight, use.bias) if k is not None)
+    for use in _mixing_uses(out, checked):
+        bad.update(k for k in (use.weight, use.bias) if k is not None)
     cap.other.update(bad)
+
+
+def _mixing_uses(out: Tensor, uses: Sequence[_Use]) -> list[_Use]:
+    """The uses (rows per example already checked) whose output rows the two probe examples
+    do not read separately: example 0's gradient outside its ``r`` rows, or example 1's
+    inside them."""
+    n = out.shape[0]
+    handles = [u.out for u in uses if u.out.requires_grad]
+    if not handles or n < 2:
+        return []
+    first = dict(zip(map(id, handles), _example0_gradients(out, handles)))
+    second = dict(zip(map(id, handles), _example0_gradients(out, handles, 1)))
+    mixing = []
+    for use in uses:
+        r = _rows_per_example(use, n)
+        g0, g1 = first.get(id(use.out)), second.get(id(use.out))
+        if (g0 is not None and bool((g0[r:] != 0).any())) or (
+            g1 is not None and bool((g1[:r] != 0).any())
+        ):
+            mixing.append(use)
+    return mixing
+
+
+def _capture_pass(
+    fm: FunctionalModel,
+    full: Mapping[str, Tensor],
+    wrt: Mapping[str, Tensor],
+    x: InputBatch,
+    entries: Sequence[str],
+    batch: int,
+) -> tuple[Tensor, _Capture]:
+    """Forward with capture; redone with copied op outputs if any was modified in place."""
+    for copy_outputs in (False, True):
+        cap = _Capture(wrt, copy_outputs, {k: full[k] for k in entries}, batch, full)
+        with cap:
+            out = fm(full, x)
+        cap.n = out.shape[0]
+        if not any(u.changed() for u in cap.uses):
+            return out, cap
+    return out, cap
+
+
+def _expansion_ok(
+    fm: FunctionalModel, full: Mapping[str, Tensor], x: InputBatch, out: Tensor, cap: _Capture
+) -> bool:
+    """Whether the probe pass with batch-shared inputs expanded computed the model's own
+    output (bitwise that of a plain forward) and every expanded use is read per example
+    (``pe.mean(0)`` is not, and would not stay bitwise for other batch sizes): later passes
+    expand them all again."""
+    with torch.no_grad():
+        plain = fm(full, x)
+    if not (out.shape == plain.shape and torch.equal(out.detach(), plain)):
+        return False
+    expanded = [u for u in cap.uses if u.meta.get("expanded", False)]
+    return all(_use_rows_ok(u, out.shape[0]) for u in expanded) and not _mixing_uses(out, expanded)
 
 
 def _forward(
@@ -510,15 +467,25 @@ def _forward(
     wrt: Mapping[str, Tensor],
     x: InputBatch,
     entries: Sequence[str] = (),
+    expand: str = "verify",
 ) -> tuple[Tensor, _Capture]:
-    """Forward with capture; redone with copied op outputs if any was modified in place.
-    ``entries``: parameters whose first call's input to record (:meth:`_Capture.entry`)."""
+    """Forward with capture (:func:`_capture_pass`). ``entries``: parameters whose first call's
+    input to record (:meth:`_Capture.entry`). ``expand``: whether supported ops on batch-shared
+    inputs are expanded to the batch (:mod:`.broadcast`): ``"on"``, ``"off"``, or ``"verify"``
+    (the probe pass: on if the forward runs, its output stays bitwise that of a plain forward
+    and every expanded use is read per example, else off; ``cap.expanded`` says which)."""
     full = {**params, **wrt}
-    for copy_outputs in (False, True):
-        cap = _Capture(wrt, copy_outputs, {k: full[k] for k in entries})
-        with cap:
-            out = fm(full, x)
-        cap.n = out.shape[0]
-        if all(u.out._version == u.version for u in cap.uses):
+    batch = batch_size(x) if expand != "off" else 0
+    if expand == "verify" and batch > 1:
+        try:
+            out, cap = _capture_pass(fm, full, wrt, x, entries, batch)
+        except Exception:  # noqa: BLE001 - e.g. a view that needs dim 0 of size 1: no expansion
+            cap = None
+        if cap is not None and cap.expanded:
+            key = ("expansion", _mapping_key(fm, full, x, out, cap))
+            if not _cached(fm, key, x, lambda: _expansion_ok(fm, full, x, out, cap)):
+                cap = None
+        if cap is not None:
             return out, cap
-    return out, cap
+        batch = 0
+    return _capture_pass(fm, full, wrt, x, entries, batch)

@@ -16,6 +16,7 @@ from .._common import (
     reduce_full,
     symmetric_block,
 )
+from .broadcast import _elementwise_rows
 from .capture import _per_example, _Use, _weight_shape
 
 # Elements of temporary tensors inside one contraction (per-example gradient chunk, Gram
@@ -118,9 +119,12 @@ def _weight_factors(
 
 
 def _row_grad(use: _Use, grad: Tensor, name: str, numel: int) -> Tensor:
-    """Per-example gradient rows (N, numel) of a bias (``Σ_t g``) or of a normalisation scale
-    (``Σ_t g·x̂``) from the output-gradient ``grad`` (N, *y.shape[1:]) of one use."""
+    """Per-example gradient rows (N, numel) of a bias (``Σ_t g``), of a normalisation scale
+    (``Σ_t g·x̂``) or of an elementwise parameter (:func:`~.broadcast._elementwise_rows`)
+    from the output-gradient ``grad`` (N, *y.shape[1:]) of one use."""
     n = grad.shape[0]
+    if use.op == "elementwise":
+        return _elementwise_rows(grad, use.inp, use.meta, numel)
     if use.op == "norm" and use.weight == name:
         grad = grad * use.inp
     if use.op == "linear" or use.meta.get("layout") == "trailing":

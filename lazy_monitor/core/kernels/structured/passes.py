@@ -97,7 +97,7 @@ def _factors(
             if k in const:
                 const[k].requires_grad_()
         entries = [k for k in (cuts.end, *cuts.stores) if k is not None]
-    out, cap = _forward(fm, const, wrt, x, entries)
+    out, cap = _forward(fm, const, wrt, x, entries, "on" if plan.expand else "off")
     n, o = out.shape
     changed = cap.other & set(wrt)
     ratios: dict[str, tuple[int, ...]] = {}

@@ -46,6 +46,9 @@ class _Plan:
     macs: dict[str, float] = dataclasses.field(default_factory=dict)
     path: str = "structured"  # "structured" | "mixed" | "jacobian" (auto's choice)
     path_costs: dict[str, float] = dataclasses.field(default_factory=dict)
+    # the probe expanded supported ops on batch-shared inputs (:mod:`.broadcast`): every
+    # factor pass must expand the same ones
+    expand: bool = False
 
 
 def _make_plan(
@@ -98,7 +101,7 @@ def _make_plan(
                 macs[name] = tied_macs(uses, params[name], cap.n)
             continue
         role, op, groups, _, _ = kinds.pop()
-        if role == "bias" or op == "norm":
+        if role == "bias" or op in ("norm", "elementwise"):  # direct per-example rows
             biases.append(name)
             numel = params[name].numel()
             costs[name] = pairs * n * n * o * o * numel + OP_COST * contraction_calls(
@@ -135,6 +138,7 @@ def _make_plan(
             macs[name] = float(t * shape[0] * (d_in - 1))
     plan = _Plan(weights, biases, [k for k in params if k not in set(weights) | set(biases)])
     plan.costs, plan.macs = costs, macs
+    plan.expand = cap.expanded
     plan.use_counts = {k: len(v) for k, v in by_name.items()}
     plan.row_ratios = {
         k: tuple(_rows_per_example(u, cap.n) for _, u in v) for k, v in by_name.items()
@@ -206,4 +210,5 @@ def _sub_plan(plan: _Plan, names: list[str]) -> _Plan:
         {w: b for w, b in plan.shared.items() if w in keep},
     )
     sub.use_counts, sub.row_ratios = plan.use_counts, plan.row_ratios
+    sub.expand = plan.expand
     return sub

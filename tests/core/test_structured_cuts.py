@@ -76,9 +76,10 @@ class _DenseSkip(nn.Module):
         for conv in self.convs:
             h = torch.tanh(conv(h))
         skip = h1.mean((2, 3))
-        if self.bypass_unless_two and x.shape[0] == 2:
-            # the skip only in batches other than the engine's 2-example probe: the cuts the
-            # probe finds after h1 do not hold in the factor passes
+        if self.bypass_unless_two and x.shape[0] <= 2:
+            # the skip only in batches larger than the engine's 2-example probe (and its
+            # one-example checks): the cuts the probe finds after h1 do not hold in the
+            # factor passes
             skip = torch.zeros_like(skip)
         return self.fc(torch.cat([h.mean((2, 3)), skip], 1))
 

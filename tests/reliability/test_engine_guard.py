@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lazy_monitor import KernelTracker, empirical_ntk
+from lazy_monitor.core.kernels import StructuredPlanError
 from lazy_monitor.core.kernels import empirical as empirical_module
 from lazy_monitor.core.kernels import estimate as estimate_module
 from lazy_monitor.core.kernels.structured import planning as st_planning
@@ -248,6 +249,38 @@ def test_auto_falls_back_to_the_jacobian_path_with_one_warning(
     assert len(notes) == 1 and "Jacobian contraction" in notes[0], notes
 
 
+class _BatchCentred(nn.Module):
+    """Centres its input over the batch: an example's output depends on the other examples,
+    although every layer use is per-row (the batch-mapping check of the uses passes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(x - x.mean(0, keepdim=True) + 0.5)))
+
+
+def test_batch_coupled_model_takes_the_per_example_jacobian_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The structured passes run the examples as one batch, the kernel is defined per example:
+    a model coupling the examples before its first layer is caught on the probe (batched row
+    vs the example alone) instead of giving the batched model's kernel."""
+    monkeypatch.setattr(st_planning, "choose_path", lambda *a: ("structured", set(), {}))
+    model, x = _BatchCentred().double(), torch.randn(6, 4, dtype=torch.float64)
+    with pytest.raises(StructuredPlanError, match="batch statistics"):
+        empirical_ntk(model, x, implementation="structured")
+    ref = empirical_ntk(model, x, implementation="jacobian")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = empirical_ntk(model, x)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    notes = [str(w.message) for w in caught]
+    assert len(notes) == 1 and "computed alone differs" in notes[0], notes
+
+
 def test_auto_falls_back_on_any_exception_of_the_structured_attempt(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -263,7 +296,6 @@ def test_auto_falls_back_on_any_exception_of_the_structured_attempt(
 
 
 def test_explicit_structured_raises_a_plan_error_that_names_the_way_out() -> None:
-    from lazy_monitor.core.kernels import StructuredPlanError
 
     with pytest.raises(StructuredPlanError, match="implementation='auto'.*'jacobian'"):
         empirical_ntk(

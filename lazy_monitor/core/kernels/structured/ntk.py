@@ -215,7 +215,38 @@ def _probe_plan(
     plan = _make_plan(params, cap, n_max, o, keep_blocks, pairs=pairs, symmetric=x2 is None)
     if choose:
         _choose_path(plan, params, cap, n_max, o, pairs)
+    if n1 >= 2 and (plan.weights or plan.biases):
+        _check_per_example(fm, params, probe_x, out)
     return plan, out, cap, o
+
+
+def _check_per_example(
+    fm: FunctionalModel, params: Mapping[str, Tensor], probe_x: InputBatch, out: Tensor
+) -> None:
+    """The factor passes run the examples as one batch, the Jacobian path (and the kernel's
+    definition) one example at a time: the two agree only if each row of the batched output
+    is that example's own output. A model where one example's values decide for the whole
+    batch (``if x[0, 0] > 0``) or that normalises over the batch fails this on the probe when
+    its two examples disagree. Tolerance: a branch or a batch statistic changes the output by
+    O(1), batched vs single GEMMs by rounding only."""
+    tol = max(1e-4, 100 * torch.finfo(out.dtype).eps)
+    with torch.no_grad():
+        for i in range(2):
+            alone = fm(params, slice_batch(probe_x, slice(i, i + 1)))[0]
+            row = out[i].detach()
+            if alone.shape != row.shape or not torch.allclose(
+                alone, row, rtol=tol, atol=tol * float(row.abs().max())
+            ):
+                reason = (
+                    f"example {i}'s output computed alone differs from its row of the batched "
+                    "output (one example's values decide for the batch, or the model uses "
+                    "batch statistics), so the per-example kernel needs the Jacobian path"
+                )
+                err = StructuredPlanError(
+                    f"{reason}; use implementation='auto' (falls back by itself) or 'jacobian'"
+                )
+                err.reason = reason  # type: ignore[attr-defined] - auto's warning
+                raise err
 
 
 def _structured_blocks(

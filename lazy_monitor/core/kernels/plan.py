@@ -105,9 +105,11 @@ def describe_plan(
     Returns:
         ``{"path": "structured" | "mixed" | "jacobian", "costs": {plan: estimated cost},
         "parameters": {name: strategy}, "reason": str}``; a strategy is ``"outer"``,
-        ``"gram"``, ``"per_example"``, ``"stored"`` (structured weights), ``"rows"`` (biases
-        and norm affines, direct per-example rows), ``"folded"`` (a bias folded into its
-        weight) or ``"jacobian"`` (the Jacobian remainder). Costs are the cost model's
+        ``"gram"``, ``"per_example"``, ``"stored"`` (structured weights), ``"tied"``,
+        ``"tied+gram"``, ``"tied+outer"`` (a weight with uses of different kinds, e.g. a tied
+        embedding and LM head: :mod:`.structured.tied`), ``"rows"`` (biases, norm affines and
+        parameters broadcast over the examples: direct per-example rows), ``"folded"`` (a bias
+        folded into its weight) or ``"jacobian"`` (the Jacobian remainder). Costs are the cost model's
         multiply-add equivalents (:func:`~.cost.choose_path`).
     """
     named = resolve_params(model, params)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
 
 import torch
@@ -46,15 +46,20 @@ def module_state(model: nn.Module) -> tuple:
 
 
 def call_key(
-    fm: FunctionalModel, params: dict[str, Tensor], *inputs: Optional[InputBatch]
+    fm: FunctionalModel, params: Mapping[str, Tensor], *inputs: Optional[InputBatch]
 ) -> tuple:
     """Everything but values that a probe pass's findings depend on: the inputs' structure,
     shapes, dtypes and devices, the differentiated parameters' names, shapes and dtypes, the
     output dtype and the modules' plain attributes (the output function is compared by
     identity in :class:`ModelMemo`, a projection wrapper by the function it wraps and its
-    ``memo_key``)."""
+    ``memo_key``). Computed once per engine call (kept on ``fm`` for the same parameter dict
+    and inputs): the walk over the modules costs ~1 ms on a peft Llama."""
+    ids = (id(params), *map(id, inputs))
+    kept = getattr(fm, "_call_key", None)
+    if kept is not None and kept[0] == ids:
+        return kept[1]
     leaves, spec = tree_flatten(inputs)
-    return (
+    key = (
         str(spec),
         tuple(
             (tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else ("V", repr(t))
@@ -64,6 +69,8 @@ def call_key(
         fm.dtype,
         module_state(fm.model),
     )
+    fm._call_key = (ids, key)  # type: ignore[attr-defined]
+    return key
 
 
 def _weak(fn: Any) -> Callable[[], Any]:

@@ -55,7 +55,7 @@ def structured_ntk(
     more than Jacobian rows -- or all of them, when the Jacobian path is cheaper for the whole
     kernel -- go to the Jacobian remainder (:func:`_choose_path`).
     """
-    key = call_key(fm, dict(params), x1, x2) + (keep_blocks,)
+    key = call_key(fm, params, x1, x2) + (keep_blocks,)
     if choose and _PATHS.get(fm, key, ()) == "jacobian":
         # auto chose the Jacobian path for this model and these shapes before: skip the probe
         with torch.no_grad():

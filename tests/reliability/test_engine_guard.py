@@ -212,9 +212,9 @@ def test_measure_after_the_output_size_changed_says_so() -> None:
 
 # ---------------------------------------------------------------- fallback of auto
 class _BranchOnFirstExample(nn.Module):
-    """A data-dependent branch: the first example decides whether ``a`` is used, so the
-    structured plan pass sees a graph without it ('element 0 of tensors does not require
-    grad' in today's structured path) while the per-example Jacobian path is well defined."""
+    """A data-dependent branch: the first example of the batch decides whether ``a`` is used,
+    so the batched output is not each example's own output (the per-example Jacobian path is
+    well defined: every example decides for itself)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -231,24 +231,6 @@ def _branch_probe() -> Tensor:
     return x
 
 
-def test_auto_falls_back_to_the_jacobian_path_with_one_warning(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Row "a model with a per-example data-dependent branch -> auto/structured raise 'element 0
-    # of tensors does not require grad'" (README: auto falls back). auto prices its plans
-    # first and may take the Jacobian path on a model this small before any structured pass
-    # runs: priced onto the structured path here, so its failure and the fallback are tested.
-    monkeypatch.setattr(st_planning, "choose_path", lambda *a: ("structured", set(), {}))
-    model, x = _BranchOnFirstExample().double(), _branch_probe()
-    ref = empirical_ntk(model, x, implementation="jacobian")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = empirical_ntk(model, x)
-    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
-    notes = [str(w.message) for w in caught]
-    assert len(notes) == 1 and "Jacobian contraction" in notes[0], notes
-
-
 class _BatchCentred(nn.Module):
     """Centres its input over the batch: an example's output depends on the other examples,
     although every layer use is per-row (the batch-mapping check of the uses passes)."""
@@ -262,15 +244,22 @@ class _BatchCentred(nn.Module):
         return self.b(torch.tanh(self.a(x - x.mean(0, keepdim=True) + 0.5)))
 
 
-def test_batch_coupled_model_takes_the_per_example_jacobian_path(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("case", ["branch_on_first_example", "batch_centred"])
+def test_auto_falls_back_to_the_jacobian_path_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
-    """The structured passes run the examples as one batch, the kernel is defined per example:
-    a model coupling the examples before its first layer is caught on the probe (batched row
-    vs the example alone) instead of giving the batched model's kernel."""
+    """The kernel is defined per example, the structured passes run the examples as one batch:
+    a model whose first example decides for the batch (README: auto falls back) or that
+    centres over the batch is caught on the probe (each batched row vs the example run alone)
+    instead of giving the batched model's kernel. auto prices its plans first and may take the
+    Jacobian path on a model this small before any structured pass runs: priced onto the
+    structured path here, so the check and the fallback are tested."""
     monkeypatch.setattr(st_planning, "choose_path", lambda *a: ("structured", set(), {}))
-    model, x = _BatchCentred().double(), torch.randn(6, 4, dtype=torch.float64)
-    with pytest.raises(StructuredPlanError, match="batch statistics"):
+    if case == "batch_centred":
+        model, x = _BatchCentred().double(), torch.randn(6, 4, dtype=torch.float64)
+    else:
+        model, x = _BranchOnFirstExample().double(), _branch_probe()
+    with pytest.raises(StructuredPlanError, match="computed alone differs.*batch statistics"):
         empirical_ntk(model, x, implementation="structured")
     ref = empirical_ntk(model, x, implementation="jacobian")
     with warnings.catch_warnings(record=True) as caught:
@@ -278,7 +267,8 @@ def test_batch_coupled_model_takes_the_per_example_jacobian_path(
         got = empirical_ntk(model, x)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     notes = [str(w.message) for w in caught]
-    assert len(notes) == 1 and "computed alone differs" in notes[0], notes
+    assert len(notes) == 1 and "Jacobian contraction" in notes[0], notes
+    assert "computed alone differs" in notes[0]
 
 
 def test_auto_falls_back_on_any_exception_of_the_structured_attempt(

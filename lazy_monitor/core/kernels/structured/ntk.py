@@ -73,23 +73,10 @@ def structured_ntk(
     plan_key = (key, choose, factor_budget(), chunk_size)
     probe_values = [slice_batch(x1, slice(0, min(n1, 2)))]
     remembered = _PLANS.get(fm, plan_key, probe_values)
+    args = (fm, params, x1, x2, n1, n2, kind, dtype, device, keep_blocks, chunk_size, rows_fn)
     if remembered is not None:
         try:
-            return _run_plan(
-                fm,
-                params,
-                x1,
-                x2,
-                n1,
-                n2,
-                kind,
-                dtype,
-                device,
-                keep_blocks,
-                chunk_size,
-                rows_fn,
-                *remembered,
-            )
+            return _run_plan(*args, *remembered)
         except StructuredPlanError:
             _PLANS.forget(fm, plan_key)
     plan, out, cap, o = _probe_plan(fm, params, x1, x2, n1, n2, keep_blocks, choose)
@@ -103,23 +90,7 @@ def structured_ntk(
     ]
     del out, cap
     _PLANS.put(fm, plan_key, probe_values, (plan, work, o))
-    return _run_plan(
-        fm,
-        params,
-        x1,
-        x2,
-        n1,
-        n2,
-        kind,
-        dtype,
-        device,
-        keep_blocks,
-        chunk_size,
-        rows_fn,
-        plan,
-        work,
-        o,
-    )
+    return _run_plan(*args, plan, work, o)
 
 
 def _run_plan(

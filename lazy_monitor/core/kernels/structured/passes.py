@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -30,8 +30,9 @@ def _output_gradients(
     targets: list[Tensor],
     root: Optional[Tensor] = None,
     root_cot: Optional[Tensor] = None,
-) -> Iterator[tuple[int, tuple[Optional[Tensor], ...]]]:
-    """``(a, ∂(Σ_n out[n, a]) / ∂targets)`` for every output ``a``.
+) -> Iterator[tuple[Union[int, slice], tuple[Optional[Tensor], ...]]]:
+    """``(a, ∂(Σ_n out[n, a]) / ∂targets)`` for every output ``a``, or once
+    ``(slice(None), gradients (O, *target.shape))`` for all outputs of a batched backward.
 
     Examples are independent (eval semantics), so the gradient of ``Σ_n out[n, a]`` at example
     ``n``'s slice of a target is ``∂out[n, a]/∂target[n]``. Small problems use one batched
@@ -66,8 +67,7 @@ def _output_gradients(
         except RuntimeError:
             batched = None
         if batched is not None:
-            for a in range(o):
-                yield a, tuple(None if g is None else g[a] for g in batched)
+            yield slice(None), batched  # every output at once: (O, *target.shape) per target
             return
     for a in range(o):
         yield (
@@ -125,26 +125,47 @@ def _factors(
     # than vmapping the backward): weight uses keep G in (N, O, ...) buffers, bias and norm
     # rows are reduced right away. A ``stored`` weight's G lives only for this pass: its
     # per-example gradients are built from it below (one unfold, one bmm for all outputs).
-    grads = {id(u): u.out.new_zeros((n, o, *_per_example(u.out, n).shape[1:])) for u in weight_uses}
+    shapes = {id(u): (n, o, *_per_example(u.out, n).shape[1:]) for u in weight_uses}
+    grads: dict[int, Tensor] = {}
     rows = {name: out.new_zeros((n, o, params[name].numel())) for name in plan.biases}
     handles = list({id(u): u for u in [*weight_uses, *(u for _, u in row_uses)]}.values())
     targets = [u.out for u in handles]
     root, root_cot, stores = _cut_roles(cuts, cap, out, targets)
     store_names = list(stores)
     for a, ga in _output_gradients(out, [*targets, *stores.values()], root, root_cot):
+        # all outputs at once (O, ...): used as (N, O, ...) views, no per-output copies
+        whole = isinstance(a, slice)
         for k, g in zip(store_names, ga[len(handles) :]):
             if g is None:
                 cuts.stores[k][:, a].zero_()
             else:
-                cuts.stores[k][:, a] = g
-        by_use = {id(u): _per_example(g, n) for u, g in zip(handles, ga) if g is not None}
+                cuts.stores[k][:, a] = g.transpose(0, 1) if whole else g
+        by_use = {
+            id(u): (
+                g.reshape(o, *_per_example(u.out, n).shape).transpose(0, 1)
+                if whole
+                else _per_example(g, n)
+            )
+            for u, g in zip(handles, ga)
+            if g is not None
+        }
         for u in weight_uses:
-            if id(u) in by_use:
+            if id(u) in by_use and whole:
+                grads[id(u)] = by_use[id(u)]
+            elif id(u) in by_use:
+                if id(u) not in grads:
+                    grads[id(u)] = u.out.new_zeros(shapes[id(u)])
                 grads[id(u)][:, a] = by_use[id(u)]
         for name, u in row_uses:
             if id(u) in by_use:
-                rows[name][:, a] += _row_grad(u, by_use[id(u)], name, params[name].numel())
+                numel = params[name].numel()
+                for b in range(o) if whole else (a,):
+                    g = by_use[id(u)][:, b] if whole else by_use[id(u)]
+                    rows[name][:, b] += _row_grad(u, g, name, numel)
         del ga, by_use
+    for u in weight_uses:  # a use the outputs do not depend on: zero output-gradients
+        if id(u) not in grads:
+            grads[id(u)] = u.out.new_zeros(shapes[id(u)])
     del out, cap
     result: dict[str, Any] = dict(rows)
     for name, strategy in plan.weights.items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
-from lazy_monitor import _warnings, catalogue
+from lazy_monitor import _warnings
 from lazy_monitor._state import check_schema, stamp
 from lazy_monitor.callbacks._identity import _Identified, check_unique
 from lazy_monitor.callbacks._monitor import _KernelRegimeMonitorBase, check_one_monitor
@@ -163,13 +163,7 @@ class _KernelDriftGateBase(_Identified):
 
     # ------------------------------------------------------------------ session listener
     def on_start(self, session: MonitorSession) -> None:
-        available = session.metric_names()
-        missing = self._gate.missing(available)
-        if missing:
-            raise ValueError(
-                f"KernelDriftGate thresholds on {missing}, which the monitor does not log in this "
-                f"run{catalogue.requirement_hint(missing)}; it logs: {sorted(available)}"
-            )
+        self._gate.require(session.metric_names(), owner="KernelDriftGate")
 
     def on_measurement(
         self,

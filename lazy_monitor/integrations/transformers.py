@@ -49,7 +49,7 @@ try:
 except ModuleNotFoundError as exc:
     raise_missing(exc, "lazy_monitor.integrations.transformers")
 
-from lazy_monitor import _warnings, catalogue
+from lazy_monitor import _warnings
 from lazy_monitor._state import check_schema, stamp
 from lazy_monitor.callbacks._extras import TensorBoardExtras
 from lazy_monitor.callbacks._gate import KernelDriftError, KernelDriftWarning
@@ -564,14 +564,7 @@ class KernelDriftGateCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ session listener
     def on_start(self, session: MonitorSession) -> None:
-        available = session.metric_names()
-        missing = self._gate.missing(available)
-        if missing:
-            raise ValueError(
-                f"KernelDriftGateCallback thresholds on {missing}, which the monitor does not "
-                f"log in this run{catalogue.requirement_hint(missing)}; it logs: "
-                f"{sorted(available)}"
-            )
+        self._gate.require(session.metric_names(), owner="KernelDriftGateCallback")
 
     def on_measurement(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
+from lazy_monitor import catalogue
 from lazy_monitor._validation import check_bool, check_choice, check_int
 from lazy_monitor.thresholds import Threshold, ThresholdSpec, checks_minimum, parse_thresholds
 
@@ -140,6 +141,17 @@ class DriftGate:
         """Threshold names (or globs) that match none of the ``available`` metric names."""
         names = list(available)
         return sorted({th.metric for th in self.thresholds if not th.select(names)})
+
+    def require(self, available: Iterable[str], owner: str) -> None:
+        """Raise at train start if a threshold names a metric the monitor does not log in this
+        run (``owner``: the adapter's class name, for the message)."""
+        names = sorted(available)
+        missing = self.missing(names)
+        if missing:
+            raise ValueError(
+                f"{owner} thresholds on {missing}, which the monitor does not log in this run"
+                f"{catalogue.requirement_hint(missing)}; it logs: {names}"
+            )
 
     def check(
         self, metrics: Mapping[str, float], step: int, *, final: bool, repeat: bool = False

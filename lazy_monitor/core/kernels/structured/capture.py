@@ -11,7 +11,6 @@ fallback, its verdict cached per module (:func:`_cached_verification`).
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -20,7 +19,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from ..._functional import FunctionalModel, InputBatch, batch_size
-from .._memo import module_state as _module_state
+from .._memo import ModelMemo, call_key
 from .broadcast import _bind_elementwise, _expand_rows, _expandable
 from .ops import _MAC_COUNTERS, _MATMULS, _NORMS, _OPS, _affine_norm, _bind
 
@@ -265,13 +264,11 @@ def _weight_shape(use: _Use, weight: Tensor) -> tuple[int, ...]:
     return tuple(weight.shape)
 
 
-# Verdicts of :func:`_verify_batch_mapping` per module, for repeated calls on the same probe
-# (the tracker measures the same probe examples every time): the key is everything the batch
-# mapping can depend on except the parameter values (see :func:`_mapping_key`).
-_MAPPING_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-_MAPPING_CACHE_SIZE = 8
+# Verdicts of :func:`_verify_batch_mapping` (and of the expansion of batch-shared inputs) per
+# module, for repeated calls on the same probe (the tracker measures the same probe examples
+# every time): keyed by everything the batch mapping can depend on except the parameter values
+# (see :func:`_mapping_key`).
+_VERDICTS = ModelMemo(size=8)
 
 
 def _mapping_key(
@@ -281,17 +278,13 @@ def _mapping_key(
     out: Tensor,
     cap: _Capture,
 ) -> tuple:
-    """What the verification of a probe pass depends on: the output function (by identity),
-    parameter names/shapes/dtypes/devices, the probe's structure and *values*, the output
-    shape, and the traced structure -- every captured use (op, names, input/output shapes,
-    static arguments) and the parameters already flagged. Parameter values are left out (they
-    change every training step; a model whose example mixing depends on its parameter values
-    but not on its traced structure would defeat the cache)."""
-    leaves, spec = tree_flatten(probe_x)
-    probe = tuple(
-        ("T", tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else ("V", repr(t))
-        for t in leaves
-    )
+    """What the verification of a probe pass depends on besides the output function and the
+    probe's values (compared by :class:`~.._memo.ModelMemo`): the call's shapes and module
+    attributes (:func:`~.._memo.call_key`), the output shape, and the traced structure -- every
+    captured use (op, names, input/output shapes, static arguments) and the parameters already
+    flagged. Parameter values are left out (they change every training step; a model whose
+    example mixing depends on its parameter values but not on its traced structure would
+    defeat the cache)."""
     uses = tuple(
         (
             u.op,
@@ -303,48 +296,16 @@ def _mapping_key(
         )
         for u in cap.uses
     )
-    shapes = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items())
-    return (
-        str(spec),
-        probe,
-        shapes,
-        tuple(out.shape),
-        out.dtype,
-        uses,
-        frozenset(cap.other),
-        _module_state(fm.model),
-    )
+    return call_key(fm, params, probe_x) + (tuple(out.shape), out.dtype, uses, frozenset(cap.other))
 
 
 def _cached(fm: FunctionalModel, key: tuple, probe_x: InputBatch, compute: Any) -> Any:
     """``compute()``, or its value from an earlier call on the same module and output function
     with an identical ``key`` (:func:`_mapping_key`) and identical probe values."""
-    leaves = [t for t in tree_flatten(probe_x)[0] if isinstance(t, Tensor)]
-    try:
-        entries = _MAPPING_CACHE.setdefault(fm.model, [])
-    except TypeError:  # a module that cannot be weakly referenced: no cache
-        entries = None
-    for entry in entries or ():
-        e_key, e_fn, e_leaves, value = entry
-        if (
-            e_key == key
-            and e_fn() is fm.output_fn
-            and all(torch.equal(a, b) for a, b in zip(leaves, e_leaves))
-        ):
-            return value
-    value = compute()
-    if entries is not None:
-        if len(entries) >= _MAPPING_CACHE_SIZE:
-            entries.pop(0)
-        stored = [t.detach().clone() for t in leaves]
-        # The output function by weak reference: an entry must not keep the module alive
-        # (an output_fn closing over the model would, through the weak-keyed cache).
-        fn = fm.output_fn
-        try:
-            fn_ref = weakref.ref(fn) if fn is not None else (lambda: None)
-        except TypeError:  # not weakly referenceable: never reused
-            fn_ref = lambda: object()  # noqa: E731
-        entries.append((key, fn_ref, stored, value))
+    value = _VERDICTS.get(fm, key, [probe_x])
+    if value is None:
+        value = compute()
+        _VERDICTS.put(fm, key, [probe_x], value)
     return value
 
 

@@ -37,6 +37,11 @@ __all__ = [
 ]
 
 
+def gib(nbytes: float) -> str:
+    """``nbytes`` in GiB for messages (``"1.15 GiB"``)."""
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
 def message(name: str, what: str, value: Any, fix: str = "") -> str:
     """``"<name> must be <what>, got <value!r>[; <fix>]"`` -- the one phrasing of the kit."""
     text = f"{name} must be {what}, got {value!r}"

@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from lazy_monitor._validation import check_str
+from lazy_monitor._validation import check_str, gib
 from lazy_monitor.core.features import centered_gram, default_feature_modules, feature_hooks
 
 __all__ = [
@@ -91,9 +91,9 @@ def fit_feature_budget(
     if max_memory is None or need <= max_memory:
         return list(candidates)
     msg = (
-        f"the feature CKA of {len(candidates)} module(s) needs {need / 2**30:.3g} GiB of "
+        f"the feature CKA of {len(candidates)} module(s) needs {gib(need)} of "
         f"(N, N) float64 Grams at N={probe_size} (2 per module + 1), more than "
-        f"max_memory={max_memory / 2**30:.3g} GiB"
+        f"max_memory={gib(max_memory)}"
     )
     if strict:
         raise ValueError(

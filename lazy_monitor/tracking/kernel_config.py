@@ -61,7 +61,7 @@ from typing import Any, Optional, Protocol, Union
 import torch
 from torch import Tensor
 
-from lazy_monitor._validation import check_choice, check_int, check_mapping
+from lazy_monitor._validation import check_choice, check_int, check_mapping, gib
 from lazy_monitor.core._functional import as_device
 from lazy_monitor.core.kernels import DEFAULT_MAX_MEMORY, NtkImplementation, projection_matrix
 from lazy_monitor.core.kernels.config import KINDS, check_projection, check_projection_seed
@@ -355,10 +355,6 @@ class KernelEstimator(Protocol):
         """The estimate's breakdown, for the error when it does not fit."""
 
 
-def _gib(b: float) -> str:
-    return f"{b / 2**30:.3g} GiB"
-
-
 def resolve(
     requested: KernelConfig,
     estimator: KernelEstimator,
@@ -398,8 +394,8 @@ def resolve(
         forced = requested.kind != "auto" or projection is not None
         raise NtkBudgetError(
             f"the kernel kind={kind!r}, projection={proj!r} is estimated at "
-            f"{_gib(est['bytes'])} per measurement ({estimator.describe(est)}), more than "
-            f"max_memory={_gib(budget)}; "
+            f"{gib(est['bytes'])} per measurement ({estimator.describe(est)}), more than "
+            f"max_memory={gib(budget)}; "
             + ("use kind='auto' (and no projection) to let the tracker choose, " if forced else "")
             + "raise max_memory, use a smaller probe, or per_layer=False"
         )
@@ -409,11 +405,11 @@ def resolve(
 
         def cost(e: Mapping[str, Any]) -> str:
             s = float(e["seconds"])
-            return _gib(e["bytes"]) + (f" and {s:.3g} s" if math.isfinite(s) else "")
+            return gib(e["bytes"]) + (f" and {s:.3g} s" if math.isfinite(s) else "")
 
         reason = (
             f"full kernel estimated at {cost(full)} does not fit max_memory="
-            f"{'None' if budget is None else _gib(budget)}"
+            f"{'None' if budget is None else gib(budget)}"
             + ("" if max_seconds is None else f", max_seconds={max_seconds:g}")
             + "; using kind='trace'"
             + ("" if proj is None else f" with projection={proj!r}")

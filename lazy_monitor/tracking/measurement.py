@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from lazy_monitor._validation import gib
 from lazy_monitor.core import _functional as F
 from lazy_monitor.core.kernels import empirical_ntk, estimate_ntk_cost
 from lazy_monitor.core.kernels.plan import estimate_param_costs
@@ -101,7 +102,6 @@ class LocalMeasurement:
         )
 
     def describe(self, est: Mapping[str, Any]) -> str:
-        gib = lambda b: f"{b / 2**30:.3g} GiB"  # noqa: E731
         return (
             f"N={est['n']}, O={est['o_raw']}, P={est['p']}: kernel and {est['blocks']} blocks "
             f"x{kc.KERNEL_COPIES} {gib(est['kernel_bytes'])}, factors "

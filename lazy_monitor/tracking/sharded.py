@@ -61,6 +61,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from lazy_monitor._validation import gib
 from lazy_monitor.core import _functional as F
 from lazy_monitor.core.kernels import projection_matrix
 from lazy_monitor.tracking import kernel_config as kc
@@ -361,7 +362,6 @@ class ShardedMeasurement:
         }
 
     def describe(self, est: Mapping[str, Any]) -> str:
-        gib = lambda b: f"{b / 2**30:.3g} GiB"  # noqa: E731
         return (
             f"per process, N={est['n']}, O={est['o_raw']}, local parameters {est['p_local']}: "
             f"Jacobian rows {gib(est['rows_bytes'])}, kernels {gib(est['kernel_bytes'])}"

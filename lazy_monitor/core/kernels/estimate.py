@@ -33,6 +33,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from lazy_monitor._validation import gib
+
 from .._functional import (
     FunctionalModel,
     InputBatch,
@@ -313,9 +315,6 @@ def resolve_kernel_config(  # noqa: PLR0913
         ok = max_memory is None or est["bytes"] <= max_memory
         return ok and (max_seconds is None or est["seconds"] <= max_seconds)
 
-    def gib(b: float) -> str:
-        return f"{b / 2**30:.3g} GiB"
-
     candidates = auto_candidates(projection, full["o"], projection_k)
     (kind, proj_k), estimates = first_fitting(
         candidates, lambda c: full if c == candidates[0] else estimate(*c), fits
@@ -342,10 +341,6 @@ def resolve_kernel_config(  # noqa: PLR0913
         "reason": reason,
         "fits": fits(est),
     }
-
-
-def _gib(b: float) -> str:
-    return f"{b / 2**30:.3g} GiB"
 
 
 def check_engine_memory(
@@ -405,11 +400,11 @@ def check_engine_memory(
     )
     raise NtkBudgetError(
         f"empirical_ntk(kind={kind!r}) with O={o} outputs per example{flat} is estimated at "
-        f"{_gib(peak)}: the kernel {shape}{f' and {blocks} blocks' if blocks else ''} "
-        f"{_gib(kernel)}{' (twice at the end, for its layout)' if layout >= rows else ''} and "
+        f"{gib(peak)}: the kernel {shape}{f' and {blocks} blocks' if blocks else ''} "
+        f"{gib(kernel)}{' (twice at the end, for its layout)' if layout >= rows else ''} and "
         f"one example's rows ({o} outputs x {max(o_raw, JACOBIAN_ROW_COPIES * jacobian_numel)}) "
-        f"{_gib(rows)}, more than "
-        f"max_memory={_gib(limit)}. Fixes: {_fixes(kind, memory=True)}",
+        f"{gib(rows)}, more than "
+        f"max_memory={gib(limit)}. Fixes: {_fixes(kind, memory=True)}",
         {"bytes": peak, "kernel_bytes": kernel, "row_bytes": rows, "max_memory": limit},
     )
 
@@ -461,9 +456,9 @@ def check_probe_size(
         return
     fits = math.isqrt(max_memory // per_pair)
     raise NtkBudgetError(
-        f"a probe of N={n} examples needs at least {_gib(need)} per measurement (the smallest "
+        f"a probe of N={n} examples needs at least {gib(need)} per measurement (the smallest "
         f"kernel, kind='trace', is N x N: {kernel_copies} copies and its float64 "
-        f"eigendecomposition), more than max_memory={_gib(max_memory)}; use a smaller probe "
+        f"eigendecomposition), more than max_memory={gib(max_memory)}; use a smaller probe "
         f"(N <= {fits} fits) or a larger max_memory",
         {"bytes": need, "max_memory": max_memory, "max_probe_size": fits},
     )

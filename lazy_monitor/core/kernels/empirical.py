@@ -93,14 +93,11 @@ def _output_shape(
 _SHAPES = ModelMemo()
 
 
-def _jacobian_numel(
-    model: nn.Module, params: Mapping[str, Tensor], implementation: NtkImplementation
-) -> int:
+def _jacobian_numel(params: Mapping[str, Tensor], implementation: NtkImplementation) -> int:
     """Size of the largest parameter whose per-example Jacobian rows the call builds for sure:
     any parameter for ``"jacobian"``/``"ntvp"``; none for the structured path, where a tied
     parameter (GPT-2's embedding and LM head, a weight used by ``F.linear`` and ``@``) has a
     structured rule too (:mod:`.structured.tied`, rows of the occurring token ids only)."""
-    del model
     if implementation in (NtkImplementation.JACOBIAN, NtkImplementation.NTVP):
         return max(v.numel() for v in params.values())
     return 0
@@ -507,7 +504,7 @@ def _compute(
             blocks=len(p) if return_blocks else 0,
             itemsize=dtype.itemsize,
             max_memory=config.max_memory,
-            jacobian_numel=_jacobian_numel(model, p, config.implementation),
+            jacobian_numel=_jacobian_numel(p, config.implementation),
         )
         if config.projection == "sum":
             fm.output_fn = _Projected(output_fn, None, 1.0 / math.sqrt(o_raw), "sum")

@@ -99,9 +99,8 @@ def loop_jacobian(
         per = {
             k: torch.zeros((o, v.numel()), dtype=v.dtype, device=v.device) for k, v in wrt.items()
         }
-        if not out.requires_grad:  # this example's output does not depend on the parameters
-            o = 0
-        for a in range(o):
+        # an example whose output does not depend on the parameters keeps zero rows
+        for a in range(o if out.requires_grad else 0):
             grads = torch.autograd.grad(
                 out[a], list(wrt.values()), retain_graph=a < o - 1, allow_unused=True
             )

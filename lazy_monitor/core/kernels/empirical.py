@@ -49,15 +49,6 @@ def _device_of(x: InputBatch) -> torch.device:
     return _leaves(x)[0][1].device
 
 
-def _probe_output_size(fm: FunctionalModel, params: Mapping[str, Tensor], x: InputBatch) -> int:
-    """Run the forward once (no graph) to validate the output and read ``O``."""
-    with torch.no_grad():
-        out = fm(params, x)
-    if out.shape[1] == 0:
-        raise ValueError("the model output has 0 entries per example; nothing to differentiate")
-    return out.shape[1]
-
-
 def _output_shape(
     model: nn.Module,
     fm: FunctionalModel,
@@ -335,12 +326,15 @@ def _run_explicit(
     xb: Optional[InputBatch],
     n1: int,
     n2: Optional[int],
+    n_out: int,
     config: NtkConfig,
     dtype: torch.dtype,
     device: torch.device,
     keep_blocks: bool,
     rows_fn: JacobianRows,
 ) -> _BlockSink:
+    """One implementation's kernel; ``n_out``: outputs per example after the projection (read
+    by :func:`_compute` before the memory check)."""
     names = list(p)
     if impl in (NtkImplementation.STRUCTURED, NtkImplementation.AUTO):
         return structured_ntk(
@@ -357,10 +351,8 @@ def _run_explicit(
             config.chunk_size,
             rows_fn,
             choose=impl is NtkImplementation.AUTO,  # auto: priced against the Jacobian path
+            n_out=n_out,
         )
-    n_out = _probe_output_size(fm, p, slice_batch(xa, slice(0, 1)))
-    if xb is not None:
-        check_same_outputs(n_out, _probe_output_size(fm, p, slice_batch(xb, slice(0, 1))))
     sink = _BlockSink(
         config.kind,
         kernel_shape(config.kind, n1, n2 or n1, n_out),
@@ -516,7 +508,7 @@ def _compute(
         token = _FACTOR_BUDGET.set(budget)
         try:
             sink = _DISPATCH[config.implementation](
-                fm, p, xa, xb, n1, n2, config, dtype, device, return_blocks, JacobianRows()
+                fm, p, xa, xb, n1, n2, o, config, dtype, device, return_blocks, JacobianRows()
             )
         finally:
             _FACTOR_BUDGET.reset(token)

@@ -46,20 +46,25 @@ def structured_ntk(
     chunk_size: Optional[int],
     rows_fn: Optional[JacobianRows] = None,
     choose: bool = False,
+    n_out: Optional[int] = None,
 ) -> _BlockSink:
     """Compute the kernel with structured rules where they apply, the Jacobian path elsewhere.
 
     A probe pass on the first example finds the parameter uses and sizes the example blocks
     (factors of ``row`` examples are kept while blocks of ``col`` examples stream past).
-    ``choose`` (``implementation="auto"``): parameters whose structured contraction would cost
+    ``n_out``: outputs per example if the caller knows them. ``choose``
+    (``implementation="auto"``): parameters whose structured contraction would cost
     more than Jacobian rows -- or all of them, when the Jacobian path is cheaper for the whole
     kernel -- go to the Jacobian remainder (:func:`_choose_path`).
     """
     key = call_key(fm, params, x1, x2) + (keep_blocks,)
     if choose and _PATHS.get(fm, key, ()) == "jacobian":
         # auto chose the Jacobian path for this model and these shapes before: skip the probe
-        with torch.no_grad():
-            o = fm(params, slice_batch(x1, slice(0, 1))).shape[1]
+        # (``n_out``: the caller's outputs per example, else one example's forward)
+        o = n_out
+        if o is None:
+            with torch.no_grad():
+                o = fm(params, slice_batch(x1, slice(0, 1))).shape[1]
         sink = _BlockSink(
             kind, kernel_shape(kind, n1, n2 or n1, o), dtype, device, keep_blocks, x2 is None
         )

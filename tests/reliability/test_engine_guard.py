@@ -24,6 +24,7 @@ from lazy_monitor.core.kernels import StructuredPlanError
 from lazy_monitor.core.kernels import empirical as empirical_module
 from lazy_monitor.core.kernels import estimate as estimate_module
 from lazy_monitor.core.kernels.structured import planning as st_planning
+from tests._reference import reference_ntk
 
 _LIMIT = 2**20  # the refusal limit the tests patch in (1 MiB)
 
@@ -269,6 +270,26 @@ def test_auto_falls_back_to_the_jacobian_path_with_one_warning(
     notes = [str(w.message) for w in caught]
     assert len(notes) == 1 and "Jacobian contraction" in notes[0], notes
     assert "computed alone differs" in notes[0]
+
+
+def test_per_example_check_passes_a_model_whose_output_is_nan() -> None:
+    """A model whose output is NaN on an example (HF BLOOM's fully masked left-padded rows in
+    float64) gets its kernel from the structured path, not an error of the probe's
+    per-example check (it raised "atol must be greater than or equal to zero, got nan")."""
+
+    class _NanRow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.lin(x) + x[:, :1].log()  # NaN for a negative first feature
+
+    x = torch.tensor([[1.0, 0.5, 2.0], [-1.0, 0.0, 1.0], [4.0, 1.0, 0.0]], dtype=torch.float64)
+    k = empirical_ntk(_NanRow().double(), x, implementation="structured")
+    ref, _ = reference_ntk(_NanRow().double(), x)
+    torch.testing.assert_close(k, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_auto_falls_back_on_any_exception_of_the_structured_attempt(
